@@ -1,0 +1,269 @@
+"""PyTorch runtime helpers shared by train_cuda.py and the evaluator (CUDA, ROCm, MPS, CPU).
+
+Per-device differences live here behind small functions, so the trainer never
+branches on the backend: device and compute dtype, autocast, synchronize, peak
+memory, seeding, host-to-device copies, the attention fallback chain
+(FlashAttention-3 -> FlexAttention -> SDPA with an explicit sliding-window mask)
+and the evaluator's logits -> nats adapter. Locked: the research agent never edits it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import random
+import resource
+import sys
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from backends import HostInfo
+
+__all__ = [
+    "Attention",
+    "autocast",
+    "compute_dtype",
+    "device",
+    "eval_adapter",
+    "make_attention",
+    "peak_memory_mb",
+    "reset_peak_memory",
+    "seed_all",
+    "sliding_window_mask",
+    "synchronize",
+    "to_device",
+]
+
+
+def device(info: HostInfo) -> torch.device:
+    """The torch device serving this backend (ROCm GPUs appear as 'cuda' in PyTorch)."""
+    if info.backend in ("cuda", "rocm"):
+        return torch.device("cuda")
+    if info.backend == "mps":
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def compute_dtype(info: HostInfo) -> torch.dtype | None:
+    """bf16 where the device runs it fast (CUDA sm80+, ROCm, MPS); None means plain fp32."""
+    return torch.bfloat16 if info.bf16 and info.backend in ("cuda", "rocm", "mps") else None
+
+
+def autocast(info: HostInfo):
+    """Autocast context for the forward pass; a no-op context in fp32."""
+    dtype = compute_dtype(info)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device(info).type, dtype=dtype)
+
+
+def synchronize(info: HostInfo) -> None:
+    """Wait for queued device work (for honest timings); a no-op on CPU."""
+    if info.backend in ("cuda", "rocm"):
+        torch.cuda.synchronize()
+    elif info.backend == "mps":
+        torch.mps.synchronize()
+
+
+def reset_peak_memory(info: HostInfo) -> None:
+    """Start peak-memory tracking afresh where the backend allows it."""
+    if info.backend in ("cuda", "rocm"):
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_mb(info: HostInfo) -> float:
+    """Peak memory in MiB: the CUDA/ROCm allocator's peak, MPS driver memory, or the CPU process's max RSS.
+
+    MPS has no peak counter; its driver-allocated memory at the time of the call is
+    reported (the caching allocator keeps it near the peak after training).
+    """
+    if info.backend in ("cuda", "rocm"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    if info.backend == "mps":
+        return torch.mps.driver_allocated_memory() / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def to_device(array: np.ndarray, info: HostInfo) -> torch.Tensor:
+    """Copy a NumPy batch to the device; pinned and asynchronous on CUDA/ROCm."""
+    t = torch.from_numpy(np.ascontiguousarray(array))
+    dev = device(info)
+    if dev.type == "cuda":
+        return t.pin_memory().to(dev, non_blocking=True)
+    return t.to(dev)
+
+
+# ---------------------------------------------------------------------------
+# Attention: one API, three kernels.
+# q: (B, T, H, D), k/v: (B, T, Hkv, D) -> (B, T, H, D). Causal; query i sees key j
+# exactly when 0 <= i - j <= window (FlashAttention's window_size=(window, 0)).
+# ---------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=32)
+def sliding_window_mask(seq_len: int, window: int, dev: str = "cpu") -> torch.Tensor:
+    """Boolean (T, T) mask, True where attention is allowed; built once per (T, window, device)."""
+    i = torch.arange(seq_len, device=dev)[:, None]
+    j = torch.arange(seq_len, device=dev)[None, :]
+    diff = i - j
+    return (diff >= 0) & (diff <= window)
+
+
+class Attention:
+    """A chosen attention kernel. Call it as attn(q, k, v, window)."""
+
+    name = "base"
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class SDPAAttention(Attention):
+    """torch's scaled_dot_product_attention with an explicit sliding-window causal mask."""
+
+    name = "sdpa"
+
+    def __init__(self, native_gqa: bool = True) -> None:
+        self.native_gqa = native_gqa
+
+    def __call__(self, q, k, v, window):
+        T = q.size(1)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        group = q.size(1) // k.size(1)
+        kwargs = {}
+        if group > 1:
+            if self.native_gqa:
+                kwargs["enable_gqa"] = True
+            else:
+                k = k.repeat_interleave(group, dim=1)
+                v = v.repeat_interleave(group, dim=1)
+        if window >= T - 1:  # the window covers the whole causal past
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **kwargs)
+        else:
+            mask = sliding_window_mask(T, window, str(q.device))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kwargs)
+        return y.transpose(1, 2)
+
+
+class FlexAttention(Attention):
+    """FlexAttention with a sliding-window block mask (compiled; CUDA/ROCm)."""
+
+    name = "flex"
+
+    def __init__(self) -> None:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        self._create_block_mask = create_block_mask
+        self._flex = torch.compile(flex_attention, dynamic=False)
+        self._masks: dict = {}
+
+    def _block_mask(self, T: int, window: int, dev):
+        key = (T, window, str(dev))
+        if key not in self._masks:
+
+            def mask_mod(b, h, q_idx, kv_idx):
+                return (q_idx >= kv_idx) & (q_idx - kv_idx <= window)
+
+            self._masks[key] = self._create_block_mask(mask_mod, None, None, T, T, device=dev)
+        return self._masks[key]
+
+    def __call__(self, q, k, v, window):
+        T = q.size(1)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        y = self._flex(q, k, v, block_mask=self._block_mask(T, window, q.device), enable_gqa=q.size(1) != k.size(1))
+        return y.transpose(1, 2)
+
+
+class FA3Attention(Attention):
+    """FlashAttention-3 (Hopper), native (B, T, H, D) layout, GQA and sliding windows."""
+
+    name = "fa3"
+
+    def __init__(self) -> None:
+        import flash_attn_interface
+
+        self._fn = flash_attn_interface.flash_attn_func
+
+    def __call__(self, q, k, v, window):
+        out = self._fn(q, k, v, causal=True, window_size=(window, 0))
+        return out[0] if isinstance(out, tuple) else out
+
+
+def make_attention(info: HostInfo, prefer: str | None = None) -> Attention:
+    """Pick the best attention kernel this host offers: fa3 -> flex -> sdpa.
+
+    `prefer` (or AUTORESEARCH_ATTENTION) forces one of the kernels listed in
+    info.attention; a kernel that fails to load falls through to the next.
+    """
+    prefer = prefer or os.environ.get("AUTORESEARCH_ATTENTION")
+    order = list(info.attention)
+    if prefer:
+        if prefer not in order:
+            raise ValueError(
+                f"Attention kernel '{prefer}' is not available on this host; choose one of: {', '.join(order)}."
+            )
+        order = [prefer] + [k for k in order if k != prefer]
+    builders: dict[str, Callable[[], Attention]] = {
+        "fa3": FA3Attention,
+        "flex": FlexAttention,
+        "sdpa": lambda: SDPAAttention(native_gqa=info.backend != "mps"),
+    }
+    for name in order:
+        try:
+            return builders[name]()
+        except Exception:  # noqa: BLE001 - a kernel that cannot load falls back to the next one
+            continue
+    return SDPAAttention(native_gqa=info.backend != "mps")
+
+
+# ---------------------------------------------------------------------------
+# Evaluator adapter: logits -> per-token nats, computed here, never by the model.
+# ---------------------------------------------------------------------------
+
+
+class TorchEvalAdapter:
+    """Turns a PyTorch model's logits into per-token nats for prepare.evaluate_bpb."""
+
+    framework = "torch"
+
+    def __init__(self, info: HostInfo, chunk_elements: int = 1 << 24) -> None:
+        self.info = info
+        self.device = device(info)
+        self.chunk_elements = chunk_elements  # bounds the float32 log-softmax temporary
+
+    def to_input(self, tokens: np.ndarray) -> torch.Tensor:
+        return to_device(tokens, self.info)
+
+    @torch.no_grad()
+    def nats(self, logits: torch.Tensor, targets: np.ndarray) -> np.ndarray:
+        """Cross-entropy in float32 per position, returned as float64 (B, T) on the host."""
+        B, T, V = logits.shape
+        flat = logits.reshape(B * T, V)
+        y = torch.from_numpy(np.ascontiguousarray(targets)).to(self.device).reshape(-1).long()
+        rows = max(1, self.chunk_elements // V)
+        out = np.empty(B * T, dtype=np.float64)
+        for start in range(0, B * T, rows):
+            part = F.cross_entropy(flat[start : start + rows].float(), y[start : start + rows], reduction="none")
+            out[start : start + rows] = part.double().cpu().numpy()
+        return out.reshape(B, T)
+
+    @torch.no_grad()
+    def to_numpy(self, logits: torch.Tensor) -> np.ndarray:
+        return logits.detach().float().cpu().numpy()
+
+
+def eval_adapter(info: HostInfo) -> TorchEvalAdapter:
+    """The evaluator adapter for this host's PyTorch device."""
+    return TorchEvalAdapter(info)
