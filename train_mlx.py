@@ -1,0 +1,552 @@
+"""
+autoresearch pretraining script for MLX (Apple Silicon; MLX's CPU build elsewhere).
+Single device, single file: model, optimizer, hyperparameters and training loop.
+The same GPT core and optimizer as train_cuda.py, so a config carries between them.
+Usage: python train_mlx.py   (protocol, budget and backend come from the environment)
+"""
+
+import gc
+import math
+import sys
+import time
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path
+
+import backends
+import prepare
+from backends import mlx_rt
+from model import (POLAR_EXPRESS_COEFFS, RMS_EPS, ROPE_BASE, SOFTCAP, VE_GATE_CHANNELS, build_config,
+                   flops_per_token, has_value_embedding, lr_multiplier, muon_momentum, param_counts,
+                   weight_decay_at, window_sizes)
+
+HOST = backends.detect()
+if HOST.framework != "mlx":  # this file is the MLX trainer, whatever the host's default backend is
+    HOST = backends.detect("mlx")
+BACKEND = HOST.backend
+COMPUTE_DTYPE = mlx_rt.compute_dtype(HOST)  # bf16 on Metal, fp32 on CPU
+
+# ---------------------------------------------------------------------------
+# GPT model
+# ---------------------------------------------------------------------------
+
+
+def norm(x):
+    return mx.fast.rms_norm(x, None, RMS_EPS)
+
+
+class Linear(nn.Module):
+    """Bias-free y = x @ W.T with W kept in float32 and cast to the activations' dtype (like autocast)."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__()
+        self.weight = mx.zeros((out_features, in_features))
+
+    def __call__(self, x):
+        return x @ self.weight.astype(x.dtype).T
+
+
+_rotary_cache = {}
+
+
+def rotary_cos_sin(seq_len, head_dim, dtype):
+    """cos/sin tables (T, head_dim/2) for theta = pos * base^(-2i/head_dim); built once per shape."""
+    key = (seq_len, head_dim, dtype)
+    if key not in _rotary_cache:
+        inv_freq = 1.0 / (ROPE_BASE ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+        freqs = np.outer(np.arange(seq_len, dtype=np.float64), inv_freq)
+        _rotary_cache[key] = (mx.array(np.cos(freqs), dtype=dtype), mx.array(np.sin(freqs), dtype=dtype))
+    return _rotary_cache[key]
+
+
+def apply_rotary(x, cos, sin):
+    # x: (B, H, T, D); rotate-half form, y1 = x1 cos + x2 sin, y2 = -x1 sin + x2 cos
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return mx.concatenate([x1 * cos + x2 * sin, x2 * cos - x1 * sin], axis=-1)
+
+
+def attention_mask(seq_len, window, dtype):
+    # A window covering the whole sequence is plain causal, which has a fused kernel path.
+    return "causal" if window >= seq_len - 1 else mlx_rt.sliding_window_mask(seq_len, window, dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.c_q = Linear(config.n_embd, self.n_head * self.head_dim)
+        self.c_k = Linear(config.n_embd, self.n_kv_head * self.head_dim)
+        self.c_v = Linear(config.n_embd, self.n_kv_head * self.head_dim)
+        self.c_proj = Linear(self.n_head * self.head_dim, config.n_embd)
+        if has_value_embedding(layer_idx, config.n_layer):
+            self.ve_gate = Linear(VE_GATE_CHANNELS, self.n_kv_head)
+
+    def __call__(self, x, ve, window):
+        B, T, _ = x.shape
+        q = self.c_q(x).reshape(B, T, self.n_head, self.head_dim).transpose(0, 2, 1, 3)
+        k = self.c_k(x).reshape(B, T, self.n_kv_head, self.head_dim).transpose(0, 2, 1, 3)
+        v = self.c_v(x).reshape(B, T, self.n_kv_head, self.head_dim).transpose(0, 2, 1, 3)
+        if ve is not None:
+            # Value residual: mix in the value embedding through a per-kv-head gate in (0, 2).
+            gate = 2 * mx.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, Hkv)
+            ve = ve.reshape(B, T, self.n_kv_head, self.head_dim).transpose(0, 2, 1, 3)
+            v = v + gate.transpose(0, 2, 1)[..., None] * ve
+        cos, sin = rotary_cos_sin(T, self.head_dim, x.dtype)
+        q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
+        # k, v keep n_kv_head heads: the fused kernel handles grouped-query attention itself.
+        y = mx.fast.scaled_dot_product_attention(
+            q, k, v, scale=1.0 / math.sqrt(self.head_dim), mask=attention_mask(T, window, x.dtype))
+        return self.c_proj(y.transpose(0, 2, 1, 3).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
+
+    def __call__(self, x):
+        return self.c_proj(mx.square(mx.maximum(self.c_fc(x), 0)))
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def __call__(self, x, ve, window):
+        x = x + self.attn(norm(x), ve, window)
+        return x + self.mlp(norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config, dtype=mx.float32):
+        super().__init__()
+        self.config = config
+        self.window_sizes = window_sizes(config)
+        # Embedding tables are stored in the compute dtype, so activations come out in it.
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = [Block(config, i) for i in range(config.n_layer)]
+        self.lm_head = Linear(config.n_embd, config.vocab_size)
+        self.resid_lambdas = mx.ones((config.n_layer,))
+        self.x0_lambdas = mx.full((config.n_layer,), 0.1)
+        self.value_embeds = {str(i): nn.Embedding(config.vocab_size, config.kv_dim)
+                             for i in range(config.n_layer) if has_value_embedding(i, config.n_layer)}
+        self.init_weights(dtype)
+
+    def init_weights(self, dtype):
+        C = self.config.n_embd
+        s = 3**0.5 * C**-0.5
+        uniform = lambda w: mx.random.uniform(-s, s, w.shape)
+        self.wte.weight = mx.random.normal(self.wte.weight.shape).astype(dtype)
+        self.lm_head.weight = 0.001 * mx.random.normal(self.lm_head.weight.shape)
+        for block in self.blocks:
+            attn = block.attn
+            attn.c_q.weight, attn.c_k.weight, attn.c_v.weight = (uniform(attn.c_q.weight), uniform(attn.c_k.weight),
+                                                                 uniform(attn.c_v.weight))
+            attn.c_proj.weight = mx.zeros_like(attn.c_proj.weight)
+            block.mlp.c_fc.weight = uniform(block.mlp.c_fc.weight)
+            block.mlp.c_proj.weight = mx.zeros_like(block.mlp.c_proj.weight)
+            if "ve_gate" in attn:  # zero gate: 2*sigmoid(0) = 1, a neutral start
+                attn.ve_gate.weight = mx.zeros_like(attn.ve_gate.weight)
+        self.resid_lambdas = mx.ones((self.config.n_layer,))
+        self.x0_lambdas = mx.full((self.config.n_layer,), 0.1)
+        for ve in self.value_embeds.values():
+            ve.weight = uniform(ve.weight).astype(dtype)
+
+    def __call__(self, idx):
+        x = norm(self.wte(idx))
+        x0 = x
+        for i, block in enumerate(self.blocks):
+            x = self.resid_lambdas[i].astype(x.dtype) * x + self.x0_lambdas[i].astype(x.dtype) * x0
+            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+            x = block(x, ve, self.window_sizes[i])
+        logits = self.lm_head(norm(x)).astype(mx.float32)
+        return SOFTCAP * mx.tanh(logits / SOFTCAP)
+
+
+def loss_fn(model, idx, targets):
+    logits = model(idx)
+    return nn.losses.cross_entropy(logits, targets, reduction="mean")
+
+
+def build_model(cfg, dtype=None):
+    """A freshly initialised GPT; dtype (of the embeddings, hence the activations) defaults to COMPUTE_DTYPE."""
+    model = GPT(cfg, dtype or COMPUTE_DTYPE)
+    mx.eval(model.parameters())
+    return model
+
+
+def canonical_name(path):
+    # MLX paths are "blocks.0.attn.c_q.weight"; canonical names drop the ".weight".
+    return path[: -len(".weight")] if path.endswith(".weight") else path
+
+
+def set_params(model, new):
+    """Replace the parameters named in `new` ({MLX path: array}), keeping the tree's structure."""
+    model.update(tree_map_with_path(lambda path, v: new.get(path, v), model.parameters()))
+
+
+def export_params(model):
+    """Parameters as {canonical name: float32 NumPy array}."""
+    return {canonical_name(k): np.array(v.astype(mx.float32)) for k, v in tree_flatten(model.parameters())}
+
+
+def load_params(model, params):
+    """Load {canonical name: array} into the model, keeping each parameter's dtype."""
+    current = dict(tree_flatten(model.parameters()))
+    names = {canonical_name(k): k for k in current}
+    if set(names) != set(params):
+        raise KeyError(f"parameter names differ: {sorted(set(names) ^ set(params))}")
+    new = {names[n]: mx.array(np.asarray(v)).astype(current[names[n]].dtype) for n, v in params.items()}
+    set_params(model, new)
+    mx.eval(model.parameters())
+
+
+# ---------------------------------------------------------------------------
+# Optimizer: Muon for the matrices inside the blocks, AdamW for everything else
+# ---------------------------------------------------------------------------
+
+
+def polar_express(g, steps=5):
+    """Approximate orthogonalization of each matrix in g (N, rows, cols), iterating on the smaller Gram side."""
+    x = g / (mx.sqrt(mx.sum(mx.square(g), axis=(-2, -1), keepdims=True)) * 1.02 + 1e-6)
+    tall = g.shape[-2] > g.shape[-1]
+    for a, b, c in POLAR_EXPRESS_COEFFS[:steps]:
+        xt = x.swapaxes(-1, -2)
+        A = xt @ x if tall else x @ xt
+        B = b * A + c * (A @ A)
+        x = a * x + (x @ B if tall else B @ x)
+    return x
+
+
+def muon_update(p, g, mbuf, sbuf, lr, momentum, wd, beta2=0.95, ns_steps=5, ortho_dtype=mx.float32):
+    """One Muon step on a stack (N, rows, cols) of same-shape matrices; returns (p, mbuf, sbuf).
+
+    lr/momentum/wd may be mx scalars so a compiled step never recompiles as the schedule moves.
+    """
+    rows, cols = p.shape[-2], p.shape[-1]
+    # Nesterov momentum in lerp form.
+    mbuf = mbuf + (g - mbuf) * (1 - momentum)
+    g = g + (mbuf - g) * momentum
+    g = polar_express(g.astype(ortho_dtype), ns_steps).astype(mx.float32)
+    # NorMuon: one second-moment statistic per row (tall) or column (wide), then keep the total norm.
+    red_axis = -1 if rows >= cols else -2
+    red_size = g.shape[red_axis]
+    v_mean = mx.mean(mx.square(g), axis=red_axis, keepdims=True)
+    v_norm = mx.sqrt(mx.sum(v_mean, axis=(-2, -1), keepdims=True) * red_size)
+    sbuf = sbuf + (v_mean - sbuf) * (1 - beta2)
+    step_size = mx.rsqrt(mx.maximum(sbuf, 1e-10))
+    v_norm_new = mx.sqrt(mx.sum(v_mean * red_size * mx.square(step_size), axis=(-2, -1), keepdims=True))
+    g = g * step_size * (v_norm / mx.maximum(v_norm_new, 1e-10))
+    # Shape-aware lr; cautious weight decay only where update and parameter agree in sign.
+    lr = lr * max(1.0, rows / cols) ** 0.5
+    mask = (g * p) >= 0
+    return p - (lr * g + lr * wd * p * mask), mbuf, sbuf
+
+
+def adamw_update(p, g, m, v, step, lr, beta1, beta2, eps=1e-10):
+    """One AdamW step (no weight decay) with bias correction, step counting from 1; returns (p, m, v)."""
+    m = m + (g - m) * (1 - beta1)
+    v = v + (mx.square(g) - v) * (1 - beta2)
+    denom = mx.sqrt(v / (1 - beta2**step)) + eps
+    return p - (lr / (1 - beta1**step)) * m / denom, m, v
+
+
+class MuonAdamW:
+    """AdamW groups and Muon groups of same-shape matrices over one model.
+
+    All state lives in `self.state` (mx arrays in nested dicts), so a step compiles with
+    mx.compile over [model.state, optimizer.state].
+    """
+
+    def __init__(self, model, *, unembedding_lr, embedding_lr, matrix_lr, scalar_lr, adam_betas, weight_decay,
+                 ortho_dtype=mx.float32):
+        self.ortho_dtype = ortho_dtype
+        scale = (model.config.n_embd / 768) ** -0.5  # AdamW lrs were tuned at width 768
+        print(f"Scaling AdamW LRs by 1/sqrt({model.config.n_embd}/768) = {scale:.6f}")
+        self.adam, muon_paths = {}, {}  # adam: path -> (lr, beta1, beta2); muon: shape -> [paths]
+        params = dict(tree_flatten(model.parameters()))
+        for path, p in params.items():
+            if path.startswith("blocks."):
+                muon_paths.setdefault(tuple(p.shape), []).append(path)
+            elif path.startswith("lm_head."):
+                self.adam[path] = (unembedding_lr * scale, *adam_betas)
+            elif path.startswith(("wte.", "value_embeds.")):
+                self.adam[path] = (embedding_lr * scale, *adam_betas)
+            elif path == "resid_lambdas":
+                self.adam[path] = (scalar_lr * 0.01, *adam_betas)
+            elif path == "x0_lambdas":
+                self.adam[path] = (scalar_lr, 0.96, 0.95)
+            else:
+                raise ValueError(f"parameter {path} has no optimizer group")
+        # Muon groups: (paths, lr, weight decay); the schedule scales lr and replaces the decay each step.
+        self.muon = {f"{r}x{c}": (paths, matrix_lr) for (r, c), paths in sorted(muon_paths.items())}
+        self.weight_decay = weight_decay
+
+        def second_shape(rows, cols):  # one NorMuon statistic per row of a tall matrix, per column of a wide one
+            return (rows, 1) if rows >= cols else (1, cols)
+
+        self.state = {
+            "adam_step": mx.array(0.0),
+            "adam": {k: {"m": mx.zeros(params[k].shape), "v": mx.zeros(params[k].shape)} for k in self.adam},
+            "muon": {key: {"momentum": mx.zeros((len(paths), *params[paths[0]].shape)),
+                           "second": mx.zeros((len(paths), *second_shape(*params[paths[0]].shape)))}
+                     for key, (paths, _) in self.muon.items()},
+        }
+
+    def update(self, model, grads, schedule):
+        """One step. schedule = mx.array([lr multiplier, Muon momentum, Muon weight decay]): an array, so a
+        compiled step is traced once and never recompiles as the schedule moves."""
+        lrm, momentum, wd = schedule[0], schedule[1], schedule[2]
+        params, grads = dict(tree_flatten(model.parameters())), dict(tree_flatten(grads))
+        new = {}
+        step = self.state["adam_step"] + 1
+        self.state["adam_step"] = step
+        for path, (lr, beta1, beta2) in self.adam.items():
+            st, p = self.state["adam"][path], params[path]
+            p32, st["m"], st["v"] = adamw_update(p.astype(mx.float32), grads[path].astype(mx.float32), st["m"],
+                                                 st["v"], step, lr * lrm, beta1, beta2)
+            new[path] = p32.astype(p.dtype)
+        for key, (paths, lr) in self.muon.items():
+            st = self.state["muon"][key]
+            p = mx.stack([params[k].astype(mx.float32) for k in paths])
+            g = mx.stack([grads[k].astype(mx.float32) for k in paths])
+            p, st["momentum"], st["second"] = muon_update(p, g, st["momentum"], st["second"], lr * lrm, momentum,
+                                                          wd, ortho_dtype=self.ortho_dtype)
+            new.update((k, p[i].astype(params[k].dtype)) for i, k in enumerate(paths))
+        set_params(model, new)
+
+
+def build_optimizer(model, *, unembedding_lr=None, embedding_lr=None, matrix_lr=None, scalar_lr=None,
+                    adam_betas=None, weight_decay=None, ortho_dtype=None):
+    """MuonAdamW over `model`; any argument left as None takes this file's hyperparameter."""
+    pick = lambda value, default: default if value is None else value
+    return MuonAdamW(model, unembedding_lr=pick(unembedding_lr, UNEMBEDDING_LR),
+                     embedding_lr=pick(embedding_lr, EMBEDDING_LR), matrix_lr=pick(matrix_lr, MATRIX_LR),
+                     scalar_lr=pick(scalar_lr, SCALAR_LR), adam_betas=pick(adam_betas, ADAM_BETAS),
+                     weight_decay=pick(weight_decay, WEIGHT_DECAY),
+                     ortho_dtype=ortho_dtype or COMPUTE_DTYPE)  # bf16 on Metal, fp32 on CPU
+
+
+# ---------------------------------------------------------------------------
+# Hyperparameters: edit these directly, no CLI flags
+# ---------------------------------------------------------------------------
+
+# Which baseline below applies: the Apple GPU through Metal, or MLX's CPU build.
+HARDWARE = "metal" if mlx_rt.metal_available() else "cpu"
+
+# --- hyperparameters ---
+# Reference values (H100, standard protocol). The block for this host's HARDWARE further down
+# overrides some of them: to change a value on this host, edit its line in that block if it is
+# there, otherwise the line here.
+DEPTH = 8  # transformer layers
+ASPECT_RATIO = 64  # width = DEPTH * ASPECT_RATIO, rounded up to a multiple of HEAD_DIM
+HEAD_DIM = 128  # attention head size; heads = width / HEAD_DIM
+N_KV_HEAD = None  # key/value heads (grouped-query attention); must divide the heads; None = heads
+WINDOW_PATTERN = "SSSL"  # per-layer attention window, cycled: L = full sequence, S = half; last layer L
+TOTAL_BATCH_SIZE = 2**19  # tokens per optimizer step (gradient accumulation reaches it)
+DEVICE_BATCH_SIZE = 128  # sequences per forward/backward pass
+EMBEDDING_LR = 0.6  # AdamW, token and value embeddings (scaled by (width/768)^-0.5)
+UNEMBEDDING_LR = 0.004  # AdamW, lm_head (scaled by (width/768)^-0.5)
+MATRIX_LR = 0.04  # Muon, every matrix inside the blocks
+SCALAR_LR = 0.5  # AdamW, x0 lambdas (resid lambdas get 0.01x)
+WEIGHT_DECAY = 0.2  # Muon's cautious weight decay, decays linearly to 0
+ADAM_BETAS = (0.8, 0.95)
+WARMUP_RATIO = 0.0  # fraction of the time budget spent warming the lr up
+WARMDOWN_RATIO = 0.5  # fraction of the time budget at the end spent decaying the lr
+FINAL_LR_FRAC = 0.0  # lr at the end, as a fraction of the peak
+if HARDWARE == "metal":  # Apple Silicon GPU: smaller and more steps win in 5 minutes (M1 Mac Studio)
+    DEPTH = 4
+    DEVICE_BATCH_SIZE = 16
+    TOTAL_BATCH_SIZE = 2**16
+if HARDWARE == "cpu":  # MLX's CPU build: slow matmuls, so a tiny model that still learns visibly in 30 s
+    DEPTH = 2
+    HEAD_DIM = 32
+    DEVICE_BATCH_SIZE = 8
+    TOTAL_BATCH_SIZE = 2**11
+# --- end hyperparameters ---
+
+HYPERPARAMETER_NAMES = ["DEPTH", "ASPECT_RATIO", "HEAD_DIM", "N_KV_HEAD", "WINDOW_PATTERN", "TOTAL_BATCH_SIZE",
+                        "DEVICE_BATCH_SIZE", "EMBEDDING_LR", "UNEMBEDDING_LR", "MATRIX_LR", "SCALAR_LR",
+                        "WEIGHT_DECAY", "ADAM_BETAS", "WARMUP_RATIO", "WARMDOWN_RATIO", "FINAL_LR_FRAC"]
+WARMUP_STEPS_UNCOUNTED = 10  # the first steps compile the graph: not counted toward the budget
+COMPILE = HOST.compile  # mx.compile the training step over explicit state
+
+
+def hyperparameters():
+    """The values in effect, for the summary (a JSON line)."""
+    return {name: (list(v) if isinstance(v, tuple) else v)
+            for name, v in ((n, globals()[n]) for n in HYPERPARAMETER_NAMES)}
+
+
+# ---------------------------------------------------------------------------
+# Schedules (progress = counted training seconds / time budget)
+# ---------------------------------------------------------------------------
+
+
+def get_lr_multiplier(progress):
+    return lr_multiplier(progress, WARMUP_RATIO, WARMDOWN_RATIO, FINAL_LR_FRAC)
+
+
+def get_muon_momentum(step):
+    return muon_momentum(step)  # 0.85 -> 0.95 over the first 300 steps
+
+
+def get_weight_decay(progress):
+    return weight_decay_at(progress, WEIGHT_DECAY)
+
+
+# ---------------------------------------------------------------------------
+# Setup and training loop
+# ---------------------------------------------------------------------------
+
+
+def fail(message):
+    print(f"\nFAIL: {message}", flush=True)
+    sys.exit(1)
+
+
+def make_step_functions(model, optimizer, compile_step):
+    """fwd_bwd(x, y) -> (loss, grads) and update(grads, schedule), compiled over explicit state if asked."""
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+
+    def fwd_bwd(x, y):
+        return loss_and_grad(model, x, y)
+
+    def update(grads, schedule):
+        optimizer.update(model, grads, schedule)
+
+    if compile_step:
+        # value_and_grad swaps traced parameters into the model, so the model state is an output too.
+        fwd_bwd = mx.compile(fwd_bwd, inputs=model.state, outputs=model.state)
+        state = [model.state, optimizer.state]
+        update = mx.compile(update, inputs=state, outputs=state)
+    return fwd_bwd, update
+
+
+def main():
+    t_start = time.time()
+    try:
+        protocol = prepare.get_protocol()
+    except prepare.PrepareError as e:
+        print(e, file=sys.stderr)
+        sys.exit(1)
+    mlx_rt.seed_all(42)
+    print(backends.describe(HOST))
+    print(f"Hyperparameters: {HARDWARE} baseline; compute dtype {COMPUTE_DTYPE}; compile {COMPILE}")
+    seq_len = protocol.max_seq_len
+
+    try:
+        config = build_config(DEPTH, ASPECT_RATIO, HEAD_DIM, N_KV_HEAD, protocol.vocab_size, seq_len, WINDOW_PATTERN)
+    except ValueError as e:
+        fail(str(e))
+    tokens_per_fwdbwd = DEVICE_BATCH_SIZE * seq_len
+    if TOTAL_BATCH_SIZE % tokens_per_fwdbwd != 0:
+        fail(f"TOTAL_BATCH_SIZE ({TOTAL_BATCH_SIZE}) must be a multiple of DEVICE_BATCH_SIZE * sequence length "
+             f"({DEVICE_BATCH_SIZE} * {seq_len} = {tokens_per_fwdbwd})")
+    grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_fwdbwd
+
+    model = build_model(config)
+    print(f"Model config: {config}")
+    print(f"Attention: {HOST.attention[0]}")
+    counts = param_counts(config)
+    print("Parameter counts: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+    num_flops_per_token = flops_per_token(config)
+    print(f"Estimated FLOPs per token: {num_flops_per_token:e}")
+    optimizer = build_optimizer(model)
+    fwd_bwd, update = make_step_functions(model, optimizer, COMPILE)
+
+    train_loader = prepare.make_dataloader(protocol, DEVICE_BATCH_SIZE, seq_len, "train")
+
+    def next_batch():
+        x, y, epoch = next(train_loader)
+        return mx.array(x), mx.array(y), epoch
+
+    x, y, epoch = next_batch()  # prefetch
+    print(f"Time budget: {protocol.time_budget}s (protocol {protocol.name})")
+    print(f"Gradient accumulation steps: {grad_accum_steps}")
+    mlx_rt.reset_peak_memory()
+
+    t_start_training = time.time()
+    smooth_train_loss = 0.0
+    total_training_time = 0.0
+    step = 0
+    line_end = "" if sys.stdout.isatty() else "\n"  # one line per step in logs, a live line in a terminal
+    while True:
+        t0 = time.time()
+        grads, train_loss = None, None
+        for _ in range(grad_accum_steps):
+            loss, g = fwd_bwd(x, y)
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            train_loss = loss
+            mx.async_eval(grads, train_loss)  # compute runs while the next batch is fetched
+            x, y, epoch = next_batch()
+        if grad_accum_steps > 1:
+            grads = tree_map(lambda g: g * (1.0 / grad_accum_steps), grads)
+
+        progress = min(total_training_time / protocol.time_budget, 1.0)
+        lrm = get_lr_multiplier(progress)
+        update(grads, mx.array([lrm, get_muon_momentum(step), get_weight_decay(progress)]))
+        mx.eval(model.state, optimizer.state, train_loss)
+
+        train_loss_f = train_loss.item()
+        if not math.isfinite(train_loss_f) or train_loss_f > 100:  # fast fail: the run is diverging
+            fail(f"training loss {train_loss_f} at step {step} (NaN or > 100)")
+
+        dt = time.time() - t0
+        if step >= WARMUP_STEPS_UNCOUNTED:
+            total_training_time += dt
+
+        ema_beta = 0.9
+        smooth_train_loss = ema_beta * smooth_train_loss + (1 - ema_beta) * train_loss_f
+        debiased = smooth_train_loss / (1 - ema_beta ** (step + 1))
+        tok_per_sec = TOTAL_BATCH_SIZE / dt
+        mfu = backends.mfu_percent(num_flops_per_token, tok_per_sec, HOST)
+        mfu_str = f"{mfu:.1f}%" if mfu is not None else "n/a"
+        remaining = max(0.0, protocol.time_budget - total_training_time)
+        print(f"\rstep {step:05d} ({100 * progress:.1f}%) | loss: {debiased:.6f} | lrm: {lrm:.2f} | "
+              f"dt: {dt * 1000:.0f}ms | tok/sec: {int(tok_per_sec):,} | mfu: {mfu_str} | epoch: {epoch} | "
+              f"remaining: {remaining:.0f}s    ", end=line_end, flush=True)
+
+        # Python's garbage collector stalls for ~500 ms; everything long-lived exists by now.
+        if step == 0:
+            gc.collect()
+            gc.freeze()
+            gc.disable()
+        elif (step + 1) % 5000 == 0:
+            gc.collect()
+
+        step += 1
+        if step > WARMUP_STEPS_UNCOUNTED and total_training_time >= protocol.time_budget:
+            break
+    print()
+
+    # Evaluation: the locked evaluator gets logits only and computes the loss itself.
+    eval_result = prepare.evaluate_bpb(model, mlx_rt.eval_adapter(HOST), DEVICE_BATCH_SIZE, protocol)
+
+    counted_steps = step - WARMUP_STEPS_UNCOUNTED
+    steady_tok_per_sec = TOTAL_BATCH_SIZE * counted_steps / total_training_time if total_training_time > 0 else 0
+    prepare.print_summary(
+        eval_result,
+        training_seconds=total_training_time,
+        total_seconds=time.time() - t_start,
+        peak_vram_mb=mlx_rt.peak_memory_mb(),
+        mfu_percent=backends.mfu_percent(num_flops_per_token, steady_tok_per_sec, HOST),
+        total_tokens=step * TOTAL_BATCH_SIZE,
+        num_steps=step,
+        num_params=counts["total"],
+        depth=DEPTH,
+        backend=BACKEND,
+        device=HOST.device_name,
+        hyperparams=hyperparameters(),
+    )
+    print(f"startup: {t_start_training - t_start:.1f}s")
+
+
+if __name__ == "__main__":
+    main()
