@@ -1,0 +1,379 @@
+"""One experiment, end to end: check the change, commit, run, read the evaluator's result,
+keep or revert, record.
+
+`run_experiment(session, description)` takes the trainer as it is in the work tree;
+`run_baseline(session, k, n)` runs the current commit unchanged. Both return an
+`Outcome` whose `row` is what was appended to results.tsv. The result is read from
+the evaluator's JSON file only (never from what the trainer prints).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from research import gitrepo
+from research.console import clock
+from research.guards import child_env, text_hash
+from research.hparams import HyperparamError, static_values
+from research.results import NO_COMMIT, Row, sanitize
+from research.runner import run_trainer
+from research.session import BASELINE, Session, TamperError, replay
+
+__all__ = ["Outcome", "Measurement", "Usage", "run_experiment", "run_baseline", "read_result", "decide",
+           "log_tail"]
+
+BUDGET_SLACK = (1.10, 5.0)  # training may overrun the budget by 10% + 5 s (the last step) before it is rejected
+
+
+@dataclass
+class Usage:
+    """Agent tokens and cost behind one experiment (cost None = model price unknown)."""
+
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cost_usd: float | None = 0.0
+
+    def add(self, other: Usage) -> None:
+        self.tokens_in += other.tokens_in
+        self.tokens_out += other.tokens_out
+        self.cost_usd = None if self.cost_usd is None or other.cost_usd is None else self.cost_usd + other.cost_usd
+
+
+@dataclass
+class Measurement:
+    """What the evaluator and the summary reported for one run."""
+
+    val_bpb: float
+    memory_gb: float = 0.0
+    training_seconds: float | None = None
+    total_seconds: float | None = None
+    num_steps: int | None = None
+    mfu_percent: float | None = None
+    num_params_M: float | None = None
+    holdout_bpb: float | None = None
+    eval_seconds: float | None = None
+    device: str | None = None
+    hyperparams: dict = field(default_factory=dict)
+
+
+@dataclass
+class Outcome:
+    row: Row
+    run_dir: Path
+    log_tail: str = ""
+    diff: str = ""
+    trainer_text: str = ""  # the trainer that ran (or was rejected)
+    timings: dict = field(default_factory=dict)
+    stop: str | None = None  # set when the loop must stop (locked files tampered with)
+
+    @property
+    def status(self) -> str:
+        return self.row.status
+
+
+def log_tail(path: Path, lines: int = 40, chars: int = 6000) -> str:
+    """The last lines of a log (what an agent sees after a crash)."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    text = text.replace("\r", "\n")
+    tail = "\n".join(line for line in text.split("\n") if line.strip())
+    tail = "\n".join(tail.split("\n")[-lines:])
+    return tail[-chars:]
+
+
+def _num(d: dict, key: str, cast=float):
+    v = d.get(key)
+    try:
+        v = cast(v)
+    except (TypeError, ValueError):
+        return None
+    return v if not isinstance(v, float) or math.isfinite(v) else None
+
+
+def read_result(path: Path, returncode: int | None, *, evaluator_hash: str, protocol: str,
+                budget: float) -> tuple[str, Measurement | None, str]:
+    """(status, measurement, reason) from the evaluator's JSON file and the exit code.
+
+    status is "ok", "crash", "invalid" (non-causal model) or "rejected" (trained past the budget).
+    """
+    data = None
+    if path.exists():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return "crash", None, "the result file is not valid JSON"
+    ev = data.get("eval") if isinstance(data, dict) else None
+    if isinstance(ev, dict) and ev.get("valid") is False:
+        return "invalid", None, sanitize(ev.get("reason") or "the evaluator found the model is not causal")
+    if returncode != 0:
+        return "crash", None, f"exit code {returncode}"
+    if not isinstance(ev, dict):
+        return "crash", None, "no result from the evaluator (the trainer did not run prepare.evaluate_bpb)"
+    if ev.get("valid") is not True:
+        return "crash", None, "the evaluator's result is not marked valid"
+    if ev.get("evaluator_hash") != evaluator_hash:
+        return "crash", None, f"evaluator hash {ev.get('evaluator_hash')!r} is not the locked evaluator's {evaluator_hash}"
+    if ev.get("protocol") not in (None, protocol) or ev.get("split", "val") != "val":
+        return "crash", None, f"evaluated on {ev.get('protocol')}/{ev.get('split')}, not {protocol}/val"
+    val = _num(ev, "val_bpb")
+    if val is None or val <= 0:
+        return "crash", None, "the evaluator reported no finite val_bpb"
+    summary = data.get("summary") if isinstance(data.get("summary"), dict) else {}
+    vram = _num(summary, "peak_vram_mb")
+    m = Measurement(
+        val_bpb=val,
+        memory_gb=vram / 1024 if vram else 0.0,
+        training_seconds=_num(summary, "training_seconds"),
+        total_seconds=_num(summary, "total_seconds"),
+        num_steps=_num(summary, "num_steps", int),
+        mfu_percent=_num(summary, "mfu_percent"),
+        num_params_M=_num(summary, "num_params_M"),
+        holdout_bpb=_num(ev, "holdout_bpb"),
+        eval_seconds=_num(ev, "eval_seconds"),
+        device=summary.get("device") if isinstance(summary.get("device"), str) else None,
+        hyperparams=summary.get("hyperparams") if isinstance(summary.get("hyperparams"), dict) else {},
+    )
+    if m.training_seconds is not None and m.training_seconds > budget * BUDGET_SLACK[0] + BUDGET_SLACK[1]:
+        return "rejected", m, f"trained {m.training_seconds:.1f} s, past the {budget:g} s budget"
+    return "ok", m, ""
+
+
+def decide(val: float, best: float | None, noise: float | None) -> tuple[str, str, bool]:
+    """(status, note, borderline) for a measured value against the best so far and the noise floor.
+
+    A win must beat the best by more than the noise floor; a win by less than twice the floor is
+    borderline (worth a confirming rerun when --confirm is on).
+    """
+    if best is None:
+        return "keep", "first measurement on this branch", False
+    noise = noise or 0.0
+    delta = val - best
+    where = f"{delta:+.6f} vs best {best:.6f}, noise floor {noise:.6f}"
+    if delta < -noise:
+        return "keep", f"win: {where}", delta >= -2 * noise
+    if delta < 0:
+        return "discard", f"within noise: {where}", False
+    return "discard", f"no gain: {where}", False
+
+
+def _row(s: Session, *, commit: str, status: str, description: str, note: str, run_no: int, trainer_text: str,
+         m: Measurement | None, wall: float | None, usage: Usage | None) -> Row:
+    hp = m.hyperparams if m and m.hyperparams else {}
+    if not hp:
+        try:
+            hp = static_values(trainer_text)
+        except HyperparamError:
+            hp = {}
+    measured = m is not None and status in ("keep", "discard")
+    return Row(
+        commit=commit[:7] if commit else NO_COMMIT,
+        val_bpb=m.val_bpb if measured else 0.0,
+        memory_gb=m.memory_gb if measured else 0.0,
+        status=status,
+        description=description,
+        timestamp=datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds"),
+        backend=s.host.backend,
+        device=(m.device if m and m.device else s.host.device_name),
+        protocol=s.protocol.name,
+        evaluator_hash=s.evaluator_hash,
+        training_seconds=m.training_seconds if m else None,
+        num_steps=m.num_steps if m else None,
+        mfu_percent=m.mfu_percent if m else None,
+        num_params_M=m.num_params_M if m else None,
+        wall_seconds=wall,
+        agent_tokens_in=usage.tokens_in if usage else None,
+        agent_tokens_out=usage.tokens_out if usage else None,
+        agent_cost_usd=usage.cost_usd if usage else None,
+        trainer_hash=text_hash(trainer_text),
+        holdout_bpb=m.holdout_bpb if m else None,
+        hyperparams=hp,
+        branch=s.branch,
+        run=run_no,
+        note=note,
+    )
+
+
+def _run_once(s: Session, run_dir: Path, label: str, description: str, prefix: str = ""):
+    """Spawn the trainer once into run_dir; returns (TrainerRun, status, measurement, reason)."""
+    result_path = run_dir / f"{prefix}result.json"
+    result_path.unlink(missing_ok=True)
+    env = child_env(
+        AUTORESEARCH_RESULT_JSON=str(result_path),
+        AUTORESEARCH_PROTOCOL=s.protocol.name,
+        AUTORESEARCH_BACKEND=s.host.backend,
+        PYTHONUNBUFFERED="1",
+    )
+    best = f"{s.best:.6f}" if s.best is not None else "-"
+    short = sanitize(description, 48)
+
+    def tick(elapsed: float) -> None:
+        s.console.status(f"[{label}] {short} | {clock(elapsed)} / {clock(s.budget)} budget "
+                         f"(limit {clock(s.timeout_s)}) | best {best}")
+
+    run = run_trainer(s.repo, s.trainer, env, run_dir / f"{prefix}log.txt", s.timeout_s, on_tick=tick,
+                      tick_s=s.settings.tick_s)
+    if run.timed_out:
+        return run, "crash", None, f"killed after {run.wall_seconds:.0f} s (limit {s.timeout_s:.0f} s)"
+    status, m, reason = read_result(result_path, run.returncode, evaluator_hash=s.evaluator_hash,
+                                    protocol=s.protocol.name, budget=s.budget)
+    if status == "crash":
+        fail = next((ln for ln in reversed(log_tail(run_dir / f"{prefix}log.txt", 200).split("\n"))
+                     if ln.startswith("FAIL:")), None)
+        reason = f"{reason}; {fail}" if fail else reason
+    return run, status, m, reason
+
+
+def _write_meta(run_dir: Path, row: Row, timings: dict, **extra) -> None:
+    meta = {"row": asdict(row), "timings": {k: round(v, 4) for k, v in timings.items()}, **extra}
+    try:
+        (run_dir / "meta.json").write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
+    except OSError:
+        pass  # the row in results.tsv is the record; meta.json is a convenience
+
+
+def run_baseline(s: Session, index: int, total: int) -> Outcome:
+    """Run the current commit unchanged as baseline `index` of `total` and record it as keep (or crash)."""
+    return run_experiment(s, BASELINE if index == 1 else f"{BASELINE} (repeat {index}/{total})",
+                          baseline=(index, total))
+
+
+def run_experiment(s: Session, description: str, usage: Usage | None = None, *,
+                   baseline: tuple[int, int] | None = None, keep_edit: bool = False,
+                   label: str | None = None) -> Outcome:
+    """Check, commit, run and record the trainer as it is in the work tree.
+
+    - baseline=(k, n): run the last kept commit as it is (no change expected), status keep.
+    - keep_edit: on a crash or rejection the edit is written back to the work tree, uncommitted
+      (`loop.py try`, so an external agent can fix it).
+    Raises TamperError (after restoring and recording) when a locked file was changed.
+    """
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    run_no, run_dir = s.new_run_dir()
+    label = label or (f"baseline {baseline[0]}/{baseline[1]}" if baseline else f"run {run_no}")
+    description = sanitize(description) or "(no description)"
+    s.verify_locked()
+    text = s.trainer_text() if (s.repo / s.trainer).exists() else ""
+
+    def finish(row: Row, diff: str, tail: str = "", stop: str | None = None, restore: bool = True,
+               **extra) -> Outcome:
+        t_rec = time.perf_counter()
+        if restore:
+            s.restore(text if keep_edit and row.status in ("crash", "invalid") else None)
+        s.record(row)
+        if row.status == "keep":
+            s.best = row.val_bpb if not baseline else s.best
+        timings["bookkeeping"] = time.perf_counter() - t_rec
+        timings["total"] = time.perf_counter() - t0
+        _write_meta(run_dir, row, timings, **extra)
+        return Outcome(row=row, run_dir=run_dir, log_tail=tail, diff=diff, trainer_text=text, timings=timings,
+                       stop=stop)
+
+    # 1. the change keeps to the one-file rule
+    if baseline:
+        commit, diff = s.kept_commit, ""
+        problem = s.scope_problem(allow_trainer=False)
+    else:
+        problem = s.scope_problem()
+        if problem is None and not gitrepo.changed_paths(s.repo).get(s.trainer):
+            problem = f"no change to {s.trainer}"
+        diff = gitrepo.diff(s.repo, "HEAD") + _untracked_listing(s)
+    (run_dir / "diff.patch").write_text(diff, encoding="utf-8")
+    if problem:
+        s.console.event(f"[{label}] rejected: {problem}")
+        note = f"rejected: {problem}"
+        if baseline:
+            note = f"{BASELINE} {baseline[0]}/{baseline[1]}; {note}"
+        row = _row(s, commit="", status="rejected", description=description, note=note,
+                   run_no=run_no, trainer_text=text, m=None, wall=None, usage=usage)
+        return finish(row, diff, restore=True)
+    t = time.perf_counter()
+    if not baseline:
+        commit = gitrepo.commit_paths(s.repo, [s.trainer], description)
+    timings["commit"] = time.perf_counter() - t
+
+    # 2. run (compile check first: a syntax error needs no process)
+    t = time.perf_counter()
+    try:
+        compile(text, s.trainer, "exec")
+    except SyntaxError as e:
+        (run_dir / "log.txt").write_text(f"SyntaxError: {e.msg} ({s.trainer}, line {e.lineno})\n", encoding="utf-8")
+        run, status, m, reason = None, "crash", None, f"syntax error on line {e.lineno}: {e.msg}"
+    else:
+        s.console.event(f"[{label}] {description}")
+        run, status, m, reason = _run_once(s, run_dir, label, description)
+    timings["trainer"] = time.perf_counter() - t
+    wall = run.wall_seconds if run else 0.0
+    tail = log_tail(run_dir / "log.txt")
+
+    # 3. guards: locked files, nothing but the trainer's commit in the tree
+    t = time.perf_counter()
+    try:
+        s.verify_locked()
+    except TamperError as e:
+        # restore (tracked locked files come back with the reset), record why, then stop the loop;
+        # record() verifies again, so a change the reset cannot undo stops without a row
+        row = _row(s, commit=commit, status="rejected", description=description,
+                   note=f"rejected: {e}", run_no=run_no, trainer_text=text, m=None, wall=wall, usage=usage)
+        finish(row, diff, tail, stop=str(e))
+        raise
+    problem = s.scope_problem(allow_trainer=False)
+    if problem:
+        status, reason = "rejected", problem
+
+    # 4. decide
+    if status == "ok" and baseline:
+        status, note = "keep", ""
+    elif status == "ok":
+        status, note, borderline = decide(m.val_bpb, s.best, s.noise_floor)
+        if status == "keep" and borderline and s.settings.confirm:
+            status, note, m = _confirm(s, run_dir, label, description, m, note)
+    else:
+        note = f"{status}: {reason}"
+    if baseline:  # baseline rows are recognised by this note prefix, whatever their status
+        note = f"{BASELINE} {baseline[0]}/{baseline[1]}" + (f"; {note}" if note else "")
+    timings["parse"] = time.perf_counter() - t
+
+    row = _row(s, commit=commit, status=status, description=description, note=note, run_no=run_no,
+               trainer_text=text, m=m, wall=wall, usage=usage)
+    out = finish(row, diff, tail, restore=status != "keep")
+    if status == "keep":
+        s.kept_commit = gitrepo.head(s.repo)
+    if baseline:
+        state = replay(s.branch_rows(), s.settings.min_noise)
+        s.best, s.noise_floor = state.best, state.noise_floor
+    _report(s, label, out, m)
+    return out
+
+
+def _confirm(s: Session, run_dir: Path, label: str, description: str, m: Measurement, note: str):
+    """Rerun a borderline win; keep it only if the mean of both runs still wins."""
+    s.console.event(f"[{label}] borderline win ({note}); confirming with a second run")
+    run, status, m2, reason = _run_once(s, run_dir, label + " confirm", description, prefix="confirm_")
+    if status != "ok":
+        return "discard", f"confirm run failed ({reason}); first run {m.val_bpb:.6f}", m
+    first, second = m.val_bpb, m2.val_bpb
+    m.val_bpb = (first + second) / 2
+    status, note2, _ = decide(m.val_bpb, s.best, s.noise_floor)
+    verdict = "confirmed" if status == "keep" else "not confirmed"
+    return status, f"{verdict} by a rerun, mean of {first:.6f} and {second:.6f}: {note2}", m
+
+
+def _untracked_listing(s: Session) -> str:
+    new = [p for p, k in gitrepo.changed_paths(s.repo).items() if k == "U" and p not in s.preexisting]
+    return "".join(f"# untracked file added: {p}\n" for p in new)
+
+
+def _report(s: Session, label: str, out: Outcome, m: Measurement | None) -> None:
+    r = out.row
+    val = f"val_bpb {r.val_bpb:.6f}" if r.status in ("keep", "discard") else r.note
+    extra = f" | {r.note}" if r.status in ("keep", "discard") else ""
+    best = f" | best {s.best:.6f}" if s.best is not None else ""
+    s.console.event(f"[{label}] {r.status.upper()} {val}{extra} | {clock(out.timings.get('total', 0))}{best}")

@@ -1,0 +1,281 @@
+"""results.tsv: one row per experiment, appended atomically, read back tolerantly.
+
+The first five columns are the reference format (`commit val_bpb memory_gb status
+description`); ours follow. A row is written with a single `os.write` of the whole
+line on an O_APPEND descriptor followed by fsync, so a killed loop leaves either the
+full row or none. A torn last line (a crash in the middle of a write, a full disk) is
+ignored when reading and cut off before the next append. Files written by the
+reference (five columns only) are read as well.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+__all__ = [
+    "COLUMNS",
+    "UPSTREAM_COLUMNS",
+    "STATUSES",
+    "Row",
+    "ResultsError",
+    "append_row",
+    "ensure_results_file",
+    "read_results",
+    "sanitize",
+]
+
+UPSTREAM_COLUMNS = ["commit", "val_bpb", "memory_gb", "status", "description"]
+COLUMNS = UPSTREAM_COLUMNS + [
+    "timestamp",
+    "backend",
+    "device",
+    "protocol",
+    "evaluator_hash",
+    "training_seconds",
+    "num_steps",
+    "mfu_percent",
+    "num_params_M",
+    "wall_seconds",
+    "agent_tokens_in",
+    "agent_tokens_out",
+    "agent_cost_usd",
+    "trainer_hash",
+    "holdout_bpb",
+    "hyperparams",
+    "branch",
+    "run",
+    "note",
+]
+# keep/discard/crash are the reference's; rejected = the change touched more than the trainer,
+# invalid = the evaluator found the model non-causal.
+STATUSES = ("keep", "discard", "crash", "rejected", "invalid")
+NO_COMMIT = "-------"  # commit column of a change that was never committed (rejected before commit)
+MAX_DESCRIPTION = 300
+
+
+class ResultsError(Exception):
+    """The results file cannot be written (message is one sentence for the user)."""
+
+
+def sanitize(text: object, limit: int = MAX_DESCRIPTION) -> str:
+    """One line without tabs: whitespace runs collapse to a space, long text is cut with an ellipsis."""
+    s = re.sub(r"\s+", " ", str(text if text is not None else "")).strip()
+    return s if len(s) <= limit else s[: limit - 1].rstrip() + "…"
+
+
+@dataclass
+class Row:
+    """One experiment. Fields missing in a file (older or reference format) are None / empty."""
+
+    commit: str
+    val_bpb: float
+    memory_gb: float
+    status: str
+    description: str
+    timestamp: str = ""
+    backend: str = ""
+    device: str = ""
+    protocol: str = ""
+    evaluator_hash: str = ""
+    training_seconds: float | None = None
+    num_steps: int | None = None
+    mfu_percent: float | None = None
+    num_params_M: float | None = None
+    wall_seconds: float | None = None
+    agent_tokens_in: int | None = None
+    agent_tokens_out: int | None = None
+    agent_cost_usd: float | None = None
+    trainer_hash: str = ""
+    holdout_bpb: float | None = None
+    hyperparams: dict = field(default_factory=dict)
+    branch: str = ""
+    run: int | None = None
+    note: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """True for rows that carry a real measurement (keep or discard)."""
+        return self.status in ("keep", "discard")
+
+    def to_line(self) -> str:
+        """The row as one tab-separated line, newline included."""
+        values = [_format(f.name, getattr(self, f.name)) for f in fields(self)]
+        return "\t".join(values) + "\n"
+
+    @classmethod
+    def from_fields(cls, header: list[str], values: list[str]) -> Row:
+        """Parse one split line under `header` (unknown columns are ignored, missing ones default)."""
+        raw = dict(zip(header, values))
+        kwargs = {}
+        for f in fields(cls):
+            if f.name in raw:
+                kwargs[f.name] = _parse(f.name, raw[f.name])
+        for name in UPSTREAM_COLUMNS:
+            kwargs.setdefault(name, _parse(name, ""))
+        return cls(**kwargs)
+
+
+_FLOAT_FORMATS = {
+    "val_bpb": "{:.6f}",
+    "memory_gb": "{:.1f}",
+    "training_seconds": "{:.1f}",
+    "mfu_percent": "{:.2f}",
+    "num_params_M": "{:.1f}",
+    "wall_seconds": "{:.1f}",
+    "agent_cost_usd": "{:.4f}",
+    "holdout_bpb": "{:.6f}",
+}
+_INT_FIELDS = {"num_steps", "agent_tokens_in", "agent_tokens_out", "run"}
+
+
+def _format(name: str, value: object) -> str:
+    if name == "hyperparams":
+        return json.dumps(value or {}, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    if value is None:
+        return ""
+    if name in _FLOAT_FORMATS:
+        v = float(value)
+        return _FLOAT_FORMATS[name].format(v) if math.isfinite(v) else ""
+    if name in _INT_FIELDS:
+        return str(int(value))
+    return sanitize(value, MAX_DESCRIPTION if name == "description" else 1000)
+
+
+def _parse(name: str, text: str) -> object:
+    text = text.strip()
+    if name == "hyperparams":
+        try:
+            value = json.loads(text) if text else {}
+        except json.JSONDecodeError:
+            return {}
+        return value if isinstance(value, dict) else {}
+    if name in ("val_bpb", "memory_gb"):
+        return _to_float(text, 0.0)
+    if name in _FLOAT_FORMATS:
+        return _to_float(text, None)
+    if name in _INT_FIELDS:
+        try:
+            return int(text) if text else None
+        except ValueError:
+            return None
+    return text
+
+
+def _to_float(text: str, default):
+    try:
+        return float(text) if text else default
+    except ValueError:
+        return default
+
+
+def read_results(path: str | os.PathLike) -> list[Row]:
+    """All complete rows of a results file, oldest first; [] if it does not exist.
+
+    Accepts our format and the reference's five-column one; a torn last line (no
+    trailing newline) and blank or malformed lines are skipped.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return []
+    lines = text.split("\n")
+    lines.pop()  # text after the last newline is either empty or a torn row
+    if not lines:
+        return []
+    header = lines[0].split("\t")
+    if header[:5] != UPSTREAM_COLUMNS:
+        header = COLUMNS  # a file without a header line: assume ours
+        body = lines
+    else:
+        body = lines[1:]
+    rows = []
+    for line in body:
+        if not line.strip():
+            continue
+        values = line.split("\t")
+        if len(values) < len(UPSTREAM_COLUMNS):
+            continue
+        rows.append(Row.from_fields(header, values))
+    return rows
+
+
+def ensure_results_file(path: str | os.PathLike) -> None:
+    """Create the file with our header, upgrade a reference-format header, cut off a torn last line.
+
+    Raises ResultsError when the file cannot be written.
+    """
+    path = Path(path)
+    header = "\t".join(COLUMNS) + "\n"
+    try:
+        if not path.exists():
+            _write_atomically(path, header)
+            return
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            # a row that was never completed: drop it so the next append starts on a fresh line
+            keep = data.rfind(b"\n") + 1
+            with open(path, "r+b") as f:
+                f.truncate(keep)
+                f.flush()
+                os.fsync(f.fileno())
+            data = data[:keep]
+        first, sep, rest = data.partition(b"\n")
+        current = first.decode("utf-8", errors="replace").split("\t")
+        if not data:
+            _write_atomically(path, header)
+        elif current[:5] == UPSTREAM_COLUMNS and current != COLUMNS:
+            # the reference's header (or an older one of ours): widen it, keep every row
+            _write_atomically(path, header + rest.decode("utf-8", errors="replace"))
+        elif current[:5] != UPSTREAM_COLUMNS:
+            raise ResultsError(f"{path} does not look like a results file (its first line is not a header); "
+                               "move it away or pass another --results path.")
+    except OSError as e:
+        raise ResultsError(f"Cannot write {path} ({e.strerror or e}); free disk space or fix its permissions.") from e
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def append_row(path: str | os.PathLike, row: Row) -> None:
+    """Append one row with a single write + fsync; a partial write is cut back and reported.
+
+    Raises ResultsError (one sentence) when the row cannot be stored; earlier rows are untouched.
+    """
+    if row.status not in STATUSES:
+        raise ValueError(f"unknown status {row.status!r}")
+    data = row.to_line().encode("utf-8")
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise ResultsError(f"Cannot open {path} for writing ({e.strerror or e}); the loop stopped, "
+                           "earlier rows are intact.") from e
+    try:
+        start = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            written = os.write(fd, data)
+            if written != len(data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            os.fsync(fd)
+        except OSError as e:
+            try:
+                os.ftruncate(fd, start)
+            except OSError:
+                pass  # the torn tail is ignored on read and cut off on the next start
+            raise ResultsError(f"Cannot append to {path} ({e.strerror or e}); the loop stopped, "
+                               "earlier rows are intact.") from e
+    finally:
+        os.close(fd)

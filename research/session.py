@@ -1,0 +1,324 @@
+"""A repository opened for research: the lock held, host and protocol known, history replayed.
+
+`Session.open()` does the start-up work every command shares (lock, backend detection,
+protocol preparation, locked-file hashes, results file check); `start_branch()` creates
+or resumes `autoresearch/<tag>`; `restore()` puts the tree back to the last kept commit.
+The experiment itself is `research.experiment.run_experiment`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from research import gitrepo
+from research.console import Console
+from research.guards import LOCKED_PATHS, RepoLock, hash_locked, locked_changes, text_hash
+from research.results import Row, append_row, ensure_results_file, read_results
+
+__all__ = ["Settings", "Session", "SessionError", "TamperError", "BASELINE", "default_tag", "replay"]
+
+BASELINE = "baseline"  # description and note prefix of baseline rows
+
+
+class SessionError(RuntimeError):
+    """Something the user must fix before the loop can run (message is one sentence + what to do)."""
+
+
+class TamperError(SessionError):
+    """A locked file changed during the session; the loop stops."""
+
+
+@dataclass
+class Settings:
+    """Knobs of the loop (CLI flags map onto these)."""
+
+    baseline_runs: int = 2  # baseline repeats at the start of a branch (noise floor)
+    min_noise: float = 0.0005  # smallest noise floor, whatever the baseline spread
+    confirm: bool = False  # rerun borderline wins once before keeping them
+    timeout_factor: float = 2.0  # a run is killed past factor x budget + margin
+    timeout_margin: float = 60.0
+    max_fix_attempts: int = 2  # fix attempts an agent gets after its change crashed
+    tick_s: float = 0.5  # status-line refresh
+
+
+def default_tag(today: _dt.date | None = None) -> str:
+    """Branch tag from the date, like `nov23`."""
+    d = today or _dt.date.today()
+    return d.strftime("%b").lower() + str(d.day)
+
+
+@dataclass
+class Replay:
+    best: float | None
+    noise_floor: float | None
+    baselines: list[Row] = field(default_factory=list)
+    kept_commit: str | None = None  # short hash of the last kept non-baseline row
+
+
+def replay(rows: list[Row], min_noise: float) -> Replay:
+    """Best-so-far, noise floor and baselines from one branch's rows (oldest first).
+
+    The best starts at the mean of the baseline runs and moves to each later kept value;
+    the noise floor is the spread (max - min) of the baseline runs, at least `min_noise`.
+    """
+    baselines = [r for r in rows if r.note.startswith(BASELINE)]
+    ok = [r.val_bpb for r in baselines if r.ok]
+    best = statistics.fmean(ok) if ok else None
+    noise = max(max(ok) - min(ok), min_noise) if len(ok) >= 2 else (min_noise if ok else None)
+    kept = None
+    for r in rows:
+        if r.status == "keep" and not r.note.startswith(BASELINE):
+            best, kept = r.val_bpb, r.commit
+    return Replay(best=best, noise_floor=noise, baselines=baselines, kept_commit=kept)
+
+
+class Session:
+    """State shared by the experiments of one loop process. Build with `Session.open`."""
+
+    def __init__(self, repo: Path, host, protocol, evaluator_hash: str, settings: Settings, console: Console):
+        self.repo = Path(repo).resolve()
+        self.host = host
+        self.protocol = protocol
+        self.evaluator_hash = evaluator_hash
+        self.settings = settings
+        self.console = console
+        self.trainer: str = host.trainer
+        self.results_path = self.repo / "results.tsv"
+        self.runs_dir = self.repo / "runs"
+        self.lock = RepoLock(self.repo)
+        self.locked: dict[str, str] = {}
+        self.preexisting: set[str] = set()
+        self.branch: str = ""
+        self.kept_commit: str = ""
+        self.rows: list[Row] = []  # every row in the file
+        self.best: float | None = None
+        self.noise_floor: float | None = None
+        self.owns_tree = False  # set once a branch is adopted: from then on an abort restores the tree
+        self.pending_edit: str | None = None  # an edit to put back on abort (loop.py try)
+
+    # ------------------------------------------------------------------ start-up
+
+    @classmethod
+    def open(cls, repo: Path, *, backend: str | None = None, protocol: str | None = None,
+             settings: Settings | None = None, console: Console | None = None, prepare_missing: bool = True
+             ) -> Session:
+        """Lock the repo, detect the host, make sure the protocol is prepared, check the results file.
+
+        Raises SessionError / LockError with a message for the user.
+        """
+        import backends
+        import prepare
+
+        repo = Path(repo).resolve()
+        console = console or Console()
+        if not gitrepo.is_repo(repo):
+            raise SessionError(f"{repo} is not the top of a git repository with a commit; "
+                               "clone the project or run 'git init && git add -A && git commit'.")
+        lock = RepoLock(repo)
+        lock.acquire()
+        try:
+            try:
+                host = backends.detect(backend)
+            except backends.BackendError as e:
+                raise SessionError(str(e)) from None
+            proto = _protocol(prepare, protocol, prepare_missing, console)
+            s = cls(repo, host, proto, prepare.evaluator_hash(), settings or Settings(), console)
+            s.lock = lock
+            if not (repo / s.trainer).is_file():
+                raise SessionError(f"The trainer for backend '{host.backend}' ({s.trainer}) is missing from {repo}; "
+                                   "restore it with 'git checkout -- " + s.trainer + "'.")
+            ensure_results_file(s.results_path)
+            s.rows = read_results(s.results_path)
+            s.locked = hash_locked(repo)
+            s.preexisting = {p for p, kind in gitrepo.changed_paths(repo).items() if kind == "U"}
+            return s
+        except BaseException:
+            lock.release()
+            raise
+
+    def close(self) -> None:
+        self.lock.release()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start_branch(self, tag: str) -> bool:
+        """Create `autoresearch/<tag>` from HEAD or resume it; returns True when resumed.
+
+        The work tree must be clean apart from files that were untracked before.
+        """
+        name = f"autoresearch/{tag}"
+        dirty = self.dirty_paths()
+        if dirty:
+            raise SessionError(
+                f"The work tree has uncommitted changes ({_names(dirty)}); commit or revert them first, "
+                "or use 'loop.py try \"description\"' to test an edit of the trainer.")
+        resumed = gitrepo.branch_exists(self.repo, name)
+        if gitrepo.current_branch(self.repo) != name:
+            if resumed:
+                gitrepo.git(self.repo, "checkout", "-q", name)
+            else:
+                gitrepo.git(self.repo, "checkout", "-q", "-b", name)
+        self._adopt_branch(name, drop_unrecorded=True)
+        return resumed
+
+    def use_current_branch(self) -> None:
+        """Work on whatever branch is checked out (for `loop.py try`)."""
+        name = gitrepo.current_branch(self.repo)
+        if name is None:
+            raise SessionError("HEAD is detached; check out a branch first (e.g. 'git checkout -b autoresearch/mytag').")
+        if gitrepo.changed_paths(self.repo).get(self.trainer) == "M":
+            self.pending_edit = self.trainer_text()  # never lost, whatever happens next
+        self._adopt_branch(name, drop_unrecorded=False)
+
+    def _adopt_branch(self, name: str, drop_unrecorded: bool) -> None:
+        self.branch = name
+        mine = self.branch_rows()
+        state = replay(mine, self.settings.min_noise)
+        self.best, self.noise_floor = state.best, state.noise_floor
+        head = gitrepo.head(self.repo)
+        kept = state.kept_commit or (state.baselines[0].commit if state.baselines else None)
+        kept_full = gitrepo.git(self.repo, "rev-parse", "--verify", "-q", f"{kept}^{{commit}}", check=False) if kept else ""
+        self.kept_commit = head
+        if drop_unrecorded and kept_full and kept_full != head and self._only_trainer_commits(kept_full, head):
+            # commits after the last kept one that no row records: an experiment cut short
+            self.kept_commit = kept_full
+            gitrepo.git(self.repo, "reset", "-q", "--keep", kept_full)
+            self.console.event(f"resume: dropped unrecorded experiment commits after {kept_full[:7]}")
+        if state.baselines:
+            base = state.baselines[0].commit
+            changed = gitrepo.git(self.repo, "diff", "--name-only", base, "HEAD", "--", *LOCKED_PATHS, check=False)
+            if changed:
+                raise TamperError(
+                    f"Locked files changed since this branch's baseline ({_names(changed.split())}); "
+                    f"revert them (git checkout {base} -- <file>) or start a new branch with --tag.")
+        self.owns_tree = True
+
+    def _only_trainer_commits(self, base: str, head: str) -> bool:
+        if not gitrepo.is_ancestor(self.repo, base, head):
+            return False
+        ok = gitrepo.git(self.repo, "rev-list", "--count", f"{base}..{head}", check=False)
+        if not ok or int(ok) == 0:
+            return False
+        files = gitrepo.git(self.repo, "diff", "--name-only", base, head, check=False).split()
+        return files == [self.trainer]
+
+    # ------------------------------------------------------------------ state
+
+    def branch_rows(self) -> list[Row]:
+        return [r for r in self.rows if r.branch == self.branch]
+
+    def seen_trainer_hashes(self) -> set[str]:
+        """Every trainer version ever run in this repo (any branch, any status)."""
+        return {r.trainer_hash for r in self.rows if r.trainer_hash}
+
+    def baselines_done(self) -> list[Row]:
+        return [r for r in self.branch_rows() if r.note.startswith(BASELINE)]
+
+    @property
+    def budget(self) -> float:
+        return float(self.protocol.time_budget)
+
+    @property
+    def timeout_s(self) -> float:
+        return self.settings.timeout_factor * self.budget + self.settings.timeout_margin
+
+    def dirty_paths(self) -> list[str]:
+        """Changes in the tree that were not there as untracked files when the session opened."""
+        return sorted(p for p in gitrepo.changed_paths(self.repo) if p not in self.preexisting)
+
+    def scope_problem(self, allow_trainer: bool = True) -> str | None:
+        """Why the tree's changes break the one-file rule, or None if they keep to it."""
+        changes = {p: k for p, k in gitrepo.changed_paths(self.repo).items() if p not in self.preexisting}
+        if changes.get(self.trainer) == "D":
+            return f"deleted the trainer {self.trainer}"
+        other = sorted(p for p in changes if p != self.trainer or not allow_trainer)
+        if other:
+            what = "changed files other than " + self.trainer if allow_trainer else "the run changed files"
+            return f"{what}: {_names(other)}"
+        return None
+
+    # ------------------------------------------------------------------ actions
+
+    def restore(self, trainer_text: str | None = None) -> None:
+        """Back to the last kept commit: tracked files reset, files the experiment added removed.
+
+        `trainer_text`, if given, is written back to the trainer afterwards (an edit to keep).
+        """
+        gitrepo.reset_hard(self.repo, self.kept_commit)
+        new = [p for p, k in gitrepo.changed_paths(self.repo).items() if k == "U" and p not in self.preexisting]
+        gitrepo.remove_paths(self.repo, new)
+        if trainer_text is not None:
+            (self.repo / self.trainer).write_text(trainer_text, encoding="utf-8")
+
+    def abort(self) -> None:
+        """After Ctrl-C or an error: restore the tree if the session owns it (keeping a pending edit)."""
+        if self.owns_tree and self.kept_commit:
+            self.restore(self.pending_edit)
+
+    def verify_locked(self) -> None:
+        """Raise TamperError if a locked file differs from its hash at start."""
+        changed = locked_changes(self.repo, self.locked)
+        if changed:
+            raise TamperError(f"Locked files were changed during the run ({_names(changed)}); the loop stopped "
+                              "and restored the tree. Only the trainer may be edited.")
+
+    def record(self, row: Row) -> None:
+        """Verify the locked files, then append the row (atomic) and remember it."""
+        self.verify_locked()
+        append_row(self.results_path, row)
+        self.rows.append(row)
+
+    def new_run_dir(self) -> tuple[int, Path]:
+        """Create runs/<n>/ with the next free number."""
+        self.runs_dir.mkdir(exist_ok=True)
+        existing = [int(p.name) for p in self.runs_dir.iterdir() if p.name.isdigit()]
+        n = max(existing, default=0) + 1
+        while True:
+            try:
+                (self.runs_dir / str(n)).mkdir()
+                return n, self.runs_dir / str(n)
+            except FileExistsError:
+                n += 1
+
+    def trainer_text(self) -> str:
+        return (self.repo / self.trainer).read_text(encoding="utf-8")
+
+    def describe(self) -> str:
+        p = self.protocol
+        budget = f"{p.time_budget:g} s" + (" (override)" if getattr(p, "time_budget_overridden", False) else "")
+        return (f"backend {self.host.backend} ({self.host.device_name}) - {self.host.reason}\n"
+                f"trainer {self.trainer}, protocol {p.name} v{p.version}, budget {budget}, "
+                f"timeout {self.timeout_s:.0f} s, evaluator {self.evaluator_hash}")
+
+
+def _protocol(prepare, name: str | None, prepare_missing: bool, console: Console):
+    """The protocol to run: explicit > env > remembered > tiny; prepared if it is not."""
+    try:
+        p = prepare.get_protocol(name)
+    except prepare.PrepareError:
+        if name or os.environ.get("AUTORESEARCH_PROTOCOL"):
+            raise
+        p = prepare.get_protocol("tiny")  # nothing prepared yet: the offline protocol works everywhere
+    if not prepare.is_prepared(p):
+        if not prepare_missing:
+            raise SessionError(f"Protocol '{p.name}' is not prepared; run: python prepare.py --protocol {p.name}")
+        console.event(f"preparing protocol '{p.name}' (first run only)...")
+        try:
+            prepare.prepare(p)
+        except prepare.PrepareError as e:
+            raise SessionError(str(e)) from None
+    return p
+
+
+def _names(paths, limit: int = 5) -> str:
+    paths = list(paths)
+    shown = ", ".join(paths[:limit])
+    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
