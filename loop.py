@@ -1,0 +1,133 @@
+"""autoresearch loop: an agent edits the trainer, the loop runs, measures, keeps or reverts, logs.
+
+Usage:
+  python loop.py                      # = loop.py run: baseline, then experiments until stopped (Ctrl-C)
+  python loop.py run --agent local --max-experiments 3 --tag demo
+  python loop.py try "raise MATRIX_LR to 0.05"   # one experiment on the trainer as you edited it
+
+The agent is `claude` when ANTHROPIC_API_KEY is set, else the offline `local` proposer.
+Results go to results.tsv (one row per experiment) and runs/<n>/ (log, diff, result JSON).
+Protocol, budget and backend come from AUTORESEARCH_PROTOCOL / AUTORESEARCH_TIME_BUDGET /
+AUTORESEARCH_BACKEND or the flags below. This file is locked: the agent never edits it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+from research.console import Console
+from research.gitrepo import GitError
+from research.guards import LockError
+from research.results import ResultsError
+from research.session import Session, SessionError, Settings, default_tag
+
+REPO = Path(__file__).resolve().parent
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", help="cuda|rocm|mps|mlx|cpu (default: detected, or AUTORESEARCH_BACKEND)")
+    p.add_argument("--protocol", help="protocol name (default: AUTORESEARCH_PROTOCOL, the prepared one, or tiny)")
+    p.add_argument("--baseline-runs", type=int, default=2, help="baseline repeats to measure noise (default 2)")
+    p.add_argument("--min-noise", type=float, default=Settings.min_noise,
+                   help=f"smallest noise floor in val_bpb (default {Settings.min_noise})")
+    p.add_argument("--confirm", action="store_true", help="rerun borderline wins once before keeping them")
+    p.add_argument("--timeout-margin", type=float, default=Settings.timeout_margin,
+                   help="seconds on top of 2x the budget before a run is killed (default 60)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loop.py", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command")
+
+    run = sub.add_parser("run", help="the main job: baseline, then experiments until stopped")
+    _common(run)
+    run.add_argument("--tag", default=None, help="branch autoresearch/<tag> to create or resume (default: date)")
+    run.add_argument("--agent", choices=("claude", "local", "scripted"), default=None,
+                     help="who proposes changes (default: claude if ANTHROPIC_API_KEY is set, else local)")
+    run.add_argument("--model", default=None, help="Claude model (default: AUTORESEARCH_MODEL or a current Sonnet)")
+    run.add_argument("--script", default=None, help="JSON list of steps for --agent scripted")
+    run.add_argument("--max-experiments", type=int, default=None, help="stop after N experiments (default: never)")
+    run.add_argument("--max-fix-attempts", type=int, default=Settings.max_fix_attempts,
+                     help="fix attempts after a crash (default 2)")
+    run.add_argument("--seed", type=int, default=0, help="seed of the local agent (default 0)")
+
+    try_ = sub.add_parser("try", help="one experiment on the trainer as currently edited (uncommitted)")
+    try_.add_argument("description", help="one line: what the change is")
+    _common(try_)
+    return parser
+
+
+def _settings(args) -> Settings:
+    return Settings(baseline_runs=args.baseline_runs, min_noise=args.min_noise, confirm=args.confirm,
+                    timeout_margin=args.timeout_margin,
+                    max_fix_attempts=getattr(args, "max_fix_attempts", Settings.max_fix_attempts))
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["run", *argv]
+    args = build_parser().parse_args(argv)
+    console = Console()
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, _raise_interrupt)
+
+    from research.agents import AgentError, make_agent
+    from research.driver import research, try_change
+    from research.session import TamperError
+
+    session: Session | None = None
+    try:
+        import prepare
+
+        try:
+            session = Session.open(REPO, backend=args.backend, protocol=args.protocol, settings=_settings(args),
+                                   console=console)
+        except prepare.PrepareError as e:
+            raise SessionError(str(e)) from None
+        console.event(session.describe())
+        if args.command == "try":
+            session.use_current_branch()
+            out = try_change(session, args.description)
+            return 0 if out.status in ("keep", "discard") else 1
+        kind = args.agent or ("claude" if os.environ.get("ANTHROPIC_API_KEY") else "local")
+        agent = make_agent(kind, repo=session.repo, trainer=session.trainer, seed=args.seed, model=args.model,
+                           script=args.script, console=console)
+        tag = args.tag or default_tag()
+        resumed = session.start_branch(tag)
+        model = f", model {agent.model}" if hasattr(agent, "model") else ""
+        console.event(f"{'resuming' if resumed else 'created'} branch {session.branch} at "
+                      f"{session.kept_commit[:7]}; agent {agent.name}{model}")
+        n = research(session, agent, args.max_experiments)
+        console.event(f"done: {n} experiment(s); best val_bpb {session.best:.6f}" if session.best is not None
+                      else f"done: {n} experiment(s)")
+        return 0
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
+        if session is not None:
+            session.abort()
+        console.event("interrupted: the trainer was stopped and the tree restored; rows already logged are kept. "
+                      "Run the same command again to resume.")
+        return 130
+    except (SessionError, TamperError, LockError, AgentError, ResultsError, GitError) as e:
+        if session is not None:
+            session.abort()
+        console.event("")
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        if session is not None:
+            session.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

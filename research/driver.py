@@ -1,0 +1,102 @@
+"""The research loop itself: baseline, then propose -> run -> keep/revert -> log, with fix attempts
+after a crash; and `try_change`, one experiment on an edit someone else made."""
+
+from __future__ import annotations
+
+from research.agents import Agent, AgentContext, CrashInfo
+from research.experiment import Outcome, run_baseline, run_experiment
+from research.session import Session, SessionError
+
+__all__ = ["agent_context", "ensure_baseline", "research", "try_change"]
+
+MAX_IDLE_PROPOSALS = 3  # the loop stops after this many proposals in a row without a change
+
+
+def agent_context(s: Session, crash: CrashInfo | None = None) -> AgentContext:
+    """What an agent gets to see for its next proposal."""
+    return AgentContext(
+        repo=s.repo,
+        trainer=s.trainer,
+        host=s.host,
+        protocol=s.protocol,
+        history=s.branch_rows(),
+        best=s.best,
+        noise_floor=s.noise_floor,
+        seen_hashes=s.seen_trainer_hashes(),
+        crash=crash,
+    )
+
+
+def ensure_baseline(s: Session) -> None:
+    """Run the baseline runs this branch is missing (only before its first experiment)."""
+    rows = s.branch_rows()
+    done = [r for r in s.baselines_done() if r.ok]
+    if len(rows) > len(s.baselines_done()) and done:
+        return  # experiments already started from this baseline
+    total = max(1, s.settings.baseline_runs)
+    for k in range(len(done) + 1, total + 1):
+        out = run_baseline(s, k, total)
+        if out.status != "keep":
+            raise SessionError(f"The baseline run failed ({out.row.note}); see {out.run_dir / 'log.txt'} "
+                               "and fix the trainer (or the setup) before starting.")
+    if s.best is not None:
+        vals = ", ".join(f"{r.val_bpb:.6f}" for r in s.baselines_done() if r.ok)
+        s.console.event(f"baseline {s.best:.6f} (runs {vals}); noise floor {s.noise_floor:.6f}: "
+                        "a change must beat the best by more than this to be kept")
+
+
+def research(s: Session, agent: Agent, max_experiments: int | None = None) -> int:
+    """Baseline if needed, then experiments until `max_experiments` (None: forever). Returns how many ran."""
+    ensure_baseline(s)
+    n, idle = 0, 0
+    limit = (lambda: n < max_experiments) if max_experiments is not None else (lambda: True)
+    while limit():
+        proposal = agent.propose(agent_context(s))
+        if proposal is None:
+            s.restore()
+            idle += 1
+            if idle >= MAX_IDLE_PROPOSALS:
+                s.console.event(f"the {agent.name} agent has nothing more to propose; stopping")
+                break
+            continue
+        idle = 0
+        out = run_experiment(s, proposal.description, proposal.usage)
+        n += 1
+        attempt = 0
+        while out.status == "crash" and agent.can_fix and attempt < s.settings.max_fix_attempts and limit():
+            attempt += 1
+            s.restore(out.trainer_text)  # the crashed version, uncommitted, for the agent to fix
+            crash = CrashInfo(out.row.description, out.row.note, out.log_tail, out.diff, attempt,
+                              s.settings.max_fix_attempts)
+            s.console.event(f"asking the {agent.name} agent to fix the crash (attempt {attempt} of "
+                            f"{s.settings.max_fix_attempts})")
+            fix = agent.propose(agent_context(s, crash))
+            if fix is None:
+                s.restore()
+                break
+            out = run_experiment(s, fix.description, fix.usage)
+            n += 1
+    return n
+
+
+def try_change(s: Session, description: str) -> Outcome:
+    """One experiment on the trainer as currently edited (uncommitted) on the current branch.
+
+    Runs the branch's baseline first if it has none (the edit is set aside meanwhile and put back,
+    also on Ctrl-C). On a crash the edit stays in the work tree, uncommitted, so it can be fixed.
+    """
+    if not s.dirty_paths():
+        raise SessionError(f"Nothing to try: {s.trainer} has no uncommitted change; edit it first.")
+    if s.scope_problem() is None and not s.baselines_done():
+        s.pending_edit = s.trainer_text()
+        s.restore()
+        s.console.event("this branch has no baseline yet: running it first (your edit is set aside)")
+        ensure_baseline(s)
+        s.restore(s.pending_edit)
+    s.pending_edit = s.trainer_text() if s.scope_problem() is None else None
+    out = run_experiment(s, description, keep_edit=True)
+    s.pending_edit = None
+    if out.status in ("crash", "invalid"):
+        s.console.event(f"the change is left uncommitted in {s.trainer} so you can fix it and try again; "
+                        f"'git checkout -- {s.trainer}' drops it")
+    return out
