@@ -1,0 +1,324 @@
+"""Tests for research/report.py: progress report, cross-hardware compare, config transfer.
+
+Run: .venv/bin/python -m pytest tests/test_report.py -q
+The results files are written here with the loop's own row writer; the transfer end-to-end test
+trains on the tiny protocol for a few seconds in a temporary git repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import struct
+
+import pytest
+
+from research import report
+from research.results import COLUMNS, UPSTREAM_COLUMNS, Row, read_results
+
+HP_H100 = {"DEPTH": 8, "MATRIX_LR": 0.04, "DEVICE_BATCH_SIZE": 128, "TOTAL_BATCH_SIZE": 2**19,
+           "ADAM_BETAS": [0.8, 0.95], "WINDOW_PATTERN": "SSSL"}
+HP_MAC = {**HP_H100, "DEPTH": 4, "DEVICE_BATCH_SIZE": 16, "TOTAL_BATCH_SIZE": 2**16}
+
+
+def row(val, status="discard", desc="change", **kw) -> Row:
+    base = dict(commit="abc1234", val_bpb=val, memory_gb=44.0 if val else 0.0, status=status, description=desc,
+                backend="cuda", device="NVIDIA H100", protocol="standard", evaluator_hash="e1e1e1e1e1e1",
+                num_steps=950, mfu_percent=39.8, num_params_M=50.3, training_seconds=300.0, wall_seconds=330.0,
+                agent_cost_usd=0.05, agent_tokens_in=1000, agent_tokens_out=100, hyperparams=HP_H100)
+    base.update(kw)
+    return Row(**base)
+
+
+def write(path, rows, header=COLUMNS):
+    path.write_text("\t".join(header) + "\n" + "".join(r.to_line() for r in rows), encoding="utf-8")
+    return path
+
+
+def png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def assert_sane_png(path):
+    w, h = png_size(path)
+    assert 600 <= w <= 4000 and 400 <= h <= 3000, (w, h)
+    assert path.stat().st_size > 10_000  # something was drawn
+
+
+def history(n=40, hp=HP_H100, start=0.998, **kw) -> list[Row]:
+    """A loop's history as it logs it: two baseline runs, then every 4th experiment a keep, every 9th a crash."""
+    extra = {k: v for k, v in kw.items() if k != "hyperparams"}
+    rows = [row(start + 0.0004, "keep", "baseline", note="baseline 1/2", holdout_bpb=start + 0.01, **kw),
+            row(start - 0.0004, "keep", "baseline (repeat 2/2)", note="baseline 2/2", holdout_bpb=start + 0.01, **kw)]
+    best = start
+    for i in range(2, n):
+        if i % 9 == 0:
+            rows.append(row(0.0, "crash", f"idea {i} (OOM)", **kw))
+        elif i % 4 == 0:
+            best -= 0.002
+            rows.append(row(best, "keep", f"idea {i}", holdout_bpb=best + 0.011, hyperparams=hp, **extra))
+        else:
+            rows.append(row(best + 0.001 * (i % 5 + 1), "discard", f"idea {i}", **kw))
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------
+
+
+def test_report_reads_the_upstream_five_column_file(tmp_path, capsys):
+    results = tmp_path / "results.tsv"
+    results.write_text("\t".join(UPSTREAM_COLUMNS) + "\n"
+                       "a1b2c3d\t0.997900\t44.0\tkeep\tbaseline\n"
+                       "b2c3d4e\t0.993200\t44.2\tkeep\tincrease LR to 0.04\n"
+                       "c3d4e5f\t1.005000\t44.0\tdiscard\tswitch to GeLU activation\n"
+                       "d4e5f6g\t0.000000\t0.0\tcrash\tdouble model width (OOM)\n", encoding="utf-8")
+    out = tmp_path / "reports"
+    assert report.cmd_report([results], out) == 0
+    printed = capsys.readouterr().out.split()
+    assert printed == [str(out / "report.md"), str(out / "report.png")]
+    md = (out / "report.md").read_text()
+    assert "protocol unknown" in md and "device unknown" in md
+    assert "| baseline val_bpb | 0.997900" in md
+    assert "| best val_bpb | **0.993200**" in md
+    assert "-0.004700 (-0.47%)" in md
+    assert "4 (2 keep, 1 crash, 1 discard)" in md
+    assert "| 2 | b2c3d4e | increase LR to 0.04 | 0.993200 |" in md
+    assert "agent cost | unknown" in md and "wall time (sum of experiments) | unknown" in md
+    assert "No holdout_bpb recorded" in md
+    assert_sane_png(out / "report.png")
+
+
+@pytest.mark.parametrize("content", ["", "\t".join(COLUMNS) + "\n", "\t".join(UPSTREAM_COLUMNS) + "\n"])
+def test_report_on_an_empty_file_says_so_and_writes_nothing(tmp_path, capsys, content):
+    results = tmp_path / "results.tsv"
+    results.write_text(content, encoding="utf-8")
+    assert report.cmd_report([results], tmp_path / "reports") == 1
+    err = capsys.readouterr().err
+    assert "No experiments in" in err and err.count("\n") == 1
+    assert not (tmp_path / "reports").exists()
+
+
+def test_report_on_a_missing_file_is_one_sentence(tmp_path, capsys):
+    assert report.cmd_report([tmp_path / "nope.tsv"], tmp_path / "reports") == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_report_with_crashes_holdout_and_totals(tmp_path):
+    rows = history(40)
+    results = write(tmp_path / "results.tsv", rows)
+    md_path, png = report.write_report(results, tmp_path / "out")
+    md = md_path.read_text()
+    kept = [r for r in rows if r.status == "keep" and r.note == ""]
+    assert "# Research progress: protocol standard · cuda · NVIDIA H100" in md
+    # the baseline is the mean of the baseline runs, as the loop's running best starts there
+    assert "| baseline val_bpb | 0.998000 (2 runs: #1, #2; spread 0.000800) |" in md
+    assert f"| best val_bpb | **{kept[-1].val_bpb:.6f}** (#{rows.index(kept[-1]) + 1}, abc1234) |" in md
+    assert f"| gain | {kept[-1].val_bpb - 0.998:+.6f} ({100 * (kept[-1].val_bpb - 0.998) / 0.998:+.2f}%) |" in md
+    assert f"40 ({sum(r.status == 'discard' for r in rows)} discard, {len(kept) + 2} keep, 4 crash)" in md
+    assert "| wall time (sum of experiments) | 3 h 40 min |" in md  # 40 x 330 s
+    assert "| agent cost | $2.00 (40,000 tokens in, 4,000 out) |" in md
+    # every kept change in order, its gain over the best before it, holdout beside val
+    assert "| # | commit | change | val_bpb | vs previous best | vs baseline | holdout_bpb | holdout vs baseline |" in md
+    assert "| 5 | abc1234 | idea 4 | 0.996000 | -0.002000 (-0.20%) | -0.002000 (-0.20%) | 1.007000 |" in md
+    positions = [md.index(f"| {r.description} | {r.val_bpb:.6f} |") for r in kept]
+    assert positions == sorted(positions)
+    assert "The holdout split never takes part in a decision" in md
+    assert "## Best config" in md and "| DEPTH | 8 |" in md
+    assert_sane_png(png)
+
+
+def test_report_keeps_to_one_branch_and_protocol(tmp_path):
+    old = history(10, branch="autoresearch/mar1")
+    other = [row(1.5, "keep", "baseline", note="baseline 1/1", protocol="tiny", branch="autoresearch/mar2")]
+    new = history(12, start=0.990, branch="autoresearch/mar3")
+    results = write(tmp_path / "results.tsv", old + other + new)
+    md = report.write_report(results, tmp_path / "out")[0].read_text()
+    assert "Branch `autoresearch/mar3`." in md and "| experiments | 12 (" in md
+    assert "11 rows of other branches or protocols" in md and "autoresearch/mar2 / tiny" in md
+    md = report.write_report(results, tmp_path / "out", branch="autoresearch/mar1")[0].read_text()
+    assert "| baseline val_bpb | 0.998000" in md and "| experiments | 10 (" in md
+    with pytest.raises(report.ReportError, match="no rows of branch nope"):
+        report.write_report(results, tmp_path / "out", branch="nope")
+
+
+def test_report_of_only_crashes(tmp_path):
+    results = write(tmp_path / "results.tsv", [row(0.0, "crash", "baseline"), row(0.0, "crash", "fix")])
+    md_path, png = report.write_report(results, tmp_path / "out")
+    md = md_path.read_text()
+    assert "none yet" in md and "2 (2 crash)" in md
+    assert_sane_png(png)
+
+
+def test_report_shows_whether_a_transfer_carried(tmp_path):
+    rows = history(12)
+    best = min(r.val_bpb for r in rows if r.status == "keep")
+    rows.append(row(best - 0.004, "transfer", "transfer from H100: DEPTH=8", device="Apple M3"))
+    rows.append(row(best + 0.01, "transfer", "transfer from 4090: MATRIX_LR=0.06"))
+    md = report.write_report(write(tmp_path / "results.tsv", rows), tmp_path / "out")[0].read_text()
+    assert "## Transfers" in md
+    assert "| 13 | transfer from H100: DEPTH=8 |" in md and "yes, better than the host's best" in md
+    assert "no, worse than the host's best" in md
+
+
+def test_report_of_several_files_names_them_apart(tmp_path, capsys):
+    (tmp_path / "h100").mkdir()
+    (tmp_path / "mac").mkdir()
+    a = write(tmp_path / "h100" / "results.tsv", history(8))
+    b = write(tmp_path / "mac" / "results.tsv", history(8))
+    assert report.cmd_report([a, b], tmp_path / "out") == 0
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["report-h100.md", "report-h100.png", "report-mac.md", "report-mac.png"]
+
+
+def test_many_experiments_keep_the_plot_readable(tmp_path):
+    results = write(tmp_path / "results.tsv", history(160))  # 35 kept: more than the label cap
+    md_path, png = report.write_report(results, tmp_path / "out")
+    assert md_path.read_text().count("| idea ") >= 35  # the Markdown lists every kept change
+    assert_sane_png(png)
+
+
+# ---------------------------------------------------------------------------
+# compare
+# ---------------------------------------------------------------------------
+
+
+def mac_rows(**kw):
+    return history(20, hp=HP_MAC, start=1.25, backend="mlx", device="Apple M3 Max", hyperparams=HP_MAC,
+                   mfu_percent=None, num_steps=300, **kw)
+
+
+def test_compare_two_machines(tmp_path, capsys):
+    a = write(tmp_path / "h100.tsv", history(30))
+    b = write(tmp_path / "mac.tsv", mac_rows())
+    out = tmp_path / "reports"
+    assert report.cmd_compare([a, b], out) == 0
+    assert capsys.readouterr().out.split() == [str(out / "compare.md"), str(out / "compare.png")]
+    md = (out / "compare.md").read_text()
+    best_a = min(r.val_bpb for r in read_results(a) if r.status == "keep")
+    best_b = min(r.val_bpb for r in read_results(b) if r.status == "keep")
+    assert "| | NVIDIA H100 (cuda) | Apple M3 Max (mlx) |" in md
+    assert "protocol standard, evaluator e1e1e1e1e1e1" in md
+    assert f"| best val_bpb | **{best_a:.6f}** | {best_b:.6f} |" in md
+    assert "| steps | 950 | 300 |" in md
+    assert "| tokens (M) | 498.1 | 19.7 |" in md  # steps x TOTAL_BATCH_SIZE
+    assert "| MFU % | 39.80 | n/a |" in md
+    assert "| memory (GB) | 44.0 | 44.0 |" in md
+    # differing hyperparameters in bold, equal ones plain
+    assert "| **DEPTH** | **8** | **4** |" in md
+    assert "| **DEVICE_BATCH_SIZE** | **128** | **16** |" in md
+    assert "| **TOTAL_BATCH_SIZE** | **524288** | **65536** |" in md
+    assert "| MATRIX_LR | 0.04 | 0.04 |" in md and "| ADAM_BETAS | [0.8, 0.95] | [0.8, 0.95] |" in md
+    assert "3 of 6 hyperparameters differ" in md
+    assert_sane_png(out / "compare.png")
+
+
+def test_compare_refuses_different_protocols(tmp_path, capsys):
+    a = write(tmp_path / "h100.tsv", history(10))
+    b = write(tmp_path / "mac.tsv", [r for r in mac_rows() if setattr(r, "protocol", "tiny") is None])
+    assert report.cmd_compare([a, b], tmp_path / "reports") == 1
+    err = capsys.readouterr().err
+    assert "different protocols" in err and "standard" in err and "tiny" in err
+    assert not (tmp_path / "reports").exists()
+
+
+def test_compare_refuses_different_evaluators(tmp_path, capsys):
+    a = write(tmp_path / "h100.tsv", history(10))
+    b = write(tmp_path / "mac.tsv", mac_rows(evaluator_hash="0123456789ab"))
+    assert report.cmd_compare([a, b], tmp_path / "reports") == 1
+    err = capsys.readouterr().err
+    assert "different evaluator versions" in err and "0123456789ab" in err
+    assert not (tmp_path / "reports").exists()
+
+
+def test_compare_refuses_files_without_protocol_and_a_single_input(tmp_path, capsys):
+    a = write(tmp_path / "h100.tsv", history(10))
+    up = tmp_path / "upstream.tsv"
+    up.write_text("\t".join(UPSTREAM_COLUMNS) + "\na1b2c3d\t0.997900\t44.0\tkeep\tbaseline\n")
+    assert report.cmd_compare([a, up], tmp_path / "reports") == 1
+    assert "does not record its protocol" in capsys.readouterr().err
+    assert report.cmd_compare([a], tmp_path / "reports") == 1
+    assert "at least two" in capsys.readouterr().err
+
+
+def test_compare_reads_run_folders(tmp_path):
+    """A machine's runs/ folder (result.json per run, as the evaluator writes it) stands in for its results."""
+    import json
+
+    a = write(tmp_path / "h100.tsv", history(10))
+    runs = tmp_path / "mac" / "runs"
+    for n, val in enumerate([1.30, 1.28, 0.0, 1.29], start=1):
+        (runs / str(n)).mkdir(parents=True)
+        ev = {"val_bpb": val, "valid": True, "protocol": "standard", "evaluator_hash": "e1e1e1e1e1e1"}
+        sm = {"val_bpb": val, "num_steps": 200, "total_tokens_M": 13.1, "peak_vram_mb": 8192.0, "backend": "mlx",
+              "device": "Apple M2", "mfu_percent": None, "hyperparams": HP_MAC}
+        (runs / str(n) / "result.json").write_text(json.dumps({"eval": ev, "summary": sm} if val else {}))
+    md_path, png = report.write_compare([a, runs], tmp_path / "out")
+    md = md_path.read_text()
+    assert "Apple M2 (mlx)" in md and "| tokens (M) | " in md and "| 13.1 |" in md
+    assert "| memory (GB) | 44.0 | 8.0 |" in md
+    assert "1.280000" in md
+    assert_sane_png(png)
+
+
+def test_subcommands_register_and_run(tmp_path):
+    parser = argparse.ArgumentParser()
+    report.add_subparsers(parser.add_subparsers(dest="command", required=True))
+    results = write(tmp_path / "results.tsv", history(6))
+    args = parser.parse_args(["report", str(results), "--out-dir", str(tmp_path / "o")])
+    assert args.func(args) == 0 and (tmp_path / "o" / "report.png").exists()
+    args = parser.parse_args(["transfer", "--from", str(results), "--keep", "DEPTH", "--dry-run"])
+    assert args.from_path == str(results) and args.keep == ["DEPTH"] and args.dry_run
+
+
+# ---------------------------------------------------------------------------
+# transfer
+# ---------------------------------------------------------------------------
+
+TRAINER = '''import os
+_METAL = os.environ.get("METAL") == "1"
+# --- hyperparameters ---
+DEPTH = 4 if _METAL else 2
+ASPECT_RATIO = 64
+TOTAL_BATCH_SIZE = 2**16 if _METAL else 2**11
+DEVICE_BATCH_SIZE = 16 if _METAL else 8
+MATRIX_LR = 0.04
+ADAM_BETAS = (0.8, 0.95)
+WINDOW_PATTERN = "SSSL"
+# --- end hyperparameters ---
+'''
+
+
+def test_plan_and_apply_transfer(tmp_path):
+    theirs = {**HP_H100, "MATRIX_LR": 0.05, "ADAM_BETAS": [0.9, 0.95], "SOFTCAP": 20}
+    results = write(tmp_path / "h100.tsv", [row(0.99, "keep", "baseline"), row(0.97, "keep", "lr", hyperparams=theirs),
+                                            row(0.96, "discard", "not kept", hyperparams={"DEPTH": 99})])
+    host = {"_METAL": False}
+    plan = report.plan_transfer(results, TRAINER, host)
+    assert plan.row.val_bpb == 0.97
+    assert plan.changes == {"DEPTH": 8, "MATRIX_LR": 0.05, "TOTAL_BATCH_SIZE": 2**19, "ADAM_BETAS": [0.9, 0.95]}
+    assert plan.kept == {"DEVICE_BATCH_SIZE": (8, 128)}
+    assert plan.same == ["WINDOW_PATTERN"]
+    assert plan.missing == ["SOFTCAP"] and plan.not_recorded == ["ASPECT_RATIO"]
+    text = "\n".join(plan.lines())
+    assert "applied: DEPTH=8, TOTAL_BATCH_SIZE=524288, MATRIX_LR=0.05, ADAM_BETAS=[0.9, 0.95]\n" in text and "SOFTCAP" in text and "DEVICE_BATCH_SIZE=8" in text
+    new = report.apply_transfer(plan, TRAINER, host)
+    # the branch in effect on this host is edited, the other hardware's baseline stays
+    assert "DEPTH = 4 if _METAL else 8\n" in new
+    assert "TOTAL_BATCH_SIZE = 2**16 if _METAL else 2**19\n" in new
+    assert "DEVICE_BATCH_SIZE = 16 if _METAL else 8\n" in new
+    assert "MATRIX_LR = 0.05\n" in new and "ADAM_BETAS = (0.9, 0.95)\n" in new
+    assert new.count("\n") == TRAINER.count("\n")
+    # everything taken when nothing is kept
+    plan = report.plan_transfer(results, TRAINER, host, keep=())
+    assert plan.changes["DEVICE_BATCH_SIZE"] == 128 and not plan.kept
+
+
+def test_transfer_needs_recorded_hyperparameters(tmp_path):
+    up = tmp_path / "upstream.tsv"
+    up.write_text("\t".join(UPSTREAM_COLUMNS) + "\na1b2c3d\t0.997900\t44.0\tkeep\tbaseline\n")
+    with pytest.raises(report.ReportError, match="no hyperparameters"):
+        report.plan_transfer(up, TRAINER, {})
