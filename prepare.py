@@ -661,23 +661,24 @@ def _ensure_tiny_data(p: Protocol) -> bool:
 class Tokenizer:
     """Byte-level BPE served by tiktoken; ids 0..V-5 are merges, the last 4 are reserved, the first of them BOS."""
 
-    def __init__(self, enc: tiktoken.Encoding) -> None:
+    def __init__(self, enc: tiktoken.Encoding, fingerprint: str = "") -> None:
         self.enc = enc
         self.bos_token_id: int = enc.encode_single_token(BOS_TOKEN)
         self.vocab_size: int = enc.n_vocab
+        self.fingerprint = fingerprint  # names the token cache made with this tokenizer
 
     @classmethod
     def load(cls, p: Protocol) -> Tokenizer:
         """Load the protocol's trained tokenizer (prepare.py must have run)."""
         path = _tokenizer_dir(p) / "tokenizer.pkl"
         try:
-            with open(path, "rb") as f:
-                saved = pickle.load(f)
+            raw = path.read_bytes()
+            saved = pickle.loads(raw)
         except FileNotFoundError:
             raise PrepareError(f"Protocol '{p.name}' has no tokenizer yet; run: python prepare.py --protocol {p.name}") from None
         except (pickle.UnpicklingError, EOFError, OSError) as e:
             raise _corrupt(path, p, type(e).__name__) from None
-        return cls(_encoding(p, saved["pattern"], saved["mergeable_ranks"]))
+        return cls(_encoding(p, saved["pattern"], saved["mergeable_ranks"]), hashlib.sha256(raw).hexdigest()[:12])
 
     def encode(self, text: str | list[str], prepend_bos: bool = False, num_threads: int = 8) -> list[int] | list[list[int]]:
         """Token ids of a string, or of each string of a list (encoded in parallel threads)."""
@@ -773,10 +774,6 @@ def _check_round_trip(p: Protocol, enc: tiktoken.Encoding, lengths: np.ndarray) 
             )
 
 
-def _tokenizer_fingerprint(p: Protocol) -> str:
-    return hashlib.sha256((_tokenizer_dir(p) / "tokenizer.pkl").read_bytes()).hexdigest()[:12]
-
-
 def _ensure_tokenizer(p: Protocol) -> bool:
     tok_dir = _tokenizer_dir(p)
     if (tok_dir / "tokenizer.pkl").exists() and (tok_dir / "token_bytes.npy").exists():
@@ -811,8 +808,8 @@ def _tokenize_texts(tok: Tokenizer, texts: list[str], num_threads: int = 8) -> t
     return tokens, offsets
 
 
-def _token_cache_paths(p: Protocol, shard: Path) -> tuple[Path, Path, Path]:
-    base = protocol_dir(p) / "tokens" / _tokenizer_fingerprint(p) / shard.stem
+def _token_cache_paths(shard: Path, fingerprint: str) -> tuple[Path, Path, Path]:
+    base = shard.parent.parent / "tokens" / fingerprint / shard.stem  # <protocol dir>/tokens/<tokenizer>/
     return base.with_suffix(".tokens.npy"), base.with_suffix(".offsets.npy"), base.with_suffix(".meta.json")
 
 
@@ -821,9 +818,9 @@ def _shard_stat(shard: Path) -> dict[str, int]:
     return {"parquet_bytes": st.st_size, "parquet_mtime_ns": st.st_mtime_ns}
 
 
-def _load_token_cache(p: Protocol, shard: Path) -> tuple[np.ndarray, np.ndarray] | None:
+def _load_token_cache(p: Protocol, shard: Path, fingerprint: str) -> tuple[np.ndarray, np.ndarray] | None:
     """The shard's pre-tokenized (tokens, offsets), or None when missing or stale (the parquet changed)."""
-    tokens_path, offsets_path, meta_path = _token_cache_paths(p, shard)
+    tokens_path, offsets_path, meta_path = _token_cache_paths(shard, fingerprint)
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError):
@@ -848,7 +845,7 @@ def _pretokenize_shard(p: Protocol, tok: Tokenizer, shard: Path) -> None:
     tokens = np.concatenate([t for t, _ in parts]) if parts else np.zeros(0, _token_dtype(tok.vocab_size))
     shifts = np.cumsum([0] + [len(t) for t, _ in parts])
     offsets = np.concatenate([[0]] + [o[1:] + s for (_, o), s in zip(parts, shifts)]).astype(np.int64)
-    tokens_path, offsets_path, meta_path = _token_cache_paths(p, shard)
+    tokens_path, offsets_path, meta_path = _token_cache_paths(shard, tok.fingerprint)
     _atomic_save_npy(tokens_path, tokens)
     _atomic_save_npy(offsets_path, offsets)
     meta = {**_shard_stat(shard), "docs": len(offsets) - 1, "tokens": len(tokens)}
@@ -859,10 +856,10 @@ def _ensure_pretokenized(p: Protocol) -> bool:
     from tqdm import tqdm
 
     shards = split_shards(p, "val") + split_shards(p, "holdout") + split_shards(p, "train")
-    todo = [s for s in shards if _load_token_cache(p, s) is None]
+    tok = Tokenizer.load(p)
+    todo = [s for s in shards if _load_token_cache(p, s, tok.fingerprint) is None]
     if not todo:
         return False
-    tok = Tokenizer.load(p)
     for shard in tqdm(todo, desc=f"{p.name}: tokenizing shards", unit="shard", disable=len(todo) < 8):
         _pretokenize_shard(p, tok, shard)
     return True
@@ -922,7 +919,7 @@ def prepare(p: Protocol, num_shards: int | None = None, download_workers: int | 
         "train_shards": len(train),
         "val_shard": shard_name(p.val_shard),
         "holdout_shard": shard_name(p.holdout_shard),
-        "tokenizer": _tokenizer_fingerprint(p),
+        "tokenizer": Tokenizer.load(p).fingerprint,
     }
     if did or not is_prepared(p):
         _atomic_write_bytes(_manifest_path(p), json.dumps(manifest, indent=2).encode())
@@ -944,7 +941,7 @@ Block = tuple[np.ndarray, np.ndarray, int]  # (tokens, offsets, epoch): document
 
 def _shard_blocks(p: Protocol, tok: Tokenizer, shard: Path, order: np.ndarray | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """A shard's documents in groups of REFILL_DOCS, from the token cache or, failing that, tokenized now."""
-    cached = _load_token_cache(p, shard)
+    cached = _load_token_cache(p, shard, tok.fingerprint)
     if cached is None:
         yield from _prefetch(_tokenized_blocks(p, tok, shard, order))
         return
@@ -1000,7 +997,7 @@ def _doc_blocks(p: Protocol, tok: Tokenizer, shards: list[Path], shuffle_seed: i
         for i in rng.permutation(len(shards)) if rng is not None else range(len(shards)):
             order = None
             if rng is not None:
-                cached = _load_token_cache(p, shards[i])
+                cached = _load_token_cache(p, shards[i], tok.fingerprint)
                 n_docs = len(cached[1]) - 1 if cached else check_parquet(shards[i], p)
                 order = rng.permutation(n_docs)
             for tokens, offsets in _shard_blocks(p, tok, shards[i], order):
