@@ -68,6 +68,7 @@ DOWNLOAD_RETRIES = 5
 DOWNLOAD_BACKOFF_S = 1.0  # waits 1, 2, 4, 8 s between attempts
 DOWNLOAD_TIMEOUT_S = 60.0
 DEFAULT_DOWNLOAD_WORKERS = 8
+PRETOKENIZE_TRAIN_SHARDS = 32  # hub protocols: training shards tokenized ahead; later ones on the fly
 
 
 # ---------------------------------------------------------------------------
@@ -310,8 +311,10 @@ def check_parquet(path: Path, p: Protocol, deep: bool = False) -> int:
     try:
         meta = pq.read_metadata(path)
         names = meta.schema.to_arrow_schema().names
-        if deep:
-            pq.read_table(path, columns=["text"] if "text" in names else None)
+        if deep and "text" in names:
+            with pq.ParquetFile(path) as pf:  # one row group at a time: bounded memory
+                for i in range(pf.num_row_groups):
+                    pf.read_row_group(i, columns=["text"])
     except (pa.ArrowException, OSError) as e:
         raise _corrupt(path, p, type(e).__name__) from None
     if "text" not in names:
@@ -350,6 +353,9 @@ class _Unreachable(Exception):
     """Internal: the server could not be contacted at all (no HTTP answer)."""
 
 
+_STOP_DOWNLOADS = threading.Event()  # set on Ctrl-C: running downloads stop after their current chunk
+
+
 def _fetch(url: str, tmp: Path, timeout_s: float, on_bytes: Callable[[int], None]) -> None:
     """Fetch `url` into `tmp`, resuming from tmp's current size when the server honours Range."""
     have = tmp.stat().st_size if tmp.exists() else 0
@@ -370,6 +376,8 @@ def _fetch(url: str, tmp: Path, timeout_s: float, on_bytes: Callable[[int], None
             total = int(resp.headers.get("Content-Length") or -1)
         with open(tmp, mode) as f:
             while chunk := resp.read(1 << 20):
+                if _STOP_DOWNLOADS.is_set():
+                    raise KeyboardInterrupt  # the partial .tmp stays, to be resumed next time
                 f.write(chunk)
                 on_bytes(len(chunk))
     size = tmp.stat().st_size
@@ -451,13 +459,17 @@ def download_files(p: Protocol, jobs: list[tuple[str, Path]], workers: int, **kw
         with lock:
             bar.update(n)
 
-    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(jobs)))) as pool:
+    _STOP_DOWNLOADS.clear()
+    pool = ThreadPoolExecutor(max_workers=max(1, min(workers, len(jobs))))
+    try:
         futures = [pool.submit(download_file, url, dest, p, on_bytes=on_bytes, **kwargs) for url, dest in jobs]
-        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-        for f in pending:
-            f.cancel()
-        wait(futures)
-    bar.close()
+        wait(futures, return_when=FIRST_EXCEPTION)
+    except KeyboardInterrupt:
+        _STOP_DOWNLOADS.set()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
     for f in futures:
         if not f.cancelled() and f.exception() is not None:
             raise f.exception()
@@ -485,8 +497,11 @@ def _ensure_hub_shards(p: Protocol, num_shards: int | None, workers: int) -> boo
 def _built_shards_intact(p: Protocol, marker: Path) -> bool:
     """True when the locally built shards listed in `marker` all exist (each quick-checked)."""
     try:
-        names = json.loads(marker.read_text())["shards"]
-    except (OSError, ValueError, KeyError):
+        built = json.loads(marker.read_text())
+        names = built["shards"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if built.get("version") != p.version:
         return False
     if not all((marker.parent / name).exists() for name in names):
         return False
@@ -511,7 +526,7 @@ def _ensure_hub_file(p: Protocol, workers: int) -> bool:
     marker.unlink(missing_ok=True)
     print(f"{p.name}: re-sharding {', '.join(p.hub_files)} into {data}")
     _reshard(p, [raw / name for name in p.hub_files], data)
-    _atomic_write_bytes(marker, json.dumps({"from": list(p.hub_files), "shards": _local_shards(data)}).encode())
+    _atomic_write_bytes(marker, json.dumps({"version": p.version, "from": list(p.hub_files), "shards": _local_shards(data)}).encode())
     return True
 
 
@@ -648,7 +663,7 @@ def _ensure_tiny_data(p: Protocol) -> bool:
     shard_ids = (i for i in itertools.count() if i not in (p.val_shard, p.holdout_shard))
     for start in range(0, len(train), p.rows_per_shard):
         _write_parquet(data / shard_name(next(shard_ids)), [train[i] for i in order[start : start + p.rows_per_shard]])
-    _atomic_write_bytes(marker, json.dumps({"plays": len(plays), "shards": _local_shards(data)}).encode())
+    _atomic_write_bytes(marker, json.dumps({"version": p.version, "plays": len(plays), "shards": _local_shards(data)}).encode())
     print(f"{p.name}: built {len(plays)} plays into {len(train):,} training pieces in {time.perf_counter() - t0:.1f}s")
     return True
 
@@ -777,7 +792,11 @@ def _check_round_trip(p: Protocol, enc: tiktoken.Encoding, lengths: np.ndarray) 
 def _ensure_tokenizer(p: Protocol) -> bool:
     tok_dir = _tokenizer_dir(p)
     if (tok_dir / "tokenizer.pkl").exists() and (tok_dir / "token_bytes.npy").exists():
-        return False
+        try:
+            if Tokenizer.load(p).vocab_size == p.vocab_size and len(load_token_bytes(p)) == p.vocab_size:
+                return False
+        except PrepareError:
+            pass  # unreadable, or made for another vocabulary: train it again
     if not split_shards(p, "train"):
         raise PrepareError(f"Protocol '{p.name}' has no training shards to train a tokenizer on; rerun: python prepare.py --protocol {p.name}")
     print(f"{p.name}: training the tokenizer on up to {TOKENIZER_MAX_CHARS:,} characters")
@@ -800,11 +819,8 @@ def _tokenize_texts(tok: Tokenizer, texts: list[str], num_threads: int = 8) -> t
     lengths = np.fromiter((len(ids) + 1 for ids in batch), dtype=np.int64, count=len(batch))
     offsets = np.zeros(len(batch) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    tokens = np.empty(int(offsets[-1]), dtype=_token_dtype(tok.vocab_size))
-    body = np.ones(len(tokens), dtype=bool)
-    body[offsets[:-1]] = False
-    tokens[~body] = tok.bos_token_id
-    tokens[body] = np.fromiter(itertools.chain.from_iterable(batch), dtype=tokens.dtype, count=int(body.sum()))
+    flat = itertools.chain.from_iterable(itertools.chain((tok.bos_token_id,), ids) for ids in batch)
+    tokens = np.fromiter(flat, dtype=_token_dtype(tok.vocab_size), count=int(offsets[-1]))
     return tokens, offsets
 
 
@@ -855,7 +871,10 @@ def _pretokenize_shard(p: Protocol, tok: Tokenizer, shard: Path) -> None:
 def _ensure_pretokenized(p: Protocol) -> bool:
     from tqdm import tqdm
 
-    shards = split_shards(p, "val") + split_shards(p, "holdout") + split_shards(p, "train")
+    train = split_shards(p, "train")
+    if p.source.startswith("hub"):
+        train = train[:PRETOKENIZE_TRAIN_SHARDS]  # a 5-minute run reads only the first few shards
+    shards = split_shards(p, "val") + split_shards(p, "holdout") + train
     tok = Tokenizer.load(p)
     todo = [s for s in shards if _load_token_cache(p, s, tok.fingerprint) is None]
     if not todo:
@@ -958,11 +977,12 @@ def _shard_blocks(p: Protocol, tok: Tokenizer, shard: Path, order: np.ndarray | 
 
 
 def _tokenized_blocks(p: Protocol, tok: Tokenizer, shard: Path, order: np.ndarray | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    texts_iter: Iterable[list[str]] = _read_texts(shard, p)
+    """A shard's documents in groups of REFILL_DOCS, tokenized here (a row group, or 1024 documents, at a time)."""
+    groups: Iterable[list[str]] = _read_texts(shard, p)
     if order is not None:
-        texts = list(itertools.chain.from_iterable(texts_iter))
-        texts_iter = [[texts[i] for i in order]]
-    for texts in texts_iter:
+        everything = list(itertools.chain.from_iterable(groups))
+        groups = ([everything[i] for i in order[k : k + 1024]] for k in range(0, len(order), 1024))
+    for texts in groups:
         tokens, offsets = _tokenize_texts(tok, texts)
         for start in range(0, len(texts), REFILL_DOCS):
             stop = min(start + REFILL_DOCS, len(texts))
@@ -973,26 +993,40 @@ def _tokenized_blocks(p: Protocol, tok: Tokenizer, shard: Path, order: np.ndarra
 def _prefetch(items: Iterator[Any], depth: int = 64) -> Iterator[Any]:
     """Run an iterator in a background thread (tokenization releases the GIL), re-raising its errors here."""
     q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
+    done, stop = object(), threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
 
     def work() -> None:
         try:
             for item in items:
-                q.put(item)
-            q.put(done)
+                if not put(item):
+                    return
+            put(done)
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            q.put(e)
+            put(e)
 
     threading.Thread(target=work, daemon=True).start()
-    while (item := q.get()) is not done:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()  # the consumer is gone: let the worker end
 
 
 def _doc_blocks(p: Protocol, tok: Tokenizer, shards: list[Path], shuffle_seed: int | None) -> Iterator[Block]:
     """Endless document blocks over `shards`, epoch after epoch; shuffled per epoch when a seed is given."""
     for epoch in itertools.count(1):
+        produced = False
         rng = np.random.default_rng([shuffle_seed, epoch]) if shuffle_seed is not None else None
         for i in rng.permutation(len(shards)) if rng is not None else range(len(shards)):
             order = None
@@ -1001,7 +1035,11 @@ def _doc_blocks(p: Protocol, tok: Tokenizer, shards: list[Path], shuffle_seed: i
                 n_docs = len(cached[1]) - 1 if cached else check_parquet(shards[i], p)
                 order = rng.permutation(n_docs)
             for tokens, offsets in _shard_blocks(p, tok, shards[i], order):
+                produced = True
                 yield tokens, offsets, epoch
+        if not produced:
+            raise PrepareError(f"{', '.join(s.name for s in shards)} in {shards[0].parent} hold no documents; "
+                               f"delete them and rerun: python prepare.py --protocol {p.name}")
 
 
 class BestFitPacker:

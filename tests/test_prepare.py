@@ -256,10 +256,11 @@ def test_validation_rows_are_distinct_and_cover_the_text(tiny_cache):
 
 def test_loader_tokenizes_on_the_fly_without_the_cache(tiny_cache, tmp_path, monkeypatch):
     p = prepare.get_protocol()
-    expected = [next(prepare.make_dataloader(p, 8, None, split))[0] for split in ("val", "train")]
+    cases = [("val", 0), ("train", 0), ("train", 5)]
+    expected = [next(prepare.make_dataloader(p, 8, None, split, seed=seed))[0] for split, seed in cases]
     shutil.copytree(tiny_cache / "tiny", tmp_path / "tiny", ignore=shutil.ignore_patterns("tokens"))
     monkeypatch.setenv("AUTORESEARCH_CACHE", str(tmp_path))
-    got = [next(prepare.make_dataloader(p, 8, None, split))[0] for split in ("val", "train")]
+    got = [next(prepare.make_dataloader(p, 8, None, split, seed=seed))[0] for split, seed in cases]
     assert all((a == b).all() for a, b in zip(expected, got))
 
 
