@@ -146,11 +146,12 @@ def load_source(path: str | Path, branch: str | None = None) -> Source:
 
 
 def _run_dirs(path: Path) -> list[Path]:
-    if (path / "result.json").is_file():
+    if (path / "result.json").is_file() or (path / "meta.json").is_file():
         return [path]
     for base in (path, path / "runs"):
         if base.is_dir():
-            dirs = [d for d in base.iterdir() if d.is_dir() and d.name.isdigit() and (d / "result.json").is_file()]
+            dirs = [d for d in base.iterdir() if d.is_dir() and d.name.isdigit()
+                    and ((d / "result.json").is_file() or (d / "meta.json").is_file())]
             if dirs:
                 return sorted(dirs, key=lambda d: int(d.name))
     return []
@@ -280,7 +281,8 @@ def _measured(row: Row) -> bool:
 
 
 def _is_baseline(row: Row) -> bool:
-    return row.note.startswith("baseline") or row.description.startswith("baseline")
+    # the loop notes its baseline runs; the reference's files (no note) call the first one "baseline"
+    return row.note.startswith("baseline") if row.note else row.description.lower().startswith("baseline")
 
 
 def summarize(source: Source) -> Summary:
@@ -400,10 +402,9 @@ def progress_markdown(source: Source, summary: Summary, png_name: str | None = N
     lines.append("")
     if png_name:
         lines += [f"![progress]({png_name})", ""]
-    lines.append(f"Source: `{source.path}` · evaluator `{source.evaluator_hash or UNKNOWN}`")
     branch = _common(r.branch for r in source.rows)
-    if branch:
-        lines.append(f"Branch `{branch}`.")
+    lines.append(f"Source: `{source.path}`" + (f" · branch `{branch}`" if branch else "") +
+                 f" · evaluator `{source.evaluator_hash or UNKNOWN}`")
     if source.left_out:
         other = sorted({f"{r.branch or 'no branch'} / {r.protocol or UNKNOWN}" for r in source.left_out})
         lines.append(f"{_plural(len(source.left_out), 'row')} of other branches or protocols ({', '.join(other)}) "
@@ -528,7 +529,7 @@ def _y_limits(source: Source, summary: Summary) -> tuple[float, float]:
     span = max(base - best, 0.02 * best, 1e-4)
     typical = sorted(values)[int(0.9 * (len(values) - 1))]
     # far-off failures would flatten the curve: they go on the top edge as triangles
-    top = max(min(max(values), max(base + 0.5 * span, typical)), base)
+    top = max(min(max(values), max(base + 0.25 * span, typical)), base)
     lo = min(values)
     height = top - lo or span
     return lo - 0.05 * height, top + 0.06 * height
@@ -613,7 +614,7 @@ def plot_progress(source: Source, summary: Summary, out_png: Path) -> Path:
     ax.set_title(f"{title}\n{subtitle}", fontsize=12)
     ax.set_ylabel(f"val_bpb (lower is better), protocol {source.protocol or UNKNOWN}")
     ax.grid(True, alpha=0.25)
-    legend = ax.legend(handles, labels, loc="upper right", fontsize=9, framealpha=0.9)
+    legend = ax.legend(handles, labels, loc="best", fontsize=9, framealpha=0.9)
     fig.subplots_adjust(left=0.07, right=0.98, top=0.9, bottom=0.09)
     _label_points(fig, ax, summary, [legend], hi)
     out_png.parent.mkdir(parents=True, exist_ok=True)
@@ -632,8 +633,9 @@ def _label_points(fig, ax, summary: Summary, artists: list, top: float) -> None:
         steps = {i: (summary.running_best[i - 2] or r.val_bpb) - r.val_bpb for i, r in kept}
         chosen = set(sorted(steps, key=steps.get, reverse=True)[:MAX_PLOT_LABELS])
         kept = [(i, r) for i, r in kept if i in chosen]
-    points = [(i, r, "#14532d", "#2e9d4a") for i, r in kept]
-    points += [(i, r, "#0b2e5c", "#1f6fd1") for i, r in summary.transfers if 0 < r.val_bpb <= top]
+    points = [(i, r.val_bpb, _short(r.description, 34), "#14532d", "#2e9d4a") for i, r in kept]
+    points += [(i, r.val_bpb, _short(r.description.split(":")[0], 40), "#0b2e5c", "#1f6fd1")
+               for i, r in summary.transfers if 0 < r.val_bpb <= top]  # where it came from
 
     renderer = fig.canvas.get_renderer()
     frame = ax.get_window_extent(renderer)
@@ -642,10 +644,10 @@ def _label_points(fig, ax, summary: Summary, artists: list, top: float) -> None:
         x, y = ax.transData.transform((_, r.val_bpb))
         placed.append(_Box(x - 5, y - 5, x + 5, y + 5))
     offsets = [(dx, dy) for dy in (10, -14, 24, -28, 38, -42, 52, -56, 66, -70) for dx in (8, -8)]
-    for i, r, color, line in sorted(points, key=lambda p: p[0]):
+    for i, y, label, color, line in sorted(points, key=lambda p: p[0]):
         best_text, best_cost, best_box = None, None, None
         for dx, dy in offsets:
-            text = ax.annotate(_short(r.description, 34), (i, r.val_bpb), xytext=(dx, dy),
+            text = ax.annotate(label, (i, y), xytext=(dx, dy),
                                textcoords="offset points", fontsize=7.5, color=color,
                                ha="left" if dx > 0 else "right", va="center",
                                arrowprops=dict(arrowstyle="-", color=line, lw=0.5, alpha=0.7),
@@ -796,7 +798,7 @@ def compare_markdown(sources: list[Source], png_name: str | None = None) -> str:
     lines.append(row("change", [r.description for r in bests]))
     names = sorted({k for r in bests for k in r.hyperparams})
     if names:
-        lines.append(row("_hyperparameters_", [""] * len(bests)).replace(UNKNOWN, ""))
+        lines.append("| _hyperparameters_ |" + " |" * len(bests))
     differing = []
     for name in names:
         values = [_value(r.hyperparams[name]) if name in r.hyperparams else "—" for r in bests]

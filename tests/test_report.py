@@ -8,7 +8,11 @@ trains on the tiny protocol for a few seconds in a temporary git repository.
 from __future__ import annotations
 
 import argparse
+import inspect
+import shutil
 import struct
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -137,7 +141,7 @@ def test_report_keeps_to_one_branch_and_protocol(tmp_path):
     new = history(12, start=0.990, branch="autoresearch/mar3")
     results = write(tmp_path / "results.tsv", old + other + new)
     md = report.write_report(results, tmp_path / "out")[0].read_text()
-    assert "Branch `autoresearch/mar3`." in md and "| experiments | 12 (" in md
+    assert "· branch `autoresearch/mar3` ·" in md and "| experiments | 12 (" in md
     assert "11 rows of other branches or protocols" in md and "autoresearch/mar2 / tiny" in md
     md = report.write_report(results, tmp_path / "out", branch="autoresearch/mar1")[0].read_text()
     assert "| baseline val_bpb | 0.998000" in md and "| experiments | 10 (" in md
@@ -322,3 +326,66 @@ def test_transfer_needs_recorded_hyperparameters(tmp_path):
     up.write_text("\t".join(UPSTREAM_COLUMNS) + "\na1b2c3d\t0.997900\t44.0\tkeep\tbaseline\n")
     with pytest.raises(report.ReportError, match="no hyperparameters"):
         report.plan_transfer(up, TRAINER, {})
+
+
+PROJECT_FILES = ("prepare.py", "backends", "model", "research", "loop.py", "train_cuda.py", "train_mlx.py",
+                 ".gitignore")
+
+
+def make_repo(dest, branch="autoresearch/test"):
+    """A git repository holding a copy of this project, on `branch`, one commit."""
+    src = Path(report.__file__).resolve().parents[1]
+    dest.mkdir()
+    for name in PROJECT_FILES:
+        path = src / name
+        if path.is_dir():
+            shutil.copytree(path, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(path, dest / name)
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+           "PATH": "/usr/bin:/bin"}
+    for args in (["init", "-q", "-b", branch], ["add", "-A"], ["commit", "-q", "-m", "project"]):
+        subprocess.run(["git", "-C", str(dest), *args], check=True, env=env, capture_output=True)
+    head = subprocess.run(["git", "-C", str(dest), "rev-parse", "HEAD"], check=True, capture_output=True, text=True)
+    return dest, head.stdout.strip()
+
+
+@pytest.mark.slow
+def test_transfer_runs_the_other_machines_config_here(tmp_path, tiny_cache, monkeypatch, capsys):
+    """Another machine's best config goes into this host's trainer (the CPU lines of its block), runs once
+    under the tiny protocol, is logged as `transfer`, and the tree is back at the kept commit."""
+    import prepare
+    from research import experiment
+    from research.session import Settings
+
+    if "record_as" not in inspect.signature(experiment.run_experiment).parameters:
+        pytest.skip("research.experiment.run_experiment has no record_as parameter to log a transfer with")
+    monkeypatch.setenv("AUTORESEARCH_TIME_BUDGET", "2")
+    repo, head = make_repo(tmp_path / "repo")
+    # this host already has its baseline on the branch
+    base = row(3.2, "keep", "baseline", note="baseline 1/1", commit=head[:7], branch="autoresearch/test",
+               protocol="tiny", evaluator_hash=prepare.evaluator_hash(), backend="cpu", device="cpu",
+               hyperparams={"DEPTH": 2, "MATRIX_LR": 0.04, "DEVICE_BATCH_SIZE": 8})
+    write(repo / "results.tsv", [base])
+    theirs = {"DEPTH": 1, "WINDOW_PATTERN": "L", "TOTAL_BATCH_SIZE": 2048, "DEVICE_BATCH_SIZE": 4, "MATRIX_LR": 0.05,
+              "ADAM_BETAS": [0.8, 0.95], "NOT_A_KNOB_HERE": 3}
+    other = write(tmp_path / "mac.tsv", [row(2.9, "keep", "baseline", note="baseline 1/1", protocol="tiny",
+                                             device="Apple M3", backend="mlx", hyperparams=HP_MAC),
+                                         row(2.8, "keep", "smaller and sharper", protocol="tiny", device="Apple M3",
+                                             backend="mlx", hyperparams=theirs)])
+    code = report.cmd_transfer(other, repo=repo, backend="cpu", protocol="tiny", settings=Settings(baseline_runs=1))
+    out = capsys.readouterr()
+    assert code == 0, out.out + out.err
+    assert "applied: DEPTH=1, WINDOW_PATTERN=L, MATRIX_LR=0.05\n" in out.out
+    assert "kept from this host (per-hardware size): DEVICE_BATCH_SIZE=8 (theirs: 4)" in out.out
+    assert "skipped, not hyperparameters of this trainer: NOT_A_KNOB_HERE" in out.out
+    rows = read_results(repo / "results.tsv")
+    assert [r.status for r in rows] == ["keep", "transfer"]
+    t = rows[-1]
+    assert t.val_bpb > 0 and t.description.startswith("transfer from Apple M3 (mlx)")
+    # the values ran: DEPTH on this host's own line of the block, the batch size kept
+    assert (t.hyperparams["DEPTH"], t.hyperparams["MATRIX_LR"], t.hyperparams["DEVICE_BATCH_SIZE"]) == (1, 0.05, 8)
+    git = lambda *a: subprocess.run(["git", "-C", str(repo), *a], capture_output=True, text=True).stdout.strip()
+    assert git("status", "--porcelain") == "" and git("rev-parse", "HEAD") == head
+    md = report.write_report(repo / "results.tsv", tmp_path / "out")[0].read_text()
+    assert "## Transfers" in md and "| 2 | transfer from Apple M3 (mlx)" in md
