@@ -564,3 +564,22 @@ def test_summary_block_format_and_parse(result_json, capsys):
     out = capsys.readouterr().out
     assert "mfu_percent:      n/a" in out and prepare.parse_summary(out)["mfu_percent"] is None
     assert prepare.parse_summary("no summary here\n---\n") == {}
+
+
+def test_backend_adapters_give_the_same_bpb(tiny_cache, monkeypatch):
+    """The one evaluator with the real PyTorch and MLX adapters: same model, same number."""
+    torch = pytest.importorskip("torch", reason="PyTorch not installed")
+    mx = pytest.importorskip("mlx.core", reason="MLX not installed")
+    import backends
+    from backends import mlx_rt, torch_rt
+
+    monkeypatch.setenv("AUTORESEARCH_BACKEND", "cpu")
+    p = prepare.get_protocol()
+    table = np.random.default_rng(0).normal(0, 0.5, (p.vocab_size, p.vocab_size)).astype(np.float32)  # a bigram model
+    info = backends.detect("cpu")
+    t_table, m_table = torch.from_numpy(table), mx.array(table)
+    via_torch = prepare.evaluate_bpb(lambda x: t_table[x.long()], torch_rt.eval_adapter(info), 32, p, "holdout")
+    via_mlx = prepare.evaluate_bpb(lambda x: m_table[x], mlx_rt.eval_adapter(info), 32, p, "holdout")
+    via_numpy = prepare.evaluate_bpb(lambda x: table[x], NumpyAdapter(), 32, p, "holdout")
+    assert via_torch["val_bpb"] == pytest.approx(via_numpy["val_bpb"], rel=1e-6)
+    assert via_mlx["val_bpb"] == pytest.approx(via_numpy["val_bpb"], rel=1e-6)
