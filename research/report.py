@@ -140,7 +140,8 @@ def load_source(path: str | Path, branch: str | None = None) -> Source:
         rows = [r for r in (_row_from_run(d) for d in run_dirs) if r is not None]
         source = Source(path, rows, run_dirs[0].parent)
     else:
-        raise ReportError(f"{path} does not exist; pass a results.tsv written by the loop.")
+        raise ReportError(f"{path} does not exist; run the loop first (python loop.py) or pass the results "
+                          "file to read.")
     _keep_one_run(source, branch)
     return source
 
@@ -1090,7 +1091,7 @@ def cmd_transfer(from_path: str | Path, *, repo: str | Path | None = None, backe
     except (ReportError, SessionError, LockError, ResultsError, GitError, prepare.PrepareError) as e:
         if session is not None:
             session.abort()
-        print(e, file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
         if session is not None:
@@ -1122,7 +1123,7 @@ def cmd_report(paths: list[str | Path] | None = None, out_dir: str | Path = DEFA
         try:
             md, png = write_report(path, out_dir, name, branch)
         except ReportError as e:
-            print(e, file=sys.stderr)
+            print(f"error: {e}", file=sys.stderr)
             continue
         print(md)
         print(png)
@@ -1136,7 +1137,7 @@ def cmd_compare(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT_DIR) 
     try:
         md, png = write_compare(list(paths), out_dir)
     except ReportError as e:
-        print(e, file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 1
     print(md)
     print(png)
@@ -1168,7 +1169,8 @@ def add_subparsers(subparsers: argparse._SubParsersAction, parents: list[argpars
     p.add_argument("--from", dest="from_path", required=True, metavar="RESULTS",
                    help="the other machine's results.tsv (or its runs/ folder)")
     p.add_argument("--keep", action="append", default=[], metavar="NAME",
-                   help=f"keep this host's value of NAME (repeatable; {', '.join(HOST_SPECIFIC)} always kept)")
+                   help=f"keep this host's value of NAME (repeatable; {', '.join(HOST_SPECIFIC)} is kept "
+                        "unless --apply-all)")
     p.add_argument("--apply-all", action="store_true", help=f"take every value, {', '.join(HOST_SPECIFIC)} too")
     p.add_argument("--dry-run", action="store_true", help="print what would change; change and run nothing")
     if not parents:
