@@ -54,6 +54,7 @@ MEASURED = ("keep", "discard", "transfer")  # statuses whose val_bpb is a real m
 # A transfer keeps the host's values for these unless told otherwise.
 HOST_SPECIFIC = ("DEVICE_BATCH_SIZE",)
 MAX_PLOT_LABELS = 30
+TRANSFER = "transfer from "  # how a transfer run's description starts (a crashed one is logged as crash)
 
 
 class ReportError(Exception):
@@ -322,7 +323,7 @@ def summarize(source: Source) -> Summary:
         kept=kept,
         best=top,
         best_bpb=best_bpb,
-        transfers=[(i, r) for i, r in indexed if r.status == "transfer"],
+        transfers=[(i, r) for i, r in indexed if r.status == "transfer" or r.description.startswith(TRANSFER)],
         running_best=running,
         wall_seconds=_total(r.wall_seconds for r in rows),
         cost_usd=_total(r.agent_cost_usd for r in rows),
@@ -495,15 +496,19 @@ def _mean(values) -> float | None:
 def _transfer_table(s: Summary) -> list[str]:
     lines = ["## Transfers", "",
              "| # | change | val_bpb | host's best before it | carried? |", "|---|---|---|---|---|"]
+    noise = s.noise or 0.0  # the baseline runs' spread: a smaller difference says nothing
     for i, r in s.transfers:
         before = s.running_best[i - 2] if i >= 2 else None
-        if not r.val_bpb:
-            verdict = f"no: {r.status}" if r.status != "transfer" else "no measurement"
+        if r.status != "transfer" or not r.val_bpb:
+            verdict = f"no: {r.status}"
         elif before is None:
             verdict = UNKNOWN
+        elif r.val_bpb < before - noise:
+            verdict = f"yes: {r.val_bpb - before:+.6f}, better than the host's best"
+        elif r.val_bpb < before + noise:
+            verdict = f"as good: {r.val_bpb - before:+.6f}, within the baseline noise ±{noise:.6f}"
         else:
-            verdict = ("yes, better than the host's best" if r.val_bpb < before else
-                       "no, worse than the host's best")
+            verdict = f"no: {r.val_bpb - before:+.6f}, worse than the host's best"
         lines.append(f"| {i} | {_cell(r.description)} | {_bpb(r.val_bpb)} | {_bpb(before)} | {verdict} |")
     lines.append("")
     return lines
@@ -1047,7 +1052,7 @@ def run_transfer(session, from_path: str | Path, *, keep: list[str] | None = Non
     best = session.best
     (session.repo / session.trainer).write_text(new_text, encoding="utf-8")
     changed = ", ".join(f"{k}={_value(v)}" for k, v in plan.changes.items())
-    description = _short(f"transfer from {plan.source.label} {plan.row.commit}: {changed}", 300)
+    description = _short(f"{TRANSFER}{plan.source.label} {plan.row.commit}: {changed}", 300)
     row = experiment.run_experiment(session, description, record_as="transfer").row
     if row.status != "transfer":
         print(f"transfer run ended as {row.status}: {row.note}")
@@ -1056,9 +1061,11 @@ def run_transfer(session, from_path: str | Path, *, keep: list[str] | None = Non
            if k in row.hyperparams and not _same_value(v, row.hyperparams[k])]
     if off:
         print("  warning: the trainer did not use these transferred values: " + ", ".join(off))
-    verdict = ("no baseline on this branch to compare with" if best is None else
-               f"better than this host's best {best:.6f}: it carried" if row.val_bpb < best else
-               f"not better than this host's best {best:.6f}: it did not carry")
+    if best is None:
+        verdict = "no baseline on this branch to compare with"
+    else:  # the loop's own rule: a win must beat the best by more than the noise floor
+        would, note, _ = experiment.decide(row.val_bpb, best, session.noise_floor)
+        verdict = f"{'it carried' if would == 'keep' else 'it did not carry'} ({note})"
     print(f"transfer val_bpb {row.val_bpb:.6f} (theirs {plan.row.val_bpb:.6f} on {plan.source.label}); {verdict}.")
     print(f"logged as run {row.run} with status transfer; the trainer is back at the last kept commit.")
     return 0

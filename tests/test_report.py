@@ -162,10 +162,14 @@ def test_report_shows_whether_a_transfer_carried(tmp_path):
     best = min(r.val_bpb for r in rows if r.status == "keep")
     rows.append(row(best - 0.004, "transfer", "transfer from H100: DEPTH=8", device="Apple M3"))
     rows.append(row(best + 0.01, "transfer", "transfer from 4090: MATRIX_LR=0.06"))
+    rows.append(row(best + 0.0003, "transfer", "transfer from A100: WINDOW_PATTERN=L"))
+    rows.append(row(0.0, "crash", "transfer from 4090: DEPTH=24"))  # a transfer that crashed is logged as crash
     md = report.write_report(write(tmp_path / "results.tsv", rows), tmp_path / "out")[0].read_text()
     assert "## Transfers" in md
-    assert "| 13 | transfer from H100: DEPTH=8 |" in md and "yes, better than the host's best" in md
-    assert "no, worse than the host's best" in md
+    assert f"| 13 | transfer from H100: DEPTH=8 | {best - 0.004:.6f} | {best:.6f} | yes: -0.004000, better" in md
+    assert f"| {best + 0.01:.6f} | {best:.6f} | no: +0.010000, worse than the host's best |" in md
+    assert "as good: +0.000300, within the baseline noise ±0.000800" in md  # the baseline runs' spread
+    assert "| 16 | transfer from 4090: DEPTH=24 | unknown | " in md and "| no: crash |" in md
 
 
 def test_report_of_several_files_names_them_apart(tmp_path, capsys):
