@@ -28,23 +28,38 @@ from research.session import Session, SessionError, Settings, default_tag
 REPO = Path(__file__).resolve().parent
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common() -> argparse.ArgumentParser:
+    """Options shared by the commands that run experiments."""
+    p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--backend", help="cuda|rocm|mps|mlx|cpu (default: detected, or AUTORESEARCH_BACKEND)")
     p.add_argument("--protocol", help="protocol name (default: AUTORESEARCH_PROTOCOL, the prepared one, or tiny)")
-    p.add_argument("--baseline-runs", type=int, default=2, help="baseline repeats to measure noise (default 2)")
+    p.add_argument("--baseline-runs", type=int, default=Settings.baseline_runs,
+                   help="baseline repeats to measure noise (default 2)")
     p.add_argument("--min-noise", type=float, default=Settings.min_noise,
                    help=f"smallest noise floor in val_bpb (default {Settings.min_noise})")
     p.add_argument("--confirm", action="store_true", help="rerun borderline wins once before keeping them")
     p.add_argument("--timeout-margin", type=float, default=Settings.timeout_margin,
                    help="seconds on top of 2x the budget before a run is killed (default 60)")
+    return p
+
+
+def _report_module():
+    """research.report (report, compare, transfer commands) when this checkout has it."""
+    try:
+        from research import report
+    except ModuleNotFoundError as e:
+        if e.name != "research.report":
+            raise
+        return None
+    return report
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loop.py", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command")
+    common = _common()
 
-    run = sub.add_parser("run", help="the main job: baseline, then experiments until stopped")
-    _common(run)
+    run = sub.add_parser("run", parents=[common], help="the main job: baseline, then experiments until stopped")
     run.add_argument("--tag", default=None, help="branch autoresearch/<tag> to create or resume (default: date)")
     run.add_argument("--agent", choices=("claude", "local", "scripted"), default=None,
                      help="who proposes changes (default: claude if ANTHROPIC_API_KEY is set, else local)")
@@ -55,9 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fix attempts after a crash (default 2)")
     run.add_argument("--seed", type=int, default=0, help="seed of the local agent (default 0)")
 
-    try_ = sub.add_parser("try", help="one experiment on the trainer as currently edited (uncommitted)")
+    try_ = sub.add_parser("try", parents=[common],
+                          help="one experiment on the trainer as currently edited (uncommitted)")
     try_.add_argument("description", help="one line: what the change is")
-    _common(try_)
+
+    report = _report_module()
+    if report is not None:
+        report.add_subparsers(sub, parents=[common])
     return parser
 
 
@@ -76,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["run", *argv]
     args = build_parser().parse_args(argv)
+    if getattr(args, "func", None) is not None:  # report / compare / transfer
+        return args.func(args)
     console = Console()
     signal.signal(signal.SIGTERM, _raise_interrupt)
     if hasattr(signal, "SIGHUP"):

@@ -499,7 +499,7 @@ class ClaudeAgent(Agent):
         if rows:
             lines.append("\nExperiments on this branch (oldest first; commit, val_bpb, memory GB, status, description):")
             lines += [f"{r.commit}\t{r.val_bpb:.6f}\t{r.memory_gb:.1f}\t{r.status}\t{r.description}"
-                      + (f"  [{r.note}]" if r.status not in ("keep", "discard") and r.note else "") for r in rows]
+                      + (f"  [{r.note}]" if not r.ok and r.note else "") for r in rows]
             if len(ctx.history) > len(rows):
                 lines.insert(2, f"({len(ctx.history) - len(rows)} older rows omitted)")
         c = ctx.crash

@@ -20,7 +20,7 @@ from research import gitrepo
 from research.console import clock
 from research.guards import child_env, text_hash
 from research.hparams import HyperparamError, static_values
-from research.results import NO_COMMIT, Row, sanitize
+from research.results import MEASURED, NO_COMMIT, Row, sanitize
 from research.runner import run_trainer
 from research.session import BASELINE, Session, TamperError, replay
 
@@ -171,7 +171,7 @@ def _row(s: Session, *, commit: str, status: str, description: str, note: str, r
             hp = static_values(trainer_text)
         except HyperparamError:
             hp = {}
-    measured = m is not None and status in ("keep", "discard")
+    measured = m is not None and status in MEASURED
     return Row(
         commit=commit[:7] if commit else NO_COMMIT,
         val_bpb=m.val_bpb if measured else 0.0,
@@ -246,12 +246,14 @@ def run_baseline(s: Session, index: int, total: int) -> Outcome:
 
 def run_experiment(s: Session, description: str, usage: Usage | None = None, *,
                    baseline: tuple[int, int] | None = None, keep_edit: bool = False,
-                   label: str | None = None) -> Outcome:
+                   record_as: str | None = None, label: str | None = None) -> Outcome:
     """Check, commit, run and record the trainer as it is in the work tree.
 
     - baseline=(k, n): run the last kept commit as it is (no change expected), status keep.
-    - keep_edit: on a crash or rejection the edit is written back to the work tree, uncommitted
-      (`loop.py try`, so an external agent can fix it).
+    - keep_edit: on a crash or an invalid model the edit is written back to the work tree,
+      uncommitted (`loop.py try`, so an external agent can fix it).
+    - record_as: record a measured run with this status (e.g. "transfer") instead of keep/discard;
+      the note still compares it with the best, and the tree always goes back to the last kept commit.
     Raises TamperError (after restoring and recording) when a locked file was changed.
     """
     t0 = time.perf_counter()
@@ -259,14 +261,14 @@ def run_experiment(s: Session, description: str, usage: Usage | None = None, *,
     run_no, run_dir = s.new_run_dir()
     label = label or (f"baseline {baseline[0]}/{baseline[1]}" if baseline else f"run {run_no}")
     description = sanitize(description) or "(no description)"
-    s.verify_locked()
     text = s.trainer_text() if (s.repo / s.trainer).exists() else ""
 
     def finish(row: Row, diff: str, tail: str = "", stop: str | None = None, restore: bool = True,
                **extra) -> Outcome:
         t_rec = time.perf_counter()
         if restore:
-            s.restore(text if keep_edit and row.status in ("crash", "invalid") else None)
+            s.restore(text if keep_edit and row.status in ("crash", "invalid") else None,
+                      save_removed=run_dir / "removed")
         s.record(row)
         if row.status == "keep":
             s.best = row.val_bpb if not baseline else s.best
@@ -282,18 +284,19 @@ def run_experiment(s: Session, description: str, usage: Usage | None = None, *,
         problem = s.scope_problem(allow_trainer=False)
     else:
         problem = s.scope_problem()
-        if problem is None and not gitrepo.changed_paths(s.repo).get(s.trainer):
+        if problem is None and not s.changes().get(s.trainer):
             problem = f"no change to {s.trainer}"
         diff = gitrepo.diff(s.repo, "HEAD") + _untracked_listing(s)
     (run_dir / "diff.patch").write_text(diff, encoding="utf-8")
     if problem:
-        s.console.event(f"[{label}] rejected: {problem}")
         note = f"rejected: {problem}"
         if baseline:
             note = f"{BASELINE} {baseline[0]}/{baseline[1]}; {note}"
         row = _row(s, commit="", status="rejected", description=description, note=note,
                    run_no=run_no, trainer_text=text, m=None, wall=None, usage=usage)
-        return finish(row, diff, restore=True)
+        out = finish(row, diff, restore=True)
+        _report(s, label, out)
+        return out
     t = time.perf_counter()
     if not baseline:
         commit = gitrepo.commit_paths(s.repo, [s.trainer], description)
@@ -333,7 +336,9 @@ def run_experiment(s: Session, description: str, usage: Usage | None = None, *,
         status, note = "keep", ""
     elif status == "ok":
         status, note, borderline = decide(m.val_bpb, s.best, s.noise_floor)
-        if status == "keep" and borderline and s.settings.confirm:
+        if record_as:
+            status = record_as
+        elif status == "keep" and borderline and s.settings.confirm:
             status, note, m = _confirm(s, run_dir, label, description, m, note)
     else:
         note = f"{status}: {reason}"
@@ -349,7 +354,7 @@ def run_experiment(s: Session, description: str, usage: Usage | None = None, *,
     if baseline:
         state = replay(s.branch_rows(), s.settings.min_noise)
         s.best, s.noise_floor = state.best, state.noise_floor
-    _report(s, label, out, m)
+    _report(s, label, out)
     return out
 
 
@@ -367,13 +372,13 @@ def _confirm(s: Session, run_dir: Path, label: str, description: str, m: Measure
 
 
 def _untracked_listing(s: Session) -> str:
-    new = [p for p, k in gitrepo.changed_paths(s.repo).items() if k == "U" and p not in s.preexisting]
+    new = [p for p, k in s.changes().items() if k == "U"]
     return "".join(f"# untracked file added: {p}\n" for p in new)
 
 
-def _report(s: Session, label: str, out: Outcome, m: Measurement | None) -> None:
+def _report(s: Session, label: str, out: Outcome) -> None:
     r = out.row
-    val = f"val_bpb {r.val_bpb:.6f}" if r.status in ("keep", "discard") else r.note
-    extra = f" | {r.note}" if r.status in ("keep", "discard") else ""
+    val = f"val_bpb {r.val_bpb:.6f}" if r.ok else r.note
+    extra = f" | {r.note}" if r.ok else ""
     best = f" | best {s.best:.6f}" if s.best is not None else ""
     s.console.event(f"[{label}] {r.status.upper()} {val}{extra} | {clock(out.timings.get('total', 0))}{best}")

@@ -7,6 +7,7 @@ import errno
 import hashlib
 import os
 import re
+import subprocess
 from pathlib import Path
 
 __all__ = [
@@ -34,22 +35,45 @@ def text_hash(data: str | bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:12]
 
 
-def hash_locked(repo: Path) -> dict[str, str]:
-    """Hash of every locked file, keyed by repo-relative path (byte-code caches are skipped)."""
+def hash_locked(repo: Path, commit: str | None = None) -> dict[str, str]:
+    """sha256 of every locked file, keyed by repo-relative path.
+
+    With `commit`, the files as committed there; without, the work tree: tracked files plus
+    untracked ones git does not ignore (byte-code caches are ignored, so they never count).
+    """
     repo = Path(repo)
-    hashes: dict[str, str] = {}
-    for name in LOCKED_PATHS:
-        p = repo / name
-        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else []
-        for f in files:
-            if "__pycache__" in f.parts or f.suffix == ".pyc":
-                continue
-            hashes[f.relative_to(repo).as_posix()] = hashlib.sha256(f.read_bytes()).hexdigest()
+    if commit is not None:
+        listing = _git(repo, "ls-tree", "-r", "-z", commit, "--", *LOCKED_PATHS).decode()
+        entries = [e.split("\t", 1) for e in listing.split("\0") if e]
+        blobs = [(path, meta.split()[2]) for meta, path in entries if meta.split()[1] == "blob"]
+        data = _git(repo, "cat-file", "--batch", stdin="".join(f"{b}\n" for _, b in blobs).encode())
+        hashes, pos = {}, 0
+        for path, _ in blobs:
+            header_end = data.index(b"\n", pos)
+            size = int(data[pos:header_end].split()[2])
+            content = data[header_end + 1 : header_end + 1 + size]
+            pos = header_end + 1 + size + 1
+            hashes[path] = hashlib.sha256(content).hexdigest()
+        return hashes
+    listing = _git(repo, "ls-files", "-z", "--cached", "--others", "--exclude-standard", "--", *LOCKED_PATHS)
+    hashes = {}
+    for rel in dict.fromkeys(p for p in listing.decode().split("\0") if p):
+        try:
+            hashes[rel] = hashlib.sha256((repo / rel).read_bytes()).hexdigest()
+        except (FileNotFoundError, IsADirectoryError):
+            continue  # deleted: shows up as a difference
     return hashes
 
 
+def _git(repo: Path, *args: str, stdin: bytes | None = None) -> bytes:
+    proc = subprocess.run(["git", "-C", str(repo), *args], input=stdin, capture_output=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"git {args[0]} failed: {proc.stderr.decode(errors='replace').strip()}")
+    return proc.stdout
+
+
 def locked_changes(repo: Path, expected: dict[str, str]) -> list[str]:
-    """Locked paths that were modified, added or deleted since `expected` was taken."""
+    """Locked paths that were modified, added or deleted compared with `expected`."""
     now = hash_locked(repo)
     return sorted(p for p in set(now) | set(expected) if now.get(p) != expected.get(p))
 

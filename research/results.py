@@ -22,6 +22,7 @@ __all__ = [
     "COLUMNS",
     "UPSTREAM_COLUMNS",
     "STATUSES",
+    "MEASURED",
     "Row",
     "ResultsError",
     "append_row",
@@ -52,9 +53,11 @@ COLUMNS = UPSTREAM_COLUMNS + [
     "run",
     "note",
 ]
-# keep/discard/crash are the reference's; rejected = the change touched more than the trainer,
-# invalid = the evaluator found the model non-causal.
-STATUSES = ("keep", "discard", "crash", "rejected", "invalid")
+# keep/discard/crash are the reference's; rejected = the change broke a rule (touched more than the
+# trainer, trained past the budget), invalid = the evaluator found the model non-causal, transfer = a
+# config from another machine run once for comparison (never kept).
+STATUSES = ("keep", "discard", "crash", "rejected", "invalid", "transfer")
+MEASURED = ("keep", "discard", "transfer")  # statuses whose val_bpb is a real measurement
 NO_COMMIT = "-------"  # commit column of a change that was never committed (rejected before commit)
 MAX_DESCRIPTION = 300
 
@@ -100,8 +103,8 @@ class Row:
 
     @property
     def ok(self) -> bool:
-        """True for rows that carry a real measurement (keep or discard)."""
-        return self.status in ("keep", "discard")
+        """True for rows that carry a real measurement (keep, discard or transfer)."""
+        return self.status in MEASURED
 
     def to_line(self) -> str:
         """The row as one tab-separated line, newline included."""

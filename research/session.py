@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import shutil
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from research import gitrepo
 from research.console import Console
-from research.guards import LOCKED_PATHS, RepoLock, hash_locked, locked_changes, text_hash
+from research.guards import LOCK_FILE, LOCKED_PATHS, RepoLock, hash_locked, locked_changes, text_hash
 from research.results import Row, append_row, ensure_results_file, read_results
 
 __all__ = ["Settings", "Session", "SessionError", "TamperError", "BASELINE", "default_tag", "replay"]
@@ -133,8 +134,8 @@ class Session:
                                    "restore it with 'git checkout -- " + s.trainer + "'.")
             ensure_results_file(s.results_path)
             s.rows = read_results(s.results_path)
-            s.locked = hash_locked(repo)
-            s.preexisting = {p for p, kind in gitrepo.changed_paths(repo).items() if kind == "U"}
+            s.locked = hash_locked(repo, "HEAD")  # as committed: an uncommitted edit is already a change
+            s.preexisting = {p for p, kind in gitrepo.changed_paths(repo).items() if kind == "U"}  # left alone
             return s
         except BaseException:
             lock.release()
@@ -174,6 +175,7 @@ class Session:
         name = gitrepo.current_branch(self.repo)
         if name is None:
             raise SessionError("HEAD is detached; check out a branch first (e.g. 'git checkout -b autoresearch/mytag').")
+        self.preexisting = set()  # an external agent works between calls: every untracked file counts
         if gitrepo.changed_paths(self.repo).get(self.trainer) == "M":
             self.pending_edit = self.trainer_text()  # never lost, whatever happens next
         self._adopt_branch(name, drop_unrecorded=False)
@@ -230,13 +232,18 @@ class Session:
     def timeout_s(self) -> float:
         return self.settings.timeout_factor * self.budget + self.settings.timeout_margin
 
+    def changes(self) -> dict[str, str]:
+        """Paths that differ from HEAD (kind M/A/D/U, see gitrepo.changed_paths), leaving out the loop's
+        own files and, in `run`, the untracked files that were there before it started."""
+        return {p: k for p, k in gitrepo.changed_paths(self.repo).items()
+                if p not in self.preexisting and not _loop_file(p)}
+
     def dirty_paths(self) -> list[str]:
-        """Changes in the tree that were not there as untracked files when the session opened."""
-        return sorted(p for p in gitrepo.changed_paths(self.repo) if p not in self.preexisting)
+        return sorted(self.changes())
 
     def scope_problem(self, allow_trainer: bool = True) -> str | None:
         """Why the tree's changes break the one-file rule, or None if they keep to it."""
-        changes = {p: k for p, k in gitrepo.changed_paths(self.repo).items() if p not in self.preexisting}
+        changes = self.changes()
         if changes.get(self.trainer) == "D":
             return f"deleted the trainer {self.trainer}"
         other = sorted(p for p in changes if p != self.trainer or not allow_trainer)
@@ -247,13 +254,21 @@ class Session:
 
     # ------------------------------------------------------------------ actions
 
-    def restore(self, trainer_text: str | None = None) -> None:
-        """Back to the last kept commit: tracked files reset, files the experiment added removed.
+    def restore(self, trainer_text: str | None = None, save_removed: Path | None = None) -> None:
+        """Back to the last kept commit: tracked files reset, files the experiment added removed
+        (copied under `save_removed` first, if given, so nothing is lost).
 
         `trainer_text`, if given, is written back to the trainer afterwards (an edit to keep).
         """
         gitrepo.reset_hard(self.repo, self.kept_commit)
-        new = [p for p, k in gitrepo.changed_paths(self.repo).items() if k == "U" and p not in self.preexisting]
+        new = [p for p, k in self.changes().items() if k == "U"]
+        if save_removed is not None:
+            for rel in new:
+                src = self.repo / rel
+                if src.is_file() and not src.is_symlink():
+                    dst = save_removed / rel
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(src, dst)
         gitrepo.remove_paths(self.repo, new)
         if trainer_text is not None:
             (self.repo / self.trainer).write_text(trainer_text, encoding="utf-8")
@@ -316,6 +331,11 @@ def _protocol(prepare, name: str | None, prepare_missing: bool, console: Console
         except prepare.PrepareError as e:
             raise SessionError(str(e)) from None
     return p
+
+
+def _loop_file(path: str) -> bool:
+    """results.tsv, runs/ and the lock are the loop's own (ignored in this project's .gitignore anyway)."""
+    return path in ("results.tsv", "results.tsv.tmp", LOCK_FILE) or path.startswith("runs/")
 
 
 def _names(paths, limit: int = 5) -> str:

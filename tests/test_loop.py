@@ -1,0 +1,845 @@
+"""Tests of loop.py and research/: the loop end to end on temporary git repositories, the results
+file, the agents (local, scripted, and Claude through the real anthropic client against a local
+fake Messages API server).
+
+Run: `uv run pytest tests/test_loop.py` (about two minutes on a CPU; no network, no API key).
+
+Most tests use a stand-in trainer (FAKE_TRAINER: no training, it writes the evaluator's JSON
+directly, and its MODE constant makes it crash, hang, litter, tamper...), so they are about the
+loop, not about training; `test_real_trainer_end_to_end` runs the real train_cuda.py on the tiny
+protocol with a two-second budget. Helpers other test files can reuse: `make_repo`, `loop_env`,
+`run_loop`, `read_rows`, `FAKE_TRAINER`, `FakeMessagesAPI`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from research import results as R
+from research.agents import AgentContext, AgentError, ClaudeAgent, CrashInfo, LocalAgent, cost_usd
+from research.guards import RepoLock, LockError, child_env, text_hash
+from research.hparams import in_effect, parse_block, set_values
+
+PROJECT = Path(__file__).resolve().parents[1]
+PROJECT_FILES = ("loop.py", "research", "prepare.py", "backends", "model", "program.md", "train_cuda.py",
+                 "train_mlx.py", ".gitignore")
+
+FAKE_TRAINER = '''"""Stand-in trainer for the loop's tests: no training, the evaluator's JSON is written directly."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import prepare
+
+HARDWARE = "cpu"
+
+# --- hyperparameters ---
+VAL_BPB = 2.0
+MODE = "ok"  # ok | crash | fake | noncausal | hang | litter | tamper | overbudget
+SLEEP = 0.0
+MATRIX_LR = 0.04
+TOTAL_BATCH_SIZE = 2**11
+DEVICE_BATCH_SIZE = 8
+DEPTH = 8
+WINDOW_PATTERN = "SSSL"
+if HARDWARE == "cpu":
+    DEPTH = 2
+# --- end hyperparameters ---
+
+
+def main():
+    out = os.environ["AUTORESEARCH_RESULT_JSON"]
+    with open(os.path.join(os.path.dirname(out), "child_env.json"), "w") as f:
+        json.dump({"keys": sorted(os.environ), "pid": os.getpid(), "cwd": os.getcwd()}, f)
+    print("fake trainer starting", flush=True)
+    time.sleep(SLEEP)
+    p = prepare.get_protocol()
+    if MODE == "crash":
+        raise RuntimeError("deliberate crash")
+    if MODE == "hang":
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        with open(os.environ["FAKE_PID_FILE"], "w") as f:
+            f.write(str(child.pid))
+        time.sleep(600)
+    if MODE == "fake":
+        print("---\\nval_bpb:          0.100000")
+        return
+    if MODE == "litter":
+        with open("stray.txt", "w") as f:
+            f.write("left behind")
+    if MODE == "tamper":
+        with open("prepare.py", "a") as f:
+            f.write("\\n# changed by the trainer\\n")
+    if MODE == "noncausal":
+        with open(out, "w") as f:
+            json.dump({"eval": {"valid": False, "reason": "logits at t=5 moved when later tokens changed"}}, f)
+        print("FAIL: the model is not causal")
+        sys.exit(1)
+    ev = {"val_bpb": VAL_BPB, "valid": True, "evaluator_hash": prepare.evaluator_hash(), "protocol": p.name,
+          "split": "val", "holdout_bpb": VAL_BPB + 0.1, "eval_seconds": 0.05}
+    trained = p.time_budget * 3 + 10 if MODE == "overbudget" else min(SLEEP, p.time_budget)
+    summary = {"val_bpb": VAL_BPB, "training_seconds": trained, "total_seconds": trained + 0.2,
+               "peak_vram_mb": 512.0, "mfu_percent": None, "total_tokens_M": 0.1, "num_steps": 10,
+               "num_params_M": 1.2, "depth": DEPTH, "backend": "cpu", "device": "fake cpu",
+               "hyperparams": {"VAL_BPB": VAL_BPB, "MATRIX_LR": MATRIX_LR, "DEPTH": DEPTH}}
+    with open(out, "w") as f:
+        json.dump({"eval": ev, "summary": summary}, f)
+    print(f"---\\nval_bpb:          {VAL_BPB:.6f}")
+
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def make_repo(tmp_path: Path, trainer: str | None = FAKE_TRAINER, name: str = "repo") -> Path:
+    """A git repository holding a copy of the project (one commit on `main`); `trainer`, if given,
+    replaces train_cuda.py (None keeps the real one)."""
+    repo = tmp_path / name
+    repo.mkdir()
+    for f in PROJECT_FILES:
+        src = PROJECT / f
+        if src.is_dir():
+            shutil.copytree(src, repo / f, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        elif src.exists():
+            shutil.copy2(src, repo / f)
+    if trainer is not None:
+        (repo / "train_cuda.py").write_text(trainer)
+    git = ["git", "-C", str(repo)]
+    subprocess.run([*git, "init", "-q", "-b", "main"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-qm", "project"],
+                   check=True)
+    return repo
+
+
+def loop_env(cache: Path, budget: float = 2.0, **extra: str) -> dict[str, str]:
+    """Environment for a loop subprocess: tiny protocol, CPU, short budget, no API key."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "AUTORESEARCH_"))}
+    env.update(AUTORESEARCH_CACHE=str(cache), AUTORESEARCH_PROTOCOL="tiny", AUTORESEARCH_BACKEND="cpu",
+               AUTORESEARCH_TIME_BUDGET=str(budget), PYTHONDONTWRITEBYTECODE="1")
+    env.update(extra)
+    return env
+
+
+def run_loop(repo: Path, *args: str, env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess:
+    """`python loop.py ARGS` in `repo`; output captured as text."""
+    return subprocess.run([sys.executable, "loop.py", *args], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def read_rows(repo: Path) -> list[R.Row]:
+    return R.read_results(repo / "results.tsv")
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def write_script(tmp_path: Path, steps: list[dict]) -> str:
+    path = tmp_path / f"script-{time.monotonic_ns()}.json"
+    path.write_text(json.dumps(steps))
+    return str(path)
+
+
+def edit(old: str, new: str, description: str, **more) -> dict:
+    return {"description": description, "edits": [{"old": old, "new": new}], **more}
+
+
+def assert_clean(repo: Path) -> None:
+    assert git(repo, "status", "--porcelain") == "", git(repo, "status", "--porcelain")
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+# ------------------------------------------------------------------------------------------------
+# the loop end to end (scripted agent, stand-in trainer)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_keep_discard_and_records(tiny_cache, tmp_path):
+    repo = make_repo(tmp_path)
+    script = write_script(tmp_path, [
+        edit("VAL_BPB = 2.0", "VAL_BPB = 1.5", "lower the fake loss", usage={"tokens_in": 1200, "tokens_out": 80,
+                                                                           "cost_usd": 0.004}),
+        edit("VAL_BPB = 1.5", "VAL_BPB = 1.7", "a change that makes it worse"),
+        edit("VAL_BPB = 1.5", "VAL_BPB = 1.49995", "a gain inside the noise floor"),
+    ])
+    env = loop_env(tiny_cache, ANTHROPIC_API_KEY="sk-must-not-leak", HF_TOKEN="hf-x", DB_PASSWORD="pw",
+                   MY_SECRET_THING="s")
+    proc = run_loop(repo, "run", "--agent", "scripted", "--script", script, "--tag", "t1", "--max-experiments", "3",
+                    env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = read_rows(repo)
+    assert [r.status for r in rows] == ["keep", "keep", "keep", "discard", "discard"]
+    assert [r.note.split(":")[0] for r in rows] == ["baseline 1/2", "baseline 2/2", "win", "no gain", "within noise"]
+    base, kept = rows[0], rows[2]
+    assert base.val_bpb == 2.0 and kept.val_bpb == 1.5 and rows[3].val_bpb == 1.7
+    assert (kept.agent_tokens_in, kept.agent_tokens_out, kept.agent_cost_usd) == (1200, 80, 0.004)
+    assert kept.protocol == "tiny" and kept.backend == "cpu" and kept.device == "fake cpu"
+    assert kept.memory_gb == 0.5 and kept.holdout_bpb == pytest.approx(1.6) and kept.num_steps == 10
+    assert kept.hyperparams["VAL_BPB"] == 1.5 and kept.branch == "autoresearch/t1"
+    assert kept.trainer_hash == text_hash((repo / "train_cuda.py").read_text())
+    # the branch advanced on the keep only; discards were reset; the tree is clean
+    assert git(repo, "rev-parse", "--abbrev-ref", "HEAD") == "autoresearch/t1"
+    assert git(repo, "rev-parse", "--short=7", "HEAD") == kept.commit
+    assert git(repo, "rev-list", "--count", "main..HEAD") == "1"
+    assert "VAL_BPB = 1.5" in (repo / "train_cuda.py").read_text()
+    assert_clean(repo)
+    assert not (repo / ".autoresearch.lock").exists()
+    # per-run records
+    run3 = repo / "runs" / str(kept.run)
+    assert "+VAL_BPB = 1.5" in (run3 / "diff.patch").read_text()
+    assert json.loads((run3 / "result.json").read_text())["eval"]["val_bpb"] == 1.5
+    assert "fake trainer starting" in (run3 / "log.txt").read_text()
+    # the trainer ran in the repo with the credentials removed from its environment
+    child = json.loads((run3 / "child_env.json").read_text())
+    assert Path(child["cwd"]).resolve() == repo.resolve()
+    for secret in ("ANTHROPIC_API_KEY", "HF_TOKEN", "DB_PASSWORD", "MY_SECRET_THING"):
+        assert secret not in child["keys"]
+    assert "AUTORESEARCH_RESULT_JSON" in child["keys"]
+    # the file starts with the reference's five columns
+    header = (repo / "results.tsv").read_text().split("\n")[0].split("\t")
+    assert header[:5] == ["commit", "val_bpb", "memory_gb", "status", "description"]
+
+
+def test_crash_then_fix(tiny_cache, tmp_path):
+    repo = make_repo(tmp_path)
+    script = write_script(tmp_path, [
+        edit('MODE = "ok"', 'MODE = "crash"', "an idea with a bug"),
+        edit('MODE = "crash"', 'MODE = "ok"\nVAL_BPB = 1.25', "fix: the bug"),
+    ])
+    proc = run_loop(repo, "run", "--agent", "scripted", "--script", script, "--tag", "t2", "--baseline-runs", "1",
+                    "--max-experiments", "2", env=loop_env(tiny_cache))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = read_rows(repo)
+    assert [r.status for r in rows] == ["keep", "crash", "keep"]
+    crash = rows[1]
+    assert crash.val_bpb == 0.0 and crash.memory_gb == 0.0 and crash.note.startswith("crash: exit code 1")
+    assert "RuntimeError: deliberate crash" in (repo / "runs" / str(crash.run) / "log.txt").read_text()
+    assert "asking the scripted agent to fix the crash (attempt 1 of 2)" in proc.stdout
+    # the fix was made on top of the crashed version: its commit holds both changes
+    fixed = (repo / "train_cuda.py").read_text()
+    assert 'MODE = "ok"\nVAL_BPB = 1.25' in fixed and git(repo, "rev-parse", "--short=7", "HEAD") == rows[2].commit
+    assert_clean(repo)
+
+
+def test_untrusted_results_are_not_measurements(tiny_cache, tmp_path):
+    """A printed val_bpb without the evaluator's JSON is a crash; a non-causal model is invalid;
+    training past the budget is rejected; none of them is kept."""
+    repo = make_repo(tmp_path)
+    script = write_script(tmp_path, [
+        edit('MODE = "ok"', 'MODE = "fake"', "print a great number"),
+        edit('MODE = "ok"', 'MODE = "noncausal"', "peek at the future"),
+        edit('MODE = "ok"', 'MODE = "overbudget"', "train longer"),
+    ])
+    proc = run_loop(repo, "run", "--agent", "scripted", "--script", script, "--tag", "t3", "--baseline-runs", "1",
+                    "--max-experiments", "3", "--max-fix-attempts", "0", env=loop_env(tiny_cache))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = read_rows(repo)
+    assert [r.status for r in rows] == ["keep", "crash", "invalid", "rejected"]
+    assert "no result from the evaluator" in rows[1].note and rows[1].val_bpb == 0.0
+    assert "logits at t=5 moved" in rows[2].note
+    assert "past the 2 s budget" in rows[3].note
+    assert git(repo, "rev-list", "--count", "main..HEAD") == "0"
+    assert_clean(repo)
+
+
+def test_rejected_changes_restore_the_tree(tiny_cache, tmp_path):
+    repo = make_repo(tmp_path)
+    (repo / "notes.txt").write_text("a file the user had before the loop started\n")  # untracked, left alone
+    script = write_script(tmp_path, [
+        {**edit("VAL_BPB = 2.0", "VAL_BPB = 1.0", "also edit the evaluator"),
+         "write": {"prepare.py": "# nothing to see\n"}},
+        {**edit("VAL_BPB = 2.0", "VAL_BPB = 1.0", "add a helper module"), "write": {"helper.py": "X = 1\n"}},
+        {"description": "delete the trainer", "delete": ["train_cuda.py"]},
+        {"description": "no change at all"},
+        edit('MODE = "ok"', 'MODE = "litter"', "a run that leaves a file behind"),
+    ])
+    proc = run_loop(repo, "run", "--agent", "scripted", "--script", script, "--tag", "t4", "--baseline-runs", "1",
+                    "--max-experiments", "5", env=loop_env(tiny_cache))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = read_rows(repo)
+    assert [r.status for r in rows] == ["keep"] + ["rejected"] * 5
+    assert "changed files other than train_cuda.py: prepare.py" in rows[1].note
+    assert "helper.py" in rows[2].note and "deleted the trainer" in rows[3].note
+    assert "no change to train_cuda.py" in rows[4].note and "the run changed files: stray.txt" in rows[5].note
+    assert all(r.commit == R.NO_COMMIT for r in rows[1:5]) and rows[5].commit != R.NO_COMMIT
+    assert (repo / "prepare.py").read_text() == (PROJECT / "prepare.py").read_text()
+    assert not (repo / "helper.py").exists() and not (repo / "stray.txt").exists()
+    assert (repo / "train_cuda.py").read_text() == FAKE_TRAINER
+    assert (repo / "notes.txt").exists()
+    assert git(repo, "status", "--porcelain") == "?? notes.txt"
+
+
+def test_locked_file_changed_by_a_run_stops_the_loop(tiny_cache, tmp_path):
+    repo = make_repo(tmp_path)
+    script = write_script(tmp_path, [edit('MODE = "ok"', 'MODE = "tamper"', "rewrite the evaluator at run time"),
+                                      edit("VAL_BPB = 2.0", "VAL_BPB = 1.0", "never reached")])
+    proc = run_loop(repo, "run", "--agent", "scripted", "--script", script, "--tag", "t5", "--baseline-runs", "1",
+                    "--max-experiments", "2", env=loop_env(tiny_cache))
+    assert proc.returncode == 1
+    assert "Locked files were changed during the run (prepare.py)" in proc.stderr
+    assert [r.status for r in read_rows(repo)] == ["keep", "rejected"]
+    assert (repo / "prepare.py").read_text() == (PROJECT / "prepare.py").read_text()
+    assert_clean(repo)
+
+
+def test_timeout_kills_the_whole_process_group(tiny_cache, tmp_path):
+    repo = make_repo(tmp_path)
+    pid_file = tmp_path / "grandchild.pid"
+    script = write_script(tmp_path, [edit('MODE = "ok"', 'MODE = "hang"', "a run that never ends")])
+    t0 = time.monotonic()
+    proc = run_loop(repo, "run", "--agent", "scripted", "--script", script, "--tag", "t6", "--baseline-runs", "1",
+                    "--max-experiments", "1", "--timeout-margin", "1",
+                    env=loop_env(tiny_cache, budget=1, FAKE_PID_FILE=str(pid_file)))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert time.monotonic() - t0 < 60
+    rows = read_rows(repo)
+    assert [r.status for r in rows] == ["keep", "crash"]
+    assert "killed after" in rows[1].note and "limit 3 s" in rows[1].note
+    grandchild = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(grandchild)
+    assert_clean(repo)
+
+
+def test_interrupt_then_resume(tiny_cache, tmp_path):
+    repo = make_repo(tmp_path)
+    env = loop_env(tiny_cache)
+    slow = write_script(tmp_path, [edit("SLEEP = 0.0", "SLEEP = 120.0", "a slow experiment")])
+    out = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen([sys.executable, "loop.py", "run", "--agent", "scripted", "--script", slow, "--tag", "t7",
+                             "--baseline-runs", "1"], cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT)
+    child_env_file = repo / "runs" / "2" / "child_env.json"
+    deadline = time.monotonic() + 90
+    while not child_env_file.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert child_env_file.exists(), (tmp_path / "first.log").read_text()
+    trainer_pid = json.loads(child_env_file.read_text())["pid"]
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 130
+    out.close()
+    assert "interrupted" in (tmp_path / "first.log").read_text()
+    assert not alive(trainer_pid)
+    rows = read_rows(repo)
+    assert [r.status for r in rows] == ["keep"]  # the interrupted experiment left no row
+    assert git(repo, "rev-parse", "HEAD") == git(repo, "rev-parse", "main")
+    assert_clean(repo)
+    assert not (repo / ".autoresearch.lock").exists()
+
+    fast = write_script(tmp_path, [edit("VAL_BPB = 2.0", "VAL_BPB = 1.5", "a quick win")])
+    again = run_loop(repo, "run", "--agent", "scripted", "--script", fast, "--tag", "t7", "--baseline-runs", "1",
+                     "--max-experiments", "1", env=env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "resuming branch autoresearch/t7" in again.stdout
+    assert [r.status for r in read_rows(repo)] == ["keep", "keep"]  # no second baseline
+    assert git(repo, "rev-list", "--count", "main..HEAD") == "1"
+
+
+def test_resume_drops_an_unrecorded_experiment_commit(tiny_cache, tmp_path):
+    """A loop killed between commit and record (SIGKILL, power loss) leaves a commit no row knows."""
+    repo = make_repo(tmp_path)
+    env = loop_env(tiny_cache)
+    proc = run_loop(repo, "run", "--agent", "local", "--tag", "t8", "--baseline-runs", "1", "--max-experiments", "0",
+                    env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    base = git(repo, "rev-parse", "HEAD")
+    (repo / "train_cuda.py").write_text(FAKE_TRAINER.replace("VAL_BPB = 2.0", "VAL_BPB = 0.5"))
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "half-done experiment")
+    script = write_script(tmp_path, [edit("VAL_BPB = 2.0", "VAL_BPB = 1.9", "next idea")])
+    proc = run_loop(repo, "run", "--agent", "scripted", "--script", script, "--tag", "t8", "--baseline-runs", "1",
+                    "--max-experiments", "1", env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "dropped unrecorded experiment commits" in proc.stdout
+    assert [r.status for r in read_rows(repo)] == ["keep", "keep"]
+    assert git(repo, "rev-parse", "HEAD~1") == base
+
+
+def test_dirty_tree_second_loop_and_unwritable_results_refuse(tiny_cache, tmp_path):
+    repo = make_repo(tmp_path)
+    env = loop_env(tiny_cache)
+    (repo / "train_cuda.py").write_text(FAKE_TRAINER + "\n# uncommitted\n")
+    proc = run_loop(repo, "run", "--agent", "local", "--max-experiments", "0", env=env)
+    assert proc.returncode == 1 and "uncommitted changes (train_cuda.py)" in proc.stderr
+    assert (repo / "train_cuda.py").read_text().endswith("# uncommitted\n")  # nothing was restored over it
+    git(repo, "checkout", "--", "train_cuda.py")
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (repo / ".autoresearch.lock").write_text(f"{sleeper.pid}\n")
+        proc = run_loop(repo, "run", "--agent", "local", "--max-experiments", "0", env=env)
+        assert proc.returncode == 1
+        assert f"Another autoresearch loop (pid {sleeper.pid}) is running on this repository" in proc.stderr
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    (repo / "results.tsv").unlink()
+    (repo / "results.tsv").mkdir()  # cannot be written as a file
+    proc = run_loop(repo, "run", "--agent", "local", "--max-experiments", "0", env=env)  # the stale lock is taken over
+    assert proc.returncode == 1 and "Cannot write" in proc.stderr and "results.tsv" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (repo / ".autoresearch.lock").exists()
+
+
+def test_try_command(tiny_cache, tmp_path):
+    repo = make_repo(tmp_path)
+    env = loop_env(tiny_cache)
+    git(repo, "checkout", "-q", "-b", "autoresearch/ext")
+    trainer = repo / "train_cuda.py"
+    proc = run_loop(repo, "try", "nothing changed", env=env)
+    assert proc.returncode == 1 and "Nothing to try" in proc.stderr
+
+    trainer.write_text(FAKE_TRAINER.replace("VAL_BPB = 2.0", "VAL_BPB = 1.5"))
+    proc = run_loop(repo, "try", "lower it", env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "KEEP val_bpb 1.500000" in proc.stdout
+    rows = read_rows(repo)
+    assert [(r.status, r.val_bpb) for r in rows] == [("keep", 2.0), ("keep", 2.0), ("keep", 1.5)]  # baseline first
+    assert git(repo, "log", "-1", "--format=%s") == "lower it"
+
+    trainer.write_text(trainer.read_text().replace('MODE = "ok"', 'MODE = "crash"'))
+    proc = run_loop(repo, "try", "break it", env=env)
+    assert proc.returncode == 1 and "CRASH" in proc.stdout
+    assert 'MODE = "crash"' in trainer.read_text()  # left uncommitted for a fix
+    assert git(repo, "status", "--porcelain") == "M train_cuda.py"
+    assert git(repo, "log", "-1", "--format=%s") == "lower it"
+
+    trainer.write_text(trainer.read_text().replace('MODE = "crash"', 'MODE = "ok"').replace("1.5", "1.6"))
+    (repo / "scratch.py").write_text("print('notes')\n")
+    proc = run_loop(repo, "try", "worse, and a stray file", env=env)
+    assert proc.returncode == 1 and "REJECTED" in proc.stdout and "scratch.py" in proc.stdout
+    assert_clean(repo)
+    rows = read_rows(repo)
+    assert [r.status for r in rows][-2:] == ["crash", "rejected"]
+    assert (repo / "runs" / str(rows[-1].run) / "removed" / "scratch.py").exists()  # nothing is lost
+
+
+# ------------------------------------------------------------------------------------------------
+# the real trainer
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_real_trainer_end_to_end(tiny_cache, tmp_path):
+    repo = make_repo(tmp_path, trainer=None)
+    proc = run_loop(repo, "run", "--agent", "local", "--tag", "real", "--baseline-runs", "1", "--max-experiments",
+                    "1", env=loop_env(tiny_cache, budget=2), timeout=500)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = read_rows(repo)
+    assert len(rows) == 2 and rows[0].status == "keep" and rows[1].status in ("keep", "discard")
+    for r in rows:
+        assert 0 < r.val_bpb < 20 and r.evaluator_hash and r.num_steps and r.hyperparams.get("DEPTH")
+    assert rows[1].trainer_hash != rows[0].trainer_hash
+    assert_clean(repo)
+
+
+# ------------------------------------------------------------------------------------------------
+# results file
+# ------------------------------------------------------------------------------------------------
+
+
+def _row(**kw) -> R.Row:
+    base = dict(commit="abc1234", val_bpb=1.0, memory_gb=2.0, status="keep", description="d")
+    return R.Row(**{**base, **kw})
+
+
+def test_results_round_trip_and_sanitizing(tmp_path):
+    path = tmp_path / "results.tsv"
+    R.ensure_results_file(path)
+    R.append_row(path, _row(description="tabs\tand\nnewlines\r\n here", hyperparams={"A": [1, 2]}, run=3,
+                            mfu_percent=None, agent_cost_usd=0.0123456))
+    R.append_row(path, _row(status="crash", val_bpb=0.0, memory_gb=0.0, description="x" * 1000))
+    lines = path.read_text().split("\n")
+    assert lines[0].split("\t") == R.COLUMNS and lines[1].split("\t")[:5] == ["abc1234", "1.000000", "2.0", "keep",
+                                                                          "tabs and newlines here"]
+    assert lines[2].split("\t")[1:4] == ["0.000000", "0.0", "crash"]
+    rows = R.read_results(path)
+    assert rows[0].hyperparams == {"A": [1, 2]} and rows[0].run == 3 and rows[0].mfu_percent is None
+    assert rows[0].agent_cost_usd == pytest.approx(0.0123)
+    assert len(rows[1].description) <= R.MAX_DESCRIPTION
+    with pytest.raises(ValueError):
+        R.append_row(path, _row(status="great"))
+
+
+def test_results_torn_last_line_is_ignored_then_cut(tmp_path):
+    path = tmp_path / "results.tsv"
+    R.ensure_results_file(path)
+    R.append_row(path, _row())
+    with open(path, "a") as f:
+        f.write("def5678\t0.9\t1.0\tke")  # a write cut short
+    assert [r.commit for r in R.read_results(path)] == ["abc1234"]
+    R.ensure_results_file(path)
+    assert path.read_text().endswith("\n") and len(R.read_results(path)) == 1
+    R.append_row(path, _row(commit="def5678"))
+    assert [r.commit for r in R.read_results(path)] == ["abc1234", "def5678"]
+
+
+def test_results_reads_and_upgrades_the_reference_format(tmp_path):
+    path = tmp_path / "results.tsv"
+    path.write_text("commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
+                    "a1b2c3d\t0.997900\t44.0\tkeep\tbaseline\n"
+                    "b2c3d4e\t0.000000\t0.0\tcrash\tdouble the width (OOM)\n")
+    rows = R.read_results(path)
+    assert [(r.commit, r.val_bpb, r.status) for r in rows] == [("a1b2c3d", 0.9979, "keep"), ("b2c3d4e", 0.0, "crash")]
+    assert rows[0].backend == "" and rows[0].hyperparams == {}
+    R.ensure_results_file(path)
+    R.append_row(path, _row(backend="cuda"))
+    rows = R.read_results(path)
+    assert path.read_text().split("\n")[0].split("\t") == R.COLUMNS
+    assert len(rows) == 3 and rows[2].backend == "cuda" and rows[1].description == "double the width (OOM)"
+
+
+def test_results_append_is_one_write_per_row(tmp_path, monkeypatch):
+    """A row reaches the file in one os.write call, followed by fsync."""
+    path = tmp_path / "results.tsv"
+    R.ensure_results_file(path)
+    calls = []
+    real_write, real_fsync = os.write, os.fsync
+    monkeypatch.setattr(os, "write", lambda fd, data: calls.append(("write", bytes(data))) or real_write(fd, data))
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append(("fsync", None)) or real_fsync(fd))
+    R.append_row(path, _row(description="one"))
+    assert [c[0] for c in calls] == ["write", "fsync"] and calls[0][1].endswith(b"\n")
+    assert calls[0][1].count(b"\n") == 1
+
+
+def test_results_partial_write_is_cut_back(tmp_path, monkeypatch):
+    path = tmp_path / "results.tsv"
+    R.ensure_results_file(path)
+    R.append_row(path, _row())
+    before = path.read_bytes()
+    real_write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: real_write(fd, bytes(data)[:10]))  # disk full mid-row
+    with pytest.raises(R.ResultsError, match="earlier rows are intact"):
+        R.append_row(path, _row(commit="zzzzzzz"))
+    assert path.read_bytes() == before
+
+
+# ------------------------------------------------------------------------------------------------
+# guards, hyperparameter block
+# ------------------------------------------------------------------------------------------------
+
+
+def test_child_env_drops_credentials():
+    env = child_env({"ANTHROPIC_API_KEY": "a", "OPENAI_API_KEY": "b", "GITHUB_TOKEN": "c", "AWS_SECRET_ACCESS_KEY": "d",
+                     "PGPASSWORD": "e", "PATH": "/bin", "AUTORESEARCH_CACHE": "/c", "HOME": "/h"}, EXTRA="1")
+    assert env == {"PATH": "/bin", "AUTORESEARCH_CACHE": "/c", "HOME": "/h", "EXTRA": "1"}
+
+
+def test_repo_lock(tmp_path):
+    lock = RepoLock(tmp_path)
+    lock.acquire()
+    assert (tmp_path / ".autoresearch.lock").read_text().strip() == str(os.getpid())
+    lock.release()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / ".autoresearch.lock").write_text(f"{dead.pid}\n")
+    with RepoLock(tmp_path):  # stale: taken over
+        pass
+    (tmp_path / ".autoresearch.lock").write_text("1\n")  # pid 1 is alive
+    with pytest.raises(LockError, match="pid 1"):
+        RepoLock(tmp_path).acquire()
+
+
+def test_hyperparameter_block_of_both_trainers():
+    """Edits land on the line in effect for the host: the CPU override block, or the default line."""
+    cuda = (PROJECT / "train_cuda.py").read_text()
+    settings = parse_block(cuda)
+    conds = {c for s in settings.values() for spot in s.spots for c, _ in spot.conds}
+    cpu = {c: c == 'HARDWARE == "cpu"' for c in conds}
+    assert 'HARDWARE == "cpu"' in cpu
+    depth = in_effect(settings["DEPTH"], cpu)
+    assert depth.conds == (('HARDWARE == "cpu"', True),)
+    assert in_effect(settings["DEPTH"], {c: False for c in conds}).conds == ()  # the reference line
+    assert in_effect(settings["MATRIX_LR"], cpu).conds == ()
+    new = set_values(cuda, {"DEPTH": depth.value + 1, "MATRIX_LR": 0.05}, cpu)
+    changed = [(a, b) for a, b in zip(cuda.split("\n"), new.split("\n")) if a != b]
+    assert len(changed) == 2
+    assert changed[0][1].startswith("MATRIX_LR = 0.05")
+    assert changed[1] == (f"    DEPTH = {depth.value}", f"    DEPTH = {depth.value + 1}")
+    mlx = parse_block((PROJECT / "train_mlx.py").read_text())
+    metal = {c: c == 'HARDWARE == "metal"' for s in mlx.values() for spot in s.spots for c, _ in spot.conds}
+    assert in_effect(mlx["DEPTH"], metal).conds == (('HARDWARE == "metal"', True),)
+    # the one-line style of per-hardware values
+    text = "# --- hyperparameters ---\nDEPTH = 4 if _METAL else 2\nBATCH = 2**16  # tokens\n# --- end hyperparameters ---\n"
+    assert set_values(text, {"DEPTH": 3, "BATCH": 2**15}, {"_METAL": False}).split("\n")[1:3] == [
+        "DEPTH = 4 if _METAL else 3", "BATCH = 2**15  # tokens"]
+
+
+# ------------------------------------------------------------------------------------------------
+# local agent
+# ------------------------------------------------------------------------------------------------
+
+
+def _ctx(repo: Path, seen: set[str] | None = None, crash: CrashInfo | None = None) -> AgentContext:
+    import prepare
+
+    return AgentContext(repo=repo, trainer="train_cuda.py", host=SimpleNamespace(backend="cpu", device_name="cpu"),
+                        protocol=prepare.PROTOCOLS["tiny"], history=[], best=2.0, noise_floor=0.001,
+                        seen_hashes=set(seen or ()), crash=crash)
+
+
+def _proposals(agent: LocalAgent, repo: Path, n: int, seen: set[str]) -> list[str]:
+    trainer = repo / "train_cuda.py"
+    out = []
+    for _ in range(n):
+        p = agent.propose(_ctx(repo, seen))
+        assert p is not None
+        text = trainer.read_text()
+        out.append(p.description)
+        seen.add(text_hash(text))
+        trainer.write_text(FAKE_TRAINER)  # as if discarded
+    return out
+
+
+def test_local_agent_is_deterministic_and_never_repeats(tiny_cache, tmp_path):
+    repo = make_repo(tmp_path)
+    first = _proposals(LocalAgent(seed=7), repo, 6, {text_hash(FAKE_TRAINER)})
+    again = _proposals(LocalAgent(seed=7), repo, 6, {text_hash(FAKE_TRAINER)})
+    other = _proposals(LocalAgent(seed=8), repo, 6, {text_hash(FAKE_TRAINER)})
+    assert first == again and first != other
+    assert len(set(first)) == 6
+    # one hyperparameter at a time, edited on the line in effect on this host
+    assert all(d.count("->") == 1 or "DEVICE_BATCH_SIZE" in d for d in first)
+    seen = {text_hash(FAKE_TRAINER)}
+    descriptions = _proposals(LocalAgent(seed=7), repo, 30, seen)
+    assert len(seen) == 31  # 30 distinct trainers, none of them the one already run
+    depth = [d for d in descriptions if d.startswith("DEPTH")]
+    assert depth and all(d.startswith("DEPTH 2 ->") for d in depth)  # the cpu line, not the default 8
+    # a trainer already run (hash from results.tsv) is never proposed again, even by a new agent
+    agent = LocalAgent(seed=7)
+    p = agent.propose(_ctx(repo, {text_hash(FAKE_TRAINER)} | set()))
+    first_text = (repo / "train_cuda.py").read_text()
+    (repo / "train_cuda.py").write_text(FAKE_TRAINER)
+    p2 = LocalAgent(seed=7).propose(_ctx(repo, {text_hash(FAKE_TRAINER), text_hash(first_text)}))
+    assert p2.description != p.description
+
+
+def test_local_agent_keeps_batch_sizes_divisible(tiny_cache, tmp_path):
+    repo = make_repo(tmp_path)
+    seen = {text_hash(FAKE_TRAINER)}
+    agent = LocalAgent(seed=1)
+    for _ in range(40):
+        if agent.propose(_ctx(repo, seen)) is None:
+            break
+        text = (repo / "train_cuda.py").read_text()
+        seen.add(text_hash(text))
+        ns: dict = {}
+        exec(text.split("# --- hyperparameters ---")[1].split("# --- end hyperparameters ---")[0],
+             {"HARDWARE": "cpu"}, ns)
+        total, dev = ns.get("TOTAL_BATCH_SIZE", 2**11), ns.get("DEVICE_BATCH_SIZE", 8)
+        assert total % (dev * 256) == 0, text
+        (repo / "train_cuda.py").write_text(FAKE_TRAINER)
+
+
+# ------------------------------------------------------------------------------------------------
+# Claude agent against a fake Messages API
+# ------------------------------------------------------------------------------------------------
+
+
+class FakeMessagesAPI:
+    """A local HTTP server that answers POST /v1/messages with scripted (status, body, headers) replies
+    and keeps the JSON requests it received."""
+
+    def __init__(self, replies: list[tuple[int, dict, dict]]):
+        self.replies = list(replies)
+        self.requests: list[dict] = []
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's naming
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                api.requests.append(body)
+                status, reply, headers = api.replies.pop(0) if api.replies else error(
+                    400, "invalid_request_error", "no scripted reply left")
+                data = json.dumps(reply).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> FakeMessagesAPI:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def message(*blocks: dict, usage=(1000, 50, 0, 0), stop: str = "tool_use") -> tuple[int, dict, dict]:
+    fresh, out, write, read = usage
+    return 200, {"id": "msg_test", "type": "message", "role": "assistant", "model": "claude-sonnet-5-5",
+                 "content": list(blocks), "stop_reason": stop, "stop_sequence": None,
+                 "usage": {"input_tokens": fresh, "output_tokens": out, "cache_creation_input_tokens": write,
+                           "cache_read_input_tokens": read}}, {}
+
+
+_ids = iter(range(10**6))
+
+
+def tool(name: str, **args) -> dict:
+    return {"type": "tool_use", "id": f"toolu_{next(_ids)}", "name": name, "input": args}
+
+
+def error(status: int, kind: str, text: str, **headers: str) -> tuple[int, dict, dict]:
+    return status, {"type": "error", "error": {"type": kind, "message": text}}, headers
+
+
+def _claude(repo: Path, url: str, monkeypatch, **kw) -> ClaudeAgent:
+    import anthropic
+
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test")
+    client = anthropic.Anthropic(base_url=url, max_retries=kw.pop("sdk_retries", 2), timeout=20)
+    return ClaudeAgent(repo, "train_cuda.py", client=client, model="claude-sonnet-5-5", backoff_s=0.01, **kw)
+
+
+def test_claude_agent_tool_use_and_caching(tiny_cache, tmp_path, monkeypatch):
+    repo = make_repo(tmp_path)
+    replies = [
+        message({"type": "text", "text": "Let me look."}, tool("read_file", path="prepare.py"),
+                usage=(100, 40, 5000, 0)),
+        message(tool("read_file", path="loop.py"), tool("read_file", path="../../etc/passwd"), usage=(50, 30, 0, 5000)),
+        message(tool("edit_trainer", old_string="MATRIX_LR = 0.04", new_string="MATRIX_LR = 0.05"),
+                usage=(60, 30, 0, 5000)),
+        message(tool("finish", description="raise MATRIX_LR\t0.04 -> 0.05\n(more signal)"), usage=(70, 20, 0, 5000)),
+    ]
+    with FakeMessagesAPI(replies) as api:
+        agent = _claude(repo, api.url, monkeypatch)
+        proposal = agent.propose(_ctx(repo))
+    assert proposal.description == "raise MATRIX_LR 0.04 -> 0.05 (more signal)"
+    assert "MATRIX_LR = 0.05" in (repo / "train_cuda.py").read_text()
+    assert proposal.usage.tokens_in == 100 + 5000 + 50 + 5000 + 60 + 5000 + 70 + 5000
+    assert proposal.usage.tokens_out == 120
+    expected = cost_usd("claude-sonnet-5-5", 280, 120, 5000, 15000)
+    assert proposal.usage.cost_usd == pytest.approx(expected) and expected > 0
+    first = api.requests[0]
+    assert first["model"] == "claude-sonnet-5-5" and "temperature" not in first and "tool_choice" not in first
+    assert [t["name"] for t in first["tools"]] == ["read_file", "edit_trainer", "finish"]
+    assert first["system"][-1]["cache_control"] == {"type": "ephemeral"}
+    assert "autoresearch" in first["system"][0]["text"]  # program.md is the system prompt
+    trainer_block = first["messages"][0]["content"][0]
+    assert trainer_block["cache_control"] == {"type": "ephemeral"} and "MATRIX_LR = 0.04" in trainer_block["text"]
+    assert "Best val_bpb so far: 2.000000" in first["messages"][0]["content"][1]["text"]
+    # tool results went back; reads outside the scope were refused
+    results = {b["tool_use_id"]: b for m in api.requests[2]["messages"] if m["role"] == "user"
+               for b in m["content"] if b.get("type") == "tool_result"}
+    refused = [b for b in results.values() if b.get("is_error")]
+    assert len(refused) == 2 and all("cannot read" in b["content"] for b in refused)
+    assert any("def get_protocol" in b["content"] for b in results.values() if not b.get("is_error"))
+    marks = sum(1 for m in api.requests[3]["messages"] for b in m["content"] if isinstance(b, dict)
+                and "cache_control" in b) + sum("cache_control" in b for b in api.requests[3]["system"])
+    assert marks <= 4
+
+
+def test_claude_agent_retries_rate_limits_and_overload(tiny_cache, tmp_path, monkeypatch):
+    repo = make_repo(tmp_path)
+    done = [tool("edit_trainer", old_string="DEPTH = 2", new_string="DEPTH = 3"), tool("finish", description="deeper")]
+    replies = [
+        error(429, "rate_limit_error", "slow down", **{"retry-after-ms": "5"}),  # the SDK's own retry
+        error(529, "overloaded_error", "Overloaded", **{"x-should-retry": "false"}),  # ours
+        error(503, "api_error", "unavailable", **{"x-should-retry": "false"}),
+        message(*done),
+    ]
+    with FakeMessagesAPI(replies) as api:
+        agent = _claude(repo, api.url, monkeypatch)
+        t0 = time.monotonic()
+        proposal = agent.propose(_ctx(repo))
+    assert proposal.description == "deeper" and len(api.requests) == 4
+    assert time.monotonic() - t0 < 5
+
+
+def test_claude_agent_gives_up_with_one_sentence(tiny_cache, tmp_path, monkeypatch):
+    repo = make_repo(tmp_path)
+    overloaded = [error(529, "overloaded_error", "Overloaded", **{"x-should-retry": "false"})] * 3
+    with FakeMessagesAPI(overloaded) as api:
+        agent = _claude(repo, api.url, monkeypatch, attempts=3)
+        with pytest.raises(AgentError) as e:
+            agent.propose(_ctx(repo))
+    assert str(e.value).startswith("The Anthropic API kept failing (HTTP 529 overloaded_error) after 3 attempts")
+    assert len(api.requests) == 3
+    with FakeMessagesAPI([error(401, "authentication_error", "invalid x-api-key")]) as api:
+        with pytest.raises(AgentError, match="check ANTHROPIC_API_KEY"):
+            _claude(repo, api.url, monkeypatch).propose(_ctx(repo))
+    assert (repo / "train_cuda.py").read_text() == FAKE_TRAINER
+
+
+def test_claude_agent_malformed_tool_input_and_crash_context(tiny_cache, tmp_path, monkeypatch):
+    repo = make_repo(tmp_path)
+    replies = [
+        message(tool("edit_trainer", old_string=5)),
+        message(tool("edit_trainer", old_string="SLEEP", new_string="X")),  # occurs three times
+        message(tool("finish", description="done")),  # nothing changed yet
+        message(tool("edit_trainer", old_string='MODE = "crash"', new_string='MODE = "ok"'),
+                tool("finish", description="fix: undo the crash")),
+    ]
+    (repo / "train_cuda.py").write_text(FAKE_TRAINER.replace('MODE = "ok"', 'MODE = "crash"'))
+    crash = CrashInfo("an idea", "crash: exit code 1", "RuntimeError: deliberate crash", "-MODE\n+MODE\n", 1, 2)
+    with FakeMessagesAPI(replies) as api:
+        proposal = _claude(repo, api.url, monkeypatch).propose(_ctx(repo, crash=crash))
+    assert proposal.description == "fix: undo the crash"
+    task = api.requests[0]["messages"][0]["content"][1]["text"]
+    assert "RuntimeError: deliberate crash" in task and "fix attempt 1 of 2" in task
+    errors = [b["content"] for r in api.requests[1:] for b in r["messages"][-1]["content"] if b.get("is_error")]
+    assert "edit_trainer needs" in errors[0] and "occurs 3 times" in errors[1] and "not changed" in errors[2]
+
+
+def test_loop_with_claude_through_fake_api(tiny_cache, tmp_path):
+    """`loop.py run --agent claude` end to end: the real client, ANTHROPIC_BASE_URL at the fake server."""
+    repo = make_repo(tmp_path)
+    replies = [
+        message(tool("edit_trainer", old_string="VAL_BPB = 2.0", new_string="VAL_BPB = 1.8"), usage=(800, 60, 4000, 0)),
+        message(tool("finish", description="smaller fake loss"), usage=(20, 10, 0, 4800)),
+        error(401, "authentication_error", "invalid x-api-key"),
+    ]
+    with FakeMessagesAPI(replies) as api:
+        env = loop_env(tiny_cache, ANTHROPIC_API_KEY="sk-test", ANTHROPIC_BASE_URL=api.url)
+        proc = run_loop(repo, "run", "--tag", "c1", "--baseline-runs", "1", "--max-experiments", "3", env=env)
+    assert proc.returncode == 1
+    assert "model claude-sonnet-5-5" in proc.stdout
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: The Anthropic API rejected the credentials (401")
+    rows = read_rows(repo)
+    assert [r.status for r in rows] == ["keep", "keep"]  # nothing bogus recorded for the failed call
+    assert rows[1].agent_tokens_in == 800 + 4000 + 20 + 4800 and rows[1].agent_tokens_out == 70
+    assert rows[1].agent_cost_usd == pytest.approx(cost_usd("claude-sonnet-5-5", 820, 70, 4000, 4800), abs=1e-4)
+    assert_clean(repo)
