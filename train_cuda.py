@@ -173,6 +173,7 @@ def build_model(cfg, device=None):
         model = GPT(cfg, attention)
     model.to_empty(device=device or DEVICE)
     model.init_weights()
+    attention.prepare(cfg.sequence_len, model.window_sizes, device or DEVICE)  # e.g. Flex block masks
     return model
 
 

@@ -126,6 +126,9 @@ class Attention:
 
     name = "base"
 
+    def prepare(self, seq_len: int, windows, dev) -> None:
+        """Build per-window state ahead of time (outside any compiled region); optional."""
+
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
         raise NotImplementedError
 
@@ -169,8 +172,13 @@ class FlexAttention(Attention):
         self._flex = torch.compile(flex_attention, dynamic=False)
         self._masks: dict = {}
 
+    def prepare(self, seq_len: int, windows, dev) -> None:
+        for window in set(windows):
+            self._block_mask(seq_len, window, torch.device(dev))
+
     def _block_mask(self, T: int, window: int, dev):
-        key = (T, window, str(dev))
+        dev = torch.device(dev)
+        key = (T, window, dev.type, dev.index or 0)  # "cuda" and "cuda:0" are the same device
         if key not in self._masks:
 
             def mask_mod(b, h, q_idx, kv_idx):
