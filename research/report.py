@@ -22,7 +22,7 @@ from collections import Counter
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from research.results import Row, read_results
+from research.results import MEASURED, Row, read_results
 
 __all__ = [
     "ReportError",
@@ -49,7 +49,6 @@ __all__ = [
 
 DEFAULT_OUT_DIR = "reports"
 UNKNOWN = "unknown"
-MEASURED = ("keep", "discard", "transfer")  # statuses whose val_bpb is a real measurement
 # Per-hardware sizes: how much fits and runs fast on a device, not what the model learns.
 # A transfer keeps the host's values for these unless told otherwise.
 HOST_SPECIFIC = ("DEVICE_BATCH_SIZE",)

@@ -1,18 +1,16 @@
 """Tests for research/report.py: progress report, cross-hardware compare, config transfer.
 
-Run: .venv/bin/python -m pytest tests/test_report.py -q
-The results files are written here with the loop's own row writer; the transfer end-to-end test
-trains on the tiny protocol for a few seconds in a temporary git repository.
+Run: .venv/bin/python -m pytest tests/test_report.py -q      (CPU, no network, ~25 s)
+
+Results files are written here with the loop's own row writer. The transfer test runs
+`loop.py transfer` in a temporary git repository with test_loop.py's stand-in trainer on the tiny
+protocol (a few seconds per run).
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
-import shutil
 import struct
-import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -332,64 +330,49 @@ def test_transfer_needs_recorded_hyperparameters(tmp_path):
         report.plan_transfer(up, TRAINER, {})
 
 
-PROJECT_FILES = ("prepare.py", "backends", "model", "research", "loop.py", "train_cuda.py", "train_mlx.py",
-                 ".gitignore")
-
-
-def make_repo(dest, branch="autoresearch/test"):
-    """A git repository holding a copy of this project, on `branch`, one commit."""
-    src = Path(report.__file__).resolve().parents[1]
-    dest.mkdir()
-    for name in PROJECT_FILES:
-        path = src / name
-        if path.is_dir():
-            shutil.copytree(path, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        else:
-            shutil.copy2(path, dest / name)
-    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
-           "PATH": "/usr/bin:/bin"}
-    for args in (["init", "-q", "-b", branch], ["add", "-A"], ["commit", "-q", "-m", "project"]):
-        subprocess.run(["git", "-C", str(dest), *args], check=True, env=env, capture_output=True)
-    head = subprocess.run(["git", "-C", str(dest), "rev-parse", "HEAD"], check=True, capture_output=True, text=True)
-    return dest, head.stdout.strip()
-
-
 @pytest.mark.slow
-def test_transfer_runs_the_other_machines_config_here(tmp_path, tiny_cache, monkeypatch, capsys):
-    """Another machine's best config goes into this host's trainer (the CPU lines of its block), runs once
-    under the tiny protocol, is logged as `transfer`, and the tree is back at the kept commit."""
-    import prepare
-    from research import experiment
-    from research.session import Settings
+def test_transfer_runs_the_other_machines_config_here(tiny_cache, tmp_path):
+    """`loop.py transfer`: another machine's best config goes into this host's trainer (on the lines in
+    effect for this hardware), runs once after the branch's baseline under the tiny protocol, is logged
+    as `transfer`, and the tree is back at the kept commit."""
+    from test_loop import FAKE_TRAINER, git, loop_env, make_repo, read_rows, run_loop
 
-    if "record_as" not in inspect.signature(experiment.run_experiment).parameters:
-        pytest.skip("research.experiment.run_experiment has no record_as parameter to log a transfer with")
-    monkeypatch.setenv("AUTORESEARCH_TIME_BUDGET", "2")
-    repo, head = make_repo(tmp_path / "repo")
-    # this host already has its baseline on the branch
-    base = row(3.2, "keep", "baseline", note="baseline 1/1", commit=head[:7], branch="autoresearch/test",
-               protocol="tiny", evaluator_hash=prepare.evaluator_hash(), backend="cpu", device="cpu",
-               hyperparams={"DEPTH": 2, "MATRIX_LR": 0.04, "DEVICE_BATCH_SIZE": 8})
-    write(repo / "results.tsv", [base])
-    theirs = {"DEPTH": 1, "WINDOW_PATTERN": "L", "TOTAL_BATCH_SIZE": 2048, "DEVICE_BATCH_SIZE": 4, "MATRIX_LR": 0.05,
-              "ADAM_BETAS": [0.8, 0.95], "NOT_A_KNOB_HERE": 3}
-    other = write(tmp_path / "mac.tsv", [row(2.9, "keep", "baseline", note="baseline 1/1", protocol="tiny",
+    repo = make_repo(tmp_path)
+    env = loop_env(tiny_cache)
+    theirs = {"VAL_BPB": 1.5, "DEPTH": 1, "MATRIX_LR": 0.05, "DEVICE_BATCH_SIZE": 4, "TOTAL_BATCH_SIZE": 2**11,
+              "NOT_A_KNOB_HERE": 3}
+    other = write(tmp_path / "mac.tsv", [row(2.1, "keep", "baseline", note="baseline 1/1", protocol="tiny",
                                              device="Apple M3", backend="mlx", hyperparams=HP_MAC),
-                                         row(2.8, "keep", "smaller and sharper", protocol="tiny", device="Apple M3",
-                                             backend="mlx", hyperparams=theirs)])
-    code = report.cmd_transfer(other, repo=repo, backend="cpu", protocol="tiny", settings=Settings(baseline_runs=1))
-    out = capsys.readouterr()
-    assert code == 0, out.out + out.err
-    assert "applied: DEPTH=1, WINDOW_PATTERN=L, MATRIX_LR=0.05\n" in out.out
-    assert "kept from this host (per-hardware size): DEVICE_BATCH_SIZE=8 (theirs: 4)" in out.out
-    assert "skipped, not hyperparameters of this trainer: NOT_A_KNOB_HERE" in out.out
-    rows = read_results(repo / "results.tsv")
-    assert [r.status for r in rows] == ["keep", "transfer"]
+                                         row(1.5, "keep", "sharper", protocol="tiny", device="Apple M3", backend="mlx",
+                                             hyperparams=theirs)])
+    head = git(repo, "rev-parse", "HEAD")
+
+    dry = run_loop(repo, "transfer", "--from", str(other), "--dry-run", env=env)
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert "applied: VAL_BPB=1.5, MATRIX_LR=0.05, DEPTH=1\n" in dry.stdout  # in the block's order
+    assert "already the same here: TOTAL_BATCH_SIZE" in dry.stdout
+    assert "kept from this host (per-hardware size): DEVICE_BATCH_SIZE=8 (theirs: 4)" in dry.stdout
+    assert "skipped, not hyperparameters of this trainer: NOT_A_KNOB_HERE" in dry.stdout
+    assert "dry run" in dry.stdout and read_rows(repo) == [] and git(repo, "status", "--porcelain") == ""
+
+    out = run_loop(repo, "transfer", "--from", str(other), "--baseline-runs", "1", env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = read_rows(repo)
+    assert [(r.status, r.val_bpb) for r in rows] == [("keep", 2.0), ("transfer", 1.5)]
     t = rows[-1]
-    assert t.val_bpb > 0 and t.description.startswith("transfer from Apple M3 (mlx)")
-    # the values ran: DEPTH on this host's own line of the block, the batch size kept
-    assert (t.hyperparams["DEPTH"], t.hyperparams["MATRIX_LR"], t.hyperparams["DEVICE_BATCH_SIZE"]) == (1, 0.05, 8)
-    git = lambda *a: subprocess.run(["git", "-C", str(repo), *a], capture_output=True, text=True).stdout.strip()
-    assert git("status", "--porcelain") == "" and git("rev-parse", "HEAD") == head
+    assert t.description.startswith("transfer from Apple M3 (mlx) abc1234: VAL_BPB=1.5")
+    assert t.hyperparams["DEPTH"] == 1 and t.hyperparams["MATRIX_LR"] == 0.05  # the cpu line of DEPTH was edited
+    assert "it carried" in out.stdout
+    diff = (repo / "runs" / str(t.run) / "diff.patch").read_text()
+    assert "+    DEPTH = 1\n" in diff and "+MATRIX_LR = 0.05\n" in diff and "+DEVICE_BATCH_SIZE" not in diff
+    # never kept: the tree is back at the last kept commit, the trainer as it was
+    assert git(repo, "rev-parse", "HEAD") == head and git(repo, "status", "--porcelain") == ""
+    assert (repo / "train_cuda.py").read_text() == FAKE_TRAINER
     md = report.write_report(repo / "results.tsv", tmp_path / "out")[0].read_text()
-    assert "## Transfers" in md and "| 2 | transfer from Apple M3 (mlx)" in md
+    assert "## Transfers" in md and "| 2 | transfer from Apple M3 (mlx)" in md and "yes: -0.500000" in md
+
+    # a transfer starts from the last kept trainer, never on top of someone's edit
+    (repo / "train_cuda.py").write_text(FAKE_TRAINER + "\n# local edit\n")
+    dirty = run_loop(repo, "transfer", "--from", str(other), env=env)
+    assert dirty.returncode == 1 and "uncommitted changes" in dirty.stderr
+    assert len(read_rows(repo)) == 2 and (repo / "train_cuda.py").read_text().endswith("# local edit\n")
