@@ -1074,27 +1074,39 @@ def cmd_transfer(from_path: str | Path, *, repo: str | Path | None = None, backe
                  protocol: str | None = None, settings=None, keep: list[str] | None = None,
                  apply_all: bool = False, dry_run: bool = False) -> int:
     """`loop.py transfer --from RESULTS`: open the repository like `loop.py try` (lock, host, protocol,
-    current branch) and `run_transfer` in it. One sentence and exit 1 for bad input; Ctrl-C restores
-    the tree (exit 130)."""
+    current branch) and `run_transfer` in it. One sentence and exit 1 for bad input (the tree is left
+    as it was); Ctrl-C or SIGTERM stops the run and restores the tree (exit 130)."""
+    import signal
+
     import prepare
     from research.gitrepo import GitError
     from research.guards import LockError
     from research.results import ResultsError
     from research.session import Session, SessionError
 
-    session = None
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    session, previous = None, None
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: Ctrl-C still works
+        pass
     try:
         session = Session.open(Path(repo) if repo else Path(__file__).resolve().parents[1], backend=backend,
                                protocol=protocol, settings=settings)
         print(session.describe())
         session.use_current_branch()
         return run_transfer(session, from_path, keep=keep, apply_all=apply_all, dry_run=dry_run)
+    except ReportError as e:  # raised before anything in the tree changed: leave it alone
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         if session is not None:
             session.abort()
         print("interrupted: the trainer was stopped and the tree restored.", file=sys.stderr)
         return 130
-    except (ReportError, SessionError, LockError, ResultsError, GitError, prepare.PrepareError) as e:
+    except (SessionError, LockError, ResultsError, GitError, prepare.PrepareError) as e:
         if session is not None:
             session.abort()
         print(f"error: {e}", file=sys.stderr)
@@ -1102,6 +1114,8 @@ def cmd_transfer(from_path: str | Path, *, repo: str | Path | None = None, backe
     finally:
         if session is not None:
             session.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 # ---------------------------------------------------------------------------

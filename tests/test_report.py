@@ -376,3 +376,7 @@ def test_transfer_runs_the_other_machines_config_here(tiny_cache, tmp_path):
     dirty = run_loop(repo, "transfer", "--from", str(other), env=env)
     assert dirty.returncode == 1 and "uncommitted changes" in dirty.stderr
     assert len(read_rows(repo)) == 2 and (repo / "train_cuda.py").read_text().endswith("# local edit\n")
+    (repo / "train_cuda.py").write_text(FAKE_TRAINER)
+    (repo / "notes.txt").write_text("mine")  # an untracked file: refused too, and left where it is
+    dirty = run_loop(repo, "transfer", "--from", str(other), env=env)
+    assert dirty.returncode == 1 and "notes.txt" in dirty.stderr and (repo / "notes.txt").read_text() == "mine"
