@@ -7,7 +7,7 @@ side by side, with the hyperparameters that differ in bold, and refuses to mix p
 evaluators. `transfer` applies the best config found on another machine to this host's trainer
 and runs it once, logged with status `transfer`.
 
-matplotlib is imported only when a plot is drawn, so importing this module is cheap.
+matplotlib is imported only when a plot is drawn (and without pyplot), so importing this module is cheap.
 """
 
 from __future__ import annotations
@@ -544,10 +544,6 @@ def plot_progress(source: Source, summary: Summary, out_png: Path) -> Path:
     """Draw every experiment vs its index: discards grey, kept ones green and labelled, the running
     best as a step line, transfers blue; crashes (no val_bpb) as red crosses in a strip below the
     axes; values far above the baseline as triangles on the top edge."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
     rows = source.rows
@@ -569,10 +565,11 @@ def plot_progress(source: Source, summary: Summary, out_png: Path) -> Path:
             groups.setdefault(kind, []).append((i, r.val_bpb))
     has_band = any(k in groups for k in _BAND)
     if has_band:
-        fig, (ax, strip) = plt.subplots(2, 1, figsize=(13, 6.8), dpi=120, sharex=True,
-                                        gridspec_kw=dict(height_ratios=[14, 1], hspace=0.04))
+        fig = _figure(13, 6.8)
+        ax, strip = fig.subplots(2, 1, sharex=True, gridspec_kw=dict(height_ratios=[14, 1], hspace=0.04))
     else:
-        fig, ax = plt.subplots(figsize=(13, 6.5), dpi=120)
+        fig = _figure(13, 6.5)
+        ax = fig.subplots()
         strip = None
     ax.set_ylim(lo, hi)
     if not measured:
@@ -624,8 +621,17 @@ def plot_progress(source: Source, summary: Summary, out_png: Path) -> Path:
     _label_points(fig, ax, summary, [legend], hi)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png)
-    plt.close(fig)
     return out_png
+
+
+def _figure(width: float, height: float):
+    """A matplotlib Figure drawn by Agg, without pyplot's global state (no window, no backend switch)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=120)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def _label_points(fig, ax, summary: Summary, artists: list, top: float) -> None:
@@ -828,14 +834,12 @@ def compare_markdown(sources: list[Source], png_name: str | None = None) -> str:
 def plot_compare(sources: list[Source], out_png: Path) -> Path:
     """Two panels sharing the experiment axis: each source's running best val_bpb, and the same as a
     percentage of its own baseline (machines start at very different levels)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
     from matplotlib.ticker import MaxNLocator
 
-    fig, (ax, rel) = plt.subplots(1, 2, figsize=(14, 6), dpi=120)
-    colors = plt.get_cmap("tab10").colors
+    fig = _figure(14, 6)
+    ax, rel = fig.subplots(1, 2)
+    colors = colormaps["tab10"].colors
     for k, (source, label) in enumerate(zip(sources, _labels(sources))):
         summ = summarize(source)
         xs = [i for i, b in enumerate(summ.running_best, start=1) if b is not None]
@@ -866,7 +870,6 @@ def plot_compare(sources: list[Source], out_png: Path) -> Path:
     fig.tight_layout(rect=(0, 0.05 + 0.035 * rows_of_legend, 1, 0.96))
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png)
-    plt.close(fig)
     return out_png
 
 
