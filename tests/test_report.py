@@ -124,7 +124,8 @@ def test_report_with_crashes_holdout_and_totals(tmp_path):
     assert "| wall time (sum of experiments) | 3 h 40 min |" in md  # 40 x 330 s
     assert "| agent cost | $2.00 (40,000 tokens in, 4,000 out) |" in md
     # every kept change in order, its gain over the best before it, holdout beside val
-    assert "| # | commit | change | val_bpb | vs previous best | vs baseline | holdout_bpb | holdout vs baseline |" in md
+    assert ("| # | commit | change | val_bpb | vs previous best | vs baseline | holdout_bpb | holdout vs baseline |"
+            in md)
     assert "| 5 | abc1234 | idea 4 | 0.996000 | -0.002000 (-0.20%) | -0.002000 (-0.20%) | 1.007000 |" in md
     positions = [md.index(f"| {r.description} | {r.val_bpb:.6f} |") for r in kept]
     assert positions == sorted(positions)
@@ -310,7 +311,9 @@ def test_plan_and_apply_transfer(tmp_path):
     assert plan.same == ["WINDOW_PATTERN"]
     assert plan.missing == ["SOFTCAP"] and plan.not_recorded == ["ASPECT_RATIO"]
     text = "\n".join(plan.lines())
-    assert "applied: DEPTH=8, TOTAL_BATCH_SIZE=524288, MATRIX_LR=0.05, ADAM_BETAS=[0.9, 0.95]\n" in text and "SOFTCAP" in text and "DEVICE_BATCH_SIZE=8" in text
+    assert "applied: DEPTH=8, TOTAL_BATCH_SIZE=524288, MATRIX_LR=0.05, ADAM_BETAS=[0.9, 0.95]\n" in text
+    assert "skipped, not hyperparameters of this trainer: SOFTCAP" in text
+    assert "kept from this host (per-hardware size): DEVICE_BATCH_SIZE=8 (theirs: 128)" in text
     new = report.apply_transfer(plan, TRAINER, host)
     # the branch in effect on this host is edited, the other hardware's baseline stays
     assert "DEPTH = 4 if _METAL else 8\n" in new
