@@ -13,7 +13,6 @@ matplotlib is imported only when a plot is drawn (and without pyplot), so import
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import re
@@ -1012,7 +1011,7 @@ def run_transfer(session, from_path: str | Path, *, keep: list[str] | None = Non
     """Run another machine's best config once in an open session (branch adopted, tree clean).
 
     Writes the other machine's best kept hyperparameters into this host's trainer, except names in
-    `keep` (always including the per-hardware DEVICE_BATCH_SIZE unless `apply_all`) and names this
+    `keep` (plus the per-hardware DEVICE_BATCH_SIZE unless `apply_all`) and names this
     trainer lacks, which are reported and skipped; runs the branch's baseline first if it has none;
     then runs the config as one experiment recorded with status `transfer` (the tree goes back to the
     last kept commit either way). Prints the plan and the verdict; returns the exit code.
@@ -1021,7 +1020,7 @@ def run_transfer(session, from_path: str | Path, *, keep: list[str] | None = Non
     from research import experiment
     from research.driver import ensure_baseline
 
-    keep = [] if apply_all else list(dict.fromkeys([*HOST_SPECIFIC, *(keep or [])]))
+    keep = list(dict.fromkeys([*(() if apply_all else HOST_SPECIFIC), *(keep or [])]))
     dirty = session.dirty_paths()
     if dirty:
         raise ReportError(f"The work tree has uncommitted changes ({', '.join(dirty[:5])}); commit or revert "
@@ -1047,9 +1046,6 @@ def run_transfer(session, from_path: str | Path, *, keep: list[str] | None = Non
     if dry_run:
         print("dry run: nothing was changed or run.")
         return 0
-    if "record_as" not in inspect.signature(experiment.run_experiment).parameters:
-        raise ReportError("This version of research/experiment.py cannot record a run with status transfer; "
-                          "update the project.")
     ensure_baseline(session)
     best = session.best
     (session.repo / session.trainer).write_text(new_text, encoding="utf-8")
