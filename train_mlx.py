@@ -176,8 +176,13 @@ def loss_fn(model, idx, targets):
 
 def build_model(cfg, dtype=None):
     """A freshly initialised GPT; dtype (of the embeddings, hence the activations) defaults to COMPUTE_DTYPE."""
-    model = GPT(cfg, dtype or COMPUTE_DTYPE)
+    dtype = dtype or COMPUTE_DTYPE
+    model = GPT(cfg, dtype)
     mx.eval(model.parameters())
+    for window in set(model.window_sizes):  # build the masks now, outside any compiled trace
+        mask = attention_mask(cfg.sequence_len, window, dtype)
+        if not isinstance(mask, str):
+            mx.eval(mask)
     return model
 
 
@@ -213,8 +218,12 @@ def load_params(model, params):
 
 
 def polar_express(g, steps=5):
-    """Approximate orthogonalization of each matrix in g (N, rows, cols), iterating on the smaller Gram side."""
-    x = g / (mx.sqrt(mx.sum(mx.square(g), axis=(-2, -1), keepdims=True)) * 1.02 + 1e-6)
+    """Approximate orthogonalization of each matrix in g (N, rows, cols), iterating on the smaller Gram side.
+
+    Iterates in g's dtype (bf16 on Metal); the Frobenius norm is taken in fp32.
+    """
+    g32 = g.astype(mx.float32)
+    x = (g32 / (mx.sqrt(mx.sum(mx.square(g32), axis=(-2, -1), keepdims=True)) * 1.02 + 1e-6)).astype(g.dtype)
     tall = g.shape[-2] > g.shape[-1]
     for a, b, c in POLAR_EXPRESS_COEFFS[:steps]:
         xt = x.swapaxes(-1, -2)
