@@ -187,8 +187,7 @@ def build_model(cfg, dtype=None):
 
 
 def canonical_name(path):
-    # MLX paths are "blocks.0.attn.c_q.weight"; canonical names drop the ".weight".
-    return path[: -len(".weight")] if path.endswith(".weight") else path
+    return path.removesuffix(".weight")  # MLX path "blocks.0.attn.c_q.weight" -> "blocks.0.attn.c_q"
 
 
 def set_params(model, new):
@@ -207,6 +206,9 @@ def load_params(model, params):
     names = {canonical_name(k): k for k in current}
     if set(names) != set(params):
         raise KeyError(f"parameter names differ: {sorted(set(names) ^ set(params))}")
+    for name, value in params.items():
+        if tuple(np.shape(value)) != tuple(current[names[name]].shape):
+            raise ValueError(f"{name}: shape {np.shape(value)} != {tuple(current[names[name]].shape)}")
     new = {names[n]: mx.array(np.asarray(v)).astype(current[names[n]].dtype) for n, v in params.items()}
     set_params(model, new)
     mx.eval(model.parameters())
@@ -293,9 +295,9 @@ class MuonAdamW:
                 self.adam[path] = (scalar_lr, 0.96, 0.95)
             else:
                 raise ValueError(f"parameter {path} has no optimizer group")
-        # Muon groups: (paths, lr, weight decay); the schedule scales lr and replaces the decay each step.
+        # Muon groups by shape, "rowsxcols" -> (paths, lr); each step's schedule scales the lrs.
         self.muon = {f"{r}x{c}": (paths, matrix_lr) for (r, c), paths in sorted(muon_paths.items())}
-        self.weight_decay = weight_decay
+        self.weight_decay = weight_decay  # Muon's decay at the start; the schedule passes the current value
 
         def second_shape(rows, cols):  # one NorMuon statistic per row of a tall matrix, per column of a wide one
             return (rows, 1) if rows >= cols else (1, cols)
@@ -369,11 +371,11 @@ ADAM_BETAS = (0.8, 0.95)
 WARMUP_RATIO = 0.0  # fraction of the time budget spent warming the lr up
 WARMDOWN_RATIO = 0.5  # fraction of the time budget at the end spent decaying the lr
 FINAL_LR_FRAC = 0.0  # lr at the end, as a fraction of the peak
-if HARDWARE == "metal":  # Apple Silicon GPU: smaller and more steps win in 5 minutes (M1 Mac Studio)
+if HARDWARE == "metal":  # Apple Silicon GPU: depth 4 and 2**16 tokens per step were first wins on an M1 Mac Studio
     DEPTH = 4
     DEVICE_BATCH_SIZE = 16
     TOTAL_BATCH_SIZE = 2**16
-if HARDWARE == "cpu":  # MLX's CPU build (reference BLAS, a few GFLOP/s): narrow and small steps to learn in 30 s
+if HARDWARE == "cpu":  # MLX's CPU build (reference BLAS, a few GFLOP/s): narrow, small steps, learns in 30 s
     DEPTH = 2
     ASPECT_RATIO = 32
     HEAD_DIM = 32

@@ -7,7 +7,7 @@ AUTORESEARCH_BACKEND=cpu|mps|cuda to choose). Each figure is the best of --repea
 (the steadiest number on a busy machine); the two MLX modes alternate.
 
 Linux CPU: MLX's CPU wheel (mlx[cpu]) bundles the reference BLAS, a few GFLOP/s, so MLX trails
-PyTorch (oneDNN/MKL) by an order of magnitude there. A faster BLAS can be preloaded without
+PyTorch (oneDNN/MKL) several times over there. A faster BLAS can be preloaded without
 rebuilding anything; MLX then calls its cblas_sgemm. On Debian/Ubuntu:
 
     sudo apt-get install libopenblas0-pthread
@@ -16,10 +16,10 @@ rebuilding anything; MLX then calls its cblas_sgemm. On Debian/Ubuntu:
 
 (on a 2-core x86 VM this made a 512x512 fp32 matmul ~35x faster and this benchmark's MLX step ~5x
 faster). It is optional and only for speed: the math is the same. This script runs each framework in
-its own process and drops LD_PRELOAD for PyTorch, whose own BLAS it would otherwise replace. Apple Silicon needs none of this:
-MLX runs on the GPU through Metal.
+its own process and drops LD_PRELOAD for PyTorch, whose own BLAS it would otherwise replace.
+Apple Silicon needs none of this: MLX runs on the GPU through Metal.
 
-Run: .venv/bin/python bench/bench_mlx_vs_torch.py [--depth 2] [--seq-len 256] [--batch-size 4] [--steps 5]
+Run: .venv/bin/python bench/bench_mlx_vs_torch.py [--depth 2] [--seq-len 256] [--batch-size 4] [--steps 3]
 """
 
 import argparse
