@@ -68,8 +68,7 @@ class Outcome:
     log_tail: str = ""
     diff: str = ""
     trainer_text: str = ""  # the trainer that ran (or was rejected)
-    timings: dict = field(default_factory=dict)
-    stop: str | None = None  # set when the loop must stop (locked files tampered with)
+    timings: dict = field(default_factory=dict)  # seconds per phase: commit, trainer, parse, bookkeeping, total
 
     @property
     def status(self) -> str:
@@ -257,14 +256,14 @@ def run_experiment(s: Session, description: str, usage: Usage | None = None, *,
     Raises TamperError (after restoring and recording) when a locked file was changed.
     """
     t0 = time.perf_counter()
+    started_at = time.time()
     timings: dict[str, float] = {}
     run_no, run_dir = s.new_run_dir()
     label = label or (f"baseline {baseline[0]}/{baseline[1]}" if baseline else f"run {run_no}")
     description = sanitize(description) or "(no description)"
     text = s.trainer_text() if (s.repo / s.trainer).exists() else ""
 
-    def finish(row: Row, diff: str, tail: str = "", stop: str | None = None, restore: bool = True,
-               **extra) -> Outcome:
+    def finish(row: Row, diff: str, tail: str = "", restore: bool = True) -> Outcome:
         t_rec = time.perf_counter()
         if restore:
             s.restore(text if keep_edit and row.status in ("crash", "invalid") else None,
@@ -274,9 +273,8 @@ def run_experiment(s: Session, description: str, usage: Usage | None = None, *,
             s.best = row.val_bpb if not baseline else s.best
         timings["bookkeeping"] = time.perf_counter() - t_rec
         timings["total"] = time.perf_counter() - t0
-        _write_meta(run_dir, row, timings, **extra)
-        return Outcome(row=row, run_dir=run_dir, log_tail=tail, diff=diff, trainer_text=text, timings=timings,
-                       stop=stop)
+        _write_meta(run_dir, row, timings, started_at=started_at, finished_at=time.time())
+        return Outcome(row=row, run_dir=run_dir, log_tail=tail, diff=diff, trainer_text=text, timings=timings)
 
     # 1. the change keeps to the one-file rule
     if baseline:
@@ -316,24 +314,11 @@ def run_experiment(s: Session, description: str, usage: Usage | None = None, *,
     wall = run.wall_seconds if run else 0.0
     tail = log_tail(run_dir / "log.txt")
 
-    # 3. guards: locked files, nothing but the trainer's commit in the tree
+    # 3. decide (a borderline win may get a confirming rerun first)
     t = time.perf_counter()
-    try:
-        s.verify_locked()
-    except TamperError as e:
-        # restore (tracked locked files come back with the reset), record why, then stop the loop;
-        # record() verifies again, so a change the reset cannot undo stops without a row
-        row = _row(s, commit=commit, status="rejected", description=description,
-                   note=f"rejected: {e}", run_no=run_no, trainer_text=text, m=None, wall=wall, usage=usage)
-        finish(row, diff, tail, stop=str(e))
-        raise
-    problem = s.scope_problem(allow_trainer=False)
-    if problem:
-        status, reason = "rejected", problem
-
-    # 4. decide
+    note = ""
     if status == "ok" and baseline:
-        status, note = "keep", ""
+        status = "keep"
     elif status == "ok":
         status, note, borderline = decide(m.val_bpb, s.best, s.noise_floor)
         if record_as:
@@ -342,6 +327,20 @@ def run_experiment(s: Session, description: str, usage: Usage | None = None, *,
             status, note, m = _confirm(s, run_dir, label, description, m, note)
     else:
         note = f"{status}: {reason}"
+
+    # 4. guards, after every run: locked files intact, nothing in the tree but the trainer's commit
+    try:
+        s.verify_locked()
+    except TamperError as e:
+        # restore (tracked locked files come back with the reset), record why, then stop the loop;
+        # record() verifies again, so a change the reset cannot undo stops without a row
+        row = _row(s, commit=commit, status="rejected", description=description,
+                   note=f"rejected: {e}", run_no=run_no, trainer_text=text, m=None, wall=wall, usage=usage)
+        finish(row, diff, tail)
+        raise
+    problem = s.scope_problem(allow_trainer=False)
+    if problem:
+        status, note = "rejected", f"rejected: {problem}"
     if baseline:  # baseline rows are recognised by this note prefix, whatever their status
         note = f"{BASELINE} {baseline[0]}/{baseline[1]}" + (f"; {note}" if note else "")
     timings["parse"] = time.perf_counter() - t

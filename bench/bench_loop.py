@@ -1,0 +1,131 @@
+"""Loop overhead: how much wall time an experiment costs beyond its training budget, and where it goes.
+
+Run: .venv/bin/python bench/bench_loop.py [--budget 10] [--experiments 3] [--backend cpu]
+
+Copies the project into a temporary git repository, runs `loop.py run --agent local` on the tiny
+protocol (prepared on the fly if needed, in the usual cache or AUTORESEARCH_CACHE) with the real
+trainer for this host, then reads runs/<n>/meta.json and result.json of every experiment after the
+baseline. Per experiment:
+
+  overhead = (wall seconds per experiment - budget) / budget
+
+with the wall seconds split into phases:
+  agent        the agent's proposal (gap between one experiment's end and the next one's start;
+               the local agent's first proposal imports the trainer once to see which lines apply)
+  commit       scope check, diff, git commit
+  spawn/import process start and the trainer's imports (trainer wall - trainer's total_seconds)
+  train        the trainer's counted training time (training_seconds)
+  setup        the rest of the trainer's own time: model build, uncounted warm-up steps
+  eval         the evaluator (eval_seconds from its JSON)
+  bookkeeping  result parsing, guards, git reset, the results row
+The loop's own share (agent + commit + bookkeeping) is printed separately from what the trainer
+spends around its budget (spawn/import, setup, eval), which shrinks relative to the budget as the
+budget grows (5 minutes under the standard protocol).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FILES = ("loop.py", "research", "prepare.py", "backends", "model", "program.md", "train_cuda.py", "train_mlx.py",
+         ".gitignore")
+PHASES = ("agent", "commit", "spawn/import", "setup", "train", "eval", "bookkeeping")
+
+
+def make_repo(dest: Path) -> Path:
+    repo = dest / "repo"
+    repo.mkdir()
+    for name in FILES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            shutil.copy2(src, repo / name)
+    for args in (["init", "-q", "-b", "main"], ["add", "-A"],
+                 ["-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "bench"]):
+        subprocess.run(["git", "-C", str(repo), *args], check=True)
+    return repo
+
+
+def phases(run_dir: Path, previous_end: float | None) -> dict[str, float]:
+    meta = json.loads((run_dir / "meta.json").read_text())
+    result = json.loads((run_dir / "result.json").read_text())
+    t, summary, ev = meta["timings"], result.get("summary", {}), result.get("eval", {})
+    wall = meta["row"]["wall_seconds"]
+    total = summary.get("total_seconds") or wall
+    train = summary.get("training_seconds") or 0.0
+    evals = ev.get("eval_seconds") or 0.0
+    return {
+        "agent": meta["started_at"] - previous_end if previous_end else 0.0,
+        "commit": t.get("commit", 0.0),
+        "spawn/import": max(0.0, wall - total),
+        "setup": max(0.0, total - train - evals),
+        "train": train,
+        "eval": evals,
+        "bookkeeping": t["total"] - t.get("commit", 0.0) - t["trainer"],
+        "wall": meta["finished_at"] - (previous_end or meta["started_at"]),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--budget", type=float, default=10.0, help="training seconds per experiment (default 10)")
+    ap.add_argument("--experiments", type=int, default=3, help="experiments after the baseline (default 3)")
+    ap.add_argument("--backend", default=os.environ.get("AUTORESEARCH_BACKEND", "cpu"))
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="bench-loop-") as tmp:
+        repo = make_repo(Path(tmp))
+        env = {**os.environ, "AUTORESEARCH_PROTOCOL": "tiny", "AUTORESEARCH_TIME_BUDGET": str(args.budget),
+               "AUTORESEARCH_BACKEND": args.backend}
+        env.pop("ANTHROPIC_API_KEY", None)
+        cmd = [sys.executable, "loop.py", "run", "--agent", "local", "--tag", "bench", "--baseline-runs", "1",
+               "--max-experiments", str(args.experiments)]
+        print(f"running: {' '.join(cmd[1:])} (budget {args.budget:g} s, backend {args.backend})", flush=True)
+        proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(proc.stdout + proc.stderr, file=sys.stderr)
+            return 1
+        runs = sorted((p for p in (repo / "runs").iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+        rows = []
+        for prev, run in zip(runs, runs[1:]):  # every experiment after the baseline
+            if not (run / "result.json").exists():
+                print(f"run {run.name} has no result (crashed?): skipped")
+                continue
+            prev_end = json.loads((prev / "meta.json").read_text())["finished_at"]
+            rows.append(phases(run, prev_end))
+
+    if not rows:
+        print("no experiment finished; nothing to report", file=sys.stderr)
+        return 1
+    b = args.budget
+    print(f"\n{'experiment':<12}" + "".join(f"{k:>14}" for k in (*PHASES, "wall")))
+    for i, r in enumerate(rows, start=1):
+        print(f"{i:<12}" + "".join(f"{r[k]:>14.3f}" for k in (*PHASES, "wall")))
+    mean = {k: statistics.fmean(r[k] for r in rows) for k in (*PHASES, "wall")}
+    print(f"\n{len(rows)} experiments, budget {b:g} s, mean wall {mean['wall']:.2f} s per experiment")
+    print(f"{'phase':<14}{'seconds':>9}{'% of budget':>13}")
+    for k in PHASES:
+        print(f"{k:<14}{mean[k]:>9.3f}{100 * mean[k] / b:>12.2f}%")
+    loop_own = mean["agent"] + mean["commit"] + mean["bookkeeping"]
+    around = mean["spawn/import"] + mean["setup"] + mean["eval"]
+    overrun = mean["train"] - b
+    print(f"\noverhead (wall - budget) / budget: {100 * (mean['wall'] - b) / b:.1f}%")
+    print(f"  loop's own (agent + commit + bookkeeping): {loop_own:.3f} s = {100 * loop_own / b:.2f}% of the budget")
+    print(f"  trainer around its budget (spawn/import + setup + eval): {around:.2f} s = {100 * around / b:.1f}%")
+    print(f"  training past the budget (last step): {overrun:.2f} s = {100 * overrun / b:.1f}%")
+    print(f"  the same extra seconds under the standard 300 s budget: {100 * (mean['wall'] - b) / 300:.1f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
