@@ -67,7 +67,9 @@ def _mask(seq_len: int, window: int, dtype_name: str) -> mx.array:
     diff = i - j
     allowed = (diff >= 0) & (diff <= window)
     dtype = getattr(mx, dtype_name)
-    return mx.where(allowed, mx.array(0.0, dtype=dtype), mx.array(-float("inf"), dtype=dtype))
+    mask = mx.where(allowed, mx.array(0.0, dtype=dtype), mx.array(-float("inf"), dtype=dtype))
+    mx.eval(mask)  # cache a materialized array, never a lazy graph captured while tracing a compiled function
+    return mask
 
 
 def sliding_window_mask(seq_len: int, window: int, dtype: mx.Dtype = mx.float32) -> mx.array:
