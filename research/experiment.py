@@ -217,7 +217,7 @@ def _run_once(s: Session, run_dir: Path, label: str, description: str, prefix: s
                          f"(limit {clock(s.timeout_s)}) | best {best}")
 
     run = run_trainer(s.repo, s.trainer, env, run_dir / f"{prefix}log.txt", s.timeout_s, on_tick=tick,
-                      tick_s=s.settings.tick_s)
+                      tick_s=s.settings.tick_s, on_spawn=lambda pgid: s.lock.note_trainer(pgid, s.trainer))
     if run.timed_out:
         return run, "crash", None, f"killed after {run.wall_seconds:.0f} s (limit {s.timeout_s:.0f} s)"
     status, m, reason = read_result(result_path, run.returncode, evaluator_hash=s.evaluator_hash,

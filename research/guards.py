@@ -4,9 +4,11 @@ and the scrubbed environment the trainer runs in."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
 import re
+import signal
 import subprocess
 from pathlib import Path
 
@@ -99,51 +101,102 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _runs_file(pid: int, name: str) -> bool:
+    """True if process `pid` is running a program whose arguments include a file called `name` (so a pid
+    the system has since given to another program is left alone)."""
+    if Path("/proc/self").is_dir():
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            return False
+    else:  # no procfs (macOS): ps prints the command line
+        out = subprocess.run(["ps", "-o", "command=", "-p", str(pid)], capture_output=True, text=True)
+        args = out.stdout.split()
+    return any(a and Path(a).name == name for a in args)
+
+
 class RepoLock:
-    """`.autoresearch.lock` holding our pid: a second loop on the same repo refuses; a stale lock
-    (its pid is gone) is taken over."""
+    """`.autoresearch.lock`: an exclusive kernel lock (flock) on a file naming its holder.
+
+    The file holds the loop's pid and, while an experiment runs, the trainer's process group
+    (`trainer <pgid> <file>`). A second loop on the same repository refuses, however close together
+    the two start. The kernel drops the lock when its holder dies, however it dies; the next loop
+    then takes over and first ends a trainer the dead loop left running (a trainer runs in its own
+    session, so it outlives a loop killed with SIGKILL). A live pid in a file nobody holds (an older
+    loop, or one written by hand) is respected too.
+    """
 
     def __init__(self, repo: Path):
         self.path = Path(repo) / LOCK_FILE
         self.held = False
+        self.ended_trainer: int | None = None  # pgid of a trainer left by a dead loop, ended on takeover
+        self._fd: int | None = None
 
     def acquire(self) -> None:
-        for _ in range(3):
+        for _ in range(5):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                try:
-                    pid = int(self.path.read_text().split()[0])
-                except (OSError, ValueError, IndexError):
-                    pid = -1
-                if pid == os.getpid():
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                pid, _ = _read_lock(fd)
+                os.close(fd)
+                if pid == os.getpid():  # this process holds it already
                     self.held = True
                     return
-                if _pid_alive(pid):
-                    raise LockError(
-                        f"Another autoresearch loop (pid {pid}) is running on this repository; "
-                        f"stop it first (or delete {self.path.name} if that process is not a loop)."
-                    ) from None
-                try:
-                    self.path.unlink()  # stale: its owner died without cleaning up
-                except FileNotFoundError:
-                    pass
+                raise self._busy(pid) from None
+            try:
+                replaced = os.fstat(fd).st_ino != os.stat(self.path).st_ino
+            except FileNotFoundError:
+                replaced = True
+            if replaced:  # its holder removed the file while we opened it: lock the new one
+                os.close(fd)
                 continue
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{os.getpid()}\n")
-            self.held = True
+            pid, trainer = _read_lock(fd)
+            if pid not in (None, os.getpid()) and _pid_alive(pid):
+                os.close(fd)
+                raise self._busy(pid)
+            if trainer is not None and _runs_file(*trainer):
+                try:
+                    os.killpg(trainer[0], signal.SIGKILL)
+                    self.ended_trainer = trainer[0]
+                except OSError:
+                    pass
+            self._fd, self.held = fd, True
+            self._write(f"{os.getpid()}\n")
             return
         raise LockError(f"Could not take {self.path}; another loop keeps replacing it.")
+
+    def _busy(self, pid: int | None) -> LockError:
+        return LockError(
+            f"Another autoresearch loop (pid {pid if pid else 'unknown'}) is running on this repository; "
+            f"stop it first (or delete {self.path.name} if that process is not a loop).")
+
+    def _write(self, text: str) -> None:
+        data = text.encode()
+        os.pwrite(self._fd, data, 0)  # the pid line never changes, so a reader always sees it
+        os.ftruncate(self._fd, len(data))
+
+    def note_trainer(self, pgid: int | None, trainer: str = "") -> None:
+        """Record the process group of the trainer now running (None: it ended), for whoever takes over."""
+        if self._fd is None:
+            return
+        try:
+            self._write(f"{os.getpid()}\n" + (f"trainer {pgid} {trainer}\n" if pgid else ""))
+        except OSError:
+            pass  # best effort: only matters if this loop is killed while the trainer runs
 
     def release(self) -> None:
         if not self.held:
             return
-        try:
-            if int(self.path.read_text().split()[0]) == os.getpid():
-                self.path.unlink()
-        except (OSError, ValueError, IndexError):
-            pass
         self.held = False
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink()  # while still locked: a loop starting now locks a fresh file
+        except OSError:
+            pass
+        os.close(self._fd)
+        self._fd = None
 
     def __enter__(self) -> RepoLock:
         self.acquire()
@@ -151,3 +204,21 @@ class RepoLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _read_lock(fd: int) -> tuple[int | None, tuple[int, str] | None]:
+    """(holder pid, (trainer pgid, trainer file) or None) from a lock file; None for what is unreadable."""
+    try:
+        lines = os.pread(fd, 4096, 0).decode(errors="replace").split("\n")
+    except OSError:
+        return None, None
+    try:
+        pid = int(lines[0])
+    except ValueError:
+        pid = None
+    trainer = None
+    if len(lines) > 1 and lines[1].startswith("trainer "):
+        parts = lines[1].split(" ", 2)
+        if len(parts) == 3 and parts[1].isdigit() and int(parts[1]) > 1 and parts[2]:
+            trainer = (int(parts[1]), parts[2])
+    return pid, trainer

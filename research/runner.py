@@ -49,10 +49,12 @@ def run_trainer(
     timeout_s: float,
     on_tick: Callable[[float], None] | None = None,
     tick_s: float = 0.5,
+    on_spawn: Callable[[int | None], None] | None = None,
 ) -> TrainerRun:
     """Run `python trainer` in `repo` with `env`, output to `log_path`; kill the group past `timeout_s`.
 
     An exception in the caller's thread (Ctrl-C) ends the child's group before propagating.
+    `on_spawn(pgid)` is called once the child runs, `on_spawn(None)` once its group is gone.
     """
     started = time.time()
     t0 = time.perf_counter()
@@ -66,6 +68,8 @@ def run_trainer(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        if on_spawn is not None:
+            on_spawn(proc.pid)
         timed_out = False
         try:
             while True:
@@ -82,6 +86,8 @@ def run_trainer(
                         on_tick(elapsed)
         except BaseException:
             kill_group(proc, grace=1.0)
+            if on_spawn is not None:
+                on_spawn(None)
             raise
         wall = time.perf_counter() - t0
         # Stragglers the trainer left in its group (data workers) must not outlive the experiment.
@@ -89,6 +95,8 @@ def run_trainer(
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+        if on_spawn is not None:
+            on_spawn(None)
     if timed_out:
         with open(log_path, "a", encoding="utf-8") as log:
             log.write(f"\n[loop] killed after {wall:.1f} s: past the {timeout_s:.0f} s limit\n")

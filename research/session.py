@@ -121,6 +121,8 @@ class Session:
                                "clone the project or run 'git init && git add -A && git commit'.")
         lock = RepoLock(repo)
         lock.acquire()
+        if lock.ended_trainer is not None:
+            console.event(f"ended the trainer (process group {lock.ended_trainer}) that a killed loop left running")
         try:
             try:
                 host = backends.detect(backend)
