@@ -579,27 +579,30 @@ class ClaudeAgent(Agent):
         """One Messages API call with retries; usage is added to self.pending."""
         a = self._anthropic
         wire = _with_moving_cache_mark(messages)
-        last: Exception | None = None
+        last = "no response"
         for attempt in range(self.attempts):
             try:
                 resp = self.client.messages.create(model=self.model, max_tokens=self.max_tokens, system=self.system,
                                                    tools=self.tools, messages=wire)
+                problem = _malformed(resp)
+                if problem is None:
+                    self._count(resp)
+                    return resp
+                last = f"malformed response ({problem})"
             except (a.RateLimitError, a.InternalServerError, a.APIConnectionError) as e:
-                last = e
-                if attempt + 1 == self.attempts:
-                    break
-                delay = min(self.backoff_cap_s, self.backoff_s * 2**attempt)
-                self.console.event(f"claude: {_describe(e)}; retrying in {delay:.0f} s "
-                                   f"(attempt {attempt + 2} of {self.attempts})")
-                time.sleep(delay)
-                continue
+                last = _describe(e)
+            except a.APIResponseValidationError as e:
+                last = f"malformed response ({sanitize(e, 120)})"
             except a.APIStatusError as e:
                 raise AgentError(_status_sentence(e, self.model)) from None
             except a.AnthropicError as e:
                 raise AgentError(f"The Anthropic client failed: {sanitize(e, 200)}") from None
-            self._count(resp)
-            return resp
-        raise AgentError(f"The Anthropic API kept failing ({_describe(last)}) after {self.attempts} attempts; "
+            if attempt + 1 == self.attempts:
+                break
+            delay = min(self.backoff_cap_s, self.backoff_s * 2**attempt)
+            self.console.event(f"claude: {last}; retrying in {delay:g} s (attempt {attempt + 2} of {self.attempts})")
+            time.sleep(delay)
+        raise AgentError(f"The Anthropic API kept failing ({last}) after {self.attempts} attempts; "
                          "the loop stopped, run it again later to resume.")
 
     def _count(self, resp) -> None:
@@ -627,9 +630,22 @@ def _with_moving_cache_mark(messages: list[dict]) -> list[dict]:
     return wire
 
 
-def _describe(e: Exception | None) -> str:
-    if e is None:
-        return "no response"
+def _malformed(resp) -> str | None:
+    """What is wrong with a reply that is not a usable message (a proxy's error page, say), or None."""
+    content = getattr(resp, "content", None)
+    if not isinstance(content, list):
+        return f"no content list in a {type(resp).__name__}"
+    for block in content:
+        kind = getattr(block, "type", None)
+        if not isinstance(kind, str):
+            return "a content block without a type"
+        if kind == "tool_use" and not (isinstance(getattr(block, "id", None), str)
+                                       and isinstance(getattr(block, "name", None), str)):
+            return "a tool call without an id or a name"
+    return None
+
+
+def _describe(e: Exception) -> str:
     code = getattr(e, "status_code", None)
     body = getattr(e, "body", None)
     kind = body.get("error", {}).get("type") if isinstance(body, dict) and isinstance(body.get("error"), dict) else None

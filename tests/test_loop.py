@@ -757,6 +757,14 @@ def _claude(repo: Path, url: str, monkeypatch, **kw) -> ClaudeAgent:
     return ClaudeAgent(repo, "train_cuda.py", client=client, model="claude-sonnet-5-5", backoff_s=0.01, **kw)
 
 
+def test_cost_table():
+    assert cost_usd("claude-sonnet-5-5", 1_000_000, 1_000_000, 1_000_000, 1_000_000) == pytest.approx(2 + 10 + 2.5 + 0.1)
+    assert cost_usd("claude-haiku-4-5-20251001", 0, 1_000_000) == pytest.approx(5.0)  # dated id -> its alias
+    assert cost_usd("claude-unknown-9", 10, 10) is None
+    line = _row(agent_tokens_in=10, agent_tokens_out=5, agent_cost_usd=None).to_line().split("\t")
+    assert line[R.COLUMNS.index("agent_cost_usd")] == ""  # unknown price: blank, not 0
+
+
 def test_claude_agent_tool_use_and_caching(tiny_cache, tmp_path, monkeypatch):
     repo = make_repo(tmp_path)
     replies = [
@@ -802,13 +810,14 @@ def test_claude_agent_retries_rate_limits_and_overload(tiny_cache, tmp_path, mon
         error(429, "rate_limit_error", "slow down", **{"retry-after-ms": "5"}),  # the SDK's own retry
         error(529, "overloaded_error", "Overloaded", **{"x-should-retry": "false"}),  # ours
         error(503, "api_error", "unavailable", **{"x-should-retry": "false"}),
+        (200, "<html>502 Bad Gateway</html>", {}),  # a proxy's page where a message should be
         message(*done),
     ]
     with FakeMessagesAPI(replies) as api:
         agent = _claude(repo, api.url, monkeypatch)
         t0 = time.monotonic()
         proposal = agent.propose(_ctx(repo))
-    assert proposal.description == "deeper" and len(api.requests) == 4
+    assert proposal.description == "deeper" and len(api.requests) == 5
     assert time.monotonic() - t0 < 5
 
 
