@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -25,7 +26,7 @@ from research.runner import run_trainer
 from research.session import BASELINE, Session, TamperError, replay
 
 __all__ = ["Outcome", "Measurement", "Usage", "run_experiment", "run_baseline", "read_result", "decide",
-           "log_tail"]
+           "log_tail", "failure_line", "exit_reason"]
 
 BUDGET_SLACK = (1.10, 5.0)  # training may overrun the budget by 10% + 5 s (the last step) before it is rejected
 
@@ -87,6 +88,33 @@ def log_tail(path: Path, lines: int = 40, chars: int = 6000) -> str:
     return tail[-chars:]
 
 
+def failure_line(log: str) -> str | None:
+    """The line of a crashed run's log that says what went wrong: the trainer's own `FAIL:` line,
+    else the exception line that ends a Python traceback."""
+    lines = [ln.rstrip() for ln in log.split("\n") if ln.strip()]
+    fail = next((ln for ln in reversed(lines) if ln.startswith("FAIL:")), None)
+    if fail is not None:
+        return sanitize(fail, 300)
+    starts = [i for i, ln in enumerate(lines) if ln.startswith("Traceback (most recent call last):")]
+    if not starts:
+        return None
+    # after the header come indented frames, then the unindented `Type: message` line
+    exc = next((ln for ln in lines[starts[-1] + 1 :] if not ln[:1].isspace()), None)
+    return sanitize(exc, 300) if exc else None
+
+
+def exit_reason(returncode: int | None) -> str:
+    """`exit code 1`, or the signal that ended the process (`killed by SIGSEGV`)."""
+    if returncode is not None and returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        hint = " (the system may have run out of memory)" if -returncode == signal.SIGKILL else ""
+        return f"killed by {name}{hint}"
+    return f"exit code {returncode}"
+
+
 def _num(d: dict, key: str, cast=float):
     v = d.get(key)
     try:
@@ -112,7 +140,7 @@ def read_result(path: Path, returncode: int | None, *, evaluator_hash: str, prot
     if isinstance(ev, dict) and ev.get("valid") is False:
         return "invalid", None, sanitize(ev.get("reason") or "the evaluator found the model is not causal")
     if returncode != 0:
-        return "crash", None, f"exit code {returncode}"
+        return "crash", None, exit_reason(returncode)
     if not isinstance(ev, dict):
         return "crash", None, "no result from the evaluator (the trainer did not run prepare.evaluate_bpb)"
     if ev.get("valid") is not True:
@@ -223,8 +251,7 @@ def _run_once(s: Session, run_dir: Path, label: str, description: str, prefix: s
     status, m, reason = read_result(result_path, run.returncode, evaluator_hash=s.evaluator_hash,
                                     protocol=s.protocol.name, budget=s.budget)
     if status == "crash":
-        fail = next((ln for ln in reversed(log_tail(run_dir / f"{prefix}log.txt", 200).split("\n"))
-                     if ln.startswith("FAIL:")), None)
+        fail = failure_line(log_tail(run_dir / f"{prefix}log.txt", 200, 20000))
         reason = f"{reason}; {fail}" if fail else reason
     return run, status, m, reason
 
