@@ -280,7 +280,8 @@ def run_experiment(s: Session, description: str, usage: Usage | None = None, *,
       uncommitted (`loop.py try`, so an external agent can fix it).
     - record_as: record a measured run with this status (e.g. "transfer") instead of keep/discard;
       the note still compares it with the best, and the tree always goes back to the last kept commit.
-    Raises TamperError (after restoring and recording) when a locked file was changed.
+    Raises TamperError (after restoring and recording) when a locked file was changed, and
+    SessionError (after recording the crash) when a run crashed and the prepared data is damaged.
     """
     t0 = time.perf_counter()
     started_at = time.time()
@@ -381,6 +382,8 @@ def run_experiment(s: Session, description: str, usage: Usage | None = None, *,
         state = replay(s.branch_rows(), s.settings.min_noise)
         s.best, s.noise_floor = state.best, state.noise_floor
     _report(s, label, out)
+    if status == "crash":
+        s.check_data()  # damaged data is not the change's fault: stop and say so (SessionError)
     return out
 
 

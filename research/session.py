@@ -131,6 +131,7 @@ class Session:
             proto = _protocol(prepare, protocol, prepare_missing, console)
             s = cls(repo, host, proto, prepare.evaluator_hash(), settings or Settings(), console)
             s.lock = lock
+            s.check_data()
             if not (repo / s.trainer).is_file():
                 raise SessionError(f"The trainer for backend '{host.backend}' ({s.trainer}) is missing from {repo}; "
                                    "restore it with 'git checkout -- " + s.trainer + "'.")
@@ -279,6 +280,28 @@ class Session:
         """After Ctrl-C or an error: restore the tree if the session owns it (keeping a pending edit)."""
         if self.owns_tree and self.kept_commit:
             self.restore(self.pending_edit)
+
+    def check_data(self) -> None:
+        """Raise SessionError when the protocol's prepared data is missing or damaged: the tokenizer, and
+        the shards evaluation and training read (each parquet checked by its footer, which a cut-short
+        copy lacks). Runs at start and after every crash, so broken data stops the loop with the
+        reason instead of being blamed on the agent's change."""
+        import prepare
+
+        p = self.protocol
+        try:
+            prepare.Tokenizer.load(p)
+            prepare.load_token_bytes(p)
+            for split in ("val", "holdout", "train"):
+                for shard in prepare.split_shards(p, split):
+                    if not shard.exists():
+                        raise prepare.PrepareError(f"{shard} is missing; run: python prepare.py --protocol {p.name}")
+                    prepare.check_parquet(shard, p)
+            if not prepare.is_prepared(p):
+                raise prepare.PrepareError(f"Protocol '{p.name}' is no longer fully prepared; "
+                                           f"run: python prepare.py --protocol {p.name}")
+        except prepare.PrepareError as e:
+            raise SessionError(f"{e}, then start the loop again (it resumes where it stopped)") from None
 
     def verify_locked(self) -> None:
         """Raise TamperError if a locked file differs from its hash at start."""
