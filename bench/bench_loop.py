@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -36,24 +35,10 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FILES = ("loop.py", "research", "prepare.py", "backends", "model", "program.md", "train_cuda.py", "train_mlx.py",
-         ".gitignore")
+sys.path.insert(0, str(ROOT))
+from tests.test_loop import make_repo  # noqa: E402  (a git repository holding a copy of the project)
+
 PHASES = ("agent", "commit", "spawn/import", "setup", "train", "eval", "bookkeeping")
-
-
-def make_repo(dest: Path) -> Path:
-    repo = dest / "repo"
-    repo.mkdir()
-    for name in FILES:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            shutil.copy2(src, repo / name)
-    for args in (["init", "-q", "-b", "main"], ["add", "-A"],
-                 ["-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "bench"]):
-        subprocess.run(["git", "-C", str(repo), *args], check=True)
-    return repo
 
 
 def phases(run_dir: Path, previous_end: float | None) -> dict[str, float]:
@@ -84,7 +69,7 @@ def main() -> int:
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-loop-") as tmp:
-        repo = make_repo(Path(tmp))
+        repo = make_repo(Path(tmp), trainer=None)  # the real trainer
         env = {**os.environ, "AUTORESEARCH_PROTOCOL": "tiny", "AUTORESEARCH_TIME_BUDGET": str(args.budget),
                "AUTORESEARCH_BACKEND": args.backend}
         env.pop("ANTHROPIC_API_KEY", None)
