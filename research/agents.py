@@ -593,6 +593,8 @@ class ClaudeAgent(Agent):
                 last = _describe(e)
             except a.APIResponseValidationError as e:
                 last = f"malformed response ({sanitize(e, 120)})"
+            except ValueError as e:  # a body that is not JSON at all (cut short, say): the SDK's json error
+                last = f"malformed response (not JSON: {sanitize(e, 100)})"
             except a.APIStatusError as e:
                 raise AgentError(_status_sentence(e, self.model)) from None
             except a.AnthropicError as e:
