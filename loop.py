@@ -19,6 +19,7 @@ import signal
 import sys
 from pathlib import Path
 
+from research import report
 from research.console import Console
 from research.gitrepo import GitError
 from research.guards import LockError
@@ -43,17 +44,6 @@ def _common() -> argparse.ArgumentParser:
     return p
 
 
-def _report_module():
-    """research.report (report, compare, transfer commands) when this checkout has it."""
-    try:
-        from research import report
-    except ModuleNotFoundError as e:
-        if e.name != "research.report":
-            raise
-        return None
-    return report
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loop.py", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command")
@@ -74,9 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="one experiment on the trainer as currently edited (uncommitted)")
     try_.add_argument("description", help="one line: what the change is")
 
-    report = _report_module()
-    if report is not None:
-        report.add_subparsers(sub, parents=[common])
+    report.add_subparsers(sub, parents=[common])  # report, compare, transfer
     return parser
 
 
