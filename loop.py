@@ -78,6 +78,16 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def _abort_quietly(session: Session | None) -> None:
+    """Restore the tree after an unexpected error, without letting a second failure hide the first."""
+    if session is None:
+        return
+    try:
+        session.abort()
+    except Exception:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
@@ -133,6 +143,16 @@ def main(argv: list[str] | None = None) -> int:
         console.event("")
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
+    except OSError as e:  # a full disk, a path that cannot be written: say which, leave the tree as it was
+        _abort_quietly(session)
+        console.event("")
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}; the loop stopped and restored the tree. Free disk space or fix "
+              "the path, then run the same command again to resume.", file=sys.stderr, flush=True)
+        return 1
+    except Exception:
+        _abort_quietly(session)  # whatever went wrong, no half-made experiment is left behind
+        raise
     finally:
         if session is not None:
             session.close()
