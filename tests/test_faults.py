@@ -20,7 +20,9 @@ trainer of test_loop.py (whose helpers this file reuses), so they take a second 
 
 from __future__ import annotations
 
+import builtins
 import errno
+import io
 import json
 import multiprocessing
 import os
@@ -785,6 +787,45 @@ def test_results_file_cannot_be_written(tmp_path, in_process, fault):
     reason = {"disk-full": "No space left on device", "short-write": "No space left on device",
               "read-only": "Read-only file system"}[fault]
     assert reason in line
+    check_after(prior, [])
+
+
+def test_disk_full_for_the_run_records(tmp_path, in_process):
+    """The disk is full when the loop writes runs/<n>/ (the diff, the trainer's log): it stops with one
+    sentence naming the file, and the agent's edit is not left in the tree."""
+    repo = make_repo(tmp_path)
+    prior = seed(repo, "full")
+    runs = (repo / "runs").resolve()
+    real_open = io.open
+
+    def full_open(file, mode="r", *args, **kw):
+        if isinstance(file, (str, os.PathLike)) and set(mode) & set("wax+") and Path(file).resolve().is_relative_to(runs):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
+        return real_open(file, mode, *args, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(io, "open", full_open)
+        mp.setattr(builtins, "open", full_open)
+        code, out, err = in_process(repo, loop_args("full", write_script(tmp_path, [WIN]), "--max-experiments", "1"))
+    assert code == 1, out + err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"error: {runs}") and "No space left on device" in line and "to resume" in line, err
+    check_after(prior, [])
+
+
+def test_unexpected_error_in_the_loop_restores_the_tree(tmp_path, in_process, monkeypatch):
+    """A bug in the loop itself mid-experiment (after the commit, before the record): the traceback is
+    shown, and the tree, the branch and the lock are left as after an interrupt."""
+    import research.experiment
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in the loop")
+
+    repo = make_repo(tmp_path)
+    prior = seed(repo, "bug")
+    monkeypatch.setattr(research.experiment, "decide", broken)
+    with pytest.raises(RuntimeError, match="a bug in the loop"):
+        in_process(repo, loop_args("bug", write_script(tmp_path, [WIN]), "--max-experiments", "1"))
     check_after(prior, [])
 
 
