@@ -185,7 +185,7 @@ def format_value(value: object, like: str = "") -> str:
     if isinstance(value, float):
         if not math.isfinite(value):
             raise HyperparamError("cannot write a non-finite number")
-        s = f"{value:.3g}"
+        s = repr(value)  # shortest exact form: a value carried between machines must not change
         return s if any(c in s for c in ".en") else s + ".0"
     if isinstance(value, str):
         return json.dumps(value)
