@@ -130,6 +130,7 @@ class RepoLock:
         self.path = Path(repo) / LOCK_FILE
         self.held = False
         self.ended_trainer: int | None = None  # pgid of a trainer left by a dead loop, ended on takeover
+        self.took_over_from: int | None = None  # pid of a loop that died holding the lock (killed, power loss)
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -152,9 +153,11 @@ class RepoLock:
                 os.close(fd)
                 continue
             pid, trainer = _read_lock(fd)
-            if pid not in (None, os.getpid()) and _pid_alive(pid):
-                os.close(fd)
-                raise self._busy(pid)
+            if pid not in (None, os.getpid()):
+                if _pid_alive(pid):
+                    os.close(fd)
+                    raise self._busy(pid)
+                self.took_over_from = pid  # a clean exit removes the file: this loop died mid-work
             if trainer is not None and _runs_file(*trainer):
                 try:
                     os.killpg(trainer[0], signal.SIGKILL)

@@ -160,6 +160,10 @@ class Session:
         """
         name = f"autoresearch/{tag}"
         dirty = self.dirty_paths()
+        if (dirty == [self.trainer] and self.lock.took_over_from is not None
+                and gitrepo.current_branch(self.repo) == name):
+            self._set_aside_unfinished_edit()
+            dirty = []
         if dirty:
             raise SessionError(
                 f"The work tree has uncommitted changes ({_names(dirty)}); commit or revert them first, "
@@ -172,6 +176,17 @@ class Session:
                 gitrepo.git(self.repo, "checkout", "-q", "-b", name)
         self._adopt_branch(name, drop_unrecorded=True)
         return resumed
+
+    def _set_aside_unfinished_edit(self) -> None:
+        """The loop that held this branch died (SIGKILL, power loss) while its agent was editing the
+        trainer: save that never-run edit under runs/ and put the trainer back to its commit."""
+        self.runs_dir.mkdir(exist_ok=True)
+        saved = self.runs_dir / f"unfinished-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.patch"
+        saved.write_text(gitrepo.diff(self.repo, "HEAD", "--", self.trainer), encoding="utf-8")
+        gitrepo.git(self.repo, "checkout", "-q", "--", self.trainer)
+        self.console.event(f"resume: the loop that stopped (pid {self.lock.took_over_from}) left an unfinished edit "
+                           f"of {self.trainer}, never run; saved it to {saved.relative_to(self.repo)} and restored "
+                           "the trainer")
 
     def use_current_branch(self) -> None:
         """Work on whatever branch is checked out (for `loop.py try`)."""
