@@ -31,6 +31,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -620,7 +621,8 @@ def test_claude_malformed_tool_input(tiny_cache, tmp_path):
 
 
 class RawMessagesAPI(FakeMessagesAPI):
-    """The loop tests' fake Messages API, but a reply body given as bytes goes out as it is (not JSON)."""
+    """The loop tests' fake Messages API, plus two kinds of reply: a body given as bytes goes out as it
+    is (not JSON), and a threading.Event holds the request until it is set (then answers 529)."""
 
     def __init__(self, replies: list):
         super().__init__(replies)
@@ -629,17 +631,18 @@ class RawMessagesAPI(FakeMessagesAPI):
 
         class Raw(handler):
             def do_POST(self):  # noqa: N802 - http.server's naming
-                if api.replies and isinstance(api.replies[0][1], bytes):
-                    body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-                    api.requests.append(body)
-                    status, data, _ = api.replies.pop(0)
-                    self.send_response(status)
-                    self.send_header("content-type", "application/json")
-                    self.send_header("content-length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                else:
-                    super().do_POST()
+                if not (api.replies and isinstance(api.replies[0][1], (bytes, threading.Event))):
+                    return super().do_POST()
+                api.requests.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+                status, data, _ = api.replies.pop(0)
+                if isinstance(data, threading.Event):
+                    data.wait(60)
+                    status, data = 529, b'{"type": "error", "error": {"type": "overloaded_error", "message": "x"}}'
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
 
         self.server.RequestHandlerClass = Raw
 
@@ -661,6 +664,31 @@ def test_claude_malformed_responses_are_retried(tiny_cache, tmp_path):
     assert proc.stdout.count("claude: malformed response") == 4
     assert len(api.requests) == 6
     check_after(prior, ["keep"])
+
+
+def test_loop_killed_while_the_agent_edits_then_resumed(tiny_cache, tmp_path):
+    """SIGKILL while Claude is halfway through a change (the trainer edited, nothing committed yet): the
+    next start sets the unfinished edit aside (saved under runs/) and carries on."""
+    repo = make_repo(tmp_path)
+    prior = seed(repo, "midedit")
+    hold = threading.Event()
+    with RawMessagesAPI([WIN_CALLS[0], (200, hold, {})]) as api:
+        loop = start_loop(repo, _claude_args("midedit"), _claude_env(tiny_cache, api.url), tmp_path / "first.log")
+        try:
+            wait_for(lambda: len(api.requests) == 2, "the agent's second call", procs=(loop,))
+            loop.kill()
+            loop.wait()
+        finally:
+            hold.set()
+    assert git(repo, "status", "--porcelain") == "M train_cuda.py"  # the half-made change
+    with FakeMessagesAPI(list(WIN_CALLS)) as api:
+        proc = run_loop(repo, *_claude_args("midedit", "--max-experiments", "1"), env=_claude_env(tiny_cache, api.url))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "unfinished edit of train_cuda.py" in proc.stdout
+    (saved,) = (repo / "runs").glob("unfinished-*.patch")
+    assert "+VAL_BPB = 1.5" in saved.read_text()
+    (win,) = check_after(prior, ["keep"])
+    assert win.val_bpb == 1.5
 
 
 # ------------------------------------------------------------------------------------------------
