@@ -3,6 +3,9 @@ after a crash; and `try_change`, one experiment on an edit someone else made."""
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 from research.agents import Agent, AgentContext, CrashInfo
 from research.experiment import Outcome, run_baseline, run_experiment
 from research.session import Session, SessionError
@@ -86,13 +89,19 @@ def try_change(s: Session, description: str) -> Outcome:
     also on Ctrl-C). On a crash the edit stays in the work tree, uncommitted, so it can be fixed.
     """
     if not s.dirty_paths():
-        raise SessionError(f"Nothing to try: {s.trainer} has no uncommitted change; edit it first.")
+        left = sorted(s.runs_dir.glob(f"set-aside-*-{s.trainer}")) if s.runs_dir.is_dir() else []
+        hint = (f" (a loop that was stopped set an edit aside in {left[-1].relative_to(s.repo)}: copy it over "
+                f"{s.trainer} to try it)") if left else ""
+        raise SessionError(f"Nothing to try: {s.trainer} has no uncommitted change; edit it first{hint}.")
     if s.scope_problem() is None and not s.baselines_done():
         s.pending_edit = s.trainer_text()
+        copy = _keep_a_copy(s, s.pending_edit)  # the edit lives only in memory meanwhile: a kill must not lose it
         s.restore()
-        s.console.event("this branch has no baseline yet: running it first (your edit is set aside)")
+        s.console.event(f"this branch has no baseline yet: running it first (your edit is set aside, with a copy "
+                        f"in {copy.relative_to(s.repo)} until it is back)")
         ensure_baseline(s)
         s.restore(s.pending_edit)
+        copy.unlink()
     s.pending_edit = s.trainer_text() if s.scope_problem() is None else None
     out = run_experiment(s, description, keep_edit=True)
     s.pending_edit = None
@@ -100,3 +109,10 @@ def try_change(s: Session, description: str) -> Outcome:
         s.console.event(f"the change is left uncommitted in {s.trainer} so you can fix it and try again; "
                         f"'git checkout -- {s.trainer}' drops it")
     return out
+
+
+def _keep_a_copy(s: Session, text: str) -> Path:
+    s.runs_dir.mkdir(exist_ok=True)
+    copy = s.runs_dir / f"set-aside-{time.strftime('%Y%m%d-%H%M%S')}-{s.trainer}"
+    copy.write_text(text, encoding="utf-8")
+    return copy
