@@ -417,6 +417,38 @@ def test_loop_killed_mid_experiment_then_resumed(tiny_cache, tmp_path):
             os.kill(pid, signal.SIGKILL)
 
 
+def test_try_killed_during_its_baseline_keeps_the_edit(tiny_cache, tmp_path):
+    """`loop.py try` on a branch without a baseline sets the user's edit aside to run the baseline; a
+    SIGKILL then must not lose the edit: a copy waits under runs/, and the next `try` points to it."""
+    waiting = FAKE_TRAINER.replace(
+        "    time.sleep(SLEEP)\n",
+        "    while not os.path.exists(os.environ[\"RELEASE_FILE\"]):\n        time.sleep(0.05)\n")
+    repo = make_repo(tmp_path, waiting)
+    git(repo, "checkout", "-q", "-b", "autoresearch/ext")
+    trainer = repo / "train_cuda.py"
+    trainer.write_text(waiting.replace("VAL_BPB = 2.0", "VAL_BPB = 1.5"))  # the user's edit
+    release = tmp_path / "release"
+    env = loop_env(tiny_cache, RELEASE_FILE=str(release))
+    loop = start_loop(repo, ["try", "lower it"], env, tmp_path / "first.log")
+    wait_for(lambda: (repo / "runs").is_dir() and any((repo / "runs").glob("*/child_env.json")),
+             "the baseline's trainer to start", procs=(loop,))
+    loop.kill()
+    loop.wait()
+    assert trainer.read_text() == waiting  # set aside while the baseline ran
+    (copy,) = (repo / "runs").glob("set-aside-*-train_cuda.py")
+    assert "VAL_BPB = 1.5" in copy.read_text()
+
+    proc = run_loop(repo, "try", "lower it", env=env)
+    assert_stopped(proc, "Nothing to try", str(copy.relative_to(repo)))
+    shutil.copy(copy, trainer)
+    release.touch()
+    proc = run_loop(repo, "try", "lower it", env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert [(r.status, r.val_bpb) for r in read_rows(repo)] == [("keep", 2.0), ("keep", 2.0), ("keep", 1.5)]
+    assert git(repo, "status", "--porcelain") == "" and git(repo, "log", "-1", "--format=%s") == "lower it"
+    assert not (repo / LOCK_FILE).exists()
+
+
 def test_row_torn_by_a_kill_is_dropped_on_resume(tiny_cache, tmp_path):
     repo = make_repo(tmp_path)
     prior = seed(repo, "torn")
