@@ -330,6 +330,7 @@ def run_experiment(s: Session, description: str, usage: Usage | None = None, *,
 
     # 2. run (compile check first: a syntax error needs no process)
     t = time.perf_counter()
+    outside = s.outside_state()
     try:
         compile(text, s.trainer, "exec")
     except SyntaxError as e:
@@ -356,7 +357,9 @@ def run_experiment(s: Session, description: str, usage: Usage | None = None, *,
     else:
         note = f"{status}: {reason}"
 
-    # 4. guards, after every run: locked files intact, nothing in the tree but the trainer's commit
+    # 4. guards, after every run: branch, history and results.tsv untouched, locked files intact,
+    #    nothing in the tree but the trainer's commit
+    meddled = s.put_back_outside(outside)
     try:
         s.verify_locked()
     except TamperError as e:
@@ -369,6 +372,8 @@ def run_experiment(s: Session, description: str, usage: Usage | None = None, *,
     problem = s.scope_problem(allow_trainer=False)
     if problem:
         status, note = "rejected", f"rejected: {problem}"
+    if meddled:
+        status, note = "rejected", f"rejected: the run changed {meddled} (put back)"
     if baseline:  # baseline rows are recognised by this note prefix, whatever their status
         note = f"{BASELINE} {baseline[0]}/{baseline[1]}" + (f"; {note}" if note else "")
     timings["parse"] = time.perf_counter() - t

@@ -291,6 +291,33 @@ class Session:
         if trainer_text is not None:
             (self.repo / self.trainer).write_text(trainer_text, encoding="utf-8")
 
+    def outside_state(self) -> tuple[str | None, str, bytes | None]:
+        """What a run must leave alone besides the work tree: the checked-out branch, HEAD, results.tsv."""
+        try:
+            data = self.results_path.read_bytes()
+        except OSError:
+            data = None
+        return gitrepo.current_branch(self.repo), gitrepo.head(self.repo), data
+
+    def put_back_outside(self, before: tuple[str | None, str, bytes | None]) -> str | None:
+        """Undo what a run changed outside the work tree since `outside_state()` gave `before`: check the
+        branch out again, move it back to its commit, write results.tsv back. Returns what it changed."""
+        branch, head, data = before
+        changed = []
+        if branch is not None and gitrepo.current_branch(self.repo) != branch:
+            gitrepo.git(self.repo, "checkout", "-q", "-f", branch)
+            changed.append("the checked-out branch")
+        if gitrepo.head(self.repo) != head:
+            gitrepo.reset_hard(self.repo, head)
+            changed.append("the git history")
+        now = self.results_path.read_bytes() if self.results_path.is_file() else None
+        if data is not None and now != data:
+            tmp = self.results_path.with_name(self.results_path.name + ".tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, self.results_path)
+            changed.append(self.results_path.name)
+        return ", ".join(changed) or None
+
     def abort(self) -> None:
         """After Ctrl-C or an error: restore the tree if the session owns it (keeping a pending edit)."""
         if self.owns_tree and self.kept_commit:
