@@ -517,6 +517,33 @@ def test_agent_deletes_the_trainer(tiny_cache, tmp_path):
     assert win.val_bpb == 1.5
 
 
+def test_run_that_meddles_with_results_or_git_is_rejected(tiny_cache, tmp_path):
+    """A trainer that logs its own row in results.tsv (as the reference's agents did by hand), rewrites
+    the file, commits, or checks out another branch: each is put back and the change rejected."""
+    repo = make_repo(tmp_path)
+    prior = seed(repo, "meddle")
+    start = '    print("fake trainer starting", flush=True)\n'
+    git_ = 'subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", '
+    script = write_script(tmp_path, [
+        edit(start, start + '    open("results.tsv", "a").write("abc1234\\t0.500000\\t0.5\\tkeep\\tmy own row\\n")\n',
+             "log the result myself"),
+        edit(start, start + '    open("results.tsv", "w").write("commit\\tval_bpb\\n")\n', "start a fresh log"),
+        edit(start, start + f'    {git_}"commit", "-q", "--allow-empty", "-m", "checkpoint"], check=True)\n',
+             "commit a checkpoint"),
+        edit(start, start + f'    {git_}"checkout", "-q", "main"], check=True)\n', "train on the main branch"),
+        WIN,
+    ])
+    proc = run_loop(repo, *loop_args("meddle", script, "--max-experiments", "5", "--max-fix-attempts", "0"),
+                    env=loop_env(tiny_cache))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    *rejected, win = check_after(prior, ["rejected"] * 4 + ["keep"])
+    assert [r.note for r in rejected] == [
+        "rejected: the run changed results.tsv (put back)", "rejected: the run changed results.tsv (put back)",
+        "rejected: the run changed the git history (put back)",
+        "rejected: the run changed the checked-out branch (put back)"]
+    assert win.val_bpb == 1.5 and git(repo, "rev-parse", "main") == prior.kept
+
+
 # ------------------------------------------------------------------------------------------------
 # 13-14. results that are not measurements
 # ------------------------------------------------------------------------------------------------
