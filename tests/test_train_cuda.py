@@ -8,16 +8,15 @@ tiny protocol from the `tiny_cache` fixture.
 
 import importlib
 import math
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from trainer_contract import (BAD_BATCH_PATTERN, BAD_BATCH_SCRIPT, NAN_SCRIPT, check_fails_fast,
+                               check_learning_run, run_trainer)
 from model import build_config, flops_per_token, param_counts, param_shapes, window_sizes
 from model.reference import adamw_reference_update, init_params, muon_reference_update, reference_forward
 
@@ -232,44 +231,20 @@ def test_hyperparameter_block_is_one_line_per_constant(tc):
 # --- whole runs -------------------------------------------------------------------
 
 
-def run_trainer(tiny_cache, budget, script=None, timeout=240):
-    env = dict(os.environ, AUTORESEARCH_CACHE=str(tiny_cache), AUTORESEARCH_PROTOCOL="tiny",
-               AUTORESEARCH_TIME_BUDGET=str(budget), AUTORESEARCH_BACKEND="cpu", PYTHONPATH=str(REPO))
-    env.pop("AUTORESEARCH_RESULT_JSON", None)
-    cmd = [sys.executable, "-c", script] if script else [sys.executable, str(TRAINER)]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.mark.slow
 def test_tiny_run_learns_and_prints_summary(tiny_cache):
-    import prepare
-
     budget = 4.0
-    proc = run_trainer(tiny_cache, budget)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    losses = [float(v) for v in re.findall(r"loss: ([0-9.]+)", proc.stdout)]
-    assert len(losses) > 10 and losses[-1] < losses[0] - 0.5
-    summary = prepare.parse_summary(proc.stdout)
-    assert summary["num_steps"] == len(losses)
-    assert summary["training_seconds"] >= budget
-    assert summary["backend"] == "cpu" and summary["depth"] == 2
-    p = prepare.get_protocol("tiny")
-    untrained = math.log2(p.vocab_size)  # bits per token of a uniform guess; tokens are >= 1 byte on average
-    assert 0 < summary["val_bpb"] < untrained
-    assert "Attention: sdpa" in proc.stdout
+    proc = run_trainer("train_cuda.py", "cpu", tiny_cache, budget)
+    summary = check_learning_run(proc, budget, "cpu", "sdpa")
+    assert summary["depth"] == 2
 
 
 def test_nan_loss_fails_fast(tiny_cache):
-    script = "import train_cuda as t\nt.UNEMBEDDING_LR = float('nan')\nt.main()\n"
-    proc = run_trainer(tiny_cache, 30.0, script=script)
-    assert proc.returncode == 1
-    fail_lines = [line for line in proc.stdout.splitlines() if line.startswith("FAIL:")]
-    assert len(fail_lines) == 1 and "nan" in fail_lines[0].lower()
-    assert "val_bpb" not in proc.stdout
+    proc = run_trainer("train_cuda.py", "cpu", tiny_cache, 30.0, script=NAN_SCRIPT.format(module="train_cuda"))
+    check_fails_fast(proc, "nan")
 
 
 def test_indivisible_batch_is_a_clear_error(tiny_cache):
-    script = "import train_cuda as t\nt.DEVICE_BATCH_SIZE = 3\nt.main()\n"
-    proc = run_trainer(tiny_cache, 5.0, script=script)
-    assert proc.returncode == 1
-    assert re.search(r"^FAIL: TOTAL_BATCH_SIZE .* must be a multiple of DEVICE_BATCH_SIZE", proc.stdout, re.M)
+    proc = run_trainer("train_cuda.py", "cpu", tiny_cache, 5.0, script=BAD_BATCH_SCRIPT.format(module="train_cuda"))
+    check_fails_fast(proc, BAD_BATCH_PATTERN)
+

@@ -1,0 +1,57 @@
+"""What every trainer promises the loop, checked the same way for train_cuda.py and train_mlx.py.
+
+Helpers imported by tests/test_train_cuda.py and tests/test_train_mlx.py: run a trainer as the loop
+does (a child process on the prepared tiny protocol), then check that it learned and printed the
+summary, or that it failed fast with one `FAIL:` line.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_trainer(trainer: str, backend: str, cache: Path, budget: float, script: str | None = None,
+                timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run `trainer` (or a Python `script` that imports it) on the tiny protocol with `budget` seconds."""
+    env = dict(os.environ, AUTORESEARCH_CACHE=str(cache), AUTORESEARCH_PROTOCOL="tiny",
+               AUTORESEARCH_TIME_BUDGET=str(budget), AUTORESEARCH_BACKEND=backend, PYTHONPATH=str(REPO))
+    env.pop("AUTORESEARCH_RESULT_JSON", None)
+    cmd = [sys.executable, "-c", script] if script else [sys.executable, str(REPO / trainer)]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def check_learning_run(proc: subprocess.CompletedProcess, budget: float, backend: str, attention: str) -> dict:
+    """The run learned (loss fell), respected the budget and printed a summary that parses; returns it."""
+    import prepare
+
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    losses = [float(v) for v in re.findall(r"loss: ([0-9.]+)", proc.stdout)]
+    assert len(losses) > 10 and losses[-1] < losses[0] - 0.5
+    summary = prepare.parse_summary(proc.stdout)
+    assert summary["num_steps"] == len(losses)
+    assert summary["training_seconds"] >= budget
+    assert summary["backend"] == backend
+    untrained = math.log2(prepare.get_protocol("tiny").vocab_size)  # bits per token of a uniform guess;
+    assert 0 < summary["val_bpb"] < untrained  # tokens are >= 1 byte on average
+    assert f"Attention: {attention}" in proc.stdout
+    return summary
+
+
+def check_fails_fast(proc: subprocess.CompletedProcess, pattern: str) -> None:
+    """The run exited 1 with exactly one `FAIL:` line matching `pattern` and never evaluated."""
+    assert proc.returncode == 1
+    fail_lines = [line for line in proc.stdout.splitlines() if line.startswith("FAIL:")]
+    assert len(fail_lines) == 1 and re.search(pattern, fail_lines[0], re.I), fail_lines
+    assert "val_bpb" not in proc.stdout
+
+
+NAN_SCRIPT = "import {module} as t\nt.UNEMBEDDING_LR = float('nan')\nt.main()\n"
+BAD_BATCH_SCRIPT = "import {module} as t\nt.DEVICE_BATCH_SIZE = 3\nt.main()\n"
+BAD_BATCH_PATTERN = r"^FAIL: TOTAL_BATCH_SIZE .* must be a multiple of DEVICE_BATCH_SIZE"
