@@ -8,7 +8,6 @@ in model/reference.py.
 Run: .venv/bin/python -m pytest tests/test_parity.py -q     (or: pytest -k parity; a few seconds)
 """
 
-import importlib
 
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ mx = pytest.importorskip("mlx.core")
 from mlx.utils import tree_flatten, tree_map_with_path  # noqa: E402
 
 from model import build_config, param_shapes  # noqa: E402
+from trainer_contract import torch_trainer_on_cpu  # noqa: E402
 from model.reference import init_params, reference_forward, window_mask  # noqa: E402
 
 # GQA (4 query heads over 2 kv heads), an S window (8) on layer 0 and L (16) on layer 1, a value
@@ -31,16 +31,10 @@ LOSS_RTOL = 1e-3
 
 @pytest.fixture(scope="module")
 def trainers():
-    """(train_cuda, train_mlx), both imported with AUTORESEARCH_BACKEND=cpu so every number is fp32."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("AUTORESEARCH_BACKEND", "cpu")
-    import train_cuda
+    """(train_cuda, train_mlx), the PyTorch one imported with the CPU backend so every number is fp32."""
     import train_mlx
 
-    if train_cuda.BACKEND != "cpu":
-        train_cuda = importlib.reload(train_cuda)
-    yield train_cuda, train_mlx
-    mp.undo()
+    return torch_trainer_on_cpu(), train_mlx
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ and the tiny protocol's evaluation; `-m "not slow"` skips it). The runs use the 
 tiny protocol from the `tiny_cache` fixture.
 """
 
-import importlib
 import math
 import re
 from pathlib import Path
@@ -16,7 +15,7 @@ import pytest
 import torch
 
 from trainer_contract import (BAD_BATCH_PATTERN, BAD_BATCH_SCRIPT, NAN_SCRIPT, check_fails_fast,
-                               check_learning_run, run_trainer)
+                               check_learning_run, run_trainer, torch_trainer_on_cpu)
 from model import build_config, flops_per_token, param_counts, param_shapes, window_sizes
 from model.reference import adamw_reference_update, init_params, muon_reference_update, reference_forward
 
@@ -27,14 +26,7 @@ TRAINER = REPO / "train_cuda.py"
 @pytest.fixture(scope="module")
 def tc():
     """train_cuda imported with the CPU backend, so numerics are fp32 whatever the host."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("AUTORESEARCH_BACKEND", "cpu")
-    import train_cuda
-
-    if train_cuda.BACKEND != "cpu":
-        train_cuda = importlib.reload(train_cuda)
-    yield train_cuda
-    mp.undo()
+    return torch_trainer_on_cpu()
 
 
 def small_config(n_kv_head=2, seq_len=16, pattern="SL", depth=2):

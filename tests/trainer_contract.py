@@ -2,7 +2,7 @@
 
 Helpers imported by tests/test_train_cuda.py and tests/test_train_mlx.py: run a trainer as the loop
 does (a child process on the prepared tiny protocol), then check that it learned and printed the
-summary, or that it failed fast with one `FAIL:` line.
+summary, or that it failed fast with one `FAIL:` line; and import the PyTorch trainer in fp32 on CPU.
 """
 
 from __future__ import annotations
@@ -55,3 +55,24 @@ def check_fails_fast(proc: subprocess.CompletedProcess, pattern: str) -> None:
 NAN_SCRIPT = "import {module} as t\nt.UNEMBEDDING_LR = float('nan')\nt.main()\n"
 BAD_BATCH_SCRIPT = "import {module} as t\nt.DEVICE_BATCH_SIZE = 3\nt.main()\n"
 BAD_BATCH_PATTERN = r"^FAIL: TOTAL_BATCH_SIZE .* must be a multiple of DEVICE_BATCH_SIZE"
+
+
+def torch_trainer_on_cpu():
+    """train_cuda imported (or re-imported) with the CPU backend, so its numerics are fp32 on any host.
+
+    Importing the trainer decides its backend and baseline sizes once; a copy imported earlier for
+    another backend is reloaded.
+    """
+    import importlib
+
+    previous = os.environ.get("AUTORESEARCH_BACKEND")
+    os.environ["AUTORESEARCH_BACKEND"] = "cpu"
+    try:
+        import train_cuda
+
+        return train_cuda if train_cuda.BACKEND == "cpu" else importlib.reload(train_cuda)
+    finally:
+        if previous is None:
+            os.environ.pop("AUTORESEARCH_BACKEND", None)
+        else:
+            os.environ["AUTORESEARCH_BACKEND"] = previous
