@@ -11,7 +11,7 @@ import os
 import subprocess
 from pathlib import Path
 
-__all__ = ["GitError", "git", "head", "current_branch", "branch_exists", "is_ancestor", "changed_paths", "commit_paths",
+__all__ = ["GitError", "git", "git_bytes", "head", "current_branch", "branch_exists", "is_ancestor", "changed_paths", "commit_paths",
            "reset_hard", "remove_paths", "diff", "is_repo"]
 
 
@@ -40,6 +40,14 @@ def git(repo: Path, *args: str, check: bool = True, env: dict | None = None) -> 
         msg = (proc.stderr or proc.stdout).strip().splitlines()
         raise GitError(f"git {args[0]} failed: {msg[-1] if msg else 'exit code ' + str(proc.returncode)}")
     return proc.stdout.rstrip("\n")
+
+
+def git_bytes(repo: Path, *args: str, stdin: bytes | None = None) -> bytes:
+    """Run `git -C repo args...` on raw bytes (file contents, -z listings) and return stdout unchanged."""
+    proc = subprocess.run(["git", "-C", str(repo), *args], input=stdin, capture_output=True)
+    if proc.returncode != 0:
+        raise GitError(f"git {args[0]} failed: {proc.stderr.decode(errors='replace').strip()}")
+    return proc.stdout
 
 
 def is_repo(repo: Path) -> bool:

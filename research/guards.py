@@ -12,6 +12,8 @@ import signal
 import subprocess
 from pathlib import Path
 
+from research.gitrepo import git_bytes
+
 __all__ = [
     "LOCKED_PATHS",
     "LOCK_FILE",
@@ -45,10 +47,10 @@ def hash_locked(repo: Path, commit: str | None = None) -> dict[str, str]:
     """
     repo = Path(repo)
     if commit is not None:
-        listing = _git(repo, "ls-tree", "-r", "-z", commit, "--", *LOCKED_PATHS).decode()
+        listing = git_bytes(repo, "ls-tree", "-r", "-z", commit, "--", *LOCKED_PATHS).decode()
         entries = [e.split("\t", 1) for e in listing.split("\0") if e]
         blobs = [(path, meta.split()[2]) for meta, path in entries if meta.split()[1] == "blob"]
-        data = _git(repo, "cat-file", "--batch", stdin="".join(f"{b}\n" for _, b in blobs).encode())
+        data = git_bytes(repo, "cat-file", "--batch", stdin="".join(f"{b}\n" for _, b in blobs).encode())
         hashes, pos = {}, 0
         for path, _ in blobs:
             header_end = data.index(b"\n", pos)
@@ -57,7 +59,7 @@ def hash_locked(repo: Path, commit: str | None = None) -> dict[str, str]:
             pos = header_end + 1 + size + 1
             hashes[path] = hashlib.sha256(content).hexdigest()
         return hashes
-    listing = _git(repo, "ls-files", "-z", "--cached", "--others", "--exclude-standard", "--", *LOCKED_PATHS)
+    listing = git_bytes(repo, "ls-files", "-z", "--cached", "--others", "--exclude-standard", "--", *LOCKED_PATHS)
     hashes = {}
     for rel in dict.fromkeys(p for p in listing.decode().split("\0") if p):
         try:
@@ -65,13 +67,6 @@ def hash_locked(repo: Path, commit: str | None = None) -> dict[str, str]:
         except (FileNotFoundError, IsADirectoryError):
             continue  # deleted: shows up as a difference
     return hashes
-
-
-def _git(repo: Path, *args: str, stdin: bytes | None = None) -> bytes:
-    proc = subprocess.run(["git", "-C", str(repo), *args], input=stdin, capture_output=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"git {args[0]} failed: {proc.stderr.decode(errors='replace').strip()}")
-    return proc.stdout
 
 
 def locked_changes(repo: Path, expected: dict[str, str]) -> list[str]:
