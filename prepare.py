@@ -910,6 +910,23 @@ def is_prepared(p: Protocol) -> bool:
     )
 
 
+def verify_prepared(p: Protocol) -> None:
+    """Raise PrepareError, naming the fix, when protocol `p`'s prepared data is missing or damaged.
+
+    Loads the tokenizer and token bytes and checks every shard training and evaluation read (each
+    parquet by its footer, which a cut-short copy lacks), then the manifest (`is_prepared`).
+    """
+    Tokenizer.load(p)
+    load_token_bytes(p)
+    for split in ("val", "holdout", "train"):  # evaluation first: its damage is named before training's
+        for shard in split_shards(p, split):
+            if not shard.exists():
+                raise PrepareError(f"{shard} is missing; run: python prepare.py --protocol {p.name}")
+            check_parquet(shard, p)
+    if not is_prepared(p):
+        raise PrepareError(f"Protocol '{p.name}' is no longer fully prepared; run: python prepare.py --protocol {p.name}")
+
+
 def prepare(p: Protocol, num_shards: int | None = None, download_workers: int | None = None) -> None:
     """Make protocol `p` ready to train and evaluate: data, tokenizer, token cache; a second call does nothing.
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from research import gitrepo
 from research.console import Console
-from research.guards import LOCK_FILE, LOCKED_PATHS, RepoLock, hash_locked, locked_changes, text_hash
+from research.guards import LOCK_FILE, LOCKED_PATHS, RepoLock, hash_locked, locked_changes
 from research.results import Row, append_row, ensure_results_file, read_results
 
 __all__ = ["Settings", "Session", "SessionError", "TamperError", "BASELINE", "default_tag", "replay"]
@@ -330,18 +330,8 @@ class Session:
         reason instead of being blamed on the agent's change."""
         import prepare
 
-        p = self.protocol
         try:
-            prepare.Tokenizer.load(p)
-            prepare.load_token_bytes(p)
-            for split in ("val", "holdout", "train"):
-                for shard in prepare.split_shards(p, split):
-                    if not shard.exists():
-                        raise prepare.PrepareError(f"{shard} is missing; run: python prepare.py --protocol {p.name}")
-                    prepare.check_parquet(shard, p)
-            if not prepare.is_prepared(p):
-                raise prepare.PrepareError(f"Protocol '{p.name}' is no longer fully prepared; "
-                                           f"run: python prepare.py --protocol {p.name}")
+            prepare.verify_prepared(self.protocol)
         except prepare.PrepareError as e:
             raise SessionError(f"{e}, then start the loop again (it resumes where it stopped)") from None
 

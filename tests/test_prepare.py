@@ -268,8 +268,11 @@ def test_corrupt_shard_is_named_at_prepare_and_at_load(tiny_cache, tmp_path, mon
     p = prepare.get_protocol()
     shutil.copytree(tiny_cache / "tiny", tmp_path / "tiny")
     monkeypatch.setenv("AUTORESEARCH_CACHE", str(tmp_path))
+    prepare.verify_prepared(p)  # intact data passes
     shard = prepare.split_shards(p, "train")[1]
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # truncated
+    with pytest.raises(prepare.PrepareError, match=rf"{shard.name} is corrupt.*delete it and rerun"):
+        prepare.verify_prepared(p)
     with pytest.raises(prepare.PrepareError, match=rf"{shard.name} is corrupt.*delete it and rerun"):
         prepare.prepare(p)
     loader = prepare.make_dataloader(p, 64, None, "train")
