@@ -536,22 +536,13 @@ def main():
             break
     print()
 
-    # Evaluation: the locked evaluator gets logits only and computes the loss itself.
-    model.eval()
-
-    @torch.no_grad()
-    def forward_logits(inputs):
-        with torch_rt.autocast(HOST):
-            return train_model(inputs)
-
-    eval_result = prepare.evaluate_bpb(forward_logits, torch_rt.eval_adapter(HOST), DEVICE_BATCH_SIZE, protocol)
-
+    # Hand-over: the judge's harness, a separate process, scores the model. It gets a pure graph of the
+    # forward for one fixed batch shape (torch.export) and computes logits -> bits per byte itself.
     counted_steps = step - WARMUP_STEPS_UNCOUNTED
     steady_tok_per_sec = TOTAL_BATCH_SIZE * counted_steps / total_training_time if total_training_time > 0 else 0
-    prepare.print_summary(
-        eval_result,
+    facts = dict(
         training_seconds=total_training_time,
-        total_seconds=time.time() - t_start,
+        startup_seconds=t_start_training - t_start,
         peak_vram_mb=torch_rt.peak_memory_mb(HOST),
         mfu_percent=backends.mfu_percent(num_flops_per_token, steady_tok_per_sec, HOST),
         total_tokens=step * TOTAL_BATCH_SIZE,
@@ -562,7 +553,8 @@ def main():
         device=HOST.device_name,
         hyperparams=hyperparameters(),
     )
-    print(f"startup: {t_start_training - t_start:.1f}s")
+    facts["total_seconds"] = time.time() - t_start
+    prepare.hand_over(lambda d: torch_rt.export_for_eval(model, d, DEVICE_BATCH_SIZE, seq_len, HOST), facts)
 
 
 if __name__ == "__main__":

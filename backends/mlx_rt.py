@@ -19,6 +19,7 @@ from backends import HostInfo
 __all__ = [
     "compute_dtype",
     "eval_adapter",
+    "export_for_eval",
     "metal_available",
     "peak_memory_mb",
     "reset_peak_memory",
@@ -113,3 +114,14 @@ class MLXEvalAdapter:
 def eval_adapter(info: HostInfo | None = None) -> MLXEvalAdapter:
     """The evaluator adapter for MLX."""
     return MLXEvalAdapter()
+
+
+def export_for_eval(forward, directory, batch_size: int, seq_len: int) -> dict:
+    """Export `forward` (tokens (B, T) int32 -> logits (B, T, V)) with mx.export_function as
+    directory/model.mlxfn for one fixed shape; the weights are captured as constants. Returns the
+    graph's shape facts (the harness reads the batch size from them)."""
+    from pathlib import Path
+
+    example = mx.zeros((batch_size, seq_len), dtype=mx.int32)
+    mx.export_function(str(Path(directory) / "model.mlxfn"), lambda idx: (forward(idx),), example)
+    return {"format": "mlxfn", "batch_size": batch_size, "seq_len": seq_len}
