@@ -1,4 +1,5 @@
-"""Tests for research/report.py: progress report, cross-hardware compare, config transfer.
+"""Tests for the reports: research/report.py (progress report), research/compare.py (cross-hardware
+comparison), research/transfer.py (config transfer) and research/summary.py (what they share).
 
 Run: .venv/bin/python -m pytest tests/test_report.py -q      (CPU, no network, ~25 s)
 
@@ -14,8 +15,9 @@ import struct
 
 import pytest
 
-from research import report
+from research import compare, report, transfer
 from research.results import COLUMNS, UPSTREAM_COLUMNS, Row, read_results
+from research.summary import ReportError, load_source, summarize
 
 HP_H100 = {"DEPTH": 8, "MATRIX_LR": 0.04, "DEVICE_BATCH_SIZE": 128, "TOTAL_BATCH_SIZE": 2**19,
            "ADAM_BETAS": [0.8, 0.95], "WINDOW_PATTERN": "SSSL"}
@@ -87,7 +89,7 @@ def test_report_reads_the_upstream_five_column_file(tmp_path, capsys):
     assert "| baseline val_bpb | 0.997900" in md
     assert "| best val_bpb | **0.993200**" in md
     assert "-0.004700 (-0.47%)" in md
-    assert "4 (2 keep, 1 crash, 1 discard)" in md
+    assert "4 (2 keep incl. 1 baseline run, 1 crash, 1 discard)" in md
     assert "| 2 | b2c3d4e | increase LR to 0.04 | 0.993200 |" in md
     assert "agent cost | unknown" in md and "wall time (sum of experiments) | unknown" in md
     assert "No holdout_bpb recorded" in md
@@ -120,7 +122,8 @@ def test_report_with_crashes_holdout_and_totals(tmp_path):
     assert "| baseline val_bpb | 0.998000 (2 runs: #1, #2; spread 0.000800) |" in md
     assert f"| best val_bpb | **{kept[-1].val_bpb:.6f}** (#{rows.index(kept[-1]) + 1}, abc1234) |" in md
     assert f"| gain | {kept[-1].val_bpb - 0.998:+.6f} ({100 * (kept[-1].val_bpb - 0.998) / 0.998:+.2f}%) |" in md
-    assert f"40 ({sum(r.status == 'discard' for r in rows)} discard, {len(kept) + 2} keep, 4 crash)" in md
+    assert (f"40 ({sum(r.status == 'discard' for r in rows)} discard, {len(kept) + 2} keep incl. 2 baseline runs, "
+            "4 crash)") in md
     assert "| wall time (sum of experiments) | 3 h 40 min |" in md  # 40 x 330 s
     assert "| agent cost | $2.00 (40,000 tokens in, 4,000 out) |" in md
     # every kept change in order, its gain over the best before it, holdout beside val
@@ -144,7 +147,7 @@ def test_report_keeps_to_one_branch_and_protocol(tmp_path):
     assert "11 rows of other branches or protocols" in md and "autoresearch/mar2 / tiny" in md
     md = report.write_report(results, tmp_path / "out", branch="autoresearch/mar1")[0].read_text()
     assert "| baseline val_bpb | 0.998000" in md and "| experiments | 10 (" in md
-    with pytest.raises(report.ReportError, match="no rows of branch nope"):
+    with pytest.raises(ReportError, match="no rows of branch nope"):
         report.write_report(results, tmp_path / "out", branch="nope")
 
 
@@ -188,6 +191,113 @@ def test_many_experiments_keep_the_plot_readable(tmp_path):
     assert_sane_png(png)
 
 
+def drawn(results):
+    """The report's Markdown and its figure's main axes (and the strip below them, if drawn)."""
+    source = load_source(results)
+    summary = summarize(source)
+    fig = report.progress_figure(source, summary)
+    return report.progress_markdown(source, summary), fig.axes[0], fig.axes[1] if len(fig.axes) > 1 else None
+
+
+def points(*axes) -> dict[str, list[float]]:
+    """x of every drawn marker, by legend label."""
+    return {c.get_label(): [x for x, _ in c.get_offsets()] for ax in axes if ax for c in ax.collections}
+
+
+def test_report_numbers_experiments_by_their_run_folder(tmp_path):
+    """#n in the report is runs/<n>, the number the console shows: other branches' runs and a run
+    interrupted before its row (runs/6) leave gaps, not a renumbering."""
+    other = [row(1.1, "keep", "baseline", note="baseline 1/1", branch="autoresearch/mar1", run=n) for n in (1, 2, 3)]
+    ours = dict(branch="autoresearch/mar2")
+    results = write(tmp_path / "results.tsv", other + [
+        row(0.9984, "keep", "baseline", note="baseline 1/2", run=4, **ours),
+        row(0.9976, "keep", "baseline (repeat 2/2)", note="baseline 2/2", run=5, **ours),
+        row(0.9990, "discard", "idea a", run=7, **ours),
+        row(0.9950, "keep", "idea b", commit="b0b0b0b", note="win: ...", run=8, **ours),
+        row(0.0, "crash", "idea c", note="crash: OOM", run=9, **ours),
+        row(0.9940, "transfer", "transfer from Apple M3: DEPTH=4", run=10, **ours)])
+    md, ax, strip = drawn(results)
+    assert "| baseline val_bpb | 0.998000 (2 runs: #4, #5; spread 0.000800) |" in md
+    assert "| best val_bpb | **0.995000** (#8, b0b0b0b) |" in md
+    assert "| 8 | b0b0b0b | idea b | 0.995000 | -0.003000 (-0.30%) |" in md
+    assert "| 10 | transfer from Apple M3: DEPTH=4 | 0.994000 | 0.995000 | yes: " in md
+    drawn_at = points(ax, strip)
+    assert drawn_at["baseline run"] == [4, 5] and drawn_at["kept change"] == [8]
+    assert drawn_at["discarded"] == [7] and drawn_at["crash"] == [9] and drawn_at["transferred config"] == [10]
+    line = next(ln for ln in ax.lines if ln.get_label() == "running best")
+    assert list(line.get_xdata())[:3] == [4, 5, 7]
+
+
+def test_title_and_markdown_count_keeps_the_same_way(tmp_path):
+    """One count: every row with status keep, baseline runs included (and said so), in the plot's
+    title and the Markdown alike; on the reference's own five columns too."""
+    rows = [row(0.9984, "keep", "baseline", note="baseline 1/2"),
+            row(0.9976, "keep", "baseline (repeat 2/2)", note="baseline 2/2"),
+            row(0.9950, "keep", "idea", note="win: ...")]
+    rows += [row(0.9990 + k / 1e4, "discard", f"idea {k}") for k in range(5)] + [row(0.0, "crash", "oom")]
+    md, ax, _ = drawn(write(tmp_path / "loop.tsv", rows))
+    tally = "5 discard, 3 keep incl. 2 baseline runs, 1 crash"
+    assert f"| experiments | 9 ({tally}) |" in md
+    assert f"9 experiments ({tally})" in ax.get_title()
+
+    # the reference's format: a baseline, 22 kept changes (one a simplification at equal val_bpb), discards
+    lines = ["a000000\t0.997900\t44.0\tkeep\tbaseline\n"]
+    val = 0.9979
+    for k in range(1, 23):
+        val -= 0.0 if k == 10 else 0.0005
+        lines.append(f"c{k:06d}\t{val:.6f}\t44.0\tkeep\tchange {k}\n")
+        lines.append(f"d{k:06d}\t{val + 0.002:.6f}\t44.0\tdiscard\tidea {k}\n")
+    up = tmp_path / "reference.tsv"
+    up.write_text("\t".join(UPSTREAM_COLUMNS) + "\n" + "".join(lines), encoding="utf-8")
+    md, ax, _ = drawn(up)
+    tally = "23 keep incl. 1 baseline run, 22 discard"
+    assert f"| experiments | 45 ({tally}) |" in md
+    assert f"45 experiments ({tally})" in ax.get_title()
+    assert "22 kept" not in ax.get_title() + md
+    assert sum(f"| change {k} |" in md for k in range(1, 23)) == 22  # every kept change listed
+    assert "| 20 | c000010 | change 10 | 0.993400 | +0.000000 (+0.00%) |" in md
+
+
+def test_legend_names_the_reason_of_a_rejection(tmp_path):
+    rows = history(6) + [
+        row(0.0, "rejected", "scratch file", note="rejected: changed files other than train_cuda.py: notes.txt"),
+        row(0.0, "rejected", "longer run", note="rejected: trained 331.2 s, past the 300 s budget"),
+        row(0.0, "rejected", "longer still", note="rejected (overtime): trained 340.0 s, past the 300 s budget"),
+        row(0.0, "rejected", "wrote data", note="rejected: the run changed files: prepare.py"),
+        row(0.0, "crash", "oom", note="crash: CUDA out of memory")]
+    md, ax, strip = drawn(write(tmp_path / "results.tsv", rows))
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend[-4:] == ["crash", "rejected: overtime", "rejected: changed files other than train_cuda.py",
+                           "rejected: the run changed files"]
+    assert points(strip) == {"crash": [11], "rejected: overtime": [8, 9],
+                             "rejected: changed files other than train_cuda.py": [7],
+                             "rejected: the run changed files": [10]}
+    assert report.rejection_reason("baseline 2/2; rejected: deleted the trainer train_cuda.py") == \
+        "deleted the trainer train_cuda.py"
+
+
+def test_running_best_never_rises(tmp_path):
+    """The running best starts at the mean of the baseline runs (the loop's own starting best) from the
+    first baseline run on, and only goes down: not up at a second, higher baseline run, nor at a kept
+    change that does not beat it."""
+    rows = [row(0.9976, "keep", "baseline", note="baseline 1/2"),
+            row(0.9984, "keep", "baseline (repeat 2/2)", note="baseline 2/2"),
+            row(0.9990, "discard", "idea a"),
+            row(0.9950, "keep", "idea b", note="win: ..."),
+            row(0.9952, "keep", "simpler, as good", note="kept by hand"),
+            row(0.9940, "keep", "idea c", note="win: ..."),
+            row(0.9960, "discard", "idea d")]
+    results = write(tmp_path / "results.tsv", rows)
+    summary = summarize(load_source(results))
+    assert summary.running_best == pytest.approx([0.998, 0.998, 0.998, 0.995, 0.995, 0.994, 0.994])
+    md, ax, _ = drawn(results)
+    ys = list(next(ln for ln in ax.lines if ln.get_label() == "running best").get_ydata())
+    assert ys == sorted(ys, reverse=True) and ys[0] == pytest.approx(0.998)
+    assert "| 4 | abc1234 | idea b | 0.995000 | -0.003000 (-0.30%) |" in md  # against the baseline mean
+    assert "| 5 | abc1234 | simpler, as good | 0.995200 | +0.000200 (+0.02%) |" in md
+    assert "| best val_bpb | **0.994000** (#6, abc1234) |" in md
+
+
 # ---------------------------------------------------------------------------
 # compare
 # ---------------------------------------------------------------------------
@@ -202,7 +312,7 @@ def test_compare_two_machines(tmp_path, capsys):
     a = write(tmp_path / "h100.tsv", history(30))
     b = write(tmp_path / "mac.tsv", mac_rows())
     out = tmp_path / "reports"
-    assert report.cmd_compare([a, b], out) == 0
+    assert compare.cmd_compare([a, b], out) == 0
     assert capsys.readouterr().out.split() == [str(out / "compare.md"), str(out / "compare.png")]
     md = (out / "compare.md").read_text()
     best_a = min(r.val_bpb for r in read_results(a) if r.status == "keep")
@@ -226,7 +336,7 @@ def test_compare_two_machines(tmp_path, capsys):
 def test_compare_refuses_different_protocols(tmp_path, capsys):
     a = write(tmp_path / "h100.tsv", history(10))
     b = write(tmp_path / "mac.tsv", [r for r in mac_rows() if setattr(r, "protocol", "tiny") is None])
-    assert report.cmd_compare([a, b], tmp_path / "reports") == 1
+    assert compare.cmd_compare([a, b], tmp_path / "reports") == 1
     err = capsys.readouterr().err
     assert "different protocols" in err and "standard" in err and "tiny" in err
     assert not (tmp_path / "reports").exists()
@@ -235,7 +345,7 @@ def test_compare_refuses_different_protocols(tmp_path, capsys):
 def test_compare_refuses_different_evaluators(tmp_path, capsys):
     a = write(tmp_path / "h100.tsv", history(10))
     b = write(tmp_path / "mac.tsv", mac_rows(evaluator_hash="0123456789ab"))
-    assert report.cmd_compare([a, b], tmp_path / "reports") == 1
+    assert compare.cmd_compare([a, b], tmp_path / "reports") == 1
     err = capsys.readouterr().err
     assert "different evaluator versions" in err and "0123456789ab" in err
     assert not (tmp_path / "reports").exists()
@@ -245,9 +355,9 @@ def test_compare_refuses_files_without_protocol_and_a_single_input(tmp_path, cap
     a = write(tmp_path / "h100.tsv", history(10))
     up = tmp_path / "upstream.tsv"
     up.write_text("\t".join(UPSTREAM_COLUMNS) + "\na1b2c3d\t0.997900\t44.0\tkeep\tbaseline\n")
-    assert report.cmd_compare([a, up], tmp_path / "reports") == 1
+    assert compare.cmd_compare([a, up], tmp_path / "reports") == 1
     assert "does not record its protocol" in capsys.readouterr().err
-    assert report.cmd_compare([a], tmp_path / "reports") == 1
+    assert compare.cmd_compare([a], tmp_path / "reports") == 1
     assert "at least two" in capsys.readouterr().err
 
 
@@ -263,7 +373,7 @@ def test_compare_reads_run_folders(tmp_path):
         sm = {"val_bpb": val, "num_steps": 200, "total_tokens_M": 13.1, "peak_vram_mb": 8192.0, "backend": "mlx",
               "device": "Apple M2", "mfu_percent": None, "hyperparams": HP_MAC}
         (runs / str(n) / "result.json").write_text(json.dumps({"eval": ev, "summary": sm} if val else {}))
-    md_path, png = report.write_compare([a, runs], tmp_path / "out")
+    md_path, png = compare.write_compare([a, runs], tmp_path / "out")
     md = md_path.read_text()
     assert "Apple M2 (mlx)" in md and "| tokens (M) | " in md and "| 13.1 |" in md
     assert "| memory (GB) | 44.0 | 8.0 |" in md
@@ -304,7 +414,7 @@ def test_plan_and_apply_transfer(tmp_path):
     results = write(tmp_path / "h100.tsv", [row(0.99, "keep", "baseline"), row(0.97, "keep", "lr", hyperparams=theirs),
                                             row(0.96, "discard", "not kept", hyperparams={"DEPTH": 99})])
     host = {"_METAL": False}
-    plan = report.plan_transfer(results, TRAINER, host)
+    plan = transfer.plan_transfer(results, TRAINER, host)
     assert plan.row.val_bpb == 0.97
     assert plan.changes == {"DEPTH": 8, "MATRIX_LR": 0.05, "TOTAL_BATCH_SIZE": 2**19, "ADAM_BETAS": [0.9, 0.95]}
     assert plan.kept == {"DEVICE_BATCH_SIZE": (8, 128)}
@@ -314,7 +424,7 @@ def test_plan_and_apply_transfer(tmp_path):
     assert "applied: DEPTH=8, TOTAL_BATCH_SIZE=524288, MATRIX_LR=0.05, ADAM_BETAS=[0.9, 0.95]\n" in text
     assert "skipped, not hyperparameters of this trainer: SOFTCAP" in text
     assert "kept from this host (per-hardware size): DEVICE_BATCH_SIZE=8 (theirs: 128)" in text
-    new = report.apply_transfer(plan, TRAINER, host)
+    new = transfer.apply_transfer(plan, TRAINER, host)
     # the branch in effect on this host is edited, the other hardware's baseline stays
     assert "DEPTH = 4 if _METAL else 8\n" in new
     assert "TOTAL_BATCH_SIZE = 2**16 if _METAL else 2**19\n" in new
@@ -322,15 +432,15 @@ def test_plan_and_apply_transfer(tmp_path):
     assert "MATRIX_LR = 0.05\n" in new and "ADAM_BETAS = (0.9, 0.95)\n" in new
     assert new.count("\n") == TRAINER.count("\n")
     # everything taken when nothing is kept
-    plan = report.plan_transfer(results, TRAINER, host, keep=())
+    plan = transfer.plan_transfer(results, TRAINER, host, keep=())
     assert plan.changes["DEVICE_BATCH_SIZE"] == 128 and not plan.kept
 
 
 def test_transfer_needs_recorded_hyperparameters(tmp_path):
     up = tmp_path / "upstream.tsv"
     up.write_text("\t".join(UPSTREAM_COLUMNS) + "\na1b2c3d\t0.997900\t44.0\tkeep\tbaseline\n")
-    with pytest.raises(report.ReportError, match="no hyperparameters"):
-        report.plan_transfer(up, TRAINER, {})
+    with pytest.raises(ReportError, match="no hyperparameters"):
+        transfer.plan_transfer(up, TRAINER, {})
 
 
 @pytest.mark.slow
