@@ -1,4 +1,4 @@
-"""Tests for prepare.py: protocols, the tiny corpus, tokenizer, dataloader, downloads and the evaluator.
+"""Tests for prepare.py: protocols, the tiny corpus, tokenizer, dataloader, data integrity, downloads and the evaluator.
 
 Run: .venv/bin/python -m pytest tests/test_prepare.py -q      (CPU, no network, ~30 s)
 
@@ -12,6 +12,7 @@ import http.server
 import io
 import json
 import math
+import os
 import shutil
 import socket
 import subprocess
@@ -31,8 +32,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    import os
-
     return subprocess.run([sys.executable, str(REPO / "prepare.py"), *args], cwd=REPO, capture_output=True,
                           text=True, timeout=120, env={**os.environ, **(env or {})})
 
@@ -264,6 +263,50 @@ def test_loader_tokenizes_on_the_fly_without_the_cache(tiny_cache, tmp_path, mon
     assert all((a == b).all() for a, b in zip(expected, got))
 
 
+def one_epoch(p: prepare.Protocol, split: str, seed: int = 0, batch_size: int = 8, seq_len: int = 128) -> np.ndarray:
+    """Every row (T+1 tokens) the loader gives in its first pass over a split."""
+    loader = prepare.make_dataloader(p, batch_size, seq_len, split, seed=seed)
+    rows = []
+    while (batch := next(loader))[2] == 1:
+        rows.append(np.concatenate([batch[0], batch[1][:, -1:]], axis=1))
+    return np.concatenate(rows)
+
+
+def test_stream_is_the_same_with_and_without_the_token_cache(tiny_cache, tmp_path, monkeypatch):
+    """Documents are grouped REFILL_DOCS at a time over a shard whether they come from the token cache or
+    are tokenized on the fly (a copy whose shards' mtimes changed), whatever the parquet row groups."""
+    p = prepare.get_protocol()
+    pieces = pq.read_table(prepare.split_shards(p, "train")[0])["text"].to_pylist()
+    (tmp_path / "tiny" / "data").mkdir(parents=True)
+    shutil.copytree(tiny_cache / "tiny" / "tokenizer", tmp_path / "tiny" / "tokenizer")
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(tmp_path))
+    rng = np.random.default_rng(7)
+    docs = []  # a few to ~400 tokens each: most fit a row whole, some are cropped
+    for n in rng.integers(1, 400, size=6000):
+        a = int(rng.integers(0, len(pieces) - 3))
+        docs.append(" ".join(pieces[a : a + 3])[: int(n) * (1 + int(n) % 5)])
+    # more documents than the packer buffers (BUFFER_DOCS), none a multiple of REFILL_DOCS or of the row group
+    sizes = {p.val_shard: 1730, p.holdout_shard: 1111, 2: 1930, 3: 1229}
+    assert min(sizes.values()) > prepare.BUFFER_DOCS
+    start = 0
+    for shard_id, n in sizes.items():
+        texts = docs[start : start + n]
+        start += n
+        pq.write_table(pa.table({"text": texts}), tmp_path / "tiny" / "data" / prepare.shard_name(shard_id), row_group_size=100)
+    prepare._ensure_pretokenized(p)
+    cases = [("val", 0), ("holdout", 0), ("train", 0), ("train", 5)]
+    cached = [one_epoch(p, split, seed) for split, seed in cases]
+    fingerprint = prepare.Tokenizer.load(p).fingerprint
+    for shard in (tmp_path / "tiny" / "data").glob("*.parquet"):
+        st = shard.stat()
+        os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # as a copy that did not keep times
+        assert prepare._load_token_cache(p, shard, fingerprint) is None
+    for (split, seed), expected in zip(cases, cached):
+        got = one_epoch(p, split, seed)
+        assert got.shape == expected.shape and (got == expected).all(), (split, seed)
+    assert cached[0].shape[0] > 200 and not (cached[2] == cached[3]).all()
+
+
 def test_corrupt_shard_is_named_at_prepare_and_at_load(tiny_cache, tmp_path, monkeypatch):
     p = prepare.get_protocol()
     shutil.copytree(tiny_cache / "tiny", tmp_path / "tiny")
@@ -282,6 +325,159 @@ def test_corrupt_shard_is_named_at_prepare_and_at_load(tiny_cache, tmp_path, mon
     shard.unlink()
     prepare.prepare(p)  # the fix the message gives: the tiny corpus is rebuilt
     assert prepare.is_prepared(p) and len(prepare.split_shards(p, "train")) == 4
+
+
+# --- data integrity -----------------------------------------------------------------
+
+
+def flip_middle(data: bytes, n: int = 64) -> bytes:
+    """The same bytes but `n` in the middle inverted: size, header and footer unchanged."""
+    mid = len(data) // 2
+    return data[:mid] + bytes(b ^ 0xFF for b in data[mid : mid + n]) + data[mid + n :]
+
+
+def private_tiny(tiny_cache: Path, tmp_path: Path, monkeypatch) -> tuple[prepare.Protocol, Path]:
+    """A copy of the prepared tiny cache that a test may damage; the environment points at it."""
+    shutil.copytree(tiny_cache, tmp_path / "cache")
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(tmp_path / "cache"))
+    return prepare.get_protocol(), tmp_path / "cache"
+
+
+def test_manifest_records_the_hash_of_everything_evaluation_reads(tiny_cache):
+    p = prepare.get_protocol()
+    manifest = json.loads((tiny_cache / "tiny" / "prepared.json").read_text())
+    fingerprint = prepare.Tokenizer.load(p).fingerprint
+    assert manifest["sha256"]["val"] == {
+        f"{rel}": prepare._sha256_file(tiny_cache / "tiny" / rel)
+        for rel in ["data/shard_00000.parquet", f"tokens/{fingerprint}/shard_00000.tokens.npy",
+                    f"tokens/{fingerprint}/shard_00000.offsets.npy", f"tokens/{fingerprint}/shard_00000.meta.json"]}
+    assert [f.name for f in prepare.eval_data_paths(p, "holdout")] == [
+        "shard_00001.parquet", "shard_00001.tokens.npy", "shard_00001.offsets.npy", "shard_00001.meta.json"]
+    assert set(manifest["sha256"]["tokenizer"]) == {"tokenizer/tokenizer.pkl", "tokenizer/token_bytes.npy"}
+    prepare.verify_eval_data(p)
+    with pytest.raises(ValueError):
+        prepare.eval_data_paths(p, "train")
+
+
+def test_mid_file_damage_to_evaluation_data_is_caught_and_prepare_repairs_it(tiny_cache, tmp_path, monkeypatch):
+    p, cache = private_tiny(tiny_cache, tmp_path, monkeypatch)
+    val, tokens, offsets, meta = prepare.eval_data_paths(p, "val")
+    token_bytes = prepare.tokenizer_paths(p)[1]
+    original = {f: f.read_bytes() for f in (val, token_bytes)}
+    val.write_bytes(flip_middle(original[val]))
+    assert val.stat().st_size == len(original[val]) and prepare.check_parquet(val, p) > 0  # the footer still reads
+    message = rf"{val} does not match the content hash recorded when it was prepared.*run: python prepare.py --protocol tiny"
+    with pytest.raises(prepare.PrepareError, match=message):
+        prepare.verify_eval_data(p)
+    with pytest.raises(prepare.PrepareError, match=message):
+        prepare.verify_prepared(p)  # what the loop runs at start and after a crash
+    prepare.verify_eval_data(p, splits=("holdout",))  # only the damaged split fails
+    lengths = np.load(token_bytes)
+    lengths[5] += 1  # still a valid file of the right shape: only its hash tells
+    np.save(token_bytes, lengths)
+    prepare.load_token_bytes(p)
+    with pytest.raises(prepare.PrepareError, match=rf"{token_bytes} does not match the content hash"):
+        prepare.verify_prepared(p)
+    proc = run_cli("--protocol", "tiny", env={"AUTORESEARCH_CACHE": str(cache)})  # the advice, followed
+    assert proc.returncode == 0, proc.stderr
+    assert "differs from the one prepared" in proc.stdout
+    assert all(f.read_bytes() == data for f, data in original.items())
+    prepare.verify_prepared(p)
+
+    # a damaged token cache of the holdout split: tokenized again, the shards left as they are
+    h_shard, h_tokens = prepare.eval_data_paths(p, "holdout")[:2]
+    before = {f: f.stat().st_mtime_ns for f in prepare.split_shards(p, "train") + [h_shard]}
+    good = h_tokens.read_bytes()
+    h_tokens.write_bytes(flip_middle(good))
+    with pytest.raises(prepare.PrepareError, match=rf"{h_tokens} does not match the content hash"):
+        prepare.verify_prepared(p)
+    prepare.prepare(p)
+    assert h_tokens.read_bytes() == good
+    assert {f: f.stat().st_mtime_ns for f in before} == before
+    prepare.verify_prepared(p)
+
+    # a missing file is named, and made again the same way
+    meta.unlink()
+    with pytest.raises(prepare.PrepareError, match=rf"{meta} is missing; run: python prepare.py --protocol tiny"):
+        prepare.verify_eval_data(p)
+    prepare.prepare(p)
+    prepare.verify_prepared(p)
+
+
+def test_a_manifest_without_hashes_is_upgraded_by_prepare(tiny_cache, tmp_path, monkeypatch):
+    p, cache = private_tiny(tiny_cache, tmp_path, monkeypatch)
+    path = cache / "tiny" / "prepared.json"
+    manifest = json.loads(path.read_text())
+    del manifest["sha256"]
+    path.write_text(json.dumps(manifest))  # as an older prepare.py left it
+    with pytest.raises(prepare.PrepareError, match=rf"{path} records no content hashes .*older prepare.py.*"
+                                                   r"run: python prepare.py --protocol tiny to record them"):
+        prepare.verify_prepared(p)
+    assert not prepare.is_prepared(p)  # so the loop prepares again before it starts
+    shards = {f: f.stat().st_mtime_ns for s in prepare.SPLITS for f in prepare.split_shards(p, s)}
+    caches = {f: f.read_bytes() for s in ("val", "holdout") for f in prepare.eval_data_paths(p, s)[1:]}
+    prepare.prepare(p)
+    assert {f: f.stat().st_mtime_ns for f in shards} == shards  # the shards were checked, not rebuilt
+    assert {f: f.read_bytes() for f in caches} == caches  # the evaluation caches made again, the same
+    prepare.verify_prepared(p)
+    assert prepare.is_prepared(p) and json.loads(path.read_text())["sha256"]["val"]
+    (cache / "tiny" / "prepared.json").unlink()
+    with pytest.raises(prepare.PrepareError, match=r"not prepared .*prepared.json is missing.*--protocol tiny"):
+        prepare.verify_eval_data(p)
+
+
+_AUDIT = r"""
+import json, os, sys
+from pathlib import Path
+opened, listed = set(), set()
+
+def record(kind, path):
+    if isinstance(path, (str, bytes, os.PathLike)):
+        (opened if kind == "open" else listed).add(str(Path(os.fsdecode(path)).resolve()))
+
+sys.addaudithook(lambda event, args: record("open", args[0]) if event == "open" else
+                 record("list", args[0]) if event in ("os.listdir", "os.scandir") else None)
+import pyarrow.parquet as pq
+import prepare
+
+class ParquetFile(pq.ParquetFile):  # pyarrow opens files in C++, out of the audit hook's sight
+    def __init__(self, source, *args, **kwargs):
+        record("open", source)
+        super().__init__(source, *args, **kwargs)
+
+read_metadata = pq.read_metadata
+pq.ParquetFile = ParquetFile
+pq.read_metadata = lambda where, *a, **k: (record("open", where), read_metadata(where, *a, **k))[1]
+p = prepare.get_protocol()
+for seed in (0, 3):
+    loader = prepare.make_dataloader(p, 16, None, "train", seed=seed)
+    while next(loader)[2] == 1:  # one whole epoch
+        pass
+prepare.load_token_bytes(p)
+print(json.dumps({"opened": sorted(opened), "listed": sorted(listed)}))
+"""
+
+
+def test_training_reads_only_train_data_and_tokenizer_paths(tiny_cache, tmp_path, monkeypatch):
+    """What a trainer's sandbox must show: get_protocol(), a whole training epoch (shuffled and not) and
+    the token byte lengths open nothing under the cache but train_data_paths and tokenizer_paths."""
+    p, cache = private_tiny(tiny_cache, tmp_path, monkeypatch)
+    train = prepare.split_shards(p, "train")
+    for f in prepare._token_cache_paths(train[0], prepare.Tokenizer.load(p).fingerprint):
+        f.unlink()  # one shard without its cache: read from the parquet itself
+    env = {k: v for k, v in os.environ.items() if k != "AUTORESEARCH_PROTOCOL"}  # the marker names it
+    proc = subprocess.run([sys.executable, "-c", _AUDIT], cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    seen = json.loads(proc.stdout.splitlines()[-1])
+    root = str(cache.resolve())
+    opened = {f for f in seen["opened"] if f.startswith(root) and Path(f).exists()}  # absent caches: tried, not read
+    allowed = {str(f.resolve()) for f in prepare.train_data_paths(p) + prepare.tokenizer_paths(p)}
+    assert opened <= allowed, sorted(opened - allowed)
+    assert str(train[0].resolve()) in opened and str((cache / "protocol").resolve()) in opened  # the hook saw them
+    assert sum(".tokens.npy" in f for f in opened) == len(train) - 1
+    assert {f for f in seen["listed"] if f.startswith(root)} == {str((cache / "tiny" / "data").resolve())}
+    denied = {str(f.resolve()) for s in ("val", "holdout") for f in prepare.eval_data_paths(p, s)}
+    assert not denied & allowed and not denied & opened
 
 
 # --- downloads ----------------------------------------------------------------------
@@ -428,10 +624,21 @@ def test_standard_prepare_end_to_end_against_a_local_hub(hub, tmp_path, monkeypa
     assert "nothing to do" in capsys.readouterr().out and len(hub.requests) == n_requests
     x, y, _ = next(prepare.make_dataloader(p, 2, None, "val"))
     assert x.shape == (2, 2048)
+    prepare.verify_prepared(p)
+    # A damaged evaluation shard, whole but for bytes in its middle, is fetched again by the same command
     shard = tmp_path / "standard" / "data" / "shard_06541.parquet"
-    shard.write_bytes(b"garbage")
+    shard.write_bytes(flip_middle(shard.read_bytes()))
+    prepare.check_parquet(shard, p)  # the footer still reads
+    with pytest.raises(prepare.PrepareError, match=r"shard_06541.parquet does not match the content hash"):
+        prepare.verify_prepared(p)
+    prepare.prepare(p, num_shards=1)
+    assert shard.read_bytes() == hub.files["shard_06541.parquet"] and hub.requests[-1][0] == "shard_06541.parquet"
+    prepare.verify_prepared(p)
+    shard.write_bytes(b"garbage")  # cut short: its footer names it first
     with pytest.raises(prepare.PrepareError, match="shard_06541.parquet is corrupt"):
-        prepare.prepare(p, num_shards=1)
+        prepare.verify_prepared(p)
+    prepare.prepare(p, num_shards=1)
+    prepare.verify_prepared(p)
 
 
 def test_compact_reshards_a_single_file_hub_dataset(hub, tmp_path, monkeypatch):
