@@ -187,10 +187,6 @@ class PrepareError(Exception):
     """A problem a user can fix: the message is one sentence saying what happened and what to do."""
 
 
-class NonCausalModelError(Exception):
-    """The model's logits depend on future tokens; its result is invalid and is never scored."""
-
-
 def cache_root() -> Path:
     """The cache root: AUTORESEARCH_CACHE, else ~/.cache/autoresearch."""
     return Path(os.environ.get("AUTORESEARCH_CACHE") or "~/.cache/autoresearch").expanduser()
@@ -1379,148 +1375,90 @@ def make_dataloader(
 
 
 # ---------------------------------------------------------------------------
-# Evaluation (the fixed metric): val_bpb from logits, with a causality probe first
+# Hand-over: the end of every training run. The trainer gives the judge a pure model graph and its
+# own account of the run; the harness (judge/harness.py, a separate process that never imports the
+# trainer) reads val/holdout itself and computes val_bpb. Only the harness's result is a score.
 # ---------------------------------------------------------------------------
 
-
-def _probe_plan(x: np.ndarray) -> list[tuple[int, int]]:
-    """(row, t) pairs for the causality probe: tokens after position t of that row get changed."""
-    B, T = x.shape
-    return [(r, t) for r, t in zip(range(min(2, B)), (T // 2, T // 4)) if t < T - 1]
-
-
-def _causality_probe(forward: Callable, adapter: Any, x: np.ndarray, before: list[np.ndarray], vocab_size: int) -> str | None:
-    """Change the tokens after position t in a couple of rows; logits at positions <= t must not move.
-
-    `before` holds the original logits of each probed row up to its t. Returns None for a causal
-    model, else one sentence saying what moved.
-    """
-    T = x.shape[1]
-    rng = np.random.default_rng(0)
-    probes = _probe_plan(x)
-    altered = x.copy()
-    for r, t in probes:
-        altered[r, t + 1 :] = (x[r, t + 1 :] + rng.integers(1, vocab_size, size=T - t - 1)) % vocab_size
-    logits = forward(adapter.to_input(altered))
-    after = [np.asarray(adapter.to_numpy(logits[r, : t + 1]), dtype=np.float64) for r, t in probes]
-    del logits
-    for (r, t), a, b in zip(probes, before, after):
-        a = np.asarray(a, dtype=np.float64)
-        scale = float(np.nanmax(np.abs(np.concatenate([a.ravel(), b.ravel()])), initial=0.0))
-        tol = 1e-3 + 1e-3 * scale
-        moved = ~(np.isclose(a, b, rtol=0.0, atol=tol) | (np.isnan(a) & np.isnan(b)))
-        if moved.any():
-            pos = int(np.argwhere(moved)[0][0])
-            return (
-                f"logits at position {pos} of row {r} changed by up to {np.nanmax(np.abs(a - b)):.3g} "
-                f"(tolerance {tol:.3g}) when only tokens after position {t} changed, so the model sees the future"
-            )
-    return None
+HANDOVER_ENV = "AUTORESEARCH_HANDOVER"  # set by the loop: the directory the trainer hands over into
+_REPO = Path(__file__).resolve().parent
+_JUDGE_FILES = ("judge/evaluate.py", "judge/graphs.py", "judge/harness.py")
+_ADAPTERS = (("backends/torch_rt.py", "TorchEvalAdapter"), ("backends/mlx_rt.py", "MLXEvalAdapter"))
+_STREAM_CODE = (make_dataloader, BestFitPacker, _doc_blocks, _shard_blocks, _tokenized_blocks, _tokenize_texts,
+                load_token_bytes, token_byte_lengths)
 
 
-def _batch_sums(nats: np.ndarray, y: np.ndarray, token_bytes: np.ndarray) -> tuple[float, int]:
-    """Σ nats over targets with a byte length > 0 and Σ bytes of one batch, in float64 / int on the host."""
-    nbytes = token_bytes[y]
-    return float(np.asarray(nats, dtype=np.float64)[nbytes > 0].sum()), int(nbytes.sum())
-
-
-def _eval_split(forward: Callable, adapter: Any, batch_size: int, p: Protocol, split: str, token_bytes: np.ndarray, probe: bool) -> dict:
-    """Score `steps` fixed-length batches of one split; with `probe`, refuse a non-causal model first."""
-    t0 = time.perf_counter()
-    T = p.max_seq_len
-    budget = p.eval_tokens if split == "val" else p.holdout_tokens
-    steps = max(1, budget // (batch_size * T))
-    loader = make_dataloader(p, batch_size, T, split)
-    total_nats, total_bytes, tokens = 0.0, 0, 0
-    for step in range(steps):
-        x, y, _ = next(loader)
-        logits = forward(adapter.to_input(x))
-        nats, nbytes = _batch_sums(adapter.nats(logits, y), y, token_bytes)
-        if probe and step == 0:
-            before = [adapter.to_numpy(logits[r, : t + 1]) for r, t in _probe_plan(x)]
-            logits = None  # at most one logits array alive at a time
-            reason = _causality_probe(forward, adapter, x, before, p.vocab_size)
-            if reason is not None:
-                _write_result("eval", {"valid": False, "reason": reason, "protocol": p.name,
-                                       "protocol_version": p.version, "evaluator_hash": evaluator_hash(), "split": split})
-                raise NonCausalModelError(f"Invalid result, not scored: {reason}; make every layer causal.")
-        logits = None
-        total_nats += nats
-        total_bytes += nbytes
-        tokens += y.size
-    return {"bpb": total_nats / (math.log(2) * total_bytes), "nats": total_nats, "bytes": total_bytes,
-            "tokens": tokens, "seconds": time.perf_counter() - t0}
-
-
-def evaluate_bpb(forward: Callable, adapter: Any, batch_size: int, p: Protocol | None = None, split: str = "val") -> dict:
-    """Bits per byte of the model on the protocol's validation split (and, silently, its holdout split).
-
-    `forward(device_input)` returns logits (B, T, V); the backend's `adapter` moves tokens in
-    (`to_input`), turns logits into per-token nats (`nats`) and copies logits out (`to_numpy`), so the
-    loss is never computed by model code. A causality probe runs first: a model whose logits see later
-    tokens raises NonCausalModelError after recording an invalid result. The result is returned, written
-    to AUTORESEARCH_RESULT_JSON under "eval", and val_bpb is printed; holdout_bpb is only recorded.
-    """
-    p = p or get_protocol()
-    if split not in ("val", "holdout"):
-        raise ValueError(f"split must be 'val' or 'holdout', not {split!r}")
-    token_bytes = load_token_bytes(p)
-    main = _eval_split(forward, adapter, batch_size, p, split, token_bytes, probe=True)
-    result = {
-        "val_bpb": main["bpb"],
-        "valid": True,
-        "nats": main["nats"],
-        "bytes": main["bytes"],
-        "tokens": main["tokens"],
-        "eval_seconds": main["seconds"],
-        "protocol": p.name,
-        "protocol_version": p.version,
-        "evaluator_hash": evaluator_hash(),
-        "split": split,
-        "batch_size": batch_size,
-        "seq_len": p.max_seq_len,
-    }
-    if split == "val":
-        hold = _eval_split(forward, adapter, batch_size, p, "holdout", token_bytes, probe=False)
-        result.update(holdout_bpb=hold["bpb"], holdout_tokens=hold["tokens"], holdout_seconds=hold["seconds"])
-        print(f"val_bpb: {main['bpb']:.6f}")
-    _write_result("eval", result)
-    return result
-
-
-_EVALUATION_CODE = (evaluate_bpb, _eval_split, _batch_sums, _causality_probe, _probe_plan, load_token_bytes, token_byte_lengths,
-                    make_dataloader, BestFitPacker, _doc_blocks, _shard_blocks, _tokenized_blocks, _tokenize_texts)
+def _class_source(text: str, name: str) -> str:
+    """The source of top-level class `name` in a module's text (up to the next top-level statement)."""
+    start = text.index(f"\nclass {name}")
+    end = re.search(r"\n(?=\S)", text[start + 1 :])
+    return text[start : start + 1 + end.start()] if end else text[start:]
 
 
 def evaluator_hash() -> str:
-    """First 12 hex digits of the sha256 of the evaluation and validation-stream code (protocol-independent)."""
-    source = "\n".join(inspect.getsource(obj) for obj in _EVALUATION_CODE)
-    return hashlib.sha256(source.encode("utf-8")).hexdigest()[:12]
+    """First 12 hex digits of the sha256 of everything that turns a graph into a score: the harness,
+    the logits -> nats adapters and the code that builds the validation stream (protocol-independent)."""
+    parts = [(_REPO / f).read_text(encoding="utf-8") for f in _JUDGE_FILES]
+    parts += [_class_source((_REPO / f).read_text(encoding="utf-8"), cls) for f, cls in _ADAPTERS]
+    parts += [inspect.getsource(obj) for obj in _STREAM_CODE]
+    return hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()[:12]
 
 
-# ---------------------------------------------------------------------------
-# Result JSON and the printed summary block
-# ---------------------------------------------------------------------------
+def harness_command(handover: Path, protocol: str, out: Path) -> list[str]:
+    """The command that scores a handed-over model: the locked harness, in isolated mode."""
+    return [sys.executable, "-I", str(_REPO / "judge" / "harness.py"), "--handover", str(handover),
+            "--protocol", protocol, "--out", str(out)]
 
 
-def _write_result(key: str, value: dict) -> None:
-    """Merge `value` under `key` into AUTORESEARCH_RESULT_JSON (if set), atomically; top-level 'valid' mirrors eval."""
-    target = os.environ.get("AUTORESEARCH_RESULT_JSON")
-    if not target:
-        return
-    path = Path(target)
+def hand_over(export: Callable[[Path], dict], facts: dict) -> dict | None:
+    """End a training run: write the model graph and the run's facts for the judge.
+
+    `export(directory)` writes the graph into `directory` and returns its shape facts
+    (`backends.torch_rt.export_for_eval` / `backends.mlx_rt.export_for_eval`). Under the loop
+    (AUTORESEARCH_HANDOVER set) that is all: the loop times the run and its harness scores the graph.
+    Run by hand, the graph goes to a temporary directory, the harness scores it in a subprocess, and
+    the summary block is printed; the harness's result is returned. An export that fails ends the
+    run with one FAIL line saying what the harness needs.
+    """
+    import tempfile
+
+    target = os.environ.get(HANDOVER_ENV)
+    directory = Path(target) if target else Path(tempfile.mkdtemp(prefix="autoresearch-handover-"))
+    directory.mkdir(parents=True, exist_ok=True)
     try:
-        data = json.loads(path.read_text())
-        if not isinstance(data, dict):
-            data = {}
+        graph = export(directory)
+    except Exception as e:  # noqa: BLE001 - whatever the model does, the run ends with one clear line
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        print(f"\nFAIL: the model could not be exported for evaluation ({type(e).__name__}: {first}); the harness "
+              "needs a forward that torch.export / mx.export_function can trace: fixed shapes, tensor operations "
+              "only, no data-dependent Python control flow", flush=True)
+        sys.exit(1)
+    facts = {**facts, "graph": graph}
+    _atomic_write_bytes(directory / "facts.json", (json.dumps(facts, indent=1, default=str) + "\n").encode())
+    if target:
+        print(f"handed over to the harness: {', '.join(sorted(f.name for f in directory.iterdir()))}", flush=True)
+        return None
+    import subprocess
+
+    out = directory / "result.json"
+    sys.stdout.flush()
+    proc = subprocess.run(harness_command(directory, get_protocol().name, out), stdin=subprocess.DEVNULL).returncode
+    try:
+        result = json.loads(out.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        data = {}
-    data[key] = value
-    if key == "eval":
-        data["valid"] = bool(value.get("valid"))
-        if value.get("reason"):
-            data["reason"] = value["reason"]
-    _atomic_write_bytes(path, (json.dumps(data, indent=2, default=str) + "\n").encode())
+        print(f"\nFAIL: the evaluation harness failed (exit code {proc}); see its output above", flush=True)
+        sys.exit(1)
+    if not result.get("valid"):
+        print(f"\nFAIL: not scored: {result.get('reason')}", flush=True)
+        sys.exit(1)
+    print_summary(result, facts)
+    shutil.rmtree(directory, ignore_errors=True)
+    return result
+
+
+# ---------------------------------------------------------------------------
+# The printed summary block
+# ---------------------------------------------------------------------------
 
 
 SUMMARY_KEYS = ["val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "total_tokens_M",
@@ -1529,50 +1467,39 @@ _SUMMARY_FLOATS = {"val_bpb", "training_seconds", "total_seconds", "peak_vram_mb
 _SUMMARY_INTS = {"num_steps", "depth"}
 
 
-def print_summary(
-    eval_result: dict,
-    *,
-    training_seconds: float,
-    total_seconds: float,
-    peak_vram_mb: float | None,
-    mfu_percent: float | None,
-    total_tokens: int,
-    num_steps: int,
-    num_params: int,
-    depth: int,
-    backend: str,
-    device: str,
-    hyperparams: dict,
-) -> None:
-    """Print the run's summary block (reference keys and widths, then ours) and record it under "summary"."""
+def _fmt(value: Any, spec: str) -> str:
+    try:
+        return "n/a" if value is None else format(float(value), spec)
+    except (TypeError, ValueError):
+        return "n/a"
+
+
+def format_summary(eval_result: dict, facts: dict) -> str:
+    """The run's summary block: the reference's keys and widths, then ours. val_bpb is the harness's;
+    everything else is the trainer's own account of its run (facts)."""
+    tokens, params = facts.get("total_tokens"), facts.get("num_params")
     values = {
-        "val_bpb": f"{eval_result['val_bpb']:.6f}",
-        "training_seconds": f"{training_seconds:.1f}",
-        "total_seconds": f"{total_seconds:.1f}",
-        "peak_vram_mb": "n/a" if peak_vram_mb is None else f"{peak_vram_mb:.1f}",
-        "mfu_percent": "n/a" if mfu_percent is None else f"{mfu_percent:.2f}",
-        "total_tokens_M": f"{total_tokens / 1e6:.1f}",
-        "num_steps": f"{num_steps}",
-        "num_params_M": f"{num_params / 1e6:.1f}",
-        "depth": f"{depth}",
-        "backend": backend,
-        "device": device,
-        "protocol": eval_result.get("protocol", ""),
-        "hyperparams": json.dumps(hyperparams, default=str),
+        "val_bpb": _fmt(eval_result.get("val_bpb"), ".6f"),
+        "training_seconds": _fmt(facts.get("training_seconds"), ".1f"),
+        "total_seconds": _fmt(facts.get("total_seconds"), ".1f"),
+        "peak_vram_mb": _fmt(facts.get("peak_vram_mb"), ".1f"),
+        "mfu_percent": _fmt(facts.get("mfu_percent"), ".2f"),
+        "total_tokens_M": _fmt(tokens / 1e6 if isinstance(tokens, (int, float)) else None, ".1f"),
+        "num_steps": _fmt(facts.get("num_steps"), ".0f"),
+        "num_params_M": _fmt(params / 1e6 if isinstance(params, (int, float)) else None, ".1f"),
+        "depth": _fmt(facts.get("depth"), ".0f"),
+        "backend": str(facts.get("backend", "")),
+        "device": str(facts.get("device", "")),
+        "protocol": str(eval_result.get("protocol", "")),
+        "hyperparams": json.dumps(facts.get("hyperparams", {}), default=str),
     }
-    print("---")
-    for key in SUMMARY_KEYS:
-        print(f"{key + ':':<18}{values[key]}")
+    return "---\n" + "".join(f"{key + ':':<18}{values[key]}\n" for key in SUMMARY_KEYS)
+
+
+def print_summary(eval_result: dict, facts: dict) -> None:
+    """Print the summary block (see format_summary)."""
+    sys.stdout.write(format_summary(eval_result, facts))
     sys.stdout.flush()
-    summary = {
-        "val_bpb": eval_result["val_bpb"], "training_seconds": training_seconds, "total_seconds": total_seconds,
-        "peak_vram_mb": peak_vram_mb, "mfu_percent": mfu_percent, "total_tokens": total_tokens,
-        "total_tokens_M": total_tokens / 1e6, "num_steps": num_steps, "num_params": num_params,
-        "num_params_M": num_params / 1e6, "depth": depth, "backend": backend, "device": device,
-        "protocol": eval_result.get("protocol"), "protocol_version": eval_result.get("protocol_version"),
-        "evaluator_hash": eval_result.get("evaluator_hash"), "hyperparams": hyperparams,
-    }
-    _write_result("summary", summary)
 
 
 def parse_summary(text: str) -> dict:
