@@ -11,20 +11,33 @@ Protocol, budget and backend come from AUTORESEARCH_PROTOCOL / AUTORESEARCH_TIME
 AUTORESEARCH_BACKEND or the flags below. This file is locked: the agent never edits it.
 """
 
-from __future__ import annotations
-
-import argparse
-import os
-import signal
+import os  # noqa: I001 - os and sys come with the interpreter; nothing else may be imported before the next block
 import sys
-from pathlib import Path
 
-from research import report
-from research.console import Console
-from research.gitrepo import GitError
-from research.guards import LockError
-from research.results import ResultsError
-from research.session import Session, SessionError, Settings, default_tag
+if __name__ == "__main__":
+    # Nothing in the work tree may stand in for a module the loop imports (a json.py or numpy.py beside
+    # this file, byte-code in __pycache__): research/pyexec.py, read by path, takes this folder off the
+    # front of sys.path and makes the repository importable from source only, at the end of it.
+    _boot = os.path.join(os.path.dirname(os.path.realpath(__file__)), "research", "pyexec.py")
+    with open(_boot, "rb") as _f:
+        exec(compile(_f.read(), _boot, "exec"), {"__name__": "__pyexec_boot__", "__file__": _boot,
+                                                  "SCRIPT": __file__})
+    from research import secrets as _secrets
+
+    # Start again as `python -I loop.py ...` without credentials in the environment (they follow through
+    # a pipe and stay in memory): no process the trainer can see holds one.
+    _secrets.isolate(os.path.realpath(__file__), sys.argv[1:])
+
+import argparse  # noqa: E402
+import signal  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from research import report, secrets  # noqa: E402
+from research.console import Console  # noqa: E402
+from research.gitrepo import GitError  # noqa: E402
+from research.guards import LockError  # noqa: E402
+from research.results import ResultsError  # noqa: E402
+from research.session import Session, SessionError, Settings, default_tag  # noqa: E402
 
 REPO = Path(__file__).resolve().parent
 
@@ -40,7 +53,13 @@ def _common() -> argparse.ArgumentParser:
                    help=f"smallest noise floor in val_bpb (default {Settings.min_noise})")
     p.add_argument("--confirm", action="store_true", help="rerun borderline wins once before keeping them")
     p.add_argument("--timeout-margin", type=float, default=Settings.timeout_margin,
-                   help="seconds on top of 2x the budget before a run is killed (default 60)")
+                   help=f"seconds of margin before a run is killed (default {Settings.timeout_margin:g})")
+    p.add_argument("--startup-allowance", type=float, default=None,
+                   help="seconds past the budget a trainer may take until its hand-over (default: measured "
+                        "on the branch's baselines)")
+    p.add_argument("--no-sandbox", action="store_true",
+                   help="run trainers without the OS sandbox: they can then read the validation data, git, "
+                        "your files and other processes' environments")
     return p
 
 
@@ -70,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settings(args) -> Settings:
     return Settings(baseline_runs=args.baseline_runs, min_noise=args.min_noise, confirm=args.confirm,
-                    timeout_margin=args.timeout_margin,
+                    timeout_margin=args.timeout_margin, startup_allowance=args.startup_allowance,
+                    no_sandbox=args.no_sandbox,
                     max_fix_attempts=getattr(args, "max_fix_attempts", Settings.max_fix_attempts))
 
 
@@ -118,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             session.use_current_branch()
             out = try_change(session, args.description)
             return 0 if out.status in ("keep", "discard") else 1
-        kind = args.agent or ("claude" if os.environ.get("ANTHROPIC_API_KEY") else "local")
+        kind = args.agent or ("claude" if secrets.anthropic_credentials() else "local")
         agent = make_agent(kind, repo=session.repo, trainer=session.trainer, seed=args.seed, model=args.model,
                            script=args.script, console=console)
         tag = args.tag or default_tag()

@@ -19,17 +19,16 @@ from pathlib import Path
 
 from research import gitrepo
 from research.console import clock
-from research.guards import child_env, text_hash
+from research.guards import text_hash
 from research.hparams import HyperparamError, static_values
 from research.results import MEASURED, NO_COMMIT, Row, sanitize
+from judge.graphs import read_facts
 from research.runner import run_trainer
 from research.session import BASELINE, Session, TamperError, replay
+from research.workspace import Workspace
 
 __all__ = ["Outcome", "Measurement", "Usage", "run_experiment", "run_baseline", "read_result", "decide",
            "log_tail", "failure_line", "exit_reason"]
-
-BUDGET_SLACK = (1.10, 5.0)  # training may overrun the budget by 10% + 5 s (the last step) before it is rejected
-
 
 @dataclass
 class Usage:
@@ -124,51 +123,59 @@ def _num(d: dict, key: str, cast=float):
     return v if not isinstance(v, float) or math.isfinite(v) else None
 
 
-def read_result(path: Path, returncode: int | None, *, evaluator_hash: str, protocol: str,
-                budget: float) -> tuple[str, Measurement | None, str]:
-    """(status, measurement, reason) from the evaluator's JSON file and the exit code.
+_FACT_KEYS = ("training_seconds", "startup_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "total_tokens",
+              "num_steps", "num_params", "depth", "backend", "device", "hyperparams")
 
-    status is "ok", "crash", "invalid" (non-causal model) or "rejected" (trained past the budget).
+
+def trainer_facts(facts: dict) -> dict:
+    """The trainer's own account of its run, cut down to the keys the loop shows (it is not trusted:
+    nothing in it decides anything)."""
+    out = {}
+    for key in _FACT_KEYS:
+        v = facts.get(key)
+        if key == "hyperparams":
+            out[key] = v if isinstance(v, dict) else {}
+        elif isinstance(v, str):
+            out[key] = sanitize(v, 120)
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out[key] = v
+    return out
+
+
+def read_result(result: dict | None, *, facts: dict, evaluator_hash: str, protocol: str
+                ) -> tuple[str, Measurement | None, str]:
+    """(status, measurement, reason) from the harness's result and the trainer's facts.
+
+    status is "ok", "crash" (nothing scorable, or the harness could not score the hand-over) or
+    "invalid" (a model that sees the future, mixes rows or keeps state between calls).
     """
-    data = None
-    if path.exists():
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            return "crash", None, "the result file is not valid JSON"
-    ev = data.get("eval") if isinstance(data, dict) else None
-    if isinstance(ev, dict) and ev.get("valid") is False:
-        return "invalid", None, sanitize(ev.get("reason") or "the evaluator found the model is not causal")
-    if returncode != 0:
-        return "crash", None, exit_reason(returncode)
-    if not isinstance(ev, dict):
-        return "crash", None, "no result from the evaluator (the trainer did not run prepare.evaluate_bpb)"
-    if ev.get("valid") is not True:
-        return "crash", None, "the evaluator's result is not marked valid"
-    if ev.get("evaluator_hash") != evaluator_hash:
-        return "crash", None, f"evaluator hash {ev.get('evaluator_hash')!r} is not the locked evaluator's {evaluator_hash}"
-    if ev.get("protocol") not in (None, protocol) or ev.get("split", "val") != "val":
-        return "crash", None, f"evaluated on {ev.get('protocol')}/{ev.get('split')}, not {protocol}/val"
-    val = _num(ev, "val_bpb")
+    if not isinstance(result, dict):
+        return "crash", None, "the harness wrote no result"
+    if result.get("valid") is not True:
+        reason = sanitize(result.get("reason") or "the harness did not score the model")
+        return ("invalid" if result.get("kind") in ("causality", "state") else "crash"), None, reason
+    if result.get("evaluator_hash") != evaluator_hash:
+        return "crash", None, f"evaluator hash {result.get('evaluator_hash')!r} is not the locked evaluator's {evaluator_hash}"
+    if result.get("protocol") != protocol or result.get("split") != "val":
+        return "crash", None, f"evaluated on {result.get('protocol')}/{result.get('split')}, not {protocol}/val"
+    val = _num(result, "val_bpb")
     if val is None or val <= 0:
-        return "crash", None, "the evaluator reported no finite val_bpb"
-    summary = data.get("summary") if isinstance(data.get("summary"), dict) else {}
-    vram = _num(summary, "peak_vram_mb")
+        return "crash", None, "the harness reported no finite val_bpb"
+    vram = _num(facts, "peak_vram_mb")
+    params = _num(facts, "num_params")
     m = Measurement(
         val_bpb=val,
-        memory_gb=vram / 1024 if vram else 0.0,
-        training_seconds=_num(summary, "training_seconds"),
-        total_seconds=_num(summary, "total_seconds"),
-        num_steps=_num(summary, "num_steps", int),
-        mfu_percent=_num(summary, "mfu_percent"),
-        num_params_M=_num(summary, "num_params_M"),
-        holdout_bpb=_num(ev, "holdout_bpb"),
-        eval_seconds=_num(ev, "eval_seconds"),
-        device=summary.get("device") if isinstance(summary.get("device"), str) else None,
-        hyperparams=summary.get("hyperparams") if isinstance(summary.get("hyperparams"), dict) else {},
+        memory_gb=vram / 1024 if vram and vram > 0 else 0.0,
+        training_seconds=_num(facts, "training_seconds"),
+        total_seconds=_num(facts, "total_seconds"),
+        num_steps=_num(facts, "num_steps", int),
+        mfu_percent=_num(facts, "mfu_percent"),
+        num_params_M=params / 1e6 if params is not None else None,
+        holdout_bpb=_num(result, "holdout_bpb"),
+        eval_seconds=_num(result, "harness_seconds"),
+        device=facts.get("device") if isinstance(facts.get("device"), str) else None,
+        hyperparams=facts.get("hyperparams") or {},
     )
-    if m.training_seconds is not None and m.training_seconds > budget * BUDGET_SLACK[0] + BUDGET_SLACK[1]:
-        return "rejected", m, f"trained {m.training_seconds:.1f} s, past the {budget:g} s budget"
     return "ok", m, ""
 
 
@@ -228,32 +235,66 @@ def _row(s: Session, *, commit: str, status: str, description: str, note: str, r
 
 
 def _run_once(s: Session, run_dir: Path, label: str, description: str, prefix: str = ""):
-    """Spawn the trainer once into run_dir; returns (TrainerRun, status, measurement, reason)."""
-    result_path = run_dir / f"{prefix}result.json"
-    result_path.unlink(missing_ok=True)
-    env = child_env(
-        AUTORESEARCH_RESULT_JSON=str(result_path),
-        AUTORESEARCH_PROTOCOL=s.protocol.name,
-        AUTORESEARCH_BACKEND=s.host.backend,
-        PYTHONUNBUFFERED="1",
-    )
+    """Train once (sandboxed, timed from outside), then have the harness score what was handed over.
+
+    Returns (TrainerRun, status, measurement, reason). The run's log gets the trainer's output, the
+    harness's, and the summary block last; runs/<n>/result.json gets the harness's result beside
+    the trainer's own account of its run.
+    """
+    log_path = run_dir / f"{prefix}log.txt"
+    log_path.write_bytes(b"")
     best = f"{s.best:.6f}" if s.best is not None else "-"
     short = sanitize(description, 48)
+    budget, limit = s.budget, s.overtime_limit()
 
     def tick(elapsed: float) -> None:
-        s.console.status(f"[{label}] {short} | {clock(elapsed)} / {clock(s.budget)} budget "
-                         f"(limit {clock(s.timeout_s)}) | best {best}")
+        over = f"start-up allowance to {clock(limit)}" if limit is not None else "first baseline: no allowance yet"
+        s.console.status(f"[{label}] {short} | {clock(elapsed)} since start; budget {clock(budget)} + {over}, "
+                         f"killed at {clock(s.timeout_s)} | best {best}")
 
-    run = run_trainer(s.repo, s.trainer, env, run_dir / f"{prefix}log.txt", s.timeout_s, on_tick=tick,
-                      tick_s=s.settings.tick_s, on_spawn=lambda pgid: s.lock.note_trainer(pgid, s.trainer))
-    if run.timed_out:
-        return run, "crash", None, f"killed after {run.wall_seconds:.0f} s (limit {s.timeout_s:.0f} s)"
-    status, m, reason = read_result(result_path, run.returncode, evaluator_hash=s.evaluator_hash,
-                                    protocol=s.protocol.name, budget=s.budget)
-    if status == "crash":
-        fail = failure_line(log_tail(run_dir / f"{prefix}log.txt", 200, 20000))
-        reason = f"{reason}; {fail}" if fail else reason
-    return run, status, m, reason
+    ws = Workspace.create(int(run_dir.name) if run_dir.name.isdigit() else 0)
+    try:
+        argv, preexec, env = s.confine.trainer_run(ws)
+        run = run_trainer(argv, cwd=ws.root, env=env, log_path=log_path, timeout_s=s.timeout_s, on_tick=tick,
+                          tick_s=s.settings.tick_s, preexec_fn=preexec, reap=s.reap,
+                          on_spawn=lambda pgid: s.lock.note_trainer(pgid, s.trainer))
+        if run.timed_out:
+            return run, "crash", None, f"killed after {run.wall_seconds:.0f} s (limit {s.timeout_s:.0f} s)"
+        if run.returncode != 0:
+            fail = failure_line(log_tail(log_path, 200, 20000))
+            reason = exit_reason(run.returncode)
+            return run, "crash", None, f"{reason}; {fail}" if fail else reason
+        if limit is not None and run.wall_seconds > limit:
+            return run, "rejected", None, (f"overtime: handed over {run.wall_seconds:.1f} s after start, past the "
+                                           f"{budget:g} s budget + {limit - budget:.1f} s start-up allowance")
+        facts = trainer_facts(read_facts(ws.handover))
+        _append(log_path, "\n--- evaluation (judge/harness.py) ---\n")
+        h_argv, h_preexec, h_env = s.confine.harness_run(ws)
+        s.console.status(f"[{label}] {short} | scoring the hand-over")
+        harness = run_trainer(h_argv, cwd=ws.judge, env=h_env, log_path=log_path, timeout_s=s.harness_timeout_s,
+                              tick_s=s.settings.tick_s, preexec_fn=h_preexec, reap=s.reap)
+        try:
+            result = json.loads((ws.judge / "result.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            result = None
+        if harness.timed_out:
+            result = {"valid": False, "kind": "timeout", "reason": f"the harness ran past {s.harness_timeout_s:.0f} s"}
+        status, m, reason = read_result(result, facts=facts, evaluator_hash=s.evaluator_hash, protocol=s.protocol.name)
+        record = {"eval": result, "summary": facts, "trainer": {"wall_seconds": run.wall_seconds,
+                                                                "log_bytes": run.log_bytes}}
+        (run_dir / f"{prefix}result.json").write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
+        if status == "ok":
+            import prepare
+
+            _append(log_path, prepare.format_summary(result, facts))
+        return run, status, m, reason
+    finally:
+        ws.remove()
+
+
+def _append(path: Path, text: str) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(text)
 
 
 def _write_meta(run_dir: Path, row: Row, timings: dict, **extra) -> None:

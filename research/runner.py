@@ -1,19 +1,23 @@
-"""Run the trainer as a child process: own process group, captured output, hard timeout."""
+"""Run one child process of an experiment (the trainer, then the harness): sandboxed, in its own
+process group, timed from outside, its output captured to a capped log, everything it started
+ended afterwards."""
 
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
-import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["TrainerRun", "run_trainer", "kill_group"]
+__all__ = ["TrainerRun", "run_trainer", "kill_group", "LOG_HEAD_BYTES", "LOG_TAIL_BYTES"]
 
 TERM_GRACE_S = 5.0  # after SIGTERM, how long the group gets before SIGKILL
+LOG_HEAD_BYTES = 2 << 20  # a run's log keeps its first 2 MiB ...
+LOG_TAIL_BYTES = 2 << 20  # ... and its last 2 MiB; what lies between is cut, and the cut is marked
 
 
 @dataclass
@@ -22,6 +26,7 @@ class TrainerRun:
     wall_seconds: float
     timed_out: bool
     started: float  # time.time() at spawn
+    log_bytes: int = 0  # bytes the process wrote (the log may hold fewer: see LOG_HEAD_BYTES)
 
 
 def kill_group(proc: subprocess.Popen, grace: float = TERM_GRACE_S) -> None:
@@ -41,64 +46,101 @@ def kill_group(proc: subprocess.Popen, grace: float = TERM_GRACE_S) -> None:
     proc.wait()
 
 
+class _CappedLog(threading.Thread):
+    """Copy a pipe to a file: the first `head` bytes as they come, then only the last `tail` bytes,
+    written with a marker of what was cut once the pipe closes. Never holds more than `tail` in memory."""
+
+    def __init__(self, pipe, path: Path, head: int, tail: int) -> None:
+        super().__init__(daemon=True)
+        self.pipe, self.path, self.head, self.tail = pipe, path, head, tail
+        self.total = 0
+
+    def run(self) -> None:
+        ring = bytearray()
+        with open(self.path, "ab") as out:
+            while True:
+                chunk = self.pipe.read1(65536) if hasattr(self.pipe, "read1") else self.pipe.read(65536)
+                if not chunk:
+                    break
+                room = max(0, self.head - self.total)
+                if room:
+                    out.write(chunk[:room])
+                    out.flush()
+                ring += chunk[room:]
+                if len(ring) > self.tail:
+                    del ring[: len(ring) - self.tail]
+                self.total += len(chunk)
+            cut = self.total - self.head - len(ring)
+            if cut > 0:
+                out.write(f"\n[loop] ... {cut:,} bytes of output cut here (log kept to its first and last "
+                          f"{self.head >> 20} MiB) ...\n".encode())
+            out.write(bytes(ring))
+
+
 def run_trainer(
-    repo: Path,
-    trainer: str,
+    argv: list[str],
+    *,
+    cwd: Path,
     env: dict[str, str],
     log_path: Path,
     timeout_s: float,
     on_tick: Callable[[float], None] | None = None,
     tick_s: float = 0.5,
     on_spawn: Callable[[int | None], None] | None = None,
+    preexec_fn: Callable[[], None] | None = None,
+    reap: Callable[[], None] | None = None,
 ) -> TrainerRun:
-    """Run `python trainer` in `repo` with `env`, output to `log_path`; kill the group past `timeout_s`.
+    """Run `argv` (already wrapped in its sandbox) in `cwd` with `env`, output appended to `log_path`
+    (capped); kill its group past `timeout_s`. `reap()` ends whatever it left running afterwards.
 
     An exception in the caller's thread (Ctrl-C) ends the child's group before propagating.
     `on_spawn(pgid)` is called once the child runs, `on_spawn(None)` once its group is gone.
     """
     started = time.time()
     t0 = time.perf_counter()
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, trainer],
-            cwd=repo,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        if on_spawn is not None:
-            on_spawn(proc.pid)
-        timed_out = False
-        try:
-            while True:
-                try:
-                    proc.wait(timeout=tick_s)
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=preexec_fn)
+    log = _CappedLog(proc.stdout, log_path, LOG_HEAD_BYTES, LOG_TAIL_BYTES)
+    log.start()
+    if on_spawn is not None:
+        on_spawn(proc.pid)
+    timed_out = False
+    try:
+        while True:
+            try:
+                proc.wait(timeout=tick_s)
+                break
+            except subprocess.TimeoutExpired:
+                elapsed = time.perf_counter() - t0
+                if elapsed > timeout_s:
+                    timed_out = True
+                    kill_group(proc)
                     break
-                except subprocess.TimeoutExpired:
-                    elapsed = time.perf_counter() - t0
-                    if elapsed > timeout_s:
-                        timed_out = True
-                        kill_group(proc)
-                        break
-                    if on_tick is not None:
-                        on_tick(elapsed)
-        except BaseException:
-            kill_group(proc, grace=1.0)
-            if on_spawn is not None:
-                on_spawn(None)
-            raise
-        wall = time.perf_counter() - t0
-        # Stragglers the trainer left in its group (data workers) must not outlive the experiment.
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        if on_spawn is not None:
-            on_spawn(None)
+                if on_tick is not None:
+                    on_tick(elapsed)
+    except BaseException:
+        kill_group(proc, grace=1.0)
+        _finish(proc, log, reap, on_spawn)
+        raise
+    wall = time.perf_counter() - t0
+    _finish(proc, log, reap, on_spawn)
     if timed_out:
-        with open(log_path, "a", encoding="utf-8") as log:
-            log.write(f"\n[loop] killed after {wall:.1f} s: past the {timeout_s:.0f} s limit\n")
+        with open(log_path, "a", encoding="utf-8") as f:
+            f.write(f"\n[loop] killed after {wall:.1f} s: past the {timeout_s:.0f} s limit\n")
     return TrainerRun(returncode=None if timed_out else proc.returncode, wall_seconds=wall, timed_out=timed_out,
-                      started=started)
+                      started=started, log_bytes=log.total)
+
+
+def _finish(proc: subprocess.Popen, log: _CappedLog, reap: Callable[[], None] | None,
+            on_spawn: Callable[[int | None], None] | None) -> None:
+    """Nothing the run started outlives it: its group, then (through `reap`) whatever left the group."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    if reap is not None:
+        reap()
+    log.join(timeout=10)  # the pipe closes once every process holding it is gone
+    proc.stdout.close()
+    if on_spawn is not None:
+        on_spawn(None)

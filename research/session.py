@@ -40,8 +40,10 @@ class Settings:
     baseline_runs: int = 2  # baseline repeats at the start of a branch (noise floor)
     min_noise: float = 0.0005  # smallest noise floor, whatever the baseline spread
     confirm: bool = False  # rerun borderline wins once before keeping them
-    timeout_factor: float = 2.0  # a run is killed past factor x budget + margin
-    timeout_margin: float = 60.0
+    timeout_factor: float = 2.0  # before any baseline, a run is killed past factor x budget + margin
+    timeout_margin: float = 120.0
+    startup_allowance: float | None = None  # seconds past the budget a hand-over may take; None: measured
+    no_sandbox: bool = False  # run trainers without an OS sandbox (they can then read val data, git, secrets)
     max_fix_attempts: int = 2  # fix attempts an agent gets after its change crashed
     tick_s: float = 0.5  # status-line refresh
 
@@ -98,6 +100,8 @@ class Session:
         self.rows: list[Row] = []  # every row in the file
         self.best: float | None = None
         self.noise_floor: float | None = None
+        self.sandbox: str | None = None  # bwrap | landlock | seatbelt; None only with --no-sandbox
+        self.confine = None  # research.workspace.Confinement, set by open()
         self.owns_tree = False  # set once a branch is adopted: from then on an abort restores the tree
         self.pending_edit: str | None = None  # an edit to put back on abort (loop.py try)
 
@@ -131,6 +135,7 @@ class Session:
             proto = _protocol(prepare, protocol, prepare_missing, console)
             s = cls(repo, host, proto, prepare.evaluator_hash(), settings or Settings(), console)
             s.lock = lock
+            s._choose_sandbox()
             s.check_data()
             if not (repo / s.trainer).is_file():
                 raise SessionError(f"The trainer for backend '{host.backend}' ({s.trainer}) is missing from {repo}; "
@@ -194,9 +199,43 @@ class Session:
         if name is None:
             raise SessionError("HEAD is detached; check out a branch first (e.g. 'git checkout -b autoresearch/mytag').")
         self.preexisting = set()  # an external agent works between calls: every untracked file counts
+        self._drop_unrecorded_try(name)
         if gitrepo.changed_paths(self.repo).get(self.trainer) == "M":
             self.pending_edit = self.trainer_text()  # never lost, whatever happens next
         self._adopt_branch(name, drop_unrecorded=False)
+
+    def _drop_unrecorded_try(self, name: str) -> None:
+        """`loop.py try` killed between its commit and its row leaves a trainer-only commit after the last
+        kept one that no row records: take it off the branch, its change back in the work tree, uncommitted
+        (as `run` drops it on resume). If the trainer already has another uncommitted edit, that edit stays
+        and the dropped change is saved under runs/ instead."""
+        self.branch = name
+        state = replay(self.branch_rows(), self.settings.min_noise)
+        kept = state.kept_commit or (state.baselines[0].commit if state.baselines else None)
+        if not kept:
+            return
+        kept_full = gitrepo.git(self.repo, "rev-parse", "--verify", "-q", f"{kept}^{{commit}}", check=False)
+        head = gitrepo.head(self.repo)
+        if not kept_full or kept_full == head or not self._only_trainer_commits(kept_full, head):
+            return
+        commits = gitrepo.git(self.repo, "rev-list", f"{kept_full}..{head}").split()
+        recorded = {r.commit for r in self.rows if r.branch == name and r.commit}
+        if any(c[: len(r)] == r for c in commits for r in recorded):
+            return  # a commit with a row is not an experiment cut short
+        dropped = gitrepo.diff(self.repo, kept_full, head, "--", self.trainer)
+        other_edit = gitrepo.changed_paths(self.repo).get(self.trainer) == "M"
+        saved = None
+        if other_edit:
+            self.runs_dir.mkdir(exist_ok=True)
+            saved = self.runs_dir / f"unfinished-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.patch"
+            saved.write_text(dropped, encoding="utf-8")
+        gitrepo.git(self.repo, "reset", "-q", "--mixed", kept_full)  # the work tree keeps what it holds
+        what = f"dropped {len(commits)} commit(s) after {kept_full[:7]} that no row records (an experiment cut short)"
+        if saved is not None:
+            self.console.event(f"try: {what}; {self.trainer} keeps its other uncommitted edit, and the dropped "
+                               f"change is saved in {saved.relative_to(self.repo)}")
+        else:
+            self.console.event(f"try: {what}; its change is back in {self.trainer}, uncommitted")
 
     def _adopt_branch(self, name: str, drop_unrecorded: bool) -> None:
         self.branch = name
@@ -246,9 +285,61 @@ class Session:
     def budget(self) -> float:
         return float(self.protocol.time_budget)
 
+    def startup_allowance(self) -> float | None:
+        """Seconds past the budget a trainer may take from start to hand-over: measured on this branch's
+        baselines (their start-up, compilation, uncounted warm-up steps and export), 1.25 x the slowest
+        plus 5 s; None until a baseline has run. --startup-allowance fixes it instead."""
+        if self.settings.startup_allowance is not None:
+            return self.settings.startup_allowance
+        overheads = [r.wall_seconds - self.budget for r in self.baselines_done()
+                     if r.ok and r.wall_seconds is not None]
+        if not overheads:
+            return None
+        return 1.25 * max(0.0, max(overheads)) + 5.0
+
+    def overtime_limit(self) -> float | None:
+        """Wall seconds from trainer start to hand-over past which a run is rejected (overtime)."""
+        allowance = self.startup_allowance()
+        return None if allowance is None else self.budget + allowance
+
     @property
     def timeout_s(self) -> float:
-        return self.settings.timeout_factor * self.budget + self.settings.timeout_margin
+        """When a trainer is killed: before any baseline, factor x budget + margin; after, the overtime
+        limit plus the allowance again plus the margin (a hung run is cut short, a slow one is not)."""
+        allowance = self.startup_allowance()
+        if allowance is None:
+            return self.settings.timeout_factor * self.budget + self.settings.timeout_margin
+        return self.budget + 2 * allowance + self.settings.timeout_margin
+
+    @property
+    def harness_timeout_s(self) -> float:
+        return max(300.0, 2 * self.budget) + self.settings.timeout_margin
+
+    def _choose_sandbox(self) -> None:
+        """Pick the OS sandbox every trainer and harness run goes through, or refuse to run without one."""
+        from judge import sandbox
+        from research.workspace import Confinement
+
+        if self.settings.no_sandbox:
+            self.sandbox = None
+        else:
+            try:
+                self.sandbox = sandbox.detect()
+            except sandbox.SandboxError as e:
+                raise SessionError(str(e)) from None
+            if self.sandbox is None:
+                raise SessionError(
+                    "No sandbox is available on this machine (Linux: install bubblewrap, or use a kernel with "
+                    "Landlock; macOS: sandbox-exec); install one, or run with --no-sandbox, which lets the "
+                    "trainer read the validation data, the repository's git, your files and other processes.")
+        sandbox.become_subreaper()
+        self.confine = Confinement(self.repo, self.trainer, self.protocol, self.host.backend, self.sandbox)
+
+    def reap(self) -> None:
+        """End every process a finished run left behind (they were re-parented to this loop)."""
+        from judge import sandbox
+
+        sandbox.kill_orphans(exclude=set())
 
     def changes(self) -> dict[str, str]:
         """Paths that differ from HEAD (kind M/A/D/U, see gitrepo.changed_paths), leaving out the loop's
@@ -291,25 +382,21 @@ class Session:
         if trainer_text is not None:
             (self.repo / self.trainer).write_text(trainer_text, encoding="utf-8")
 
-    def outside_state(self) -> tuple[str | None, str, bytes | None]:
-        """What a run must leave alone besides the work tree: the checked-out branch, HEAD, results.tsv."""
+    def outside_state(self) -> tuple[gitrepo.RefState, bytes | None]:
+        """What a run must leave alone besides the work tree: every ref (branches, tags, replace refs, the
+        stash...), what HEAD points at, the repository's config, hooks and info/ files, and results.tsv."""
         try:
             data = self.results_path.read_bytes()
         except OSError:
             data = None
-        return gitrepo.current_branch(self.repo), gitrepo.head(self.repo), data
+        return gitrepo.ref_state(self.repo), data
 
-    def put_back_outside(self, before: tuple[str | None, str, bytes | None]) -> str | None:
-        """Undo what a run changed outside the work tree since `outside_state()` gave `before`: check the
-        branch out again, move it back to its commit, write results.tsv back. Returns what it changed."""
-        branch, head, data = before
-        changed = []
-        if branch is not None and gitrepo.current_branch(self.repo) != branch:
-            gitrepo.git(self.repo, "checkout", "-q", "-f", branch)
-            changed.append("the checked-out branch")
-        if gitrepo.head(self.repo) != head:
-            gitrepo.reset_hard(self.repo, head)
-            changed.append("the git history")
+    def put_back_outside(self, before: tuple[gitrepo.RefState, bytes | None]) -> str | None:
+        """Undo what a run changed outside the work tree since `outside_state()` gave `before`: refs moved
+        back, re-created or deleted, the branch checked out again at its commit, the repository's settings
+        and hooks written back, results.tsv written back. Returns what it changed, in words (None: nothing)."""
+        refs, data = before
+        changed = gitrepo.put_back_refs(self.repo, refs)
         now = self.results_path.read_bytes() if self.results_path.is_file() else None
         if data is not None and now != data:
             tmp = self.results_path.with_name(self.results_path.name + ".tmp")
@@ -368,7 +455,18 @@ class Session:
         budget = f"{p.time_budget:g} s" + (" (override)" if getattr(p, "time_budget_overridden", False) else "")
         return (f"backend {self.host.backend} ({self.host.device_name}) - {self.host.reason}\n"
                 f"trainer {self.trainer}, protocol {p.name} v{p.version}, budget {budget}, "
-                f"timeout {self.timeout_s:.0f} s, evaluator {self.evaluator_hash}")
+                f"evaluator {self.evaluator_hash}\n"
+                f"sandbox {self.sandbox or 'NONE (--no-sandbox: the trainer can read val data, git and your files)'}; "
+                f"{self.allowance_line()}")
+
+    def allowance_line(self) -> str:
+        allowance = self.startup_allowance()
+        if allowance is None:
+            return (f"start-up allowance: measured on the first baseline (until then a run is killed after "
+                    f"{self.timeout_s:.0f} s)")
+        how = "set by --startup-allowance" if self.settings.startup_allowance is not None else "from the baselines"
+        return (f"start-up allowance {allowance:.1f} s {how}: a hand-over later than {self.budget + allowance:.1f} s "
+                f"after start is rejected (overtime); a run is killed after {self.timeout_s:.0f} s")
 
 
 def _protocol(prepare, name: str | None, prepare_missing: bool, console: Console):

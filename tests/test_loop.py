@@ -33,23 +33,29 @@ from research.guards import RepoLock, LockError, child_env, text_hash
 from research.hparams import in_effect, parse_block, set_values
 
 PROJECT = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ("loop.py", "research", "prepare.py", "backends", "model", "program.md", "train_cuda.py",
+PROJECT_FILES = ("loop.py", "research", "prepare.py", "backends", "model", "judge", "program.md", "train_cuda.py",
                  "train_mlx.py", ".gitignore")
 
-FAKE_TRAINER = '''"""Stand-in trainer for the loop's tests: no training, the evaluator's JSON is written directly."""
+FAKE_TRAINER = '''"""Stand-in trainer for the loop's tests: no training; it hands over a unigram model whose quality
+VAL_BPB sets (lower VAL_BPB, lower measured val_bpb), and its MODE makes it crash, hang, litter, cheat..."""
 import json
 import os
 import subprocess
 import sys
 import time
 
+import numpy as np
+import torch
+
+import backends
 import prepare
+from backends import torch_rt
 
 HARDWARE = "cpu"
 
 # --- hyperparameters ---
 VAL_BPB = 2.0
-MODE = "ok"  # ok | crash | fake | noncausal | hang | litter | tamper | overbudget | flaky
+MODE = "ok"  # ok | crash | fake | noncausal | hang | litter | tamper | overbudget | nohandover
 SLEEP = 0.0
 MATRIX_LR = 0.04
 TOTAL_BATCH_SIZE = 2**11
@@ -61,47 +67,58 @@ if HARDWARE == "cpu":
 # --- end hyperparameters ---
 
 
+class Unigram(torch.nn.Module):
+    """Logits of a mixture of uniform and the train split's unigram distribution, weight w on the unigram."""
+
+    def __init__(self, counts, w, lookahead):
+        super().__init__()
+        q = counts / counts.sum()
+        p = (1 - w) / len(q) + w * q
+        self.register_buffer("logp", torch.tensor(np.log(p), dtype=torch.float32))
+        self.lookahead = lookahead
+
+    def forward(self, idx):
+        logits = self.logp[None, None, :].expand(idx.shape[0], idx.shape[1], -1)
+        if self.lookahead:  # sees the next token: a big bonus on it
+            nxt = torch.roll(idx, -1, dims=1).long()
+            logits = logits + 20.0 * torch.nn.functional.one_hot(nxt, self.logp.shape[0]).float()
+        return logits
+
+
 def main():
-    out = os.environ["AUTORESEARCH_RESULT_JSON"]
-    with open(os.path.join(os.path.dirname(out), "child_env.json"), "w") as f:
-        json.dump({"keys": sorted(os.environ), "pid": os.getpid(), "cwd": os.getcwd()}, f)
-    print("fake trainer starting", flush=True)
+    info = {"keys": sorted(os.environ), "pid": os.getpid(), "cwd": os.getcwd()}
+    print("fake trainer starting " + json.dumps(info), flush=True)
     time.sleep(SLEEP)
     p = prepare.get_protocol()
+    here = os.path.dirname(os.path.abspath(__file__))
     if MODE == "crash":
         raise RuntimeError("deliberate crash")
     if MODE == "hang":
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-        with open(os.environ["FAKE_PID_FILE"], "w") as f:
-            f.write(str(child.pid))
+        print(f"grandchild pid {child.pid}", flush=True)
         time.sleep(600)
     if MODE == "fake":
         print("---\\nval_bpb:          0.100000")
-        return
     if MODE == "litter":
-        with open("stray.txt", "w") as f:
+        with open(os.path.join(here, "stray.txt"), "w") as f:
             f.write("left behind")
     if MODE == "tamper":
-        with open("prepare.py", "a") as f:
+        with open(os.path.join(here, "prepare.py"), "a") as f:
             f.write("\\n# changed by the trainer\\n")
-    if MODE == "noncausal":
-        with open(out, "w") as f:
-            json.dump({"eval": {"valid": False, "reason": "logits at t=5 moved when later tokens changed"}}, f)
-        print("FAIL: the model is not causal")
-        sys.exit(1)
-    val = VAL_BPB
-    if MODE == "flaky" and os.path.exists(os.path.join(os.path.dirname(out), "result.json")):
-        val += 1.0  # a confirming rerun (same run folder) does much worse
-    ev = {"val_bpb": val, "valid": True, "evaluator_hash": prepare.evaluator_hash(), "protocol": p.name,
-          "split": "val", "holdout_bpb": val + 0.1, "eval_seconds": 0.05}
-    trained = p.time_budget * 3 + 10 if MODE == "overbudget" else min(SLEEP, p.time_budget)
-    summary = {"val_bpb": val, "training_seconds": trained, "total_seconds": trained + 0.2,
-               "peak_vram_mb": 512.0, "mfu_percent": None, "total_tokens_M": 0.1, "num_steps": 10,
-               "num_params_M": 1.2, "depth": DEPTH, "backend": "cpu", "device": "fake cpu",
-               "hyperparams": {"VAL_BPB": VAL_BPB, "MATRIX_LR": MATRIX_LR, "DEPTH": DEPTH}}
-    with open(out, "w") as f:
-        json.dump({"eval": ev, "summary": summary}, f)
-    print(f"---\\nval_bpb:          {VAL_BPB:.6f}")
+    if MODE == "overbudget":
+        time.sleep(p.time_budget * 3 + 10)
+    if MODE == "nohandover":
+        return
+    x, y, _ = next(prepare.make_dataloader(p, 8, p.max_seq_len, "train"))
+    counts = np.bincount(y.ravel(), minlength=p.vocab_size).astype(np.float64) + 0.5
+    w = min(1.0, max(0.0, (3.0 - VAL_BPB) / 2.0))
+    model = Unigram(counts, w, MODE == "noncausal")
+    host = backends.detect()
+    facts = {"training_seconds": min(SLEEP, p.time_budget), "total_seconds": SLEEP + 0.2, "peak_vram_mb": 512.0,
+             "mfu_percent": None, "total_tokens": 100000, "num_steps": 10, "num_params": 1200000, "depth": DEPTH,
+             "backend": "cpu", "device": "fake cpu",
+             "hyperparams": {"VAL_BPB": VAL_BPB, "MATRIX_LR": MATRIX_LR, "DEPTH": DEPTH}}
+    prepare.hand_over(lambda d: torch_rt.export_for_eval(model, d, DEVICE_BATCH_SIZE, p.max_seq_len, host), facts)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,138 @@
+"""Where and how the trainer and the harness run: a private workspace per run, their environments,
+and the sandbox policy each one gets.
+
+The trainer (agent code) reads the project's code, the tokenizer and the train split, and writes
+only its workspace: `handover/` (the graph and its facts), `tmp/`, `home/` and `cache/` (compiler
+caches: fresh for every run and removed after it, so nothing, a model included, carries from one run
+to the next). It never sees the validation or holdout data, `.git`, `runs/`, results.tsv or the
+loop's secrets. The harness (locked) reads the code, the tokenizer, the evaluation splits and the
+hand-over, and writes only `judge/`, from which the loop takes its result. Neither writes the repo.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from research.guards import child_env
+
+__all__ = ["Workspace", "CODE_PATHS", "Confinement"]
+
+CODE_PATHS = ("prepare.py", "backends", "model", "data")  # locked code a trainer may import (data/ if present)
+HARNESS_CODE = ("judge",)
+
+
+@dataclass
+class Workspace:
+    """A run's private directories, outside the repository."""
+
+    root: Path
+
+    @classmethod
+    def create(cls, run_no: int) -> Workspace:
+        root = Path(tempfile.mkdtemp(prefix=f"autoresearch-run{run_no}-"))
+        ws = cls(root)
+        for d in (ws.handover, ws.tmp, ws.home, ws.cache, ws.judge):
+            d.mkdir()
+        return ws
+
+    @property
+    def handover(self) -> Path:
+        return self.root / "handover"
+
+    @property
+    def tmp(self) -> Path:
+        return self.root / "tmp"
+
+    @property
+    def home(self) -> Path:
+        return self.root / "home"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def judge(self) -> Path:
+        return self.root / "judge"
+
+    def remove(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _private_env(ws: Workspace, **extra: str) -> dict[str, str]:
+    """The loop's environment without credentials, with every per-user cache pointed into the workspace."""
+    env = child_env(
+        HOME=str(ws.home),
+        TMPDIR=str(ws.tmp),
+        XDG_CACHE_HOME=str(ws.cache),
+        TRITON_CACHE_DIR=str(ws.cache / "triton"),
+        TORCHINDUCTOR_CACHE_DIR=str(ws.cache / "inductor"),
+        MPLCONFIGDIR=str(ws.cache / "matplotlib"),
+        PYTHONUNBUFFERED="1",
+        PYTHONDONTWRITEBYTECODE="1",
+        **extra,
+    )
+    for key in ("AUTORESEARCH_RESULT_JSON", "PYTHONPATH", "PYTHONSTARTUP", "PYTHONHOME", "PYTHONUSERBASE"):
+        env.pop(key, None)
+    return env
+
+
+class Confinement:
+    """Builds the commands for one session's trainer and harness runs, sandboxed with `kind`
+    (bwrap, landlock, seatbelt) or, with None (--no-sandbox), run as they are."""
+
+    def __init__(self, repo: Path, trainer: str, protocol, backend: str, kind: str | None) -> None:
+        self.repo, self.trainer, self.protocol, self.backend, self.kind = Path(repo), trainer, protocol, backend, kind
+
+    def _code(self, extra: tuple[str, ...] = ()) -> list[Path]:
+        return [self.repo / p for p in (*CODE_PATHS, *extra) if (self.repo / p).exists()]
+
+    def _wrap(self, argv: list[str], read: list[Path], write: list[Path], cwd: Path
+              ) -> tuple[list[str], Callable[[], None] | None]:
+        if self.kind is None:
+            return argv, None
+        from judge.sandbox import SandboxPolicy, wrap
+
+        gpu = self.backend in ("cuda", "rocm", "mps")
+        memory = None if gpu else _physical_memory()
+        policy = SandboxPolicy(cwd=cwd, read_paths=read, write_paths=write, gpu=gpu, max_memory_bytes=memory)
+        return wrap(self.kind, argv, policy)
+
+    def trainer_run(self, ws: Workspace) -> tuple[list[str], Callable[[], None] | None, dict[str, str]]:
+        """(argv, preexec_fn, env) of a trainer run handing over into `ws`."""
+        import prepare
+
+        p = self.protocol
+        data = [*prepare.train_data_paths(p), *prepare.tokenizer_paths(p)]
+        argv = [sys.executable, str(self.repo / self.trainer)]
+        env = _private_env(ws, AUTORESEARCH_HANDOVER=str(ws.handover), AUTORESEARCH_PROTOCOL=p.name,
+                           AUTORESEARCH_BACKEND=self.backend)
+        argv, preexec = self._wrap(argv, [*self._code(), self.repo / self.trainer, *data], [ws.root], ws.root)
+        return argv, preexec, env
+
+    def harness_run(self, ws: Workspace) -> tuple[list[str], Callable[[], None] | None, dict[str, str]]:
+        """(argv, preexec_fn, env) of the harness scoring what `ws` holds; its result lands in ws.judge."""
+        import prepare
+
+        p = self.protocol
+        data = [*prepare.tokenizer_paths(p), prepare.cache_root() / p.name / "prepared.json",
+                *prepare.eval_data_paths(p, "val"), *prepare.eval_data_paths(p, "holdout")]
+        argv = prepare.harness_command(ws.handover, p.name, ws.judge / "result.json")
+        env = _private_env(ws, AUTORESEARCH_PROTOCOL=p.name, AUTORESEARCH_BACKEND=self.backend)
+        read = [*self._code(HARNESS_CODE), ws.handover, *[d for d in data if d.exists()]]
+        argv, preexec = self._wrap(argv, read, [ws.judge, ws.tmp], ws.judge)
+        return argv, preexec, env
+
+
+def _physical_memory() -> int | None:
+    """Bytes of RAM (the address-space cap of CPU runs); None where it cannot be read."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
