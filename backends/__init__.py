@@ -131,12 +131,19 @@ def _has_module(name: str) -> bool:
         return False
 
 
-def probe_host() -> Probe:
-    """Look at the real machine. Imports torch / MLX only if they are installed."""
+def probe_host(choice: str | None = None) -> Probe:
+    """Look at the real machine. Imports torch / MLX only if they are installed, and only the one the
+    chosen backend needs (a CPU run imports neither: it only needs to know that torch is there)."""
     info: dict = dict(
         system=platform.system(), machine=platform.machine(), cpu_name=_cpu_name(), ram_gb=_ram_gb()
     )
-    if _has_module("torch"):
+    want_torch = choice in (None, "cuda", "rocm", "mps")
+    want_mlx = choice in (None, "mlx")
+    if not want_torch:
+        info["torch"] = _has_module("torch")
+    if not want_mlx:
+        info["mlx"] = _has_module("mlx")
+    if want_torch and _has_module("torch"):
         import torch
 
         info["torch"] = True
@@ -153,7 +160,7 @@ def probe_host() -> Probe:
             )
         mps = getattr(torch.backends, "mps", None)
         info["mps"] = bool(mps is not None and mps.is_available())
-    if _has_module("mlx"):
+    if want_mlx and _has_module("mlx"):
         try:
             import mlx.core as mx
 
@@ -292,7 +299,7 @@ def detect(override: str | None = None, probe: Probe | None = None) -> HostInfo:
 
 @functools.lru_cache(maxsize=None)
 def _detect_cached(choice: str | None) -> HostInfo:
-    return _detect(choice, probe_host())
+    return _detect(choice, probe_host(choice))
 
 
 def _detect(choice: str | None, p: Probe) -> HostInfo:
@@ -303,7 +310,9 @@ def _detect(choice: str | None, p: Probe) -> HostInfo:
             f"Unknown backend '{choice}' (from AUTORESEARCH_BACKEND or --backend); "
             f"choose one of: {', '.join(BACKENDS)}."
         )
-    return _info_for(choice, p, f"backend '{choice}' requested explicitly")
+    # The loop passes its own choice on to the trainer, with the reason it had (AUTORESEARCH_BACKEND_REASON)
+    reason = os.environ.get("AUTORESEARCH_BACKEND_REASON") if choice == os.environ.get("AUTORESEARCH_BACKEND") else None
+    return _info_for(choice, p, reason or f"backend '{choice}' requested explicitly")
 
 
 def mfu_percent(flops_per_token: float, tokens_per_second: float, info: HostInfo) -> float | None:

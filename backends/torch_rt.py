@@ -240,7 +240,9 @@ def make_attention(info: HostInfo, prefer: str | None = None) -> Attention:
     for name in order:
         try:
             return builders[name]()
-        except Exception:  # noqa: BLE001 - a kernel that cannot load falls back to the next one
+        except Exception as e:  # noqa: BLE001 - a kernel that cannot load falls back to the next one, said once
+            print(f"attention: {name} could not be loaded ({type(e).__name__}: {str(e).strip()[:200]}); "
+                  "falling back to the next kernel", file=sys.stderr, flush=True)
             continue
     return SDPAAttention(native_gqa=info.backend != "mps")
 

@@ -105,9 +105,15 @@ def try_change(s: Session, description: str) -> Outcome:
     s.pending_edit = s.trainer_text() if s.scope_problem() is None else None
     out = run_experiment(s, description, keep_edit=True)
     s.pending_edit = None
-    if out.status in ("crash", "invalid"):
+    if out.status in ("crash", "invalid", "rejected"):
         s.console.event(f"the change is left uncommitted in {s.trainer} so you can fix it and try again; "
                         f"'git checkout -- {s.trainer}' drops it")
+    removed = out.run_dir / "removed"
+    if removed.is_dir():
+        rel = removed.relative_to(s.repo)
+        files = sorted(str(f.relative_to(removed)) for f in removed.rglob("*") if f.is_file())
+        s.console.event(f"other files in the tree were moved to {rel}/ ({', '.join(files[:5])}"
+                        f"{' ...' if len(files) > 5 else ''}); get them back with: cp -r {rel}/. .")
     return out
 
 

@@ -317,8 +317,9 @@ def run_experiment(s: Session, description: str, usage: Usage | None = None, *,
     """Check, commit, run and record the trainer as it is in the work tree.
 
     - baseline=(k, n): run the last kept commit as it is (no change expected), status keep.
-    - keep_edit: on a crash or an invalid model the edit is written back to the work tree,
-      uncommitted (`loop.py try`, so an external agent can fix it).
+    - keep_edit: on a crash, an invalid model or a rejection the edit is written back to the work
+      tree, uncommitted (`loop.py try`, so an external agent can fix it); other files it left are
+      moved to runs/<n>/removed/.
     - record_as: record a measured run with this status (e.g. "transfer") instead of keep/discard;
       the note still compares it with the best, and the tree always goes back to the last kept commit.
     Raises TamperError (after restoring and recording) when a locked file was changed, and
@@ -335,8 +336,8 @@ def run_experiment(s: Session, description: str, usage: Usage | None = None, *,
     def finish(row: Row, diff: str, tail: str = "", restore: bool = True) -> Outcome:
         t_rec = time.perf_counter()
         if restore:
-            s.restore(text if keep_edit and row.status in ("crash", "invalid") else None,
-                      save_removed=run_dir / "removed")
+            kept_edit = keep_edit and row.status in ("crash", "invalid", "rejected") and bool(text)
+            s.restore(text if kept_edit else None, save_removed=run_dir / "removed")
         s.record(row)
         if row.status == "keep":
             s.best = row.val_bpb if not baseline else s.best

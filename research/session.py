@@ -333,7 +333,7 @@ class Session:
                     "Landlock; macOS: sandbox-exec); install one, or run with --no-sandbox, which lets the "
                     "trainer read the validation data, the repository's git, your files and other processes.")
         sandbox.become_subreaper()
-        self.confine = Confinement(self.repo, self.trainer, self.protocol, self.host.backend, self.sandbox)
+        self.confine = Confinement(self.repo, self.trainer, self.protocol, self.host, self.sandbox)
 
     def reap(self) -> None:
         """End every process a finished run left behind (they were re-parented to this loop)."""

@@ -87,8 +87,9 @@ class Confinement:
     """Builds the commands for one session's trainer and harness runs, sandboxed with `kind`
     (bwrap, landlock, seatbelt) or, with None (--no-sandbox), run as they are."""
 
-    def __init__(self, repo: Path, trainer: str, protocol, backend: str, kind: str | None) -> None:
-        self.repo, self.trainer, self.protocol, self.backend, self.kind = Path(repo), trainer, protocol, backend, kind
+    def __init__(self, repo: Path, trainer: str, protocol, host, kind: str | None) -> None:
+        self.repo, self.trainer, self.protocol, self.kind = Path(repo), trainer, protocol, kind
+        self.backend, self.reason = host.backend, host.reason
 
     def _code(self, extra: tuple[str, ...] = ()) -> list[Path]:
         return [self.repo / p for p in (*CODE_PATHS, *extra) if (self.repo / p).exists()]
@@ -112,7 +113,7 @@ class Confinement:
         data = [*prepare.train_data_paths(p), *prepare.tokenizer_paths(p)]
         argv = [sys.executable, str(self.repo / self.trainer)]
         env = _private_env(ws, AUTORESEARCH_HANDOVER=str(ws.handover), AUTORESEARCH_PROTOCOL=p.name,
-                           AUTORESEARCH_BACKEND=self.backend)
+                           AUTORESEARCH_BACKEND=self.backend, AUTORESEARCH_BACKEND_REASON=f"the loop's choice: {self.reason}")
         argv, preexec = self._wrap(argv, [*self._code(), self.repo / self.trainer, *data], [ws.root], ws.root)
         return argv, preexec, env
 
