@@ -217,3 +217,32 @@ def test_mlx_mask_matches_torch_mask():
         assert np.array_equal(additive == 0, boolean)
         assert np.all(np.isneginf(additive[~boolean]))
     assert mlx_rt.sliding_window_mask(8, 3) is mlx_rt.sliding_window_mask(8, 3)  # cached
+
+
+def test_a_kernel_that_fails_to_load_is_reported_and_sdpa_used(capsys):
+    torch_rt = pytest.importorskip("backends.torch_rt", reason="PyTorch not installed")
+    import dataclasses
+
+    info = dataclasses.replace(detect("cpu"), attention=("fa3", "sdpa"))  # flash_attn_interface is not installed here
+    attn = torch_rt.make_attention(info)
+    assert attn.name == "sdpa"
+    err = capsys.readouterr().err
+    assert "attention: fa3 could not be loaded (ModuleNotFoundError" in err and "falling back" in err
+
+
+def test_cpu_detection_imports_neither_framework():
+    code = "import sys, backends; backends.detect('cpu'); print('torch' in sys.modules, 'mlx.core' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out == ["False", "False"]
+
+
+def test_the_loop_can_say_why_it_chose_the_backend(monkeypatch):
+    monkeypatch.setenv("AUTORESEARCH_BACKEND", "cpu")
+    monkeypatch.setenv("AUTORESEARCH_BACKEND_REASON", "the loop's choice: no GPU found: PyTorch on CPU")
+    backends._detect_cached.cache_clear()
+    try:
+        assert detect().reason == "the loop's choice: no GPU found: PyTorch on CPU"
+        assert detect("cpu").reason == "the loop's choice: no GPU found: PyTorch on CPU"
+    finally:
+        backends._detect_cached.cache_clear()
