@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from research import secrets
 from research.console import Console
 from research.experiment import Usage
 from research.guards import child_env, text_hash
@@ -419,9 +420,12 @@ class ClaudeAgent(Agent):
         self.trainer = trainer
         self.model = model or os.environ.get("AUTORESEARCH_MODEL") or DEFAULT_MODEL
         if client is None:
-            if not (os.environ.get("ANTHROPIC_API_KEY") or os.environ.get("ANTHROPIC_AUTH_TOKEN")):
+            # the key comes from the loop's in-memory store (research/secrets.py), never from the environment:
+            # the loop runs without it there, so no process the trainer can see holds it
+            creds = secrets.anthropic_credentials()
+            if not creds:
                 raise AgentError("The claude agent needs ANTHROPIC_API_KEY; set it, or run with --agent local.")
-            client = anthropic.Anthropic(max_retries=sdk_retries, timeout=600.0)
+            client = anthropic.Anthropic(max_retries=sdk_retries, timeout=600.0, **creds)
         self.client = client
         self.max_tokens = max_tokens
         self.max_turns = max_turns

@@ -6,6 +6,8 @@ import shutil
 import sys
 from typing import TextIO
 
+from research.secrets import redact
+
 __all__ = ["Console", "clock"]
 
 
@@ -28,13 +30,13 @@ class Console:
         if self.quiet:
             return
         self._clear()
-        print(text, file=self.stream, flush=True)
+        print(redact(text), file=self.stream, flush=True)
 
     def status(self, text: str) -> None:
         if self.quiet or not self.tty:
             return
         width = max(20, shutil.get_terminal_size((100, 20)).columns - 1)
-        self.stream.write("\r" + text[:width] + "\x1b[K")
+        self.stream.write("\r" + redact(text)[:width] + "\x1b[K")
         self.stream.flush()
         self._live = True
 

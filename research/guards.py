@@ -7,12 +7,12 @@ import errno
 import fcntl
 import hashlib
 import os
-import re
 import signal
 import subprocess
 from pathlib import Path
 
 from research.gitrepo import git_bytes
+from research.secrets import SECRET_NAME
 
 __all__ = [
     "LOCKED_PATHS",
@@ -29,7 +29,7 @@ __all__ = [
 LOCKED_PATHS = ("prepare.py", "backends", "model", "research", "loop.py")
 LOCK_FILE = ".autoresearch.lock"
 
-_SECRET = re.compile(r"(_KEY$|_TOKEN$|SECRET|PASSWORD|PASSWD|CREDENTIAL|^ANTHROPIC_API_KEY$)", re.IGNORECASE)
+_SECRET = SECRET_NAME  # names of credentials (research/secrets.py)
 
 
 def text_hash(data: str | bytes) -> str:

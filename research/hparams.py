@@ -18,9 +18,10 @@ import math
 import operator
 import re
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from research.pyexec import preamble, python_argv
 
 __all__ = ["HyperparamError", "Setting", "Spot", "parse_block", "conditions", "in_effect", "effective_values",
            "set_values", "format_value", "probe_conditions", "static_values"]
@@ -231,7 +232,8 @@ def probe_conditions(repo: Path, trainer: str, conds: list[str], env: dict[str, 
     if not conds:
         return {}
     try:
-        proc = subprocess.run([sys.executable, "-c", _PROBE, str(Path(repo) / trainer), json.dumps(conds)],
+        code = preamble(Path(repo).resolve()) + _PROBE  # -I: the trainer imports the repo's modules from source
+        proc = subprocess.run(python_argv(["-c", code, str(Path(repo) / trainer), json.dumps(conds)]),
                               cwd=repo, env=env, capture_output=True, text=True, timeout=timeout_s,
                               stdin=subprocess.DEVNULL, start_new_session=True)
     except subprocess.TimeoutExpired:

@@ -18,6 +18,8 @@ import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from research.secrets import redact
+
 __all__ = [
     "COLUMNS",
     "UPSTREAM_COLUMNS",
@@ -60,6 +62,7 @@ STATUSES = ("keep", "discard", "crash", "rejected", "invalid", "transfer")
 MEASURED = ("keep", "discard", "transfer")  # statuses whose val_bpb is a real measurement
 NO_COMMIT = "-------"  # commit column of a change that was never committed (rejected before commit)
 MAX_DESCRIPTION = 300
+_FREE_TEXT = ("description", "note", "device", "branch")  # the fields whose text comes from the run or the agent
 
 
 class ResultsError(Exception):
@@ -101,6 +104,12 @@ class Row:
     run: int | None = None
     note: str = ""
 
+    def __post_init__(self) -> None:
+        for name in _FREE_TEXT:  # no secret in a row, whoever built it (the loop, a report reading a file)
+            value = getattr(self, name)
+            if isinstance(value, str) and value:
+                setattr(self, name, redact(value))
+
     @property
     def ok(self) -> bool:
         """True for rows that carry a real measurement (keep, discard or transfer)."""
@@ -108,7 +117,7 @@ class Row:
 
     def to_line(self) -> str:
         """The row as one tab-separated line, newline included."""
-        values = [_format(f.name, getattr(self, f.name)) for f in fields(self)]
+        values = [redact(_format(f.name, getattr(self, f.name))) for f in fields(self)]  # no secret in the file
         return "\t".join(values) + "\n"
 
     @classmethod
