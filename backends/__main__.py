@@ -1,11 +1,24 @@
-"""Print the detected backend: `python -m backends [BACKEND]`."""
+"""Print the detected backend and the sandbox trainer runs get: `python -m backends [BACKEND]`."""
 
 import sys
 
 from backends import BackendError, describe, detect
 
-try:
-    print(describe(detect(sys.argv[1] if len(sys.argv) > 1 else None)))
-except BackendError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+
+def main() -> int:
+    try:
+        print(describe(detect(sys.argv[1] if len(sys.argv) > 1 else None)))
+    except BackendError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    from judge.sandbox import SandboxError, describe as describe_sandbox  # lazily: backend line first
+
+    try:
+        print(describe_sandbox())
+    except SandboxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+sys.exit(main())
