@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import operator
+import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["GraphError", "LoadedGraph", "GRAPH_FILES", "FACTS_FILE", "load_graph", "read_facts", "torch_op_problem"]
+__all__ = ["GraphError", "LoadedGraph", "GRAPH_FILES", "FACTS_FILE", "load_graph", "read_facts", "plain_file",
+           "torch_op_problem"]
 
 GRAPH_FILES = {"torch": "model.pt2", "mlx": "model.mlxfn"}
 FACTS_FILE = "facts.json"
@@ -51,13 +54,24 @@ class LoadedGraph:
     nbytes: int
 
 
+def plain_file(path: Path) -> bool:
+    """True for a regular file that is not a symbolic link: what a trainer left is opened only then
+    (a link could point anywhere the reader may read, a FIFO would block it)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 def read_facts(handover: Path) -> dict:
     """The trainer's own account of its run (steps, tokens, memory...); {} when missing or unreadable."""
     path = Path(handover) / FACTS_FILE
     try:
-        if path.stat().st_size > MAX_FACTS_BYTES:
+        if not plain_file(path) or path.stat().st_size > MAX_FACTS_BYTES:
             return {}
-        data = json.loads(path.read_text(encoding="utf-8"))
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            data = json.loads(f.read(MAX_FACTS_BYTES).decode("utf-8"))
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
@@ -163,7 +177,10 @@ def _load_mlx(path: Path, expect_T: int, facts: dict) -> LoadedGraph:
 def load_graph(handover: Path, seq_len: int, vocab_size: int) -> LoadedGraph:
     """Load the one graph in `handover` and check its shape contract on a batch of zeros."""
     handover = Path(handover)
-    found = [(fw, handover / name) for fw, name in GRAPH_FILES.items() if (handover / name).is_file()]
+    found = [(fw, handover / name) for fw, name in GRAPH_FILES.items() if os.path.lexists(handover / name)]
+    for _, path in found:
+        if not plain_file(path):
+            raise GraphError(f"{path.name} is not a regular file (a link or a device); hand over the file itself")
     if len(found) != 1:
         what = "no model" if not found else "two models"
         raise GraphError(f"the trainer handed over {what}; it must end with prepare.hand_over(...), which writes "

@@ -22,7 +22,7 @@ from research.console import clock
 from research.guards import text_hash
 from research.hparams import HyperparamError, static_values
 from research.results import MEASURED, NO_COMMIT, Row, sanitize
-from judge.graphs import read_facts
+from judge.graphs import plain_file, read_facts
 from research.runner import run_trainer
 from research.session import BASELINE, Session, TamperError, replay
 from research.workspace import Workspace
@@ -273,8 +273,9 @@ def _run_once(s: Session, run_dir: Path, label: str, description: str, prefix: s
         s.console.status(f"[{label}] {short} | scoring the hand-over")
         harness = run_trainer(h_argv, cwd=ws.judge, env=h_env, log_path=log_path, timeout_s=s.harness_timeout_s,
                               tick_s=s.settings.tick_s, preexec_fn=h_preexec, reap=s.reap)
+        out = ws.judge / "result.json"
         try:
-            result = json.loads((ws.judge / "result.json").read_text(encoding="utf-8"))
+            result = json.loads(out.read_text(encoding="utf-8")) if plain_file(out) else None
         except (OSError, ValueError):
             result = None
         if harness.timed_out:

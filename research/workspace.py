@@ -29,15 +29,18 @@ HARNESS_CODE = ("judge",)
 
 @dataclass
 class Workspace:
-    """A run's private directories, outside the repository."""
+    """A run's private directories, outside the repository: `root` is the trainer's to write; the
+    harness's output directory is made only once the trainer and everything it started are gone, and
+    lies outside `root`, so nothing the trainer left can pass for the harness's result."""
 
     root: Path
+    judge_dir: Path | None = None
 
     @classmethod
     def create(cls, run_no: int) -> Workspace:
         root = Path(tempfile.mkdtemp(prefix=f"autoresearch-run{run_no}-"))
         ws = cls(root)
-        for d in (ws.handover, ws.tmp, ws.home, ws.cache, ws.judge):
+        for d in (ws.handover, ws.tmp, ws.home, ws.cache):
             d.mkdir()
         return ws
 
@@ -57,23 +60,37 @@ class Workspace:
     def cache(self) -> Path:
         return self.root / "cache"
 
+    def fresh_judge(self) -> Path:
+        """A new directory for the harness (with its own home, tmp and cache), made now, after the trainer
+        and everything it started have ended."""
+        self.judge_dir = Path(tempfile.mkdtemp(prefix=f"{self.root.name}-judge-"))
+        for sub in ("home", "tmp", "cache"):
+            (self.judge_dir / sub).mkdir()
+        return self.judge_dir
+
     @property
     def judge(self) -> Path:
-        return self.root / "judge"
+        """The harness's directory made by the last fresh_judge()."""
+        if self.judge_dir is None:
+            raise RuntimeError("fresh_judge() first")
+        return self.judge_dir
 
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+        if self.judge_dir is not None:
+            shutil.rmtree(self.judge_dir, ignore_errors=True)
 
 
-def _private_env(ws: Workspace, **extra: str) -> dict[str, str]:
-    """The loop's environment without credentials, with every per-user cache pointed into the workspace."""
+def _private_env(home: Path, tmp: Path, cache: Path, **extra: str) -> dict[str, str]:
+    """The loop's environment without credentials, with home, temp and every per-user cache pointed at
+    the given private directories."""
     env = child_env(
-        HOME=str(ws.home),
-        TMPDIR=str(ws.tmp),
-        XDG_CACHE_HOME=str(ws.cache),
-        TRITON_CACHE_DIR=str(ws.cache / "triton"),
-        TORCHINDUCTOR_CACHE_DIR=str(ws.cache / "inductor"),
-        MPLCONFIGDIR=str(ws.cache / "matplotlib"),
+        HOME=str(home),
+        TMPDIR=str(tmp),
+        XDG_CACHE_HOME=str(cache),
+        TRITON_CACHE_DIR=str(cache / "triton"),
+        TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"),
+        MPLCONFIGDIR=str(cache / "matplotlib"),
         PYTHONUNBUFFERED="1",
         PYTHONDONTWRITEBYTECODE="1",
         **extra,
@@ -112,8 +129,9 @@ class Confinement:
         p = self.protocol
         data = [*prepare.train_data_paths(p), *prepare.tokenizer_paths(p)]
         argv = [sys.executable, str(self.repo / self.trainer)]
-        env = _private_env(ws, AUTORESEARCH_HANDOVER=str(ws.handover), AUTORESEARCH_PROTOCOL=p.name,
-                           AUTORESEARCH_BACKEND=self.backend, AUTORESEARCH_BACKEND_REASON=f"the loop's choice: {self.reason}")
+        env = _private_env(ws.home, ws.tmp, ws.cache, AUTORESEARCH_HANDOVER=str(ws.handover),
+                           AUTORESEARCH_PROTOCOL=p.name, AUTORESEARCH_BACKEND=self.backend,
+                           AUTORESEARCH_BACKEND_REASON=f"the loop's choice: {self.reason}")
         argv, preexec = self._wrap(argv, [*self._code(), self.repo / self.trainer, *data], [ws.root], ws.root)
         return argv, preexec, env
 
@@ -124,10 +142,12 @@ class Confinement:
         p = self.protocol
         data = [*prepare.tokenizer_paths(p), prepare.cache_root() / p.name / "prepared.json",
                 *prepare.eval_data_paths(p, "val"), *prepare.eval_data_paths(p, "holdout")]
-        argv = prepare.harness_command(ws.handover, p.name, ws.judge / "result.json")
-        env = _private_env(ws, AUTORESEARCH_PROTOCOL=p.name, AUTORESEARCH_BACKEND=self.backend)
+        judge = ws.fresh_judge()
+        argv = prepare.harness_command(ws.handover, p.name, judge / "result.json")
+        env = _private_env(judge / "home", judge / "tmp", judge / "cache", AUTORESEARCH_PROTOCOL=p.name,
+                           AUTORESEARCH_BACKEND=self.backend)
         read = [*self._code(HARNESS_CODE), ws.handover, *[d for d in data if d.exists()]]
-        argv, preexec = self._wrap(argv, read, [ws.judge, ws.tmp], ws.judge)
+        argv, preexec = self._wrap(argv, read, [judge], judge)
         return argv, preexec, env
 
 

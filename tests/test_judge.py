@@ -354,3 +354,24 @@ def test_summary_block_format_and_parse():
     out = prepare.format_summary(result, {**facts, "mfu_percent": None})
     assert "mfu_percent:      n/a" in out and prepare.parse_summary(out)["mfu_percent"] is None
     assert prepare.parse_summary("no summary here\n---\n") == {}
+
+
+def test_links_and_fifos_in_a_hand_over_are_never_followed(tiny_cache, tmp_path):
+    """A trainer decides what its hand-over directory holds: a link to the validation data or a FIFO that
+    blocks its reader must not be read by the loop (facts) or the harness (graph)."""
+    import os
+
+    from judge.graphs import read_facts
+
+    p = prepare.get_protocol()
+    d = tmp_path / "h"
+    d.mkdir()
+    val = prepare.split_shards(p, "val")[0]
+    (d / "facts.json").symlink_to(val)
+    os.symlink(val, d / "model.pt2")
+    assert read_facts(d) == {}
+    with pytest.raises(GraphError, match="not a regular file"):
+        load_graph(d, p.max_seq_len, p.vocab_size)
+    (d / "facts.json").unlink()
+    os.mkfifo(d / "facts.json")
+    assert read_facts(d) == {}  # returns at once instead of waiting for a writer
