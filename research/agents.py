@@ -20,7 +20,7 @@ from pathlib import Path
 from research import secrets
 from research.console import Console
 from research.experiment import Usage
-from research.guards import child_env, text_hash
+from research.guards import text_hash
 from research.hparams import (HyperparamError, conditions, effective_values, parse_block, probe_conditions,
                               set_values)
 from research.results import Row, sanitize
@@ -93,6 +93,7 @@ class AgentContext:
     noise_floor: float | None
     seen_hashes: set[str]  # trainer versions already run (trainer_hash column)
     crash: CrashInfo | None = None
+    confine: object | None = None  # research.workspace.Confinement: where agent code may be imported
 
     @property
     def trainer_path(self) -> Path:
@@ -234,9 +235,10 @@ class LocalAgent(Agent):
             layout = "\n".join(lines)
         key = text_hash(layout)
         if key not in self._truth_cache:
-            env = child_env(AUTORESEARCH_BACKEND=ctx.host.backend, AUTORESEARCH_PROTOCOL=ctx.protocol.name)
             try:
-                self._truth_cache[key] = probe_conditions(ctx.repo, ctx.trainer, conds, env)
+                if ctx.confine is None:
+                    raise HyperparamError("there is no sandbox to import the trainer in")
+                self._truth_cache[key] = probe_conditions(ctx.trainer_path, conds, ctx.confine.run_python)
             except HyperparamError as e:
                 self.console.event(f"local agent: {e}; only unconditional hyperparameters will be changed")
                 self._truth_cache[key] = {}

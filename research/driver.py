@@ -27,6 +27,7 @@ def agent_context(s: Session, crash: CrashInfo | None = None) -> AgentContext:
         noise_floor=s.noise_floor,
         seen_hashes=s.seen_trainer_hashes(),
         crash=crash,
+        confine=s.confine,
     )
 
 

@@ -21,7 +21,6 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from research.pyexec import preamble, python_argv
 
 __all__ = ["HyperparamError", "Setting", "Spot", "parse_block", "conditions", "in_effect", "effective_values",
            "set_values", "format_value", "probe_conditions", "static_values"]
@@ -216,7 +215,8 @@ def set_values(text: str, changes: dict[str, object], truth: dict[str, bool]) ->
 
 
 _PROBE = """
-import importlib.util, json, sys
+import importlib.util, json, os, sys
+sys.path.insert(0, os.path.dirname(sys.argv[1]))  # the trainer imports the repo's modules beside it
 spec = importlib.util.spec_from_file_location("_trainer_probe", sys.argv[1])
 mod = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mod)
@@ -225,21 +225,20 @@ print("\\n@@PROBE@@" + json.dumps({c: bool(eval(c, ns)) for c in json.loads(sys.
 """
 
 
-def probe_conditions(repo: Path, trainer: str, conds: list[str], env: dict[str, str],
-                     timeout_s: float = 120.0) -> dict[str, bool]:
+def probe_conditions(trainer_path: Path, conds: list[str], run_python, timeout_s: float = 120.0) -> dict[str, bool]:
     """Truth of each condition on this host, evaluated in the trainer's namespace after importing it
-    (without training) in a child process with `env`. Raises HyperparamError if that fails."""
+    (without training). The trainer is agent code: `run_python(args, timeout_s)` runs `python args` in
+    the trainer's sandbox (research.workspace.Confinement.run_python) and returns the completed process.
+    Raises HyperparamError if that fails."""
     if not conds:
         return {}
+    trainer_path = Path(trainer_path)
     try:
-        code = preamble(Path(repo).resolve()) + _PROBE  # -I: the trainer imports the repo's modules from source
-        proc = subprocess.run(python_argv(["-c", code, str(Path(repo) / trainer), json.dumps(conds)]),
-                              cwd=repo, env=env, capture_output=True, text=True, timeout=timeout_s,
-                              stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = run_python(["-I", "-c", _PROBE, str(trainer_path), json.dumps(conds)], timeout_s)
     except subprocess.TimeoutExpired:
-        raise HyperparamError(f"importing {trainer} to read its hardware conditions took over {timeout_s:.0f} s")
+        raise HyperparamError(f"importing {trainer_path.name} to read its hardware conditions took over {timeout_s:.0f} s")
     marker = proc.stdout.rfind("@@PROBE@@")
     if proc.returncode != 0 or marker < 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise HyperparamError(f"importing {trainer} to read its hardware conditions failed: {tail[0]}")
+        raise HyperparamError(f"importing {trainer_path.name} to read its hardware conditions failed: {tail[0]}")
     return json.loads(proc.stdout[marker + len("@@PROBE@@"):].strip().splitlines()[0])

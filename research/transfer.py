@@ -124,13 +124,11 @@ def _batch_problem(hp: dict, seq_len: int) -> str | None:
 
 
 def _host_truth(session, text: str) -> dict[str, bool]:
-    from research.guards import child_env
     from research.hparams import HyperparamError, conditions, parse_block, probe_conditions
 
     try:
         conds = conditions(parse_block(text))
-        env = child_env(AUTORESEARCH_BACKEND=session.host.backend, AUTORESEARCH_PROTOCOL=session.protocol.name)
-        return probe_conditions(session.repo, session.trainer, conds, env)
+        return probe_conditions(session.repo / session.trainer, conds, session.confine.run_python)
     except HyperparamError as e:
         raise ReportError(f"Cannot tell which hyperparameter lines apply on this host: {e}.") from e
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -149,6 +150,22 @@ class Confinement:
         read = [*self._code(HARNESS_CODE), ws.handover, *[d for d in data if d.exists()]]
         argv, preexec = self._wrap(argv, read, [judge], judge)
         return argv, preexec, env
+
+
+    def run_python(self, args: list[str], timeout_s: float) -> subprocess.CompletedProcess:
+        """Run `python args` (agent code: e.g. importing the trainer to read its settings) once in the
+        trainer's sandbox, in a throwaway workspace, output captured as text."""
+        ws = Workspace.create(0)
+        try:
+            env = _private_env(ws.home, ws.tmp, ws.cache, AUTORESEARCH_PROTOCOL=self.protocol.name,
+                               AUTORESEARCH_BACKEND=self.backend,
+                               AUTORESEARCH_BACKEND_REASON=f"the loop's choice: {self.reason}")
+            argv, preexec = self._wrap([sys.executable, *args], [*self._code(), self.repo / self.trainer],
+                                       [ws.root], ws.root)
+            return subprocess.run(argv, cwd=ws.root, env=env, capture_output=True, text=True, timeout=timeout_s,
+                                  stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=preexec)
+        finally:
+            ws.remove()
 
 
 def _physical_memory() -> int | None:
