@@ -109,6 +109,9 @@ def _abort_quietly(session: Session | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import backends
+
+    backends.require_environment("loop.py")
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["run", *argv]

@@ -14,12 +14,15 @@ import math
 import sys
 import time
 
+import backends  # first: one clear sentence if this Python lacks the project's packages
+
+backends.require_environment("train_cuda.py", ("numpy", "torch"))
+
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import backends
 import prepare
 from backends import torch_rt
 from model import (POLAR_EXPRESS_COEFFS, RMS_EPS, ROPE_BASE, SOFTCAP, VE_GATE_CHANNELS, build_config,

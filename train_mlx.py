@@ -10,12 +10,15 @@ import math
 import sys
 import time
 
+import backends  # first: one clear sentence if this Python lacks the project's packages
+
+backends.require_environment("train_mlx.py", ("numpy", "mlx"))
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
-import backends
 import prepare
 from backends import mlx_rt
 from model import (POLAR_EXPRESS_COEFFS, RMS_EPS, ROPE_BASE, SOFTCAP, VE_GATE_CHANNELS, build_config,

@@ -17,6 +17,7 @@ import functools
 import importlib.util
 import os
 import platform
+import sys
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "mfu_percent",
     "peak_bf16_flops",
     "probe_host",
+    "require_environment",
 ]
 
 BACKENDS = ("cuda", "rocm", "mps", "mlx", "cpu")
@@ -129,6 +131,18 @@ def _has_module(name: str) -> bool:
         return importlib.util.find_spec(name) is not None
     except (ImportError, ValueError):
         return False
+
+
+PROJECT_PACKAGES = ("numpy", "pyarrow", "tiktoken")  # what every entry point needs besides a framework
+
+
+def require_environment(prog: str, packages: tuple[str, ...] = PROJECT_PACKAGES) -> None:
+    """Exit with one sentence when this Python lacks the project's packages (it was started outside the
+    project's environment, e.g. `python loop.py` instead of `uv run loop.py`). Imports nothing."""
+    missing = [name for name in packages if not _has_module(name)]
+    if missing:
+        raise SystemExit(f"{prog}: this Python ({sys.executable}) lacks {', '.join(missing)}; run it through uv "
+                         f"(uv run {prog} ...), which installs the locked dependencies, or run 'uv sync' first.")
 
 
 def probe_host(choice: str | None = None) -> Probe:

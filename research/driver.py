@@ -109,6 +109,11 @@ def try_change(s: Session, description: str) -> Outcome:
     if out.status in ("crash", "invalid", "rejected"):
         s.console.event(f"the change is left uncommitted in {s.trainer} so you can fix it and try again; "
                         f"'git checkout -- {s.trainer}' drops it")
+    patch = out.run_dir / "diff.patch"
+    if out.status == "rejected" and "changed files other than" in out.row.note and patch.is_file():
+        rel = patch.relative_to(s.repo)
+        s.console.event(f"the changes to other tracked files were undone; they are kept in {rel}: get them back "
+                        f"with: git apply --exclude={s.trainer} {rel}")
     removed = out.run_dir / "removed"
     if removed.is_dir():
         rel = removed.relative_to(s.repo)

@@ -198,6 +198,10 @@ class Session:
         name = gitrepo.current_branch(self.repo)
         if name is None:
             raise SessionError("HEAD is detached; check out a branch first (e.g. 'git checkout -b autoresearch/mytag').")
+        if not name.startswith("autoresearch/"):
+            # try commits, resets and moves stray files: never on a branch people develop on
+            raise SessionError(f"'loop.py try' runs on a research branch, not on '{name}'; create one first: "
+                               "git checkout -b autoresearch/<tag>")
         self.preexisting = set()  # an external agent works between calls: every untracked file counts
         self._drop_unrecorded_try(name)
         if gitrepo.changed_paths(self.repo).get(self.trainer) == "M":
