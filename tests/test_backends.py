@@ -246,3 +246,13 @@ def test_the_loop_can_say_why_it_chose_the_backend(monkeypatch):
         assert detect("cpu").reason == "the loop's choice: no GPU found: PyTorch on CPU"
     finally:
         backends._detect_cached.cache_clear()
+
+
+@pytest.mark.parametrize("entry", ["train_cuda.py", "train_mlx.py"])
+def test_an_entry_point_outside_the_environment_says_so_in_one_sentence(entry):
+    """`-S` leaves site-packages out, as a Python outside the project's environment would."""
+    proc = subprocess.run([sys.executable, "-S", entry], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{entry}: this Python" in lines[0] and f"uv run {entry}" in lines[0]
