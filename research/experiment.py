@@ -22,6 +22,7 @@ from research.console import clock
 from research.guards import text_hash
 from research.hparams import HyperparamError, static_values
 from research.results import MEASURED, NO_COMMIT, Row, sanitize
+from research.secrets import redact
 from judge.graphs import plain_file, read_facts
 from research.runner import run_trainer
 from research.session import BASELINE, Session, TamperError, replay
@@ -283,7 +284,8 @@ def _run_once(s: Session, run_dir: Path, label: str, description: str, prefix: s
         status, m, reason = read_result(result, facts=facts, evaluator_hash=s.evaluator_hash, protocol=s.protocol.name)
         record = {"eval": result, "summary": facts, "trainer": {"wall_seconds": run.wall_seconds,
                                                                 "log_bytes": run.log_bytes}}
-        (run_dir / f"{prefix}result.json").write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
+        (run_dir / f"{prefix}result.json").write_text(redact(json.dumps(record, indent=2, default=str)),
+                                                        encoding="utf-8")
         if status == "ok":
             import prepare
 
@@ -291,6 +293,18 @@ def _run_once(s: Session, run_dir: Path, label: str, description: str, prefix: s
         return run, status, m, reason
     finally:
         ws.remove()
+        _redact_file(log_path)
+
+
+def _redact_file(path: Path) -> None:
+    """Scrub known secret values from a run's log (capped in size, so it is read whole)."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return
+    clean = redact(text)
+    if clean != text:
+        path.write_text(clean, encoding="utf-8")
 
 
 def _append(path: Path, text: str) -> None:
@@ -301,7 +315,7 @@ def _append(path: Path, text: str) -> None:
 def _write_meta(run_dir: Path, row: Row, timings: dict, **extra) -> None:
     meta = {"row": asdict(row), "timings": {k: round(v, 4) for k, v in timings.items()}, **extra}
     try:
-        (run_dir / "meta.json").write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
+        (run_dir / "meta.json").write_text(redact(json.dumps(meta, indent=1, default=str)), encoding="utf-8")
     except OSError:
         pass  # the row in results.tsv is the record; meta.json is a convenience
 
@@ -356,7 +370,7 @@ def run_experiment(s: Session, description: str, usage: Usage | None = None, *,
         if problem is None and not s.changes().get(s.trainer):
             problem = f"no change to {s.trainer}"
         diff = gitrepo.diff(s.repo, "HEAD") + _untracked_listing(s)
-    (run_dir / "diff.patch").write_text(diff, encoding="utf-8")
+    (run_dir / "diff.patch").write_text(redact(diff), encoding="utf-8")
     if problem:
         note = f"rejected: {problem}"
         if baseline:
