@@ -48,6 +48,7 @@ class FakeHub:
         self.fail_get: dict[str, int] = {}  # this many GETs of a file answer 503 before it is served
         self.slow_s: float = 0.0  # each GET takes about this long, its body sent in 20 pieces
         self.token: str | None = None  # when set, the hub refuses requests without this token (a gated dataset)
+        self.plain = False  # when set, the "hub" answers as a plain file server, without the hub's headers
         self.requests: list[tuple[str, str, str, str | None, str | None]] = []  # method, server, file, Range, auth
         self.active = self.max_active = 0  # GETs being served at once
         self.lock = threading.Lock()
@@ -105,6 +106,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._reply(404, {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"})
         elif state.token and self.headers.get("Authorization") != f"Bearer {state.token}":
             self._reply(401, {"X-Error-Code": "GatedRepo", "X-Error-Message": "Access to this dataset is restricted"})
+        elif state.plain and name in state.files:
+            self._reply(200, {"Content-Length": str(len(state.files[name]))})
         elif name not in state.files:
             self._reply(404, {"X-Error-Code": "EntryNotFound", "X-Error-Message": "Entry not found", "X-Repo-Commit": COMMIT})
         else:
@@ -253,6 +256,15 @@ def test_a_gated_dataset_needs_a_token_which_never_leaves_the_hub(hub, tmp_path,
     assert dest.read_bytes() == hub.files[dest.name]
     sent = {(server, auth) for _, server, _, _, auth in hub.requests[1:]}
     assert sent == {("hub", f"Bearer {hub.token}"), ("cdn", None)}
+
+
+def test_a_server_that_is_not_a_hub_is_named(hub, tmp_path):
+    hub.files = {"shard_00000.parquet": parquet_bytes(["text"])}
+    hub.plain = True
+    with pytest.raises(prepare.PrepareError, match=rf"The server at {hub.url} does not answer as a Hugging Face hub "
+                                                   r"does .*X-Repo-Commit.*check HF_ENDPOINT"):
+        download.download_file(STANDARD, "shard_00000.parquet", tmp_path / "shard_00000.parquet")
+    assert len(hub.requests) == 1 and not list(tmp_path.iterdir())
 
 
 def test_unreachable_hub_points_to_the_offline_protocol(tmp_path, monkeypatch):
