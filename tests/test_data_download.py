@@ -1,6 +1,6 @@
 """Tests for data/download.py and the hub protocols end to end, against a local hub on 127.0.0.1.
 
-Run: uv run pytest tests/test_data_download.py      (CPU, no network, ~30 s)
+Run: uv run pytest tests/test_data_download.py      (CPU, no network, ~15 s)
 
 The local hub answers the resolve URLs the way huggingface.co does for large files, so the real
 huggingface_hub client runs unchanged against it (HF_ENDPOINT points at it): a HEAD or GET of
