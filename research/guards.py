@@ -26,7 +26,7 @@ __all__ = [
 ]
 
 # The agent may never change these; they are hashed at start and checked before every record.
-LOCKED_PATHS = ("prepare.py", "backends", "model", "research", "loop.py")
+LOCKED_PATHS = ("prepare.py", "data", "backends", "model", "judge", "research", "loop.py")
 LOCK_FILE = ".autoresearch.lock"
 
 _SECRET = SECRET_NAME  # names of credentials (research/secrets.py)
