@@ -291,15 +291,16 @@ class Session:
 
     def startup_allowance(self) -> float | None:
         """Seconds past the budget a trainer may take from start to hand-over: measured on this branch's
-        baselines (their start-up, compilation, uncounted warm-up steps and export), 1.25 x the slowest
-        plus 5 s; None until a baseline has run. --startup-allowance fixes it instead."""
+        baselines (their start-up, compilation, uncounted warm-up steps and export), 1.5 x the slowest
+        plus 10 s, so a machine whose load changes does not reject honest runs; None until a baseline
+        has run. Baselines themselves are never rejected for it. --startup-allowance fixes it instead."""
         if self.settings.startup_allowance is not None:
             return self.settings.startup_allowance
         overheads = [r.wall_seconds - self.budget for r in self.baselines_done()
                      if r.ok and r.wall_seconds is not None]
         if not overheads:
             return None
-        return 1.25 * max(0.0, max(overheads)) + 5.0
+        return 1.5 * max(0.0, max(overheads)) + 10.0
 
     def overtime_limit(self) -> float | None:
         """Wall seconds from trainer start to hand-over past which a run is rejected (overtime)."""
