@@ -14,6 +14,7 @@ info/ files around a run and undo whatever changed.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -75,8 +76,18 @@ def _env(extra: dict | None = None) -> dict[str, str]:
     return env
 
 
+@functools.lru_cache(maxsize=8)
+def _git_exe(path: str, repo: str) -> str:
+    """git from PATH, leaving out relative entries ("." or an empty one: the current folder) and folders
+    inside the repository, where a planted `git` would otherwise run in its place."""
+    dirs = [d for d in path.split(os.pathsep) if os.path.isabs(d)
+            and not (os.path.realpath(d) + os.sep).startswith(repo + os.sep)]
+    return shutil.which("git", path=os.pathsep.join(dirs)) or "git"
+
+
 def _base(repo: Path, pinned: bool) -> list[str]:
-    cmd = ["git", "--no-pager", "--no-replace-objects", "-C", str(repo)]
+    exe = _git_exe(os.environ.get("PATH", os.defpath), os.path.realpath(repo))
+    cmd = [exe, "--no-pager", "--no-replace-objects", "-C", str(repo)]
     if pinned:  # the repository's own .git and work tree, whatever its config says
         root = Path(repo).resolve()
         cmd += [f"--git-dir={root / '.git'}", f"--work-tree={root}"]

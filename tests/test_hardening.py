@@ -1,7 +1,8 @@
 """The loop cannot be steered from the tree it works on, and keeps the user's secrets to itself.
 
-- git: hooks, fsmonitor, replace objects, filters, textconv, external diff and a planted core.worktree
-  are ignored by every git call the loop makes (research/gitrepo.py);
+- git: hooks, fsmonitor, replace objects, filters, textconv, external diff, a planted core.worktree
+  and a `git` program planted in the tree are ignored by every git call the loop makes
+  (research/gitrepo.py);
 - refs: everything a run changes outside the work tree (branches, tags, replace refs, the stash,
   HEAD, .git/config, hooks) is put back and reported (Session.outside_state / put_back_outside);
 - `loop.py try` drops a commit a killed experiment left without a row, keeping its change;
@@ -11,7 +12,9 @@
   key nowhere (its environment, /proc/*/environ, /proc/*/cmdline), no file under the repository holds
   it, and the claude agent still authenticates with it (research/secrets.py).
 
-Run: `uv run pytest tests/test_hardening.py` (about half a minute on a CPU; no network, no API key).
+Run: `uv run pytest tests/test_hardening.py` (about a minute on a CPU, most of it the three tests that run
+the loop with the stand-in trainer; no network, no API key; those three pass --no-sandbox, as they test
+the loop's own defences, which must hold without the sandbox too).
 """
 
 from __future__ import annotations
@@ -120,6 +123,19 @@ def test_git_runs_no_hook_filter_or_fsmonitor_and_ignores_replace_objects(tmp_pa
     assert {"hook-pre-commit", "hook-post-commit", "fsmonitor"} <= set(os.listdir(marks))
 
 
+def test_git_planted_in_the_repository_or_a_relative_path_entry_is_not_run(tmp_path, monkeypatch):
+    repo = small_repo(tmp_path)
+    marker = tmp_path / "ran"
+    for folder in (repo, repo / "research"):
+        fake = folder / "git"
+        fake.write_text(f"#!/bin/sh\ntouch {marker}\nexit 1\n")
+        fake.chmod(0o755)
+    monkeypatch.chdir(repo)
+    monkeypatch.setenv("PATH", os.pathsep.join([".", "", str(repo / "research"), os.environ["PATH"]]))
+    assert gitrepo.head(repo) and gitrepo.changed_paths(repo) == {"git": "U", "research/git": "U"}
+    assert not marker.exists()
+
+
 def test_git_work_tree_is_pinned_to_the_repository(tmp_path):
     """A core.worktree planted in .git/config would send the loop's reset into another folder."""
     repo = small_repo(tmp_path)
@@ -151,7 +167,7 @@ def test_git_env_carries_no_secret_or_git_redirect(tmp_path, monkeypatch):
     for cmd, env in calls:
         assert "SOME_API_TOKEN" not in env and "GIT_DIR" not in env and "GIT_INDEX_FILE" not in env
         assert env["GIT_CONFIG_NOSYSTEM"] == "1" and env["GIT_NO_REPLACE_OBJECTS"] == "1"
-        assert cmd[:3] == ["git", "--no-pager", "--no-replace-objects"]
+        assert os.path.isabs(cmd[0]) and cmd[1:3] == ["--no-pager", "--no-replace-objects"]
         assert {"core.hooksPath=/dev/null", "core.fsmonitor=false", "commit.gpgsign=false",
                 "core.untrackedCache=false"} <= set(cmd)
 
