@@ -13,18 +13,22 @@ Exit status: 0 scored; 2 the graph cannot be scored (a crash of the run); 3 the 
 damaged (nothing is the trainer's fault; re-run prepare); 4 the model is not causal (invalid).
 """
 
+import os
 import sys
-from pathlib import Path
 
-_REPO = str(Path(__file__).resolve().parents[1])
-if _REPO not in sys.path:
-    sys.path.append(_REPO)  # after the standard library and site-packages: nothing here shadows them
+if __name__ == "__main__":
+    # Started with -I: the repository's own modules are imported from their source only (never from a
+    # byte-code file planted in a __pycache__), after the standard library and the installed packages.
+    _boot = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))), "research", "pyexec.py")
+    with open(_boot, "rb") as _f:
+        exec(compile(_f.read(), _boot, "exec"), {"__name__": "__pyexec_boot__", "__file__": _boot,
+                                                  "SCRIPT": __file__})
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 import secrets  # noqa: E402
 import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 

@@ -25,7 +25,7 @@ from research.guards import child_env
 __all__ = ["Workspace", "CODE_PATHS", "Confinement"]
 
 CODE_PATHS = ("prepare.py", "backends", "model", "data")  # locked code a trainer may import (data/ if present)
-HARNESS_CODE = ("judge",)
+HARNESS_CODE = ("judge", "research/pyexec.py")  # the harness bootstraps its imports through pyexec
 
 
 @dataclass
