@@ -2,10 +2,10 @@
 
 Usage:
   python loop.py                      # = loop.py run: baseline, then experiments until stopped (Ctrl-C)
-  python loop.py run --agent local --max-experiments 3 --tag demo
+  python loop.py run --agent optuna --max-experiments 3 --tag demo
   python loop.py try "raise MATRIX_LR to 0.05"   # one experiment on the trainer as you edited it
 
-The agent is `claude` when ANTHROPIC_API_KEY is set, else the offline `local` proposer.
+The agent is `claude` when ANTHROPIC_API_KEY is set, else the offline `optuna` optimizer.
 Results go to results.tsv (one row per experiment) and runs/<n>/ (log, diff, result JSON).
 Protocol, budget and backend come from AUTORESEARCH_PROTOCOL / AUTORESEARCH_TIME_BUDGET /
 AUTORESEARCH_BACKEND or the flags below. This file is locked: the agent never edits it.
@@ -70,14 +70,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", parents=[common], help="the main job: baseline, then experiments until stopped")
     run.add_argument("--tag", default=None, help="branch autoresearch/<tag> to create or resume (default: date)")
-    run.add_argument("--agent", choices=("claude", "local", "scripted"), default=None,
-                     help="who proposes changes (default: claude if ANTHROPIC_API_KEY is set, else local)")
+    run.add_argument("--agent", choices=("claude", "optuna", "local", "scripted"), default=None,
+                     help="who proposes changes (default: claude if ANTHROPIC_API_KEY is set, else optuna)")
+    run.add_argument("--sampler", choices=("tpe", "cmaes"), default="tpe",
+                     help="the optuna agent's sampler: TPE or CMA-ES (default tpe)")
+    run.add_argument("--tune", action="store_true",
+                     help="with --agent claude: the optuna agent tunes the hyperparameters, Claude changes code")
     run.add_argument("--model", default=None, help="Claude model (default: AUTORESEARCH_MODEL or a current Sonnet)")
     run.add_argument("--script", default=None, help="JSON list of steps for --agent scripted")
     run.add_argument("--max-experiments", type=int, default=None, help="stop after N experiments (default: never)")
     run.add_argument("--max-fix-attempts", type=int, default=Settings.max_fix_attempts,
                      help="fix attempts after a crash (default 2)")
-    run.add_argument("--seed", type=int, default=0, help="seed of the local agent (default 0)")
+    run.add_argument("--seed", type=int, default=0, help="seed of the optuna and local agents (default 0)")
 
     try_ = sub.add_parser("try", parents=[common],
                           help="one experiment on the trainer as currently edited (uncommitted)")
@@ -141,9 +145,9 @@ def main(argv: list[str] | None = None) -> int:
             session.use_current_branch()
             out = try_change(session, args.description)
             return 0 if out.status in ("keep", "discard") else 1
-        kind = args.agent or ("claude" if secrets.anthropic_credentials() else "local")
+        kind = args.agent or ("claude" if secrets.anthropic_credentials() else "optuna")
         agent = make_agent(kind, repo=session.repo, trainer=session.trainer, seed=args.seed, model=args.model,
-                           script=args.script, console=console)
+                           script=args.script, console=console, sampler=args.sampler, tune=args.tune)
         tag = args.tag or default_tag()
         resumed = session.start_branch(tag)
         model = f", model {agent.model}" if hasattr(agent, "model") else ""

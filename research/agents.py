@@ -23,7 +23,9 @@ from research.experiment import Usage
 from research.guards import text_hash
 from research.hparams import (HyperparamError, conditions, effective_values, parse_block, probe_conditions,
                               set_values)
+from research.memory import compact_history, duplicate_of, journal_path, look_back, read_journal, write_journal
 from research.results import Row, sanitize
+from research.space import same_value
 
 __all__ = [
     "Agent",
@@ -38,6 +40,7 @@ __all__ = [
     "PRICES",
     "cost_usd",
     "make_agent",
+    "AGENTS",
 ]
 
 DEFAULT_MODEL = "claude-sonnet-5-5"
@@ -94,10 +97,20 @@ class AgentContext:
     seen_hashes: set[str]  # trainer versions already run (trainer_hash column)
     crash: CrashInfo | None = None
     confine: object | None = None  # research.workspace.Confinement: where agent code may be imported
+    runs_dir: Path | None = None  # runs/<n>/ records (default: <repo>/runs)
+    branch: str = ""  # the research branch (default: that of the history's rows)
 
     @property
     def trainer_path(self) -> Path:
         return self.repo / self.trainer
+
+    @property
+    def runs(self) -> Path:
+        return self.runs_dir if self.runs_dir is not None else self.repo / "runs"
+
+    @property
+    def branch_name(self) -> str:
+        return self.branch or next((r.branch for r in self.history if r.branch), "")
 
 
 class Agent:
@@ -224,25 +237,35 @@ class LocalAgent(Agent):
         return None
 
     def _truth(self, ctx: AgentContext, text: str, settings) -> dict[str, bool]:
-        """Truth of the block's hardware conditions on this host (probed once per trainer layout)."""
-        conds = conditions(settings)
-        if not conds:
-            return {}
-        layout = text
-        for s in sorted((sp for st in settings.values() for sp in st.spots), key=lambda sp: (-sp.line, -sp.start)):
-            lines = layout.split("\n")
-            lines[s.line] = lines[s.line][: s.start] + "_" + lines[s.line][s.end :]
-            layout = "\n".join(lines)
-        key = text_hash(layout)
-        if key not in self._truth_cache:
-            try:
-                if ctx.confine is None:
-                    raise HyperparamError("there is no sandbox to import the trainer in")
-                self._truth_cache[key] = probe_conditions(ctx.trainer_path, conds, ctx.confine.run_python)
-            except HyperparamError as e:
-                self.console.event(f"local agent: {e}; only unconditional hyperparameters will be changed")
-                self._truth_cache[key] = {}
-        return self._truth_cache[key]
+        return host_truth(ctx, text, settings, self._truth_cache, self.console, "local agent")
+
+
+def layout_key(text: str, settings) -> str:
+    """Hash of the trainer with every editable value blanked: versions that differ only in values share it."""
+    layout = text
+    for s in sorted((sp for st in settings.values() for sp in st.spots), key=lambda sp: (-sp.line, -sp.start)):
+        lines = layout.split("\n")
+        lines[s.line] = lines[s.line][: s.start] + "_" + lines[s.line][s.end :]
+        layout = "\n".join(lines)
+    return text_hash(layout)
+
+
+def host_truth(ctx: AgentContext, text: str, settings, cache: dict, console: Console, who: str) -> dict[str, bool]:
+    """Truth of the block's hardware conditions on this host, probed once per trainer layout (`cache`
+    maps layouts to answers) by importing the trainer inside its sandbox, never in this process."""
+    conds = conditions(settings)
+    if not conds:
+        return {}
+    key = layout_key(text, settings)
+    if key not in cache:
+        try:
+            if ctx.confine is None:
+                raise HyperparamError("there is no sandbox to import the trainer in")
+            cache[key] = probe_conditions(ctx.trainer_path, conds, ctx.confine.run_python)
+        except HyperparamError as e:
+            console.event(f"{who}: {e}; only unconditional hyperparameters will be changed")
+            cache[key] = {}
+    return cache[key]
 
 
 def _fmt(v: object) -> str:
@@ -379,6 +402,34 @@ def _tool_specs(trainer: str) -> list[dict]:
     ]
 
 
+MEMORY_TOOLS = [
+    {
+        "name": "journal",
+        "description": ("Your research journal for this branch, kept across turns and restarts and shown to you at the "
+                        "start of every turn. Write what you learned (findings with run numbers), hypotheses, and "
+                        "what to try next. mode 'append' (default) adds a dated entry; mode 'replace' rewrites the "
+                        "whole journal (condense it that way when it grows long)."),
+        "input_schema": {
+            "type": "object",
+            "properties": {"text": {"type": "string"}, "mode": {"type": "string", "enum": ["append", "replace"]}},
+            "required": ["text"],
+        },
+    },
+    {
+        "name": "read_run",
+        "description": ("Look back at a past experiment of this branch by its run number (#n in the history): its "
+                        "result, the diff it made to the trainer, the last lines of its log and its training-loss "
+                        "curve. parts: any of 'diff', 'log', 'loss' (default all)."),
+        "input_schema": {
+            "type": "object",
+            "properties": {"run": {"type": "integer"},
+                           "parts": {"type": "array", "items": {"type": "string", "enum": ["diff", "log", "loss"]}}},
+            "required": ["run"],
+        },
+    },
+]
+
+
 def prepare_excerpt(repo: Path) -> str:
     """The public surface of prepare.py (docstring, signatures, first docstring lines) for the prompt."""
     path = Path(repo) / "prepare.py"
@@ -414,7 +465,8 @@ class ClaudeAgent(Agent):
 
     def __init__(self, repo: Path, trainer: str, *, model: str | None = None, client=None,
                  max_tokens: int = 16000, max_turns: int = 30, attempts: int = 8, backoff_s: float | None = None,
-                 backoff_cap_s: float = 120.0, sdk_retries: int = 2, console: Console | None = None):
+                 backoff_cap_s: float = 120.0, sdk_retries: int = 2, console: Console | None = None,
+                 history_tokens: int = 6000):
         import anthropic
 
         self._anthropic = anthropic
@@ -426,7 +478,7 @@ class ClaudeAgent(Agent):
             # the loop runs without it there, so no process the trainer can see holds it
             creds = secrets.anthropic_credentials()
             if not creds:
-                raise AgentError("The claude agent needs ANTHROPIC_API_KEY; set it, or run with --agent local.")
+                raise AgentError("The claude agent needs ANTHROPIC_API_KEY; set it, or run with --agent optuna.")
             client = anthropic.Anthropic(max_retries=sdk_retries, timeout=600.0, **creds)
         self.client = client
         self.max_tokens = max_tokens
@@ -438,6 +490,9 @@ class ClaudeAgent(Agent):
         self.console = console or Console()
         self.pending = Usage()  # spent on turns that produced no experiment yet
         self.tools = _tool_specs(trainer)
+        self.history_tokens = history_tokens  # the compacted history's budget in the prompt
+        self.tune_note = ""  # set by the hybrid agent: an optimizer tunes the block's values
+        self._truth_cache: dict[str, dict[str, bool]] = {}
         program = (self.repo / "program.md")
         program_text = program.read_text(encoding="utf-8") if program.exists() else ""
         notes = (
@@ -457,6 +512,8 @@ class ClaudeAgent(Agent):
 
     def propose(self, ctx: AgentContext) -> Proposal | None:
         original = ctx.trainer_path.read_text(encoding="utf-8")
+        # the journal and the look-back need a branch to belong to (a bare context, as in `try`, has none)
+        self.tools = _tool_specs(ctx.trainer) + (MEMORY_TOOLS if ctx.branch_name else [])
         messages: list[dict] = [{"role": "user", "content": [
             {"type": "text", "text": f"The current {ctx.trainer} (the file you edit):\n\n```python\n{original}```",
              "cache_control": {"type": "ephemeral"}},
@@ -501,13 +558,16 @@ class ClaudeAgent(Agent):
         if ctx.best is not None:
             lines.append(f"Best val_bpb so far: {ctx.best:.6f}. Noise floor: {ctx.noise_floor or 0:.6f} "
                          "(a change is kept only if it beats the best by more than this; lower is better).")
-        rows = ctx.history[-40:]
-        if rows:
-            lines.append("\nExperiments on this branch (oldest first; commit, val_bpb, memory GB, status, description):")
-            lines += [f"{r.commit}\t{r.val_bpb:.6f}\t{r.memory_gb:.1f}\t{r.status}\t{r.description}"
-                      + (f"  [{r.note}]" if not r.ok and r.note else "") for r in rows]
-            if len(ctx.history) > len(rows):
-                lines.insert(2, f"({len(ctx.history) - len(rows)} older rows omitted)")
+        if ctx.history:
+            lines.append("\n" + compact_history(ctx.history, self.history_tokens))
+        if self.tune_note:
+            lines.append("\n" + self.tune_note)
+        if ctx.branch_name:
+            journal = read_journal(journal_path(ctx.runs, ctx.branch_name))
+            lines.append(f"\n## Your research journal ({ctx.branch_name})\n" + (journal.strip() or
+                         "(empty: record findings, hypotheses and next steps with the journal tool)"))
+            lines.append("Use read_run to look at a past run's diff, log and loss curve before repeating or building "
+                         "on it; a change that repeats an experiment already run is refused at finish.")
         c = ctx.crash
         if c is not None:
             lines += [
@@ -547,7 +607,8 @@ class ClaudeAgent(Agent):
             return f"Edited {ctx.trainer} ({old.count(chr(10)) + 1} lines replaced by {new.count(chr(10)) + 1}).", \
                 False, None
         if name == "finish":
-            changed = ctx.trainer_path.read_text(encoding="utf-8") != original
+            current = ctx.trainer_path.read_text(encoding="utf-8")
+            changed = current != original
             if args.get("give_up") is True:
                 return "ok", False, ""  # the loop restores the trainer
             desc = sanitize(args.get("description") if isinstance(args.get("description"), str) else "")
@@ -556,8 +617,50 @@ class ClaudeAgent(Agent):
                         None)
             if not desc:
                 return "finish needs a one-line 'description' of the change.", True, None
+            dup = self._duplicate(ctx, original, current)
+            if dup:
+                return (f"Not run: {dup}. Change something else (read_run shows what that run did), or finish "
+                        "with give_up=true.", True, None)
             return "ok", False, desc
-        return f"Unknown tool {name!r}; use read_file, edit_trainer or finish.", True, None
+        if name == "journal" and ctx.branch_name:
+            text, mode = args.get("text"), args.get("mode", "append")
+            if not isinstance(text, str) or not isinstance(mode, str):
+                return "journal needs a 'text' string (and optionally mode 'append' or 'replace').", True, None
+            last = next((r.run for r in reversed(ctx.history) if r.run is not None), None)
+            try:
+                return write_journal(journal_path(ctx.runs, ctx.branch_name), text, mode, last), False, None
+            except ValueError as e:
+                return f"journal: {e}.", True, None
+            except OSError as e:
+                return f"journal: cannot write ({e.strerror or e}).", True, None
+        if name == "read_run" and ctx.branch_name:
+            run, parts = args.get("run"), args.get("parts")
+            rows = [r for r in ctx.history if r.run == run] if isinstance(run, int) else []
+            if not rows:
+                runs = [r.run for r in ctx.history if r.run is not None]
+                where = f" (runs of this branch: #{min(runs)}..#{max(runs)})" if runs else ""
+                return f"read_run: no run #{run} on this branch{where}.", True, None
+            if parts is not None and (not isinstance(parts, list) or not all(p in ("diff", "log", "loss")
+                                                                             for p in parts)):
+                return "read_run: parts must be a list of 'diff', 'log', 'loss'.", True, None
+            return look_back(ctx.runs, rows[-1], parts or None), False, None
+        return f"Unknown tool {name!r}; use {', '.join(t['name'] for t in self.tools)}.", True, None
+
+    def _duplicate(self, ctx: AgentContext, original: str, current: str) -> str | None:
+        """Why the edited trainer repeats an experiment already run (same text, or the same hyperparameter
+        values on the current kept trainer), or None."""
+        values, changed = None, set()
+        last_keep = max((i for i, r in enumerate(ctx.history) if r.status == "keep"), default=-1)
+        if ctx.crash is None and any(r.hyperparams for r in ctx.history[last_keep + 1:]):
+            try:
+                before, after = parse_block(original), parse_block(current)
+                if layout_key(original, before) == layout_key(current, after):  # only values in the block moved
+                    truth = host_truth(ctx, current, after, self._truth_cache, self.console, "claude")
+                    old, values = effective_values(before, truth), effective_values(after, truth)
+                    changed = {k for k, v in values.items() if k in old and not same_value(old[k], v)}
+            except HyperparamError:
+                values = None
+        return duplicate_of(text_hash(current), values, changed, ctx.history, ctx.seen_hashes)
 
     def _read(self, rel: str) -> tuple[str, bool, None]:
         root = self.repo.resolve()
@@ -678,11 +781,22 @@ def _status_sentence(e, model: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+AGENTS = ("claude", "optuna", "local", "scripted")
+
+
 def make_agent(kind: str, *, repo: Path, trainer: str, seed: int = 0, model: str | None = None,
-               script: str | None = None, console: Console | None = None) -> Agent:
-    """Build an agent by name: claude | local | scripted (with `script`, a JSON file)."""
+               script: str | None = None, console: Console | None = None, sampler: str = "tpe",
+               tune: bool = False) -> Agent:
+    """Build an agent by name: claude (with `tune`: alternating with the optuna agent) | optuna (`sampler`
+    tpe or cmaes) | local | scripted (with `script`, a JSON file)."""
+    if tune and kind != "claude":
+        raise AgentError("--tune goes with --agent claude (the optuna agent then tunes the hyperparameters).")
     if kind == "local":
         return LocalAgent(seed=seed, console=console)
+    if kind == "optuna":
+        from research.tuner import OptunaAgent
+
+        return OptunaAgent(sampler=sampler, seed=seed, console=console)
     if kind == "scripted":
         if not script:
             raise AgentError("--agent scripted needs --script FILE (a JSON list of steps).")
@@ -691,5 +805,10 @@ def make_agent(kind: str, *, repo: Path, trainer: str, seed: int = 0, model: str
         except (OSError, json.JSONDecodeError) as e:
             raise AgentError(f"Cannot read the script {script}: {e}") from None
     if kind == "claude":
-        return ClaudeAgent(repo, trainer, model=model, console=console)
-    raise AgentError(f"Unknown agent '{kind}'; choose claude, local or scripted.")
+        claude = ClaudeAgent(repo, trainer, model=model, console=console)
+        if not tune:
+            return claude
+        from research.tuner import HybridAgent, OptunaAgent
+
+        return HybridAgent(claude, OptunaAgent(sampler=sampler, seed=seed, console=console), console=console)
+    raise AgentError(f"Unknown agent '{kind}'; choose {', '.join(AGENTS)}.")

@@ -28,6 +28,8 @@ def agent_context(s: Session, crash: CrashInfo | None = None) -> AgentContext:
         seen_hashes=s.seen_trainer_hashes(),
         crash=crash,
         confine=s.confine,
+        runs_dir=s.runs_dir,
+        branch=s.branch or "",
     )
 
 
