@@ -163,6 +163,8 @@ def _grid(lo: float, hi: float, step: float) -> tuple[float, float]:
 
 def _float_dim(name: str, v: float, lo: float, hi: float, step: float) -> Dim:
     lo, hi = _grid(min(lo, v), max(hi, v), step)
+    if abs((v - lo) / step - round((v - lo) / step)) > 1e-6:
+        step = None  # a baseline off the grid: search continuously (3 significant digits) so it stays a point
     return Dim(name, "float", v, round(lo, 10), round(hi, 10), step)
 
 

@@ -194,12 +194,13 @@ def test_trial_values_teach_failures():
 # ------------------------------------------------------------------------------------------------
 
 TRIALS = 30
-REGION = OPTIMUM + 0.03  # "the optimum region": within 0.03 of the minimum (the baseline is 0.20 above it)
+REGION = OPTIMUM + 0.05  # "the optimum region": within 0.05 of the minimum (the baseline is 0.20 above it)
 
 
 def test_optuna_finds_the_optimum_region_and_beats_local(tmp_path):
-    """30 simulated experiments from the same baseline, seeds 0-5: TPE ends in the optimum region on most seeds
-    and ahead of the local agent on average (measured: TPE mean ~1.035, local ~1.086 at 30 trials)."""
+    """30 simulated experiments from the same baseline, seeds 0-5: TPE's kept trainer ends in the optimum region
+    on every seed and ahead of the local agent on average (measured: TPE 1.015-1.048, mean 1.033; local
+    1.014-1.096, mean 1.058, in the region on 2 seeds of 6)."""
     finals = {"optuna": [], "local": []}
     for s in range(6):
         for kind in finals:
@@ -217,7 +218,7 @@ def test_optuna_finds_the_optimum_region_and_beats_local(tmp_path):
     opt, loc = statistics.mean(finals["optuna"]), statistics.mean(finals["local"])
     print(f"after {TRIALS} trials: optuna {[round(v, 4) for v in finals['optuna']]} mean {opt:.4f}; "
           f"local {[round(v, 4) for v in finals['local']]} mean {loc:.4f}")
-    assert sum(v < REGION + 0.02 for v in finals["optuna"]) >= 3
+    assert all(v < REGION for v in finals["optuna"])
     assert opt < loc - 0.02
 
 
