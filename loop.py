@@ -32,7 +32,7 @@ import argparse  # noqa: E402
 import signal  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from research import report, secrets  # noqa: E402
+from research import live, report, secrets  # noqa: E402
 from research.console import Console  # noqa: E402
 from research.gitrepo import GitError  # noqa: E402
 from research.guards import LockError  # noqa: E402
@@ -82,12 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-fix-attempts", type=int, default=Settings.max_fix_attempts,
                      help="fix attempts after a crash (default 2)")
     run.add_argument("--seed", type=int, default=0, help="seed of the optuna and local agents (default 0)")
+    live.add_run_options(run)  # --serve: the live page while the loop runs
 
     try_ = sub.add_parser("try", parents=[common],
                           help="one experiment on the trainer as currently edited (uncommitted)")
     try_.add_argument("description", help="one line: what the change is")
 
     report.add_subparsers(sub, parents=[common])  # report, compare, transfer
+    live.add_subparser(sub)  # serve: the live page
     return parser
 
 
@@ -132,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     from research.session import TamperError
 
     session: Session | None = None
+    page = None  # the live page of `run --serve`
     try:
         import prepare
 
@@ -153,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         model = f", model {agent.model}" if hasattr(agent, "model") else ""
         console.event(f"{'resuming' if resumed else 'created'} branch {session.branch} at "
                       f"{session.kept_commit[:7]}; agent {agent.name}{model}")
+        page = live.start_for_run(args, session.results_path, session.settings, console)
         n = research(session, agent, args.max_experiments)
         console.event(f"done: {n} experiment(s); best val_bpb {session.best:.6f}" if session.best is not None
                       else f"done: {n} experiment(s)")
@@ -181,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         _abort_quietly(session)  # whatever went wrong, no half-made experiment is left behind
         raise
     finally:
+        if page is not None:
+            page.stop()
         if session is not None:
             session.close()
 

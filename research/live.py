@@ -1,0 +1,899 @@
+"""`loop.py serve` (and `loop.py run --serve`): a read-only live page of the research loop.
+
+The page (research/static/: index.html, live.js, live.css and the vendored Chart.js) polls one JSON
+endpoint and shows, as the loop runs:
+- the experiment in progress: its description, training-loss curve so far against the best run's,
+  tokens/s, time left and, where the best has two stored curves, the early-abort threshold and margin;
+- the progress plot (val_bpb per experiment, keeps highlighted, the running best, holdout_bpb beside
+  it) and the results table (status, val_bpb, delta vs the best before it, memory, steps, agent cost),
+  each row opening its runs/<n>/diff.patch and the tail of its log;
+- agent cost, the noise model's numbers, host and backend; with more results files (other machines),
+  the compare view.
+
+Everything comes from disk: results.tsv (read with research/results.py, grouped with
+research/summary.py like the reports), runs/<n>/ and, for the description of a run in progress, the
+subject of the commit the loop made for it. The run in progress is the newest runs/<n>/ without a row;
+its loss curve is read from its log.txt as it grows (the trainer's `step N (P%) | loss: L | ...
+tok/sec: T | ... remaining: Rs` lines), finished runs' curves from their loss.json. The server never
+writes. Files are served only from inside runs/ (as resolved: a link leading out is refused), only
+regular files, only by run number and one of a few names; no request names a path.
+
+Bound to 127.0.0.1 by default, with Host headers checked (a web page elsewhere cannot read it through
+DNS rebinding); another address needs --host and prints a warning: there is no password.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import math
+import os
+import platform
+import re
+import socket
+import stat
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from research.results import Row
+from research.secrets import redact
+from research.summary import ReportError, Source, load_source, measured, summarize
+
+__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "Refused", "LiveData", "make_app", "serve", "start_in_thread",
+           "add_subparser", "add_run_options", "LiveServer"]
+
+STATIC = Path(__file__).resolve().parent / "static"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8765
+POLL_SECONDS = 2.0  # how often the page asks for news
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+RUN_FILES = {"diff": "diff.patch", "log": "log.txt", "confirm_log": "confirm_log.txt"}  # what a row opens
+_READABLE = frozenset({*RUN_FILES.values(), "loss.json", "confirm_loss.json", "result.json", "meta.json"})
+MAX_DIFF_CHARS = 200_000
+LOG_TAIL_LINES = 150
+LOG_TAIL_BYTES = 64_000
+MAX_JSON_BYTES = 8_000_000
+MAX_READ_PER_POLL = 16_000_000  # a huge log is caught up with over several polls
+_RUN_NO = re.compile(r"[0-9]{1,9}")
+_STEP_LINE = re.compile(rb"step\s+\d{1,9}\s+\(\s*\d{1,3}(?:\.\d+)?%\)\s*\|\s*loss:[^\r\n]*")
+_PENDING = re.compile(rb"^step\s+(\d{1,9})\s+\(\s*(\d{1,3}(?:\.\d+)?)%\)\s*\|\s*loss:\s*([0-9]+(?:\.[0-9]+)?)\s*\|")
+_TOK_S = re.compile(rb"tok/sec:\s*([0-9][0-9,]{0,15})")
+_REMAINING = re.compile(rb"remaining:\s*([0-9]{1,9}(?:\.[0-9]+)?)\s*s")
+_HARNESS = b"--- evaluation (judge/harness.py) ---"
+_STOPPED = b"[loop] stopped early (abort)"
+
+
+class Refused(Exception):
+    """A request the server will not answer: not a run number or file it serves (400), a path that
+    leads outside runs/ or is not a regular file (403), or a file that is not there (404)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+# ---------------------------------------------------------------------------
+# Reading runs/ safely
+# ---------------------------------------------------------------------------
+
+
+def _open_regular(path: Path) -> int:
+    """An fd on `path` if it is a regular file (no FIFO or device can block or feed the server)."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    fd = os.open(path, flags)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise Refused(403, f"{path.name} is not a regular file")
+    return fd
+
+
+def _read_fd(fd: int, start: int, limit: int) -> bytes:
+    chunks, left = [], limit
+    while left > 0:
+        chunk = os.pread(fd, min(left, 1 << 20), start)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        start += len(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _screen_lines(text: str) -> list[str]:
+    """Lines as a terminal shows them: of a line redrawn with carriage returns, the last drawing."""
+    out = []
+    for line in text.split("\n"):
+        parts = [p for p in line.split("\r") if p.strip()]
+        out.append(parts[-1].rstrip() if parts else "")
+    return out
+
+
+class _Tail:
+    """A growing log read incrementally: its loss curve so far and its last few kilobytes."""
+
+    def __init__(self) -> None:
+        from research.decisions import LossCurve
+
+        self.key: tuple[int, int] | None = None
+        self.offset = 0
+        self.curve = LossCurve()
+        self.tail = b""
+        self.mtime = 0.0
+
+    def update(self, path: Path) -> None:
+        from research.decisions import LossCurve
+
+        fd = _open_regular(path)
+        try:
+            st = os.fstat(fd)
+            key = (st.st_dev, st.st_ino)
+            if key != self.key or st.st_size < self.offset:  # a new file, or one cut back: start over
+                self.key, self.offset, self.curve, self.tail = key, 0, LossCurve(), b""
+            data = _read_fd(fd, self.offset, min(st.st_size - self.offset, MAX_READ_PER_POLL))
+        finally:
+            os.close(fd)
+        self.mtime = st.st_mtime
+        if data:
+            self.offset += len(data)
+            self.curve.feed(data)
+            self.tail = (self.tail + data)[-16384:]
+
+    def points(self) -> list[tuple[int, float, float]]:
+        """The curve so far, with the step line still being drawn (no line end yet, as in a terminal)
+        once its loss is followed by the next field, so it was written whole."""
+        pts = self.curve.snapshot()
+        last = re.split(rb"[\r\n]", self.tail)[-1]
+        m = _PENDING.search(last)
+        if m:
+            step, progress, loss = int(m[1]), float(m[2]) / 100.0, float(m[3])
+            if 0.0 <= progress <= 1.0 and math.isfinite(loss) and (not pts or progress >= pts[-1][1]):
+                pts.append((step, progress, loss))
+        return pts
+
+
+@dataclass
+class _Cached:
+    key: tuple
+    value: object
+
+
+class LiveData:
+    """What the page shows, read from one results file, its runs/ and other machines' results files.
+
+    `min_noise`, `abort_z` and `abort_min_progress` are the loop's settings (its defaults unless the
+    loop that serves passes its own); they set the noise model's floor and the early-abort threshold.
+    """
+
+    def __init__(self, results: str | Path, others: list[str | Path] = (), *, min_noise: float | None = None,
+                 abort_z: float | None = None, abort_min_progress: float | None = None,
+                 early_abort: bool | None = None, poll_seconds: float = POLL_SECONDS):
+        from research.session import Settings
+
+        path = Path(results).absolute()
+        self.results = path / "results.tsv" if path.is_dir() else path
+        self.root = self.results.parent
+        self.runs = self.root / "runs"
+        self.others = [Path(p).absolute() for p in others]
+        default = lambda name, fallback: getattr(Settings, name, fallback)  # noqa: E731 - the loop's defaults
+        self.min_noise = default("min_noise", 0.0005) if min_noise is None else min_noise
+        self.abort_z = default("abort_z", 4.0) if abort_z is None else abort_z
+        self.abort_min_progress = default("abort_min_progress", 0.3) if abort_min_progress is None \
+            else abort_min_progress
+        self.early_abort = default("early_abort", True) if early_abort is None else early_abort
+        self.poll_seconds = poll_seconds
+        self._lock = threading.Lock()
+        self._tails: dict[Path, _Tail] = {}
+        self._files: _Cached | None = None
+        self._curves: dict[Path, _Cached] = {}
+        self._subjects: dict[int, str] = {}
+
+    # -- files under runs/ ---------------------------------------------------
+
+    def run_path(self, run: str | int, name: str) -> Path:
+        """runs/<run>/<name>, resolved; Refused unless it stays inside runs/ (links followed)."""
+        run = str(run)
+        if not _RUN_NO.fullmatch(run):
+            raise Refused(400, "a run is asked for by its number, as in runs/<n>")
+        if name not in _READABLE:
+            raise Refused(400, f"runs/<n>/ files served: {', '.join(sorted(_READABLE))}")
+        try:
+            base = self.runs.resolve(strict=True)
+        except OSError:
+            raise Refused(404, f"there is no runs/ folder beside {self.results.name} yet") from None
+        real = (self.runs / run / name).resolve()
+        if not real.is_relative_to(base) or real == base:
+            raise Refused(403, f"runs/{run}/{name} leads outside runs/; refused")
+        return real
+
+    def read_run_file(self, run: str | int, name: str, *, tail: int | None = None, limit: int = MAX_DIFF_CHARS
+                      ) -> tuple[str, bool]:
+        """(text, cut): the file's first `limit` bytes, or its last `tail` bytes. Refused (404) if absent."""
+        path = self.run_path(run, name)
+        try:
+            fd = _open_regular(path)
+        except FileNotFoundError:
+            raise Refused(404, f"runs/{run}/{name} does not exist") from None
+        except OSError as e:
+            raise Refused(403 if e.errno in (errno.ELOOP, errno.ENOTDIR) else 404,
+                          f"runs/{run}/{name} cannot be read ({e.strerror})") from None
+        try:
+            size = os.fstat(fd).st_size
+            if tail is not None:
+                start = max(0, size - tail)
+                data, cut = _read_fd(fd, start, size - start), start > 0
+            else:
+                data, cut = _read_fd(fd, 0, limit), size > limit
+        finally:
+            os.close(fd)
+        return redact(data.decode("utf-8", errors="replace")), cut
+
+    def run_text(self, run: str, kind: str) -> dict:
+        """What a table row opens: its diff, or the tail of its log (or its confirm run's log)."""
+        if kind not in RUN_FILES:
+            raise Refused(400, f"a run's {kind!r} is not served; ask for one of {', '.join(RUN_FILES)}")
+        name = RUN_FILES[kind]
+        if kind == "diff":
+            text, cut = self.read_run_file(run, name)
+        else:
+            text, cut = self.read_run_file(run, name, tail=LOG_TAIL_BYTES)
+            lines = _screen_lines(text)
+            if cut:
+                lines = lines[1:]  # the first line was cut in the middle
+            cut = cut or len(lines) > LOG_TAIL_LINES
+            text = "\n".join(lines[-LOG_TAIL_LINES:])
+        return {"run": int(run), "kind": kind, "file": f"runs/{int(run)}/{name}", "text": text, "cut": cut}
+
+    def _json(self, run: int, name: str) -> dict | None:
+        try:
+            text, cut = self.read_run_file(run, name, limit=MAX_JSON_BYTES)
+            data = None if cut else json.loads(text)
+        except (Refused, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def _curve(self, run: int, prefix: str = "") -> list | None:
+        """A finished run's loss curve: runs/<n>/loss.json, else read from its log. Cached per file state."""
+        try:
+            from research.decisions import load_curve
+        except ImportError:  # a loop without stored curves
+            return None
+        for name, kind in ((f"{prefix}loss.json", "json"), (f"{prefix}log.txt", "log")):
+            try:
+                path = self.run_path(run, name)
+                st = path.stat()
+            except (Refused, OSError):
+                continue
+            key = (st.st_mtime_ns, st.st_size)
+            hit = self._curves.get(path)
+            if hit is None or hit.key != key:
+                if kind == "json":
+                    curve = load_curve(path) if stat.S_ISREG(st.st_mode) and st.st_size < MAX_JSON_BYTES else None
+                else:
+                    t = _Tail()
+                    try:
+                        t.update(path)
+                    except (Refused, OSError):
+                        continue
+                    curve = t.curve.snapshot() or None
+                hit = self._curves[path] = _Cached(key, curve)
+            if hit.value:
+                return hit.value
+        return None
+
+    def _run_numbers(self) -> list[int]:
+        try:
+            names = [e.name for e in os.scandir(self.runs) if _RUN_NO.fullmatch(e.name) and e.is_dir()]
+        except OSError:
+            return []
+        return sorted(int(n) for n in names)
+
+    # -- the state the page polls -------------------------------------------------
+
+    def state(self) -> dict:
+        with self._lock:
+            return self._state()
+
+    def _signature(self) -> tuple:
+        sig = []
+        for p in [self.results, *self.others]:
+            try:
+                st = p.stat()
+                sig.append((str(p), st.st_mtime_ns, st.st_size))
+            except OSError:
+                sig.append((str(p), None, None))
+        try:
+            sig.append(self.runs.stat().st_mtime_ns)
+        except OSError:
+            sig.append(None)
+        return tuple(sig)
+
+    def _state(self) -> dict:
+        sig = self._signature()
+        if self._files is None or self._files.key != sig:
+            self._files = _Cached(sig, self._from_files())
+        files = self._files.value
+        out = dict(files["public"])
+        out["generated_at"] = time.time()
+        out["loop"] = _loop_alive(self.root)
+        out["current"] = self._current(files.get("source"), files.get("replay"))
+        return out
+
+    def _from_files(self) -> dict:
+        out: dict = {
+            "server": {"machine": platform.node(), "results": str(self.results), "poll_seconds": self.poll_seconds},
+        }
+        try:
+            source = load_source(self.results)
+        except ReportError as e:
+            source = None
+            out["message"] = str(e)
+        if source is not None and not source.rows:
+            out["message"] = f"{self.results} has no experiment yet; the first row appears when the first run ends."
+        rows = source.rows if source is not None else []
+        summary = summarize(source) if rows else None
+        st = self._replay(rows)
+        out["host"] = _host(source)
+        out["summary"] = _summary_json(source, summary, st) if summary else None
+        out["rows"] = _rows_json(rows, summary, self._run_numbers()) if summary else []
+        out["plot"] = _plot_json(source, summary) if summary else None
+        out["noise"] = _noise_json(st, summary, self)
+        out["compare"] = self._compare(source) if self.others else None
+        return {"public": out, "source": source, "replay": st}
+
+    def _replay(self, rows: list[Row]):
+        if not rows:
+            return None
+        try:
+            from research.session import replay
+
+            return replay(rows, self.min_noise)
+        except Exception:  # the page still shows the rows when the decision state cannot be rebuilt
+            return None
+
+    # -- the run in progress ----------------------------------------------------
+
+    def _current(self, source: Source | None, st) -> dict | None:
+        numbers = self._run_numbers()
+        if not numbers:
+            return None
+        n = numbers[-1]
+        rows = (source.rows + source.left_out) if source is not None else []
+        if any(r.run == n for r in rows):
+            return None  # the newest run is recorded: nothing is running now
+        confirm = self._exists(n, "confirm_log.txt")
+        log_name = "confirm_log.txt" if confirm else "log.txt"
+        cur: dict = {"run": n, "confirm": confirm, "log": f"runs/{n}/{log_name}"}
+        try:
+            log = self.run_path(n, log_name)
+            tail = self._tails.get(log)
+            if tail is None:
+                tail = _Tail()
+                self._tails = {log: tail}  # only the run in progress is followed
+            tail.update(log)
+        except (Refused, OSError, ImportError):
+            tail = None
+        now = time.time()
+        started = self._mtime(n, "diff.patch") or self._mtime_dir(n)
+        cur["started_at"] = started
+        cur["elapsed_s"] = now - started if started else None
+        cur["description"], cur["unchanged"] = self._description(n, started)
+        points = tail.points() if tail is not None else []
+        cur["points"] = [[round(100 * p, 3), v] for _, p, v in points]
+        cur["step"] = points[-1][0] if points else None
+        cur["progress"] = points[-1][1] if points else 0.0
+        cur["loss"] = points[-1][2] if points else None
+        last = _STEP_LINE.findall(tail.tail)[-1] if tail is not None and _STEP_LINE.search(tail.tail) else b""
+        m = _TOK_S.search(last)
+        cur["tok_per_s"] = int(m[1].replace(b",", b"")) if m else None
+        m = _REMAINING.search(last)
+        budget = _budget(rows)
+        if m:
+            cur["time_left_s"], cur["time_left_from"] = float(m[1]), "the trainer's own count"
+        elif budget and points:
+            cur["time_left_s"], cur["time_left_from"] = budget * (1 - points[-1][1]), "budget x progress"
+        else:
+            cur["time_left_s"], cur["time_left_from"] = None, None
+        cur["budget_s"] = budget
+        cur["last_output_s"] = now - tail.mtime if tail is not None and tail.mtime else None
+        blob = tail.tail if tail is not None else b""
+        cur["phase"] = ("stopped early" if _STOPPED in blob else "scoring" if _HARNESS in blob else
+                        "training" if points else "starting")
+        best = self._best_curve(st)
+        cur["best"] = best
+        branch_rows = source.rows if source is not None else []
+        cur["abort"] = self._abort(st, points, branch_rows) if not cur["unchanged"] else {
+            "active": False, "why": "the kept trainer's own runs are never stopped early"}
+        return cur
+
+    def _exists(self, n: int, name: str) -> bool:
+        try:
+            return self.run_path(n, name).is_file()
+        except Refused:
+            return False
+
+    def _mtime(self, n: int, name: str) -> float | None:
+        try:
+            return self.run_path(n, name).stat().st_mtime
+        except (Refused, OSError):
+            return None
+
+    def _mtime_dir(self, n: int) -> float | None:
+        try:
+            return (self.runs / str(n)).stat().st_mtime
+        except OSError:
+            return None
+
+    def _description(self, n: int, started: float | None) -> tuple[str, bool]:
+        """The change a run in progress tries: the subject of the commit the loop made for it (the
+        description is in results.tsv only once the run ends). An empty diff: the kept trainer as it is."""
+        try:
+            diff, _ = self.read_run_file(n, "diff.patch", limit=4096)
+        except Refused:
+            return "(no diff.patch yet)", False
+        if not diff.strip():
+            return "the kept trainer, unchanged: a baseline run or a re-measurement of the best", True
+        if n in self._subjects:
+            return self._subjects[n], False
+        subject = None
+        if (self.root / ".git").exists():
+            from research import gitrepo
+
+            try:
+                line = gitrepo.git(self.root, "log", "-1", "--format=%ct%x09%s", "HEAD", check=False)
+                when, _, text = line.partition("\t")
+                if text and started and int(when) >= int(started):  # made after the run's diff: its commit
+                    subject = redact(text.strip())
+            except (OSError, ValueError, gitrepo.GitError):
+                subject = None
+        if subject is None:
+            return "(the description is recorded when the run ends; the diff shows the change)", False
+        self._subjects = {n: subject}
+        return subject, False
+
+    def _best_curve(self, st) -> dict | None:
+        runs = [r.run for r in _best_runs(st) if r.run is not None]
+        for n in reversed(runs):
+            curve = self._curve(n)
+            if curve:
+                return {"run": n, "points": [[round(100 * p, 3), v] for _, p, v in curve]}
+        return None
+
+    def _abort(self, st, points: list, rows: list[Row]) -> dict:
+        """The early-abort reference (the best's mean curve and the curve noise) and where the run stands."""
+        try:
+            from research.decisions import NBINS, curve_bins, reference_from_curves
+        except ImportError:
+            return {"active": False, "why": "this version of the loop has no early abort"}
+        if not self.early_abort:
+            return {"active": False, "why": "early abort is off (--no-early-abort)"}
+        if not _best_runs(st):
+            return {"active": False, "why": "no best yet"}
+        if getattr(st, "abort_off", False):
+            return {"active": False, "why": "early abort is off until the best changes (an audit failed)"}
+        best = [c for c in (self._curve(r.run) for r in _best_runs(st) if r.run is not None) if c]
+        if not best:
+            return {"active": False, "why": "no stored loss curve of the best yet"}
+        by_hash: dict[str, list[int]] = {}
+        for r in rows:
+            if measured(r) and r.trainer_hash and r.run is not None:
+                by_hash.setdefault(r.trainer_hash, []).append(r.run)
+        groups = []
+        for runs in by_hash.values():
+            curves = [c for c in (self._curve(n) for n in dict.fromkeys(runs)) if c]
+            if len(runs) >= 2 and len(curves) >= 2:
+                groups.append(curves)
+        ref = reference_from_curves(best, groups)
+        if not ref.usable():
+            return {"active": False, "why": "no trainer has two stored loss curves yet (the curve noise is unknown)"}
+        scale = math.sqrt(1.0 + 1.0 / max(1, ref.curves))
+        limits = [self.abort_z * s * scale if s else None for s in ref.sigma]
+        threshold = [[round(100 * (b + 0.5) / NBINS, 3), m + lim] for b, (m, lim) in enumerate(zip(ref.mean, limits))
+                     if m is not None and lim is not None and (b + 1) / NBINS >= self.abort_min_progress]
+        out = {"active": True, "z": self.abort_z, "min_progress": self.abort_min_progress, "threshold": threshold,
+               "margin": None, "at": None}
+        if points:
+            bins = curve_bins(points, NBINS)
+            done = min(NBINS, int(points[-1][1] * NBINS))
+            for b in range(done):
+                if (b + 1) / NBINS < self.abort_min_progress or bins[b] is None or ref.mean[b] is None \
+                        or limits[b] is None:
+                    continue
+                out["margin"] = limits[b] - (bins[b] - ref.mean[b])  # > 0: inside the threshold
+                out["at"] = (b + 1) / NBINS
+        return out
+
+    # -- other machines ----------------------------------------------------------
+
+    def _compare(self, source: Source | None) -> dict:
+        from research import compare
+        from research.summary import num
+
+        sources, errors = ([source] if source is not None and source.rows else []), []
+        for p in self.others:
+            try:
+                s = load_source(p)
+            except ReportError as e:
+                errors.append(str(e))
+                continue
+            if s.rows:
+                sources.append(s)
+            else:
+                errors.append(f"{p} has no experiment yet.")
+        out: dict = {"errors": errors, "sources": [], "hyperparams": [], "refused": None}
+        if len(sources) < 2:
+            return out
+        try:
+            compare._check_comparable(sources)
+        except ReportError as e:
+            out["refused"] = str(e)
+            return out
+        out["protocol"], out["evaluator"] = sources[0].protocol, sources[0].evaluator_hash
+        bests = []
+        for s, label in zip(sources, compare._labels(sources)):
+            summ = summarize(s)
+            best = summ.best[1] if summ.best else None
+            bests.append(best)
+            base = summ.baseline_bpb
+            out["sources"].append({
+                "label": label, "path": str(s.path), "backend": s.backend, "device": s.device,
+                "best_bpb": summ.best_bpb, "baseline_bpb": base, "holdout_bpb": best.holdout_bpb if best else None,
+                "gain_pct": 100 * (summ.best_bpb - base) / base if summ.best_bpb and base else None,
+                "experiments": len(s.rows), "kept": len(summ.kept),
+                "steps": best.num_steps if best else None, "mfu": best.mfu_percent if best else None,
+                "memory_gb": best.memory_gb if best else None, "params_M": best.num_params_M if best else None,
+                "tokens_M": num(compare._tokens_m(s, best)) if best else None,
+                "commit": best.commit if best else "", "change": best.description if best else "",
+                "running_best": [100 * (b - base) / base if b is not None and base else None
+                                 for b in summ.running_best],
+            })
+        names = sorted({k for b in bests if b for k in b.hyperparams})
+        from research.summary import value_text
+
+        for name in names:
+            values = [value_text(b.hyperparams[name]) if b and name in b.hyperparams else "—" for b in bests]
+            out["hyperparams"].append({"name": name, "values": values, "differs": len(set(values)) > 1})
+        return out
+
+
+# ---------------------------------------------------------------------------
+# JSON pieces
+# ---------------------------------------------------------------------------
+
+
+def _best_runs(st) -> list[Row]:
+    """The best trainer's measured rows in the decision state (none without one)."""
+    return list(getattr(st, "best_runs", None) or [])
+
+
+def _loop_alive(root: Path) -> dict:
+    """Whether a loop holds the repository's lock (its pid alive), read from .autoresearch.lock."""
+    from research.guards import LOCK_FILE
+
+    try:
+        first = (root / LOCK_FILE).read_text(encoding="utf-8", errors="replace")[:200].split("\n")[0]
+        pid = int(first)
+    except (OSError, ValueError):
+        return {"running": False, "pid": None}
+    try:
+        os.kill(pid, 0)
+        alive = True
+    except PermissionError:
+        alive = True
+    except OSError:
+        alive = False
+    return {"running": alive, "pid": pid}
+
+
+def _budget(rows: list[Row]) -> float | None:
+    for r in reversed(rows):
+        if r.budget_s:
+            return r.budget_s
+    return None
+
+
+def _host(source: Source | None) -> dict:
+    if source is None:
+        return {}
+    branch = max({r.branch for r in source.rows if r.branch} or {""}, key=lambda b: sum(r.branch == b
+                                                                                        for r in source.rows))
+    return {"backend": source.backend, "device": source.device, "protocol": source.protocol,
+            "evaluator": source.evaluator_hash, "branch": branch, "label": source.label,
+            "left_out": len(source.left_out)}
+
+
+def _summary_json(source: Source, s, st) -> dict:
+    best_n = s.number(s.best[0]) if s.best else None
+    return {
+        "experiments": len(source.rows), "tally": s.tally(), "counts": dict(s.counts),
+        "baseline_bpb": s.baseline_bpb, "baseline_runs": len(s.baselines), "best_bpb": s.best_bpb,
+        "best_n": best_n, "improved": s.improved, "kept": len(s.kept),
+        "gain_pct": 100 * (s.best_bpb - s.baseline_bpb) / s.baseline_bpb if s.best_bpb and s.baseline_bpb else None,
+        "wall_seconds": s.wall_seconds, "cost_usd": s.cost_usd, "tokens_in": s.tokens_in, "tokens_out": s.tokens_out,
+        "best_mean": getattr(st, "best", None),
+        "best_mean_runs": len(_best_runs(st)) or None,
+    }
+
+
+def _rows_json(rows: list[Row], s, on_disk: list[int]) -> list[dict]:
+    base = {i for i, _ in s.baselines}
+    kept = {i for i, _ in s.kept}
+    disk = set(on_disk)
+    out = []
+    for i, r in enumerate(rows, start=1):
+        ok = measured(r)
+        before = s.best_before(i)
+        out.append({
+            "n": s.number(i), "run": r.run, "has_run": r.run in disk,
+            "status": r.status, "kind": "baseline" if i in base else "keep" if i in kept else r.status,
+            "description": r.description, "note": r.note, "commit": r.commit, "timestamp": r.timestamp,
+            "val_bpb": r.val_bpb if ok else None, "holdout_bpb": r.holdout_bpb,
+            "delta": r.val_bpb - before if ok and before else None,
+            "memory_gb": r.memory_gb or None, "steps": r.num_steps, "cost_usd": r.agent_cost_usd,
+            "tokens_in": r.agent_tokens_in, "tokens_out": r.agent_tokens_out,
+            "training_seconds": r.training_seconds, "wall_seconds": r.wall_seconds, "mfu": r.mfu_percent,
+            "progress": r.progress,
+        })
+    return out
+
+
+def _plot_json(source: Source, s) -> dict:
+    from research.report import _y_limits
+
+    lo = hi = None
+    if any(measured(r) for r in source.rows):
+        lo, hi = _y_limits(source, s)
+    return {"running_best": s.running_best, "y_min": lo, "y_max": hi,
+            "x_label": "experiment # (runs/<n>)" if any(r.run is not None for r in source.rows) else "experiment #"}
+
+
+def _noise_json(st, s, data: LiveData) -> dict:
+    out: dict = {"min_noise": data.min_noise, "baseline_spread": s.noise if s else None}
+    nm = getattr(st, "noise", None) if st is not None else None
+    try:
+        out.update(sigma=nm.sigma, measured=nm.measured, df=nm.df, groups=nm.groups, runs=nm.runs,
+                   step_share=getattr(nm, "step_share", None), describe=nm.describe())
+    except AttributeError:  # no noise model yet (or an older one): the rest of the page stands
+        pass
+    if st is not None:
+        out.update(best_mean=getattr(st, "best", None), best_runs=len(_best_runs(st)),
+                   abort_off=getattr(st, "abort_off", False),
+                   would_abort=getattr(st, "would_abort", 0))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# The web app
+# ---------------------------------------------------------------------------
+
+_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+        "font-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+class _Headers:
+    """ASGI middleware: a strict content policy (no script or style but the page's own files), no
+    caching of the API, no referrer."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        api = scope.get("path", "").startswith("/api/")
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers += [(b"content-security-policy", _CSP.encode()), (b"x-content-type-options", b"nosniff"),
+                            (b"referrer-policy", b"no-referrer"), (b"x-frame-options", b"DENY")]
+                if api:
+                    headers.append((b"cache-control", b"no-store"))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def make_app(data: LiveData, allowed_hosts: list[str] | None = None):
+    """The Starlette app: GET only; `allowed_hosts` checks the Host header (None: any)."""
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
+    from starlette.responses import FileResponse, JSONResponse
+    from starlette.routing import Mount, Route
+    from starlette.staticfiles import StaticFiles
+
+    def index(request):
+        return FileResponse(STATIC / "index.html", headers={"cache-control": "no-cache"})
+
+    def api_state(request):
+        return JSONResponse(_finite(data.state()))
+
+    def api_run(request):
+        try:
+            return JSONResponse(data.run_text(request.path_params["run"], request.path_params["kind"]))
+        except Refused as e:
+            return JSONResponse({"error": str(e)}, status_code=e.status)
+
+    def not_found(request):
+        return JSONResponse({"error": "no such page; the API is /api/state and /api/runs/<n>/diff|log"},
+                            status_code=404)
+
+    routes = [
+        Route("/", index, methods=["GET", "HEAD"]),
+        Route("/api/state", api_state, methods=["GET", "HEAD"]),
+        Route("/api/runs/{run}/{kind}", api_run, methods=["GET", "HEAD"]),
+        Route("/api/{rest:path}", not_found, methods=["GET", "HEAD"]),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
+    ]
+    middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts or ["*"]), Middleware(_Headers)]
+    return Starlette(routes=routes, middleware=middleware)
+
+
+def _finite(value):
+    """JSON has no NaN or infinity: they become null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------
+# Serving
+# ---------------------------------------------------------------------------
+
+
+def _is_loopback(host: str) -> bool:
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+        sock.listen(64)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(False)
+    return sock
+
+
+def _url(host: str, port: int) -> str:
+    h = host.strip("[]")
+    return f"http://[{h}]:{port}/" if ":" in h else f"http://{h}:{port}/"
+
+
+def host_warning(host: str, port: int) -> str | None:
+    """The warning printed when the page is served on an address other machines can reach."""
+    if _is_loopback(host):
+        return None
+    return (f"warning: serving on {host}: anyone who can reach this machine on port {port} can read the results, "
+            f"diffs and logs (there is no password). To look from another machine, prefer an SSH tunnel to the "
+            f"default address: ssh -L {port}:127.0.0.1:{port} <this machine>")
+
+
+class LiveServer:
+    """uvicorn serving the app on an already bound socket, in a daemon thread (`loop.py run --serve`)."""
+
+    def __init__(self, data: LiveData, sock: socket.socket, host: str):
+        import uvicorn
+
+        self.sock = sock
+        self.port = sock.getsockname()[1]
+        self.url = _url(host, self.port)
+        app = make_app(data, None if not _is_loopback(host) else list(LOOPBACK_HOSTS))
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                                    server_header=False))
+        self.thread = threading.Thread(target=self._run, name="live-page", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.server.run(sockets=[self.sock])
+        except Exception as e:  # the loop goes on without its page
+            print(f"warning: the live page stopped: {e}", file=sys.stderr, flush=True)
+
+    def start(self) -> LiveServer:
+        self.thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def start_in_thread(results: str | Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, **settings) -> LiveServer:
+    """Serve the page of `results` from a background thread; raises OSError when the address is taken."""
+    sock = _bind(host, port)
+    return LiveServer(LiveData(results, **settings), sock, host).start()
+
+
+def serve(results: str | Path = "results.tsv", others: list[str | Path] = (), host: str = DEFAULT_HOST,
+          port: int = DEFAULT_PORT) -> int:
+    """`loop.py serve`: serve until Ctrl-C. Prints the address (`serving on <url>`) first; exit code 1 with
+    one sentence when the address cannot be bound."""
+    import uvicorn
+
+    data = LiveData(results, others)
+    try:
+        sock = _bind(host, port)
+    except OSError as e:
+        print(f"error: cannot listen on {host}:{port} ({e.strerror or e}); pick another with --port "
+              "(0: any free port).", file=sys.stderr, flush=True)
+        return 1
+    warning = host_warning(host, port)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    url = _url(host, sock.getsockname()[1])
+    if not data.results.exists():
+        print(f"note: {data.results} does not exist yet; the page fills in when the loop writes it.", flush=True)
+    print(f"serving on {url} (results: {data.results}); Ctrl-C stops", flush=True)
+    app = make_app(data, None if not _is_loopback(host) else list(LOOPBACK_HOSTS))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                           server_header=False))
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sock.close()
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+def add_subparser(subparsers) -> None:
+    """Register `serve` on loop.py's subparsers (`func` returns the exit code)."""
+    p = subparsers.add_parser("serve", help="a live page of the results in the browser (read-only, local)")
+    p.add_argument("paths", nargs="*", metavar="RESULTS",
+                   help="results file (default ./results.tsv); more files (other machines) add the compare view")
+    p.add_argument("--host", default=DEFAULT_HOST,
+                   help=f"address to listen on (default {DEFAULT_HOST}: this machine only; another prints a warning)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any free one)")
+    p.set_defaults(func=lambda a: serve((a.paths or ["results.tsv"])[0], (a.paths or [])[1:], a.host, a.port))
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """`loop.py run --serve [--serve-host H] [--serve-port P]`: the live page while the loop runs."""
+    parser.add_argument("--serve", action="store_true",
+                        help=f"serve the live page while the loop runs (http://{DEFAULT_HOST}:{DEFAULT_PORT}/)")
+    parser.add_argument("--serve-host", default=DEFAULT_HOST,
+                        help=f"... on this address (default {DEFAULT_HOST}; another prints a warning)")
+    parser.add_argument("--serve-port", type=int, default=DEFAULT_PORT, help=f"... and port (default {DEFAULT_PORT})")
+
+
+def start_for_run(args, results: Path, settings, console) -> LiveServer | None:
+    """Start the page for `loop.py run --serve` (None without --serve). A taken port is one warning,
+    not a reason to stop the loop."""
+    if not getattr(args, "serve", False):
+        return None
+    warning = host_warning(args.serve_host, args.serve_port)
+    if warning:
+        console.event(warning)
+    try:
+        server = start_in_thread(results, args.serve_host, args.serve_port, min_noise=settings.min_noise,
+                                 abort_z=settings.abort_z, abort_min_progress=settings.abort_min_progress,
+                                 early_abort=settings.early_abort)
+    except OSError as e:
+        console.event(f"warning: no live page: cannot listen on {args.serve_host}:{args.serve_port} "
+                      f"({e.strerror or e}); the loop goes on. Run `loop.py serve --port <another>` beside it.")
+        return None
+    console.event(f"live page: {server.url}")
+    return server
