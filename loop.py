@@ -48,10 +48,22 @@ def _common() -> argparse.ArgumentParser:
     p.add_argument("--backend", help="cuda|rocm|mps|mlx|cpu (default: detected, or AUTORESEARCH_BACKEND)")
     p.add_argument("--protocol", help="protocol name (default: AUTORESEARCH_PROTOCOL, the prepared one, or tiny)")
     p.add_argument("--baseline-runs", type=int, default=Settings.baseline_runs,
-                   help="baseline repeats to measure noise (default 2)")
+                   help=f"baseline repeats to measure the run-to-run noise (default {Settings.baseline_runs})")
     p.add_argument("--min-noise", type=float, default=Settings.min_noise,
-                   help=f"smallest noise floor in val_bpb (default {Settings.min_noise})")
-    p.add_argument("--confirm", action="store_true", help="rerun borderline wins once before keeping them")
+                   help=f"smallest run-to-run sigma in val_bpb the rule uses (default {Settings.min_noise})")
+    p.add_argument("--confirm", action=argparse.BooleanOptionalAction, default=Settings.confirm,
+                   help="run a promising change again and decide on the mean of both runs (default on)")
+    p.add_argument("--alpha", type=float, default=Settings.alpha,
+                   help=f"keep only at one-sided p below this: the false-keep rate (default {Settings.alpha})")
+    p.add_argument("--remeasure-every", type=int, default=Settings.remeasure_every,
+                   help=f"re-run the best after this many experiments, 0 never (default {Settings.remeasure_every})")
+    p.add_argument("--early-abort", action=argparse.BooleanOptionalAction, default=Settings.early_abort,
+                   help="stop a run whose training loss trails the best's by more than the noise allows "
+                        "(default on)")
+    p.add_argument("--abort-z", type=float, default=Settings.abort_z,
+                   help=f"... by more than this many sigmas of the curve noise (default {Settings.abort_z:g})")
+    p.add_argument("--abort-min-progress", type=float, default=Settings.abort_min_progress,
+                   help=f"... never before this fraction of the budget (default {Settings.abort_min_progress:g})")
     p.add_argument("--timeout-margin", type=float, default=Settings.timeout_margin,
                    help=f"seconds of margin before a run is killed (default {Settings.timeout_margin:g})")
     p.add_argument("--startup-allowance", type=float, default=None,
@@ -95,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settings(args) -> Settings:
     return Settings(baseline_runs=args.baseline_runs, min_noise=args.min_noise, confirm=args.confirm,
+                    alpha=args.alpha, remeasure_every=args.remeasure_every, early_abort=args.early_abort,
+                    abort_z=args.abort_z, abort_min_progress=args.abort_min_progress,
                     timeout_margin=args.timeout_margin, startup_allowance=args.startup_allowance,
                     no_sandbox=args.no_sandbox,
                     max_fix_attempts=getattr(args, "max_fix_attempts", Settings.max_fix_attempts))

@@ -3,11 +3,12 @@ after a crash; and `try_change`, one experiment on an edit someone else made."""
 
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 
 from research.agents import Agent, AgentContext, CrashInfo
-from research.experiment import Outcome, run_baseline, run_experiment
+from research.experiment import Outcome, run_baseline, run_experiment, run_rerun
 from research.session import Session, SessionError
 
 __all__ = ["agent_context", "ensure_baseline", "research", "try_change"]
@@ -40,6 +41,8 @@ def ensure_baseline(s: Session) -> None:
     if len(rows) > len(s.baselines_done()) and done:
         return  # experiments already started from this baseline
     total = max(1, s.settings.baseline_runs)
+    if len(done) < total:
+        s.console.event(baseline_plan(s, total, len(done)))
     for k in range(len(done) + 1, total + 1):
         out = run_baseline(s, k, total)
         if out.status != "keep":
@@ -47,8 +50,46 @@ def ensure_baseline(s: Session) -> None:
                                "and fix the trainer (or the setup) before starting.")
     if s.best is not None:
         vals = ", ".join(f"{r.val_bpb:.6f}" for r in s.baselines_done() if r.ok)
-        s.console.event(f"baseline {s.best:.6f} (runs {vals}); noise floor {s.noise_floor:.6f}: "
-                        "a change must beat the best by more than this to be kept")
+        s.console.event(f"baseline {s.best:.6f} (runs {vals}); {s.state.noise.describe()}; {rule_line(s)}")
+
+
+def baseline_plan(s: Session, total: int, done: int) -> str:
+    """What the baseline runs are for and what they cost, said before they start."""
+    left = total - done
+    walls = [r.wall_seconds for r in s.rows if r.wall_seconds and r.budget_s == s.budget and r.ok]
+    if walls:  # earlier runs under this budget in this repository say what one costs here
+        per = statistics.median(walls)
+        cost = f"about {left * per / 60:.0f} min at ~{per:.0f} s each, as earlier runs took here"
+    else:
+        cost = f"at least {left * s.budget / 60:.1f} min of training, plus start-up and evaluation"
+    return (f"running {left} baseline run{'s' if left != 1 else ''} of the unchanged trainer ({cost}): "
+            f"{total} runs give {total - 1} degrees of freedom for "
+            f"the run-to-run noise, enough for the t-test to need about {_needed_sigmas(s, total):.1f} sigma of gain "
+            f"(with a confirm run) instead of {_needed_sigmas(s, 2):.1f} with 2 runs; --baseline-runs N changes it")
+
+
+def _needed_sigmas(s: Session, m: int) -> float:
+    from research.decisions import t_ppf
+
+    n = 2 if s.settings.confirm else 1
+    df = max(1, m - 1)
+    return t_ppf(1 - s.settings.alpha, df) * (1 / m + 1 / n) ** 0.5
+
+
+def rule_line(s: Session) -> str:
+    """The keep rule with this branch's numbers, in one clause."""
+    st = s.state
+    if st.noise is None or not st.best_runs:
+        return "no best yet"
+    from research.decisions import t_ppf
+
+    n = 2 if s.settings.confirm else 1
+    m = len(st.best_runs)
+    crit = t_ppf(1 - s.settings.alpha, st.noise.rule_df)
+    need = crit * st.noise.sigma * (1 / m + 1 / n) ** 0.5
+    how = "the mean of a run and its confirm run" if s.settings.confirm else "a single run"
+    return (f"keep when {how} beats the best's mean of {m} run{'s' if m != 1 else ''} at one-sided "
+            f"p < {s.settings.alpha:g}, i.e. by more than {need:.6f} now")
 
 
 def research(s: Session, agent: Agent, max_experiments: int | None = None) -> int:
@@ -57,6 +98,15 @@ def research(s: Session, agent: Agent, max_experiments: int | None = None) -> in
     n, idle = 0, 0
     limit = (lambda: n < max_experiments) if max_experiments is not None else (lambda: True)
     while limit():
+        why = s.rerun_due()
+        if why:
+            out = run_rerun(s, why)
+            if out.status not in ("rerun", "crash"):
+                raise SessionError(f"Re-running the best ended as {out.status} ({out.row.note}); see "
+                                   f"{out.run_dir / 'log.txt'}.")
+            if out.status == "rerun" and s.state.drift is not None and abs(s.state.drift) > s.settings.drift:
+                s.console.event(f"the best ran at {100 * s.state.drift:+.0f}% steps/s of its earlier runs: the "
+                                "machine's speed drifted, so it is re-measured more often until it settles")
         proposal = agent.propose(agent_context(s))
         if proposal is None:
             s.restore()
@@ -96,13 +146,18 @@ def try_change(s: Session, description: str) -> Outcome:
         hint = (f" (a loop that was stopped set an edit aside in {left[-1].relative_to(s.repo)}: copy it over "
                 f"{s.trainer} to try it)") if left else ""
         raise SessionError(f"Nothing to try: {s.trainer} has no uncommitted change; edit it first{hint}.")
-    if s.scope_problem() is None and not s.baselines_done():
+    rerun = s.rerun_due() if s.baselines_done() else None
+    if s.scope_problem() is None and (not s.baselines_done() or rerun):
         s.pending_edit = s.trainer_text()
         copy = _keep_a_copy(s, s.pending_edit)  # the edit lives only in memory meanwhile: a kill must not lose it
         s.restore()
-        s.console.event(f"this branch has no baseline yet: running it first (your edit is set aside, with a copy "
-                        f"in {copy.relative_to(s.repo)} until it is back)")
-        ensure_baseline(s)
+        first = "re-running the best" + f" ({rerun})" if rerun else "this branch has no baseline yet: running it"
+        s.console.event(f"{first} first (your edit is set aside, with a copy in {copy.relative_to(s.repo)} until "
+                        "it is back)")
+        if rerun:
+            run_rerun(s, rerun)
+        else:
+            ensure_baseline(s)
         s.restore(s.pending_edit)
         copy.unlink()
     s.pending_edit = s.trainer_text() if s.scope_problem() is None else None

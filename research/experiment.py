@@ -21,15 +21,16 @@ from research import gitrepo
 from research.console import clock
 from research.guards import text_hash
 from research.hparams import HyperparamError, static_values
+from research.decisions import AbortMonitor, LossCurve, NoiseModel, Verdict, decide_runs, write_curve
 from research.results import MEASURED, NO_COMMIT, Row, sanitize
 from research.secrets import redact
 from judge.graphs import plain_file, read_facts
 from research.runner import run_trainer
-from research.session import BASELINE, Session, TamperError, replay
+from research.session import ABORT_AUDIT, ABORT_OFF, BASELINE, RERUN, Session, TamperError
 from research.workspace import Workspace
 
-__all__ = ["Outcome", "Measurement", "Usage", "run_experiment", "run_baseline", "read_result", "decide",
-           "log_tail", "failure_line", "exit_reason"]
+__all__ = ["Outcome", "Measurement", "Usage", "run_experiment", "run_baseline", "run_rerun", "read_result",
+           "decide", "log_tail", "failure_line", "exit_reason"]
 
 @dataclass
 class Usage:
@@ -180,26 +181,18 @@ def read_result(result: dict | None, *, facts: dict, evaluator_hash: str, protoc
     return "ok", m, ""
 
 
-def decide(val: float, best: float | None, noise: float | None) -> tuple[str, str, bool]:
-    """(status, note, borderline) for a measured value against the best so far and the noise floor.
-
-    A win must beat the best by more than the noise floor; a win by less than twice the floor is
-    borderline (worth a confirming rerun when --confirm is on).
-    """
-    if best is None:
-        return "keep", "first measurement on this branch", False
-    noise = noise or 0.0
-    delta = val - best
-    where = f"{delta:+.6f} vs best {best:.6f}, noise floor {noise:.6f}"
-    if delta < -noise:
-        return "keep", f"win: {where}", delta >= -2 * noise
-    if delta < 0:
-        return "discard", f"within noise: {where}", False
-    return "discard", f"no gain: {where}", False
+def decide(cand: list[float], best: list[float], noise: NoiseModel | None, alpha: float,
+           confirm_alpha: float | None = None) -> Verdict:
+    """Keep or discard a candidate's runs against the best trainer's runs (research/decisions.py has the
+    rule): kept when the one-sided t-test against the pooled run-to-run noise gives p < alpha;
+    `promising` when p < confirm_alpha (worth a confirming rerun). With no best yet, keep."""
+    if not best or noise is None:
+        return Verdict("keep", "first measurement on this branch", False, 0.0, 0.0, 0.0, 0.0)
+    return decide_runs(cand, best, noise, alpha, confirm_alpha)
 
 
 def _row(s: Session, *, commit: str, status: str, description: str, note: str, run_no: int, trainer_text: str,
-         m: Measurement | None, wall: float | None, usage: Usage | None) -> Row:
+         m: Measurement | None, wall: float | None, usage: Usage | None, progress: float | None = None) -> Row:
     hp = m.hyperparams if m and m.hyperparams else {}
     if not hp:
         try:
@@ -232,16 +225,21 @@ def _row(s: Session, *, commit: str, status: str, description: str, note: str, r
         branch=s.branch,
         run=run_no,
         note=note,
+        budget_s=s.budget,
+        progress=progress,
     )
 
 
-def _run_once(s: Session, run_dir: Path, label: str, description: str, prefix: str = "", overtime: bool = True):
+def _run_once(s: Session, run_dir: Path, label: str, description: str, prefix: str = "",
+              monitor: AbortMonitor | None = None, overtime: bool = True):
     """Train once (sandboxed, timed from outside), then have the harness score what was handed over.
 
     Returns (TrainerRun, status, measurement, reason). The run's log gets the trainer's output, the
     harness's, and the summary block last; runs/<n>/result.json gets the harness's result beside
-    the trainer's own account of its run.
+    the trainer's own account of its run, and runs/<n>/loss.json the per-step loss read from its
+    output. `monitor` (early abort) watches that loss and may stop the run: status "abort".
     """
+    curve = monitor.curve if monitor is not None else LossCurve()
     log_path = run_dir / f"{prefix}log.txt"
     log_path.write_bytes(b"")
     best = f"{s.best:.6f}" if s.best is not None else "-"
@@ -251,15 +249,22 @@ def _run_once(s: Session, run_dir: Path, label: str, description: str, prefix: s
 
     def tick(elapsed: float) -> None:
         over = f"start-up allowance to {clock(limit)}" if limit is not None else "baseline: no overtime check"
+        at = f" | at {100 * curve.progress:.0f}%" if curve.progress else ""
         s.console.status(f"[{label}] {short} | {clock(elapsed)} since start; budget {clock(budget)} + {over}, "
-                         f"killed at {clock(s.timeout_s)} | best {best}")
+                         f"killed at {clock(s.timeout_s)}{at} | best {best}")
 
     ws = Workspace.create(int(run_dir.name) if run_dir.name.isdigit() else 0)
     try:
         argv, preexec, env = s.confine.trainer_run(ws)
         run = run_trainer(argv, cwd=ws.root, env=env, log_path=log_path, timeout_s=s.timeout_s, on_tick=tick,
                           tick_s=s.settings.tick_s, preexec_fn=preexec, reap=s.reap,
-                          on_spawn=lambda pgid: s.lock.note_trainer(pgid, s.trainer))
+                          on_spawn=lambda pgid: s.lock.note_trainer(pgid, s.trainer), on_output=curve.feed,
+                          should_stop=monitor.check if monitor is not None else None)
+        write_curve(run_dir / f"{prefix}loss.json", curve.snapshot(), wall_seconds=run.wall_seconds,
+                    stopped_at=monitor.fired_at if run.stopped else None)
+        if run.stopped:
+            _append(log_path, f"\n[loop] stopped early (abort): {monitor.fired}\n")
+            return run, "abort", None, monitor.fired
         if run.timed_out:
             return run, "crash", None, f"killed after {run.wall_seconds:.0f} s (limit {s.timeout_s:.0f} s)"
         if run.returncode != 0:
@@ -327,12 +332,22 @@ def run_baseline(s: Session, index: int, total: int) -> Outcome:
                           baseline=(index, total))
 
 
+def run_rerun(s: Session, why: str) -> Outcome:
+    """Run the best (the last kept commit) again, unchanged and never stopped early, and record it as
+    `rerun`: one more measurement for the best's mean and the noise model (`why` goes in the note)."""
+    return run_experiment(s, f"{RERUN} ({s.kept_commit[:7]})", rerun=why, label=RERUN)
+
+
 def run_experiment(s: Session, description: str, usage: Usage | None = None, *,
                    baseline: tuple[int, int] | None = None, keep_edit: bool = False,
-                   record_as: str | None = None, label: str | None = None) -> Outcome:
+                   record_as: str | None = None, label: str | None = None, rerun: str | None = None) -> Outcome:
     """Check, commit, run and record the trainer as it is in the work tree.
 
     - baseline=(k, n): run the last kept commit as it is (no change expected), status keep.
+    - rerun=why: the same, recorded as status rerun (a re-measurement of the best).
+    - otherwise the change is decided by the rule in research/decisions.py: a promising single run
+      is run again (a `rerun` row after the experiment's row) and the mean of both is tested; while it
+      trains, early abort may stop it (status abort) when its loss trails the best's.
     - keep_edit: on a crash, an invalid model or a rejection the edit is written back to the work
       tree, uncommitted (`loop.py try`, so an external agent can fix it); other files it left are
       moved to runs/<n>/removed/.
@@ -346,6 +361,8 @@ def run_experiment(s: Session, description: str, usage: Usage | None = None, *,
     timings: dict[str, float] = {}
     run_no, run_dir = s.new_run_dir()
     label = label or (f"baseline {baseline[0]}/{baseline[1]}" if baseline else f"run {run_no}")
+    same = bool(baseline or rerun)  # the last kept commit as it is, no decision
+    extra: list[Row] = []  # rows recorded after the experiment's (its confirm run)
     description = sanitize(description) or "(no description)"
     text = s.trainer_text() if (s.repo / s.trainer).exists() else ""
 
@@ -355,15 +372,16 @@ def run_experiment(s: Session, description: str, usage: Usage | None = None, *,
             kept_edit = keep_edit and row.status in ("crash", "invalid", "rejected") and bool(text)
             s.restore(text if kept_edit else None, save_removed=run_dir / "removed")
         s.record(row)
-        if row.status == "keep":
-            s.best = row.val_bpb if not baseline else s.best
+        for r in extra:
+            s.record(r)
+        s.refresh()  # best, noise model and re-measurement state from the rows
         timings["bookkeeping"] = time.perf_counter() - t_rec
         timings["total"] = time.perf_counter() - t0
         _write_meta(run_dir, row, timings, started_at=started_at, finished_at=time.time())
         return Outcome(row=row, run_dir=run_dir, log_tail=tail, diff=diff, trainer_text=text, timings=timings)
 
     # 1. the change keeps to the one-file rule
-    if baseline:
+    if same:
         commit, diff = s.kept_commit, ""
         problem = s.scope_problem(allow_trainer=False)
     else:
@@ -382,7 +400,7 @@ def run_experiment(s: Session, description: str, usage: Usage | None = None, *,
         _report(s, label, out)
         return out
     t = time.perf_counter()
-    if not baseline:
+    if not same:
         commit = gitrepo.commit_paths(s.repo, [s.trainer], description)
     timings["commit"] = time.perf_counter() - t
 
@@ -396,22 +414,36 @@ def run_experiment(s: Session, description: str, usage: Usage | None = None, *,
         run, status, m, reason = None, "crash", None, f"syntax error on line {e.lineno}: {e.msg}"
     else:
         s.console.event(f"[{label}] {description}")
-        run, status, m, reason = _run_once(s, run_dir, label, description, overtime=not baseline)
+        monitor = None if same or record_as else _abort_monitor(s, label)
+        run, status, m, reason = _run_once(s, run_dir, label, description, monitor=monitor,
+                                           overtime=not baseline)
     timings["trainer"] = time.perf_counter() - t
     wall = run.wall_seconds if run else 0.0
     tail = log_tail(run_dir / "log.txt")
 
-    # 3. decide (a borderline win may get a confirming rerun first)
+    # 3. decide (a promising run gets a confirming rerun first)
     t = time.perf_counter()
-    note = ""
+    note, progress, confirm = "", None, None
     if status == "ok" and baseline:
         status = "keep"
+    elif status == "ok" and rerun:
+        status, note = "rerun", f"rerun of the best: {rerun}"
     elif status == "ok":
-        status, note, borderline = decide(m.val_bpb, s.best, s.noise_floor)
+        st = s.state
+        verdict = decide([m.val_bpb], st.best_values, st.noise, s.settings.alpha,
+                         s.settings.confirm_alpha if s.settings.confirm and not record_as else None)
+        status, note = verdict.status, verdict.note
         if record_as:
             status = record_as
-        elif status == "keep" and borderline and s.settings.confirm:
-            status, note, m = _confirm(s, run_dir, label, description, m, note)
+        elif s.settings.confirm and st.best_values and (verdict.status == "keep" or verdict.promising):
+            status, note, confirm = _confirm(s, run_dir, label, description, m, verdict)
+        if monitor is not None and monitor.audit and monitor.fired:
+            note += f"; {ABORT_AUDIT} it would have been stopped {monitor.fired}"
+            if st.best is not None and m.val_bpb < st.best:
+                note += f", yet it measured below the best's mean {st.best:.6f}: {ABORT_OFF}"
+    elif status == "abort":
+        progress = monitor.fired_at if monitor is not None else None
+        note = f"abort: {reason}"
     else:
         note = f"{status}: {reason}"
 
@@ -432,35 +464,53 @@ def run_experiment(s: Session, description: str, usage: Usage | None = None, *,
         status, note = "rejected", f"rejected: {problem}"
     if meddled:
         status, note = "rejected", f"rejected: the run changed {meddled} (put back)"
+    if confirm is not None and status != "rejected":
+        run2, m2 = confirm
+        extra.append(_row(s, commit=commit, status="rerun", description=description,
+                          note=f"confirm run of run {run_no}", run_no=run_no, trainer_text=text, m=m2,
+                          wall=run2.wall_seconds, usage=None))
     if baseline:  # baseline rows are recognised by this note prefix, whatever their status
         note = f"{BASELINE} {baseline[0]}/{baseline[1]}" + (f"; {note}" if note else "")
     timings["parse"] = time.perf_counter() - t
 
     row = _row(s, commit=commit, status=status, description=description, note=note, run_no=run_no,
-               trainer_text=text, m=m, wall=wall, usage=usage)
+               trainer_text=text, m=m, wall=wall, usage=usage, progress=progress)
     out = finish(row, diff, tail, restore=status != "keep")
     if status == "keep":
         s.kept_commit = gitrepo.head(s.repo)
-    if baseline:
-        state = replay(s.branch_rows(), s.settings.min_noise)
-        s.best, s.noise_floor = state.best, state.noise_floor
     _report(s, label, out)
     if status == "crash":
         s.check_data()  # damaged data is not the change's fault: stop and say so (SessionError)
     return out
 
 
-def _confirm(s: Session, run_dir: Path, label: str, description: str, m: Measurement, note: str):
-    """Rerun a borderline win; keep it only if the mean of both runs still wins."""
-    s.console.event(f"[{label}] borderline win ({note}); confirming with a second run")
-    run, status, m2, reason = _run_once(s, run_dir, label + " confirm", description, prefix="confirm_")
-    if status != "ok":
-        return "discard", f"confirm run failed ({reason}); first run {m.val_bpb:.6f}", m
-    first, second = m.val_bpb, m2.val_bpb
-    m.val_bpb = (first + second) / 2
-    status, note2, _ = decide(m.val_bpb, s.best, s.noise_floor)
-    verdict = "confirmed" if status == "keep" else "not confirmed"
-    return status, f"{verdict} by a rerun, mean of {first:.6f} and {second:.6f}: {note2}", m
+def _confirm(s: Session, run_dir: Path, label: str, description: str, m: Measurement, first: Verdict):
+    """Run a promising change again (never stopped early) and decide on the mean of both runs.
+
+    Returns (status, note, (run, measurement) of the confirm run or None when it failed)."""
+    s.console.event(f"[{label}] promising ({first.note}); confirming with a second run")
+    run2, status2, m2, reason = _run_once(s, run_dir, label + " confirm", description, prefix="confirm_")
+    if status2 != "ok":
+        return "discard", f"confirm run failed ({reason}); first run {m.val_bpb:.6f}: {first.note}", None
+    st = s.state
+    v = decide([m.val_bpb, m2.val_bpb], st.best_values, st.noise, s.settings.alpha)
+    verdict = "confirmed" if v.status == "keep" else "not confirmed"
+    return v.status, f"{verdict} by a rerun, mean of {m.val_bpb:.6f} and {m2.val_bpb:.6f}: {v.note}", (run2, m2)
+
+
+def _abort_monitor(s: Session, label: str) -> AbortMonitor | None:
+    """The early-abort watcher for one experiment, or None (off, or nothing to compare with yet)."""
+    ref, why = s.abort_reference()
+    if ref is None:
+        if s.settings.early_abort and why != getattr(s, "_abort_why", None):  # say it once per reason
+            s.console.event(f"[{label}] not watched for early abort: {why}")
+        s._abort_why = why
+        return None
+    s._abort_why = None
+    every = s.settings.abort_audit_every
+    audit = every > 0 and (s.state.would_abort + 1) % every == 0
+    return AbortMonitor(LossCurve(), ref, z=s.settings.abort_z, min_progress=s.settings.abort_min_progress,
+                        audit=audit)
 
 
 def _untracked_listing(s: Session) -> str:

@@ -50,8 +50,36 @@ def _duration(seconds: float | None) -> str:
 
 
 def _heading_context(source: Source) -> str:
-    return (f"protocol {source.protocol or UNKNOWN} · {source.backend or 'backend ' + UNKNOWN} · "
-            f"{source.device or 'device ' + UNKNOWN}")
+    budget = budget_text(source)
+    return (f"protocol {source.protocol or UNKNOWN}{' · ' + budget if budget else ''} · "
+            f"{source.backend or 'backend ' + UNKNOWN} · {source.device or 'device ' + UNKNOWN}")
+
+
+def budget_text(source: Source) -> str:
+    """'budget 60 s', or 'budget 20 s (override; tiny: 60 s)' when it is not the protocol's; '' unrecorded."""
+    budget = source.budget
+    if not budget:
+        return ""
+    text = f"budget {budget:g} s"
+    try:
+        from data.protocols import PROTOCOLS
+
+        default = PROTOCOLS[source.protocol].time_budget
+    except (ImportError, KeyError):
+        return text
+    return text if abs(default - budget) < 1e-6 else f"{text} (override; {source.protocol}: {default:g} s)"
+
+
+def _noise_line(source: Source) -> str | None:
+    """The run-to-run spread the loop decides with, pooled over every trainer that ran more than once."""
+    from research.decisions import pooled_noise
+
+    groups: dict[str, list] = {}
+    for r in source.rows:
+        if measured(r) and r.trainer_hash:
+            groups.setdefault(r.trainer_hash, []).append((r.val_bpb, r.num_steps))
+    noise = pooled_noise(groups, 0.0)
+    return None if noise.measured is None else f"| run-to-run noise | {cell(noise.describe())} |"
 
 
 # ---------------------------------------------------------------------------
@@ -92,6 +120,15 @@ def progress_markdown(source: Source, summary: Summary, png_name: str | None = N
                          f"({gain_text(best_hold, base_hold)}) |")
     else:
         lines.append("| best val_bpb | none yet: no experiment has finished with a measurement |")
+    noise = _noise_line(source)
+    if noise:
+        lines.append(noise)
+    aborts = [r for r in source.rows if r.status == "abort"]
+    if aborts:
+        reached = [r.progress for r in aborts if r.progress]
+        at = f", at {100 * sum(reached) / len(reached):.0f}% of the budget on average" if reached else ""
+        lines.append(f"| stopped early | {plural(len(aborts), 'run')} (status abort: training loss far behind the "
+                     f"best's){at} |")
     lines.append(f"| experiments | {len(source.rows)} ({s.tally()}) |")
     lines.append(f"| wall time (sum of experiments) | {_duration(s.wall_seconds)} |")
     stamps = sorted(r.timestamp for r in source.rows if r.timestamp)
@@ -182,10 +219,12 @@ _STYLE = {
                  zorder=4),
     "transfer": dict(marker="D", s=40, color="#1f6fd1", edgecolors="#0b2e5c", linewidths=0.8,
                      label="transferred config", zorder=4),
+    "rerun": dict(marker="s", s=16, color="#7fbf8e", alpha=0.8, label="rerun (confirm or re-measure)", zorder=3),
 }
 _BAND = {  # statuses without a measurement, drawn in a band at the bottom of the axes
     "crash": dict(marker="x", s=40, color="#d62728", linewidths=1.6, label="crash"),
     "invalid": dict(marker="v", s=34, color="#8e44ad", label="invalid (non-causal)"),
+    "abort": dict(marker=">", s=34, color="#6d6875", label="abort (stopped early)"),
 }
 _REJECTED_COLORS = ("#e67e22", "#8d5524", "#c9a227", "#b03a2e", "#6d6875")  # one per reason, the last for the rest
 
@@ -264,7 +303,7 @@ def progress_figure(source: Source, summary: Summary):
             off_scale.append(x)
         else:
             kind = ("baseline" if i in base_ids else "keep" if i in kept_ids else
-                    "transfer" if r.status == "transfer" else "discard")
+                    "transfer" if r.status == "transfer" else "rerun" if r.status == "rerun" else "discard")
             groups.setdefault(kind, []).append((x, r.val_bpb))
     x_label = "experiment # (runs/<n>)" if any(r.run is not None for r in rows) else "experiment #"
     if band_of:

@@ -54,12 +54,17 @@ COLUMNS = UPSTREAM_COLUMNS + [
     "branch",
     "run",
     "note",
+    "budget_s",
+    "progress",
 ]
 # keep/discard/crash are the reference's; rejected = the change broke a rule (touched more than the
 # trainer, trained past the budget), invalid = the evaluator found the model non-causal, transfer = a
-# config from another machine run once for comparison (never kept).
-STATUSES = ("keep", "discard", "crash", "rejected", "invalid", "transfer")
-MEASURED = ("keep", "discard", "transfer")  # statuses whose val_bpb is a real measurement
+# config from another machine run once for comparison (never kept), abort = stopped early because its
+# training loss trailed the best run's (val_bpb 0.0; `progress` says how far it got), rerun = an
+# already-measured trainer run again (a confirm run, a periodic re-measurement of the best): a
+# measurement for the noise model and the best's mean, not a decision.
+STATUSES = ("keep", "discard", "crash", "rejected", "invalid", "transfer", "abort", "rerun")
+MEASURED = ("keep", "discard", "transfer", "rerun")  # statuses whose val_bpb is a real measurement
 NO_COMMIT = "-------"  # commit column of a change that was never committed (rejected before commit)
 MAX_DESCRIPTION = 300
 _FREE_TEXT = ("description", "note", "device", "branch")  # the fields whose text comes from the run or the agent
@@ -103,6 +108,8 @@ class Row:
     branch: str = ""
     run: int | None = None
     note: str = ""
+    budget_s: float | None = None  # the time budget the run had (None: a row written before it was recorded)
+    progress: float | None = None  # abort rows: the fraction of the budget reached when stopped
 
     def __post_init__(self) -> None:
         for name in _FREE_TEXT:  # no secret in a row, whoever built it (the loop, a report reading a file)
@@ -142,6 +149,8 @@ _FLOAT_FORMATS = {
     "wall_seconds": "{:.1f}",
     "agent_cost_usd": "{:.4f}",
     "holdout_bpb": "{:.6f}",
+    "budget_s": "{:g}",
+    "progress": "{:.3f}",
 }
 _INT_FIELDS = {"num_steps", "agent_tokens_in", "agent_tokens_out", "run"}
 

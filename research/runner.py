@@ -27,6 +27,7 @@ class TrainerRun:
     timed_out: bool
     started: float  # time.time() at spawn
     log_bytes: int = 0  # bytes the process wrote (the log may hold fewer: see LOG_HEAD_BYTES)
+    stopped: bool = False  # ended by the loop because `should_stop()` said so (early abort)
 
 
 def kill_group(proc: subprocess.Popen, grace: float = TERM_GRACE_S) -> None:
@@ -48,11 +49,15 @@ def kill_group(proc: subprocess.Popen, grace: float = TERM_GRACE_S) -> None:
 
 class _CappedLog(threading.Thread):
     """Copy a pipe to a file: the first `head` bytes as they come, then only the last `tail` bytes,
-    written with a marker of what was cut once the pipe closes. Never holds more than `tail` in memory."""
+    written with a marker of what was cut once the pipe closes. Never holds more than `tail` in memory.
+    `on_chunk(bytes)`, if given, also gets every chunk as it comes (the live loss curve); an error in
+    it turns it off and never stops the copy."""
 
-    def __init__(self, pipe, path: Path, head: int, tail: int) -> None:
+    def __init__(self, pipe, path: Path, head: int, tail: int,
+                 on_chunk: Callable[[bytes], None] | None = None) -> None:
         super().__init__(daemon=True)
         self.pipe, self.path, self.head, self.tail = pipe, path, head, tail
+        self.on_chunk = on_chunk
         self.total = 0
 
     def run(self) -> None:
@@ -62,6 +67,11 @@ class _CappedLog(threading.Thread):
                 chunk = self.pipe.read1(65536) if hasattr(self.pipe, "read1") else self.pipe.read(65536)
                 if not chunk:
                     break
+                if self.on_chunk is not None:
+                    try:
+                        self.on_chunk(chunk)
+                    except Exception:
+                        self.on_chunk = None
                 room = max(0, self.head - self.total)
                 if room:
                     out.write(chunk[:room])
@@ -89,9 +99,13 @@ def run_trainer(
     on_spawn: Callable[[int | None], None] | None = None,
     preexec_fn: Callable[[], None] | None = None,
     reap: Callable[[], None] | None = None,
+    on_output: Callable[[bytes], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> TrainerRun:
     """Run `argv` (already wrapped in its sandbox) in `cwd` with `env`, output appended to `log_path`
     (capped); kill its group past `timeout_s`. `reap()` ends whatever it left running afterwards.
+    `on_output(chunk)` sees the output as it comes; `should_stop()`, asked every tick, ends the group
+    early when it returns True (the run then has `stopped` set and no return code).
 
     An exception in the caller's thread (Ctrl-C) ends the child's group before propagating.
     `on_spawn(pgid)` is called once the child runs, `on_spawn(None)` once its group is gone.
@@ -100,11 +114,11 @@ def run_trainer(
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=preexec_fn)
-    log = _CappedLog(proc.stdout, log_path, LOG_HEAD_BYTES, LOG_TAIL_BYTES)
+    log = _CappedLog(proc.stdout, log_path, LOG_HEAD_BYTES, LOG_TAIL_BYTES, on_output)
     log.start()
     if on_spawn is not None:
         on_spawn(proc.pid)
-    timed_out = False
+    timed_out = stopped = False
     try:
         while True:
             try:
@@ -115,6 +129,10 @@ def run_trainer(
                 if elapsed > timeout_s:
                     timed_out = True
                     kill_group(proc)
+                    break
+                if should_stop is not None and should_stop():
+                    stopped = True
+                    kill_group(proc, grace=1.0)
                     break
                 if on_tick is not None:
                     on_tick(elapsed)
@@ -127,8 +145,8 @@ def run_trainer(
     if timed_out:
         with open(log_path, "a", encoding="utf-8") as f:
             f.write(f"\n[loop] killed after {wall:.1f} s: past the {timeout_s:.0f} s limit\n")
-    return TrainerRun(returncode=None if timed_out else proc.returncode, wall_seconds=wall, timed_out=timed_out,
-                      started=started, log_bytes=log.total)
+    return TrainerRun(returncode=None if timed_out or stopped else proc.returncode, wall_seconds=wall,
+                      timed_out=timed_out, started=started, log_bytes=log.total, stopped=stopped)
 
 
 def _finish(proc: subprocess.Popen, log: _CappedLog, reap: Callable[[], None] | None,

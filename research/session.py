@@ -18,11 +18,13 @@ from pathlib import Path
 from research import gitrepo
 from research.console import Console
 from research.guards import LOCK_FILE, LOCKED_PATHS, RepoLock, hash_locked, locked_changes
+from research.decisions import NoiseModel, pooled_noise
 from research.results import Row, append_row, ensure_results_file, read_results
 
 __all__ = ["Settings", "Session", "SessionError", "TamperError", "BASELINE", "default_tag", "replay"]
 
 BASELINE = "baseline"  # description and note prefix of baseline rows
+RERUN = "rerun of the best"  # description prefix of re-measurements of the best
 
 
 class SessionError(RuntimeError):
@@ -37,9 +39,18 @@ class TamperError(SessionError):
 class Settings:
     """Knobs of the loop (CLI flags map onto these)."""
 
-    baseline_runs: int = 2  # baseline repeats at the start of a branch (noise floor)
-    min_noise: float = 0.0005  # smallest noise floor, whatever the baseline spread
-    confirm: bool = False  # rerun borderline wins once before keeping them
+    # decisions (research/decisions.py; the README's "How a change is kept" gives the reasons)
+    baseline_runs: int = 5  # baseline repeats at the start of a branch: 4 degrees of freedom for the noise
+    min_noise: float = 0.0005  # smallest run-to-run sigma the rule uses, whatever the repeats say
+    alpha: float = 0.05  # a trainer identical to the best is kept at most this often
+    confirm: bool = True  # a promising single run is run again; the mean of both must pass at alpha
+    confirm_alpha: float = 0.2  # the screen a single run must pass to earn its confirm run
+    remeasure_every: int = 10  # re-run the best after this many experiments (0: never)
+    drift: float = 0.15  # relative change of the best's steps/s that counts as the machine's speed drifting
+    early_abort: bool = True  # stop a run whose training loss trails the best's by more than the noise allows
+    abort_z: float = 4.0  # ... by more than this many curve-noise sigmas
+    abort_min_progress: float = 0.3  # ... never before this fraction of the budget
+    abort_audit_every: int = 5  # every n-th run that would be stopped runs to the end instead, as a check
     timeout_factor: float = 2.0  # before any baseline, a run is killed past factor x budget + margin
     timeout_margin: float = 120.0
     startup_allowance: float | None = None  # seconds past the budget a hand-over may take; None: measured
@@ -56,27 +67,69 @@ def default_tag(today: _dt.date | None = None) -> str:
 
 @dataclass
 class Replay:
-    best: float | None
-    noise_floor: float | None
+    best: float | None  # mean of the best trainer's runs
+    noise_floor: float | None  # the sigma the rule uses (noise.sigma)
     baselines: list[Row] = field(default_factory=list)
     kept_commit: str | None = None  # short hash of the last kept non-baseline row
+    noise: NoiseModel | None = None
+    best_hash: str = ""  # trainer_hash of the best trainer ("" when its rows have none)
+    best_runs: list[Row] = field(default_factory=list)  # its measured runs, oldest first
+    since_best_run: int = 0  # experiments (rows other than reruns) since the best trainer last ran
+    drift: float | None = None  # last run of the best: steps/s relative to its earlier runs, minus 1
+    abort_off: bool = False  # an abort audit failed since the best last changed: early abort is off
+    would_abort: int = 0  # runs stopped early or audited since the best last changed
+
+    @property
+    def best_values(self) -> list[float]:
+        return [r.val_bpb for r in self.best_runs]
+
+
+ABORT_OFF = "early abort is off until the best changes"  # in the note of a failed abort audit
+ABORT_AUDIT = "abort audit:"  # in the note of a run that would have been stopped and was let through
+
+
+def measurement(r: Row) -> bool:
+    """A row whose val_bpb is a real measurement (keep, discard, transfer, rerun)."""
+    return r.ok and r.val_bpb > 0
 
 
 def replay(rows: list[Row], min_noise: float) -> Replay:
-    """Best-so-far, noise floor and baselines from one branch's rows (oldest first).
+    """Best, noise model and re-measurement state from one branch's rows (oldest first, one budget).
 
-    The best starts at the mean of the baseline runs and moves to each later kept value;
-    the noise floor is the spread (max - min) of the baseline runs, at least `min_noise`.
+    The best trainer is the one of the last kept non-baseline row, else the baseline; the best is the
+    mean of all its measured runs (baseline runs, the keep, its confirm and periodic reruns). The noise
+    model pools the spread of every trainer that ran twice or more (see research/decisions.py).
     """
     baselines = [r for r in rows if r.note.startswith(BASELINE)]
-    ok = [r.val_bpb for r in baselines if r.ok]
-    best = statistics.fmean(ok) if ok else None
-    noise = max(max(ok) - min(ok), min_noise) if len(ok) >= 2 else (min_noise if ok else None)
-    kept = None
+    kept_row, kept = None, None
     for r in rows:
         if r.status == "keep" and not r.note.startswith(BASELINE):
-            best, kept = r.val_bpb, r.commit
-    return Replay(best=best, noise_floor=noise, baselines=baselines, kept_commit=kept)
+            kept_row, kept = r, r.commit
+    groups: dict[str, list[tuple[float, int | None]]] = {}
+    for r in rows:
+        if measurement(r) and r.trainer_hash:
+            groups.setdefault(r.trainer_hash, []).append((r.val_bpb, r.num_steps))
+    noise = pooled_noise(groups, min_noise)
+    if kept_row is not None:
+        best_hash = kept_row.trainer_hash
+        best_runs = [r for r in rows if measurement(r) and best_hash and r.trainer_hash == best_hash] or [kept_row]
+    else:
+        ok = [r for r in baselines if measurement(r)]
+        best_hash = ok[0].trainer_hash if ok else ""
+        best_runs = [r for r in rows if measurement(r) and best_hash and r.trainer_hash == best_hash] or ok
+    best = statistics.fmean(r.val_bpb for r in best_runs) if best_runs else None
+    mine = [i for i, r in enumerate(rows) if any(r is b for b in best_runs)]
+    tried = [i for i, r in enumerate(rows) if r.description.startswith(RERUN)]  # a rerun that crashed counts too
+    last = max(mine[-1:] + tried[-1:], default=None)
+    since = sum(1 for r in rows[last + 1:] if r.status != "rerun") if last is not None else 0
+    speeds = [r.num_steps / r.training_seconds for r in best_runs if r.num_steps and r.training_seconds]
+    drift = speeds[-1] / statistics.median(speeds[:-1]) - 1.0 if len(speeds) >= 2 else None
+    after = rows[mine[0]:] if mine else []
+    abort_off = any(ABORT_OFF in r.note for r in after)
+    would = sum(1 for r in after if r.status == "abort" or ABORT_AUDIT in r.note)
+    return Replay(best=best, noise_floor=noise.sigma if best is not None else None, baselines=baselines,
+                  kept_commit=kept, noise=noise, best_hash=best_hash, best_runs=best_runs, since_best_run=since,
+                  drift=drift, abort_off=abort_off, would_abort=would)
 
 
 class Session:
@@ -100,6 +153,7 @@ class Session:
         self.rows: list[Row] = []  # every row in the file
         self.best: float | None = None
         self.noise_floor: float | None = None
+        self.state: Replay = Replay(best=None, noise_floor=None)  # the decision state, see refresh()
         self.sandbox: str | None = None  # bwrap | landlock | seatbelt; None only with --no-sandbox
         self.confine = None  # research.workspace.Confinement, set by open()
         self.owns_tree = False  # set once a branch is adopted: from then on an abort restores the tree
@@ -174,6 +228,7 @@ class Session:
                 f"The work tree has uncommitted changes ({_names(dirty)}); commit or revert them first, "
                 "or use 'loop.py try \"description\"' to test an edit of the trainer.")
         resumed = gitrepo.branch_exists(self.repo, name)
+        self.check_comparable(name)
         if gitrepo.current_branch(self.repo) != name:
             if resumed:
                 gitrepo.git(self.repo, "checkout", "-q", name)
@@ -203,6 +258,7 @@ class Session:
             raise SessionError(f"'loop.py try' runs on a research branch, not on '{name}'; create one first: "
                                "git checkout -b autoresearch/<tag>")
         self.preexisting = set()  # an external agent works between calls: every untracked file counts
+        self.check_comparable(name)
         self._drop_unrecorded_try(name)
         if gitrepo.changed_paths(self.repo).get(self.trainer) == "M":
             self.pending_edit = self.trainer_text()  # never lost, whatever happens next
@@ -243,9 +299,7 @@ class Session:
 
     def _adopt_branch(self, name: str, drop_unrecorded: bool) -> None:
         self.branch = name
-        mine = self.branch_rows()
-        state = replay(mine, self.settings.min_noise)
-        self.best, self.noise_floor = state.best, state.noise_floor
+        state = self.refresh()
         head = gitrepo.head(self.repo)
         kept = state.kept_commit or (state.baselines[0].commit if state.baselines else None)
         kept_full = gitrepo.git(self.repo, "rev-parse", "--verify", "-q", f"{kept}^{{commit}}", check=False) if kept else ""
@@ -284,6 +338,99 @@ class Session:
 
     def baselines_done(self) -> list[Row]:
         return [r for r in self.branch_rows() if r.note.startswith(BASELINE)]
+
+    # ------------------------------------------------------------------ decisions
+
+    def refresh(self) -> Replay:
+        """Recompute best, noise model and re-measurement state from this branch's rows."""
+        self.state = replay(self.branch_rows(), self.settings.min_noise)
+        self.best, self.noise_floor = self.state.best, self.state.noise_floor
+        return self.state
+
+    def check_comparable(self, branch: str) -> None:
+        """Refuse (SessionError, one sentence) to work on `branch` under another protocol or time budget
+        than its rows were measured with: val_bpb after 20 s of training says nothing about a best found
+        with 60 s. Rows written before the budget was recorded count by their median training_seconds
+        (off by more than 25% and 2 s: another budget)."""
+        rows = [r for r in self.rows if r.branch == branch and r.status in ("keep", "discard", "rerun", "abort")]
+        if not rows:
+            return
+        p = self.protocol
+        protocols = sorted({r.protocol for r in rows if r.protocol and r.protocol != p.name})
+        if protocols:
+            raise SessionError(
+                f"Branch {branch} was measured under protocol {protocols[0]}, not {p.name}, and results of "
+                f"different protocols are never compared: run with --protocol {protocols[0]}, or start another "
+                f"branch for {p.name} (loop.py run --tag <new>, or git checkout -b autoresearch/<new> for try).")
+        budgets = [r.budget_s for r in rows if r.budget_s]
+        if budgets:
+            theirs = budgets[-1]
+            differs = any(abs(b - self.budget) > 1e-6 for b in budgets)
+        else:
+            secs = [r.training_seconds for r in rows if r.training_seconds]
+            theirs = statistics.median(secs) if secs else None
+            differs = theirs is not None and abs(theirs - self.budget) > max(2.0, 0.25 * self.budget)
+        if differs:
+            how = "AUTORESEARCH_TIME_BUDGET" if getattr(p, "time_budget_overridden", False) else "the protocol"
+            fix = ("unset AUTORESEARCH_TIME_BUDGET" if how != "the protocol" else
+                   f"set AUTORESEARCH_TIME_BUDGET={theirs:g}")
+            raise SessionError(
+                f"Branch {branch} compares runs of a {theirs:g} s budget and this one would train for "
+                f"{self.budget:g} s ({how}), so its val_bpb could not be compared with the branch's best: {fix}, "
+                f"or start another branch for this budget (loop.py run --tag <new>, or git checkout -b "
+                f"autoresearch/<new> for try).")
+
+    def rerun_due(self) -> str | None:
+        """Why the best should be run again before the next experiment, or None: every
+        `remeasure_every` experiments since it last ran, or every third of that while the machine's
+        speed drifts (the best's last run differs from its earlier runs in steps/s by more than `drift`)."""
+        every = self.settings.remeasure_every
+        st = self.state
+        if every <= 0 or st.best is None or not st.best_runs:
+            return None
+        if st.since_best_run >= every:
+            return f"{st.since_best_run} experiments since the best last ran"
+        if st.drift is not None and abs(st.drift) > self.settings.drift and st.since_best_run >= max(1, every // 3):
+            return f"the machine's speed drifted ({100 * st.drift:+.0f}% steps/s on the best's last run)"
+        return None
+
+    def curves_of(self, rows: list[Row]) -> list[list]:
+        """The stored loss curves of these rows' runs (runs/<n>/*loss.json; aborted runs have none)."""
+        from research.decisions import load_curve
+
+        out, seen = [], set()
+        for r in rows:
+            if r.run is None or r.run in seen:
+                continue
+            seen.add(r.run)
+            d = self.runs_dir / str(r.run)
+            for path in sorted(d.glob("*loss.json")) if d.is_dir() else []:
+                c = load_curve(path)
+                if c:
+                    out.append(c)
+        return out
+
+    def abort_reference(self):
+        """(Reference, None) for early abort against the best trainer's curves, or (None, why not)."""
+        from research.decisions import reference_from_curves
+
+        st = self.state
+        if not self.settings.early_abort:
+            return None, "early abort is off (--no-early-abort)"
+        if st.abort_off:
+            return None, "early abort is off: an audited run beat the best it would have been stopped against"
+        best = self.curves_of(st.best_runs)
+        if not best:
+            return None, "no stored loss curve of the best yet"
+        by_hash: dict[str, list[Row]] = {}
+        for r in self.branch_rows():
+            if measurement(r) and r.trainer_hash:
+                by_hash.setdefault(r.trainer_hash, []).append(r)
+        groups = [c for c in (self.curves_of(rs) for rs in by_hash.values() if len(rs) >= 2) if len(c) >= 2]
+        ref = reference_from_curves(best, groups)
+        if not ref.usable():
+            return None, "no trainer has two stored loss curves yet (the curve noise is unknown)"
+        return ref, None
 
     @property
     def budget(self) -> float:

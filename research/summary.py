@@ -87,6 +87,12 @@ class Source:
         return common(r.backend for r in self.rows)
 
     @property
+    def budget(self) -> float | None:
+        """The time budget (seconds) the rows were measured with, when recorded."""
+        counts = Counter(r.budget_s for r in self.rows if r.budget_s)
+        return counts.most_common(1)[0][0] if counts else None
+
+    @property
     def device(self) -> str:
         return common(r.device for r in self.rows)
 
@@ -207,7 +213,8 @@ def num(value) -> float | None:
 
 
 def _keep_one_run(source: Source, branch: str | None = None) -> None:
-    """Keep the rows of one branch under one protocol and evaluator: `branch`, else the latest one's."""
+    """Keep the rows of one branch under one protocol, evaluator and time budget: `branch`, else the
+    latest one's."""
     rows = [r for r in source.rows if r.branch == branch] if branch else source.rows
     if branch and not rows:
         names = sorted({r.branch for r in source.rows if r.branch})
@@ -217,10 +224,11 @@ def _keep_one_run(source: Source, branch: str | None = None) -> None:
     if not done:
         return
     last = done[-1]
-    key = (last.protocol, last.evaluator_hash, branch or last.branch)
+    key = (last.protocol, last.evaluator_hash, branch or last.branch, last.budget_s)
 
-    def same(r: Row) -> bool:  # a field a row did not record does not set it apart
-        return all(not mine or mine == want for mine, want in zip((r.protocol, r.evaluator_hash, r.branch), key))
+    def same(r: Row) -> bool:  # a field a row did not record does not set it apart (nor a budget the latest lacks)
+        return all(not mine or mine == want for mine, want in zip((r.protocol, r.evaluator_hash, r.branch), key)) \
+            and (not r.budget_s or not key[3] or r.budget_s == key[3])
 
     keep = [same(r) for r in source.rows]
     source.left_out = [r for r, k in zip(source.rows, keep) if not k]

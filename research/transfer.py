@@ -188,9 +188,10 @@ def run_transfer(session, from_path: str | Path, *, keep: list[str] | None = Non
         print("  warning: the trainer did not use these transferred values: " + ", ".join(off))
     if best is None:
         verdict = "no baseline on this branch to compare with"
-    else:  # the loop's own rule: a win must beat the best by more than the noise floor
-        would, note, _ = experiment.decide(row.val_bpb, best, session.noise_floor)
-        verdict = f"{'it carried' if would == 'keep' else 'it did not carry'} ({note})"
+    else:  # the loop's own rule (one run, no confirm): significantly below the best's mean
+        st = session.state
+        v = experiment.decide([row.val_bpb], st.best_values, st.noise, session.settings.alpha)
+        verdict = f"{'it carried' if v.status == 'keep' else 'it did not carry'} ({v.note})"
     print(f"transfer val_bpb {row.val_bpb:.6f} (theirs {plan.row.val_bpb:.6f} on {plan.source.label}); {verdict}.")
     print(f"logged as run {row.run} with status transfer; the trainer is back at the last kept commit.")
     return 0
