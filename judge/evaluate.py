@@ -8,7 +8,8 @@ nats and copies logits out, so the loss is never computed by model code. Sums ar
 
 The rows scored are fixed by the protocol alone: the first eval_tokens // T rows of the split's
 packed stream, whatever batch size the model was exported for (a short last batch is padded with
-repeated rows whose logits are ignored).
+rows of zeros whose logits are ignored; not with copies of real rows, from which a row could read its
+own future while the probe alters only the real one).
 
 Causality probe: the harness draws a secret seed per evaluation and, with it, picks whole batches
 to probe and, in each, rows and cut points. A probed row's tokens after its cut are replaced by
@@ -17,6 +18,13 @@ must not move. Rows left unaltered in a probed batch must not move at sampled po
 (that catches a row reading its neighbours). At least PROBE_ROWS rows are altered per evaluation,
 so a model that looks ahead on a fraction f of rows escapes with probability about (1 - f)^64:
 0.1% for f = 10%, 3.7% for f = 5%.
+
+Logits are compared as float64 log-probabilities with a fixed tolerance (PROBE_TOL nats), never one
+scaled by the logits themselves: a graph could otherwise widen it at will (one token at -1e30, or a
+constant added to every logit) and look ahead underneath. A lookahead smaller than PROBE_TOL gains at
+most that much per token. At the probed positions the adapter's float32 loss must also match what
+float64 makes of the same logits (LOSS_TOL), so logits placed where float32 arithmetic loses the
+partition function (a constant of 2**27 on every logit) are refused rather than scored near zero.
 """
 
 from __future__ import annotations
@@ -28,16 +36,25 @@ from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["PROBE_ROWS", "NonCausalModelError", "EvalRows", "load_rows", "score_split", "batch_sums"]
+__all__ = ["PROBE_ROWS", "PROBE_TOL", "NonCausalModelError", "UnfaithfulLossError", "EvalRows", "load_rows",
+           "score_split", "batch_sums", "compare_logits", "log_probs"]
 
 PROBE_ROWS = 64  # rows altered by the causality probe per evaluation (at least; fewer only if the split is smaller)
 PROBE_KEEP_FRACTION = 0.25  # in a probed batch, about this share of rows stays unaltered (checked whole-row)
 PROBE_POSITIONS = 16  # logits compared per probed row: the cut itself plus random positions before it
+PROBE_TOL = 2e-4  # nats: how far a log-probability may move on unchanged input (same graph, same shapes)
+NEGLIGIBLE = -30.0  # log-probabilities below this on both sides (probability < 1e-13) are not compared
+LOSS_TOL = 1e-3  # relative (plus as much absolute, in nats): the adapter's loss against float64 at probed positions
 ROW_PULL = 16  # rows fetched from the packed stream at a time (the stream does not depend on it)
 
 
 class NonCausalModelError(Exception):
     """The model's logits at some position depend on later tokens (or on other rows)."""
+
+
+class UnfaithfulLossError(NonCausalModelError):
+    """The evaluator's float32 loss does not match float64 on the model's own logits (reported, like a
+    non-causal model, as an invalid model)."""
 
 
 @dataclass
@@ -107,14 +124,43 @@ def _plan_probes(rng: np.random.Generator, n_batches: int, real_rows: list[int],
     return plans
 
 
+def log_probs(logits: np.ndarray) -> np.ndarray:
+    """float64 log-softmax over the last axis (-inf logits stay -inf)."""
+    z = np.asarray(logits, dtype=np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        top = np.max(z, axis=-1, keepdims=True)
+        z = z - np.where(np.isfinite(top), top, 0.0)
+        return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
 def compare_logits(a: np.ndarray, b: np.ndarray) -> tuple[bool, float, float]:
-    """(moved, largest difference, tolerance) for two logits slices of the same positions."""
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    scale = float(np.nanmax(np.abs(np.concatenate([a.ravel(), b.ravel()])), initial=0.0))
-    tol = 1e-3 + 1e-3 * scale  # fp32 and bf16 batched kernels agree far inside this on unchanged inputs
-    same = np.isclose(a, b, rtol=0.0, atol=tol) | (np.isnan(a) & np.isnan(b))
-    return (not bool(same.all())), float(np.nanmax(np.abs(a - b), initial=0.0)), tol
+    """(moved, largest difference, tolerance) for two logits slices of the same positions, compared as
+    log-probabilities within PROBE_TOL nats (entries negligible on both sides are skipped)."""
+    la, lb = log_probs(a), log_probs(b)
+    with np.errstate(invalid="ignore"):
+        compared = ~((la < NEGLIGIBLE) & (lb < NEGLIGIBLE))
+        diff = np.where(la == lb, 0.0, np.abs(la - lb))  # equal infinities differ by nothing
+        diff = np.where(np.isnan(la) & np.isnan(lb), 0.0, np.where(np.isnan(diff), np.inf, diff))
+    moved = bool((compared & (diff > PROBE_TOL)).any())
+    return moved, float(np.max(np.where(compared, diff, 0.0), initial=0.0)), PROBE_TOL
+
+
+def _check_loss(per_token: np.ndarray, y: np.ndarray, sampled: dict[int, np.ndarray], plan: _Probe) -> None:
+    """Raise UnfaithfulLossError unless the adapter's per-token loss at the sampled positions is what float64
+    makes of the same logits."""
+    per_token = np.asarray(per_token, dtype=np.float64)
+    for r, pos in plan.positions.items():
+        targets = y[r, pos].astype(np.int64)[:, None]
+        want = -np.take_along_axis(log_probs(sampled[r]), targets, axis=-1)[:, 0]
+        got = per_token[r, pos]
+        with np.errstate(invalid="ignore"):
+            ok = (np.abs(got - want) <= LOSS_TOL * (1.0 + np.abs(want))) | (got == want)
+        if not ok.all():
+            i = int(np.argmin(ok))
+            raise UnfaithfulLossError(
+                f"the evaluator's float32 loss at a position is {got[i]:.6g} nats where float64 gives {want[i]:.6g} "
+                "from the same logits, so the logits are out of the range float32 scoring handles (keep them near "
+                "zero, e.g. with a softcap)")
 
 
 def _take(adapter: Any, logits: Any, plan: _Probe) -> dict[int, np.ndarray]:
@@ -158,15 +204,18 @@ def score_split(forward: Callable, adapter: Any, batch_size: int, rows: EvalRows
     for b, s in enumerate(starts):
         k = real[b]
         xb, yb = rows.x[s:s + k], rows.y[s:s + k]
-        if k < batch_size:  # fixed-shape graph: pad with repeated rows, score only the real ones
-            pad = np.resize(np.arange(k), batch_size - k)
-            xb, yb = np.concatenate([xb, xb[pad]]), np.concatenate([yb, yb[pad]])
+        if k < batch_size:  # fixed-shape graph: pad with rows of zeros, score only the real ones (never
+            # with copies of real rows: the probe alters only real rows, so a copy would keep their future)
+            pad = np.zeros((batch_size - k, T), dtype=xb.dtype)
+            xb, yb = np.concatenate([xb, pad]), np.concatenate([yb, pad])
         logits = forward(adapter.to_input(xb))
-        nats, nbytes = batch_sums(adapter.nats(logits, yb)[:k], yb[:k], token_bytes)
+        per_token = adapter.nats(logits, yb)
+        nats, nbytes = batch_sums(per_token[:k], yb[:k], token_bytes)
         plan = plans.get(b)
         if plan is not None:
             before = _take(adapter, logits, plan)
             logits = None  # at most one logits array alive at a time
+            _check_loss(per_token, yb, before, plan)
             reason = _run_probe(forward, adapter, xb, plan, before, vocab_size, rng)
             if reason is not None:
                 raise NonCausalModelError(reason)
