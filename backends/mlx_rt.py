@@ -101,6 +101,7 @@ class MLXEvalAdapter:
         out = np.empty(B * T, dtype=np.float64)
         for start in range(0, B * T, rows):
             part = flat[start : start + rows].astype(mx.float32)
+            part = part - mx.max(part, axis=-1, keepdims=True)  # exact in float32; large logits lose no precision
             tgt = y[start : start + rows]
             picked = mx.take_along_axis(part, tgt[:, None], axis=-1)[:, 0]
             nll = mx.logsumexp(part, axis=-1) - picked

@@ -225,6 +225,35 @@ def _install_seccomp() -> None:
                        ctypes.c_ulong(0), ctypes.c_ulong(0)), "seccomp")
 
 
+PR_CAPBSET_DROP, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 24, 47, 4
+_CAP_VERSION_3 = 0x20080522
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def _drop_capabilities() -> None:
+    """No capability survives into the trainer, even when the loop runs as root: the bounding set is
+    emptied (so nothing can be regained on exec), the ambient set cleared, and the effective,
+    permitted and inheritable sets zeroed. Root without capabilities is an ordinary file owner."""
+    cap = 0
+    while _libc.prctl(PR_CAPBSET_DROP, ctypes.c_ulong(cap), ctypes.c_ulong(0), ctypes.c_ulong(0),
+                      ctypes.c_ulong(0)) == 0:
+        cap += 1  # fails with EINVAL past the kernel's last capability
+    if cap == 0 and os.geteuid() == 0:
+        raise LaunchError("could not empty the capability bounding set")
+    _libc.prctl(PR_CAP_AMBIENT, ctypes.c_ulong(PR_CAP_AMBIENT_CLEAR_ALL), ctypes.c_ulong(0), ctypes.c_ulong(0),
+                ctypes.c_ulong(0))
+    header = _CapHeader(_CAP_VERSION_3, 0)
+    data = (_CapData * 2)()
+    _check(_libc.capset(ctypes.byref(header), data), "capset")
+
+
 def confine(policy: dict) -> None:
     """Apply `policy` to this process (see the module docstring); raises LaunchError."""
     abi = abi_version()
@@ -243,6 +272,7 @@ def confine(policy: dict) -> None:
         _check(_syscall(SYS_RESTRICT_SELF, ruleset, 0), "landlock_restrict_self")
     finally:
         os.close(ruleset)
+    _drop_capabilities()
     _install_seccomp()
     os.chdir(policy["cwd"])
 

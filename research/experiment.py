@@ -287,6 +287,9 @@ def _run_once(s: Session, run_dir: Path, label: str, description: str, prefix: s
             result = None
         if harness.timed_out:
             result = {"valid": False, "kind": "timeout", "reason": f"the harness ran past {s.harness_timeout_s:.0f} s"}
+        elif harness.returncode != 0 and isinstance(result, dict) and result.get("valid"):
+            result = {**result, "valid": False, "kind": "harness",  # a score comes with a clean exit only
+                      "reason": f"the harness reported a score but ended with {exit_reason(harness.returncode)}"}
         status, m, reason = read_result(result, facts=facts, evaluator_hash=s.evaluator_hash, protocol=s.protocol.name)
         record = {"eval": result, "summary": facts, "trainer": {"wall_seconds": run.wall_seconds,
                                                                 "log_bytes": run.log_bytes}}

@@ -937,10 +937,6 @@ def test_12_the_trainer_holds_no_privileges(sweep, request):
     """Capabilities, no_new_privs, the address-space limit: what keeps the rest of the machine safe
     from a trainer that runs as root."""
     lab, at, _, _ = sweep
-    if lab.kind == "landlock" and ROOT:
-        request.node.add_marker(pytest.mark.xfail(strict=True, reason=(
-            "Landlock path as root: the trainer keeps root's capabilities (CAP_SYS_ADMIN, CAP_SYS_BOOT, "
-            "CAP_SYS_MODULE, CAP_DAC_READ_SEARCH...); judge/landlock.py drops none")))
     assert not _succeeded(at, "privilege:"), at.report
 
 
