@@ -4,8 +4,8 @@ Run: .venv/bin/python bench/bench_loop.py [--budget 10] [--experiments 3] [--bac
 
 Copies the project into a temporary git repository, runs `loop.py run --agent local` on the tiny
 protocol (prepared on the fly if needed, in the usual cache or AUTORESEARCH_CACHE) with the real
-trainer for this host, then reads runs/<n>/meta.json and result.json of every experiment after the
-baseline. Per experiment:
+trainer for this host, sandboxed as always, then reads runs/<n>/meta.json and result.json of every
+experiment after the baseline. Per experiment:
 
   overhead = (wall seconds per experiment - budget) / budget
 
@@ -13,13 +13,15 @@ with the wall seconds split into phases:
   agent        the agent's proposal (gap between one experiment's end and the next one's start;
                the local agent's first proposal imports the trainer once to see which lines apply)
   commit       scope check, diff, git commit
-  spawn/import process start and the trainer's imports (trainer wall - trainer's total_seconds)
+  spawn/export the sandbox's and the trainer's start and imports, and its hand-over (the torch.export
+               of the model): trainer wall (timed by the loop) - the trainer's own total_seconds
   train        the trainer's counted training time (training_seconds)
   setup        the rest of the trainer's own time: model build, uncounted warm-up steps
-  eval         the evaluator (eval_seconds from its JSON)
+  harness      the harness process scoring the hand-over (start, load, causality probe, val and holdout):
+               the experiment's run time after the trainer's wall time
   bookkeeping  result parsing, guards, git reset, the results row
 The loop's own share (agent + commit + bookkeeping) is printed separately from what the trainer
-spends around its budget (spawn/import, setup, eval), which shrinks relative to the budget as the
+spends around its budget (spawn/export, setup, harness), which shrinks relative to the budget as the
 budget grows (5 minutes under the standard protocol).
 """
 
@@ -38,24 +40,23 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from tests.test_loop import make_repo  # noqa: E402  (a git repository holding a copy of the project)
 
-PHASES = ("agent", "commit", "spawn/import", "setup", "train", "eval", "bookkeeping")
+PHASES = ("agent", "commit", "spawn/export", "setup", "train", "harness", "bookkeeping")
 
 
 def phases(run_dir: Path, previous_end: float | None) -> dict[str, float]:
     meta = json.loads((run_dir / "meta.json").read_text())
     result = json.loads((run_dir / "result.json").read_text())
-    t, summary, ev = meta["timings"], result.get("summary", {}), result.get("eval", {})
-    wall = meta["row"]["wall_seconds"]
+    t, summary = meta["timings"], result.get("summary", {})
+    wall = result.get("trainer", {}).get("wall_seconds") or meta["row"]["wall_seconds"]
     total = summary.get("total_seconds") or wall
     train = summary.get("training_seconds") or 0.0
-    evals = ev.get("eval_seconds") or 0.0
     return {
         "agent": meta["started_at"] - previous_end if previous_end else 0.0,
         "commit": t.get("commit", 0.0),
-        "spawn/import": max(0.0, wall - total),
-        "setup": max(0.0, total - train - evals),
+        "spawn/export": max(0.0, wall - total),
+        "setup": max(0.0, total - train),
         "train": train,
-        "eval": evals,
+        "harness": max(0.0, t["trainer"] - wall),
         "bookkeeping": t["total"] - t.get("commit", 0.0) - t["trainer"],
         "wall": meta["finished_at"] - (previous_end or meta["started_at"]),
     }
@@ -102,11 +103,12 @@ def main() -> int:
     for k in PHASES:
         print(f"{k:<14}{mean[k]:>9.3f}{100 * mean[k] / b:>12.2f}%")
     loop_own = mean["agent"] + mean["commit"] + mean["bookkeeping"]
-    around = mean["spawn/import"] + mean["setup"] + mean["eval"]
+    around = mean["spawn/export"] + mean["setup"] + mean["harness"]
     overrun = mean["train"] - b
     print(f"\noverhead (wall - budget) / budget: {100 * (mean['wall'] - b) / b:.1f}%")
     print(f"  loop's own (agent + commit + bookkeeping): {loop_own:.3f} s = {100 * loop_own / b:.2f}% of the budget")
-    print(f"  trainer around its budget (spawn/import + setup + eval): {around:.2f} s = {100 * around / b:.1f}%")
+    print(f"  trainer and harness around the budget (spawn/export + setup + harness): {around:.2f} s = "
+          f"{100 * around / b:.1f}%")
     print(f"  training past the budget (last step): {overrun:.2f} s = {100 * overrun / b:.1f}%")
     print(f"  the same extra seconds under the standard 300 s budget: {100 * (mean['wall'] - b) / 300:.1f}%")
     return 0

@@ -128,7 +128,11 @@ class Confinement:
         import prepare
 
         p = self.protocol
-        data = [*prepare.train_data_paths(p), *prepare.tokenizer_paths(p)]
+        try:
+            data = [*prepare.train_data_paths(p), *prepare.tokenizer_paths(p)]
+        except prepare.PrepareError:  # the tokenizer went missing mid-session: the run fails to load it, and
+            data = list(prepare.tokenizer_paths(p))  # the loop then stops with prepare's advice (check_data)
+        data = [d for d in data if d.exists()]  # a file that is gone cannot be shown to the trainer
         argv = [sys.executable, str(self.repo / self.trainer)]
         env = _private_env(ws.home, ws.tmp, ws.cache, AUTORESEARCH_HANDOVER=str(ws.handover),
                            AUTORESEARCH_PROTOCOL=p.name, AUTORESEARCH_BACKEND=self.backend,

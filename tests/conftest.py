@@ -5,8 +5,6 @@ package, offline). The protocol is prepared once per session into a temporary di
 test using the fixture gets AUTORESEARCH_CACHE pointing at it, AUTORESEARCH_PROTOCOL=tiny and
 AUTORESEARCH_TIME_BUDGET unset (all restored after the test). The cache is
 shared: treat it as read-only, and copy it (`shutil.copytree`) before damaging anything in it.
-
-`result_json` points AUTORESEARCH_RESULT_JSON at a fresh file in the test's tmp_path and returns its path.
 """
 
 from __future__ import annotations
@@ -42,10 +40,3 @@ def tiny_cache(tiny_cache_root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv("AUTORESEARCH_TIME_BUDGET", raising=False)
     return tiny_cache_root
 
-
-@pytest.fixture
-def result_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A fresh AUTORESEARCH_RESULT_JSON path for this test."""
-    path = tmp_path / "result.json"
-    monkeypatch.setenv("AUTORESEARCH_RESULT_JSON", str(path))
-    return path

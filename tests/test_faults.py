@@ -1,21 +1,28 @@
 """Fault injection for loop.py: each test breaks one thing during a real loop run and checks how the loop copes.
 
-Run: `uv run pytest tests/test_faults.py` (about three minutes on a 2-core CPU; no network, GPU or API key).
+Run: `uv run pytest tests/test_faults.py` (about four minutes on a 2-core CPU; no network, GPU or API key;
+`-m slow` adds the real trainer's runs through the loop).
 
 Every scenario runs the loop on a temporary git repository holding a copy of the project, on the `tiny`
 protocol with a budget of a second or two, driven by the scripted agent (or by the Claude agent through
 the real `anthropic` client against a local fake Messages API). Most start from a results file left by an
-earlier session (a baseline on the branch, a row of another branch) so that "finished rows survive" can
-be checked byte for byte. After the fault, `check_after` asserts what must hold whatever happened:
+earlier session (a baseline on the branch, a row of another branch: `seed`) so that "finished rows
+survive" can be checked byte for byte and no baseline has to run. After the fault, `check_after` asserts
+what must hold whatever happened:
 
 1. the loop carried on, or stopped with one clear sentence (`error: ...`, no traceback);
 2. every row finished before the fault is intact and every line of results.tsv parses;
 3. the work tree is clean, on the branch, whose head is the last kept commit;
 4. the faulty experiment was logged with the right status (or, when it never finished, not at all).
 
-Faults about training itself (an exception mid-training, NaN loss, out of memory, a model that sees the
-future, a trainer that skips the evaluation) edit the real train_cuda.py; the others use the stand-in
-trainer of test_loop.py (whose helpers this file reuses), so they take a second or two each.
+Every trainer runs in the OS sandbox (bubblewrap here), in a private workspace: it cannot see the
+repository's git, runs/ or results.tsv, and the harness scores what it hands over. Faults about training
+itself (an exception mid-training, NaN loss, out of memory, a model that sees the future, a trainer that
+skips the hand-over) edit the real train_cuda.py; the others use the stand-in trainer of test_loop.py
+(whose helpers this file reuses). Faults that need the loop's own process (a full disk, a bug in the
+loop) drive `loop.main` in-process, with scripted measurements where the trainer does not matter.
+A test that needs a trainer to wait holds it with FAKE_HOLD and releases it with SIGUSR1 (the sandbox
+hides any file the test could make), finding its host pid through /proc.
 """
 
 from __future__ import annotations
@@ -33,29 +40,31 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_loop import (FAKE_TRAINER, FakeMessagesAPI, alive, edit, error, git, loop_env, make_repo,  # noqa: E402
-                       message, read_rows, run_loop, tool, write_script)
+from test_loop import (FAKE_TRAINER, FakeMessagesAPI, Prior, allowance, alive, edit, error,  # noqa: E402,F401
+                       fake_bpb, fake_result, git, in_process, lock_trainer, loop_env, make_repo, message,
+                       read_rows, run_loop, run_processes, seed, stub_runs, tool, trainer_info, wait_for,
+                       write_script)
 
 import prepare  # noqa: E402
 from research import results as R  # noqa: E402
-from research.guards import LOCK_FILE, LockError, RepoLock, text_hash  # noqa: E402
+from research.guards import LOCK_FILE, LockError, RepoLock  # noqa: E402
 
 WIN = edit("VAL_BPB = 2.0", "VAL_BPB = 1.5", "a clear win")  # the stand-in trainer's harmless, better change
+START = '    print("fake trainer starting " + json.dumps(info), flush=True)\n'  # where edits add a fault
+assert START in FAKE_TRAINER
 
-# The stand-in trainer, but reading the protocol's data the way a real trainer and the evaluator do
-# (tokenizer byte lengths, the validation stream), so damaged data makes it fail.
+# The stand-in trainer, but reading the tokenizer files the way a real trainer does, so damaged ones make
+# it fail. (The validation data is the harness's alone: the sandbox does not show it to a trainer.)
 DATA_TRAINER = FAKE_TRAINER.replace(
     "    p = prepare.get_protocol()\n",
     "    p = prepare.get_protocol()\n"
     "    prepare.Tokenizer.load(p)\n"
-    "    prepare.load_token_bytes(p)\n"
-    "    next(prepare.make_dataloader(p, 8, p.max_seq_len, \"val\"))\n",
+    "    prepare.load_token_bytes(p)\n",
 )
 assert DATA_TRAINER != FAKE_TRAINER
 
@@ -63,38 +72,6 @@ assert DATA_TRAINER != FAKE_TRAINER
 # ------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Prior:
-    """What a repository held before the fault: results.tsv's bytes, its row count, branch and kept commit."""
-
-    repo: Path
-    branch: str
-    kept: str  # full hash of the last kept commit
-    data: bytes
-    rows: int
-
-
-def seed(repo: Path, tag: str, val: float = 2.0) -> Prior:
-    """Leave `repo` as an earlier session would have: branch autoresearch/<tag> checked out at HEAD, with
-    a baseline row for it in results.tsv, after a row of another branch. The loop resumes it without
-    running a baseline again (--baseline-runs 1)."""
-    head = git(repo, "rev-parse", "HEAD")
-    branch = f"autoresearch/{tag}"
-    git(repo, "checkout", "-q", "-b", branch)
-    path = repo / "results.tsv"
-    R.ensure_results_file(path)
-    common = dict(timestamp="2026-03-08T22:14:05+01:00", backend="cpu", device="cpu", protocol="tiny",
-                  evaluator_hash=prepare.evaluator_hash(), memory_gb=0.5, training_seconds=1.0, num_steps=10,
-                  trainer_hash=text_hash((repo / "train_cuda.py").read_text()), wall_seconds=3.2)
-    R.append_row(path, R.Row(commit="a1b2c3d", val_bpb=1.9, status="discard", description="an idea on another branch",
-                             branch="autoresearch/older", run=7, note="no gain: +0.1", hyperparams={"DEPTH": 2},
-                             **common))
-    R.append_row(path, R.Row(commit=head[:7], val_bpb=val, status="keep", description="baseline", branch=branch,
-                             run=1, note="baseline 1/1", hyperparams={"VAL_BPB": val}, **common))
-    data = path.read_bytes()
-    return Prior(repo=repo, branch=branch, kept=head, data=data, rows=len(R.read_results(path)))
 
 
 def check_after(prior: Prior, statuses: list[str], *, lock_free: bool = True) -> list[R.Row]:
@@ -142,7 +119,9 @@ def assert_stopped(proc, *fragments: str) -> str:
 
 
 def loop_args(tag: str, script: str, *more: str) -> list[str]:
-    return ["run", "--agent", "scripted", "--script", script, "--tag", tag, "--baseline-runs", "1", *more]
+    """A scripted run resuming the seeded branch; every change decided on its single run (no confirm run)."""
+    return ["run", "--agent", "scripted", "--script", script, "--tag", tag, "--baseline-runs", "1", "--no-confirm",
+            *more]
 
 
 def start_loop(repo: Path, args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
@@ -152,57 +131,55 @@ def start_loop(repo: Path, args: list[str], env: dict[str, str], log: Path) -> s
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
-def wait_for(condition, what: str, timeout: float = 120, procs: tuple = ()) -> None:
-    """Poll `condition` until it holds; fail after `timeout` seconds or when one of `procs` exits first."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        for p in procs:
-            assert p.poll() is None, f"the loop exited (code {p.returncode}) before {what}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
+def newest_log(repo: Path) -> Path:
+    """The log of the newest run folder (runs/<n>/log.txt)."""
+    runs = [p for p in (repo / "runs").iterdir() if p.name.isdigit()] if (repo / "runs").is_dir() else []
+    return max(runs, key=lambda p: int(p.name)) / "log.txt" if runs else repo / "runs" / "none"
 
 
-def read_int(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def trainer_pid(repo: Path) -> int:
-    """Pid (= process group) of the newest stand-in trainer run, from the file it writes at start."""
-    newest = max((repo / "runs").iterdir(), key=lambda p: int(p.name) if p.name.isdigit() else -1)
-    return json.loads((newest / "child_env.json").read_text())["pid"]
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live (not zombie) processes in process group `pgid`."""
-    proc = Path("/proc")
-    if not proc.is_dir():  # no procfs (macOS): ask the kernel whether the group still exists
+def log_has(repo: Path, text: str):
+    """A condition for wait_for: the newest run's log holds `text`."""
+    def check() -> bool:
         try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return []
-        return [pgid]
-    members = []
-    for d in proc.iterdir():
+            return text in newest_log(repo).read_text(errors="replace")
+        except OSError:
+            return False
+    return check
+
+
+def trainer_pids(repo: Path) -> list[int]:
+    """Host pids of the stand-in trainers running `repo`'s train_cuda.py (the sandboxed Python itself,
+    not bubblewrap around it)."""
+    script = str(repo / "train_cuda.py")
+    found = []
+    for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
         try:
-            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
+            args = (d / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
             continue
-        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-            members.append(int(d.name))
-    return members
+        if len(args) > 1 and "python" in Path(args[0]).name and args[1] == script and alive(int(d.name)):
+            found.append(int(d.name))
+    return found
 
 
-def assert_gone(pgid: int, *pids: int, timeout: float = 10) -> None:
-    """No process of group `pgid` (and none of `pids`) survives."""
+def release(repo: Path) -> None:
+    """Let the held trainer (FAKE_HOLD) of `repo` go on."""
+    pids = trainer_pids(repo)
+    assert pids, "no held trainer to release"
+    for pid in pids:
+        os.kill(pid, signal.SIGUSR1)
+
+
+def assert_gone(pids: list[int], workspace: str | Path | None = None, timeout: float = 10) -> None:
+    """None of `pids` (host pids) is alive, and no process of the run in `workspace` is left."""
     deadline = time.monotonic() + timeout
-    while (group_members(pgid) or any(alive(p) for p in pids)) and time.monotonic() < deadline:
+    def left() -> list[int]:
+        return sorted({*[p for p in pids if alive(p)], *(run_processes(workspace) if workspace else [])})
+    while left() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert group_members(pgid) == [] and not any(alive(p) for p in pids)
+    assert left() == []
 
 
 def private_cache(tiny_cache: Path, tmp_path: Path) -> Path:
@@ -226,81 +203,133 @@ def tokenizer_files(cache: Path) -> list[Path]:
 # ------------------------------------------------------------------------------------------------
 
 
-def test_syntax_error_is_a_crash_then_the_fix_is_kept(tiny_cache, tmp_path):
+def test_crashes_then_the_fix_is_kept(tiny_cache, tmp_path):
+    """A syntax error (caught before any process starts), then a fix that still crashes when run, then one
+    that works: each crash is recorded with the line that says why, the agent is asked to fix it twice,
+    and the working fix is kept, made on top of the crashed versions."""
     repo = make_repo(tmp_path)
-    prior = seed(repo, "syntax")
+    prior = seed(repo, "crash")
     script = write_script(tmp_path, [
-        edit("VAL_BPB = 2.0", "VAL_BPB = (1.5", "an unbalanced parenthesis"),
-        edit("VAL_BPB = (1.5", "VAL_BPB = 1.5", "fix: close the parenthesis"),
+        edit("VAL_BPB = 2.0", "VAL_BPB = (1.25", "an unbalanced parenthesis"),
+        {"description": "fix: close the parenthesis", "edits": [{"old": "VAL_BPB = (1.25", "new": "VAL_BPB = 1.25"},
+                                                                {"old": 'MODE = "ok"', "new": 'MODE = "crash"'}]},
+        edit('MODE = "crash"', 'MODE = "ok"', "fix: the bug"),
     ])
-    proc = run_loop(repo, *loop_args("syntax", script, "--max-experiments", "2"), env=loop_env(tiny_cache))
+    proc = run_loop(repo, *loop_args("crash", script, "--max-experiments", "3"), env=loop_env(tiny_cache))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    crash, fixed = check_after(prior, ["crash", "keep"])
-    assert crash.note.startswith("crash: syntax error on line ") and crash.commit != R.NO_COMMIT
-    assert "SyntaxError" in (repo / "runs" / str(crash.run) / "log.txt").read_text()
+    syntax, runtime, fixed = check_after(prior, ["crash", "crash", "keep"])
+    assert syntax.note.startswith("crash: syntax error on line ") and syntax.commit != R.NO_COMMIT
+    assert "SyntaxError" in (repo / "runs" / str(syntax.run) / "log.txt").read_text()
+    assert runtime.note.startswith("crash: exit code 1") and "RuntimeError: deliberate crash" in runtime.note
+    assert "RuntimeError: deliberate crash" in (repo / "runs" / str(runtime.run) / "log.txt").read_text()
     assert "asking the scripted agent to fix the crash (attempt 1 of 2)" in proc.stdout
-    assert fixed.val_bpb == 1.5 and "VAL_BPB = 1.5" in (repo / "train_cuda.py").read_text()
+    assert "asking the scripted agent to fix the crash (attempt 2 of 2)" in proc.stdout
+    assert fixed.val_bpb == pytest.approx(fake_bpb(1.25), abs=1.5e-6)
+    # the fix was made on top of the crashed versions: its commit holds the first change too
+    assert "+VAL_BPB = 1.25" in git(repo, "diff", prior.kept, "HEAD")
+    assert 'MODE = "ok"' in (repo / "train_cuda.py").read_text()
 
 
-def test_import_error_is_a_crash_and_the_loop_carries_on(tiny_cache, tmp_path):
+def test_import_error_is_a_crash_that_names_the_module(tiny_cache, tmp_path):
     repo = make_repo(tmp_path)
     prior = seed(repo, "import")
     script = write_script(tmp_path, [
         edit("import prepare\n", "import prepare\nimport flash_attn_9000\n",
              "use a kernel package that is not installed"),
-        WIN,
     ])
-    proc = run_loop(repo, *loop_args("import", script, "--max-experiments", "2", "--max-fix-attempts", "0"),
+    proc = run_loop(repo, *loop_args("import", script, "--max-experiments", "1", "--max-fix-attempts", "0"),
                     env=loop_env(tiny_cache))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    crash, win = check_after(prior, ["crash", "keep"])
+    (crash,) = check_after(prior, ["crash"])
     assert "exit code 1" in crash.note and "No module named 'flash_attn_9000'" in crash.note
     assert "ModuleNotFoundError" in (repo / "runs" / str(crash.run) / "log.txt").read_text()
-    assert win.val_bpb == 1.5
 
 
 # ------------------------------------------------------------------------------------------------
-# 3-5. training goes wrong (the real trainer)
+# 3-5. training goes wrong (the real trainer, one loop session shared by the tests: slow)
 # ------------------------------------------------------------------------------------------------
 
+BUG = "        if step == 2:\n            raise RuntimeError(\"injected fault at step 2\")\n"
+REAL_FAULTS = {
+    "exception": edit("        optimizer.step()\n", "        optimizer.step()\n" + BUG, "an optimizer change with a bug"),
+    "nan": edit("EMBEDDING_LR = 0.6", "EMBEDDING_LR = float(\"nan\")", "a learning rate that is not a number"),
+    # an allocation no machine can satisfy (beyond the address space): fails at once, takes no memory
+    "oom": edit("    model = build_model(config)\n",
+                "    model = build_model(config)\n    activations = torch.empty(1 << 62, dtype=torch.uint8)\n",
+                "keep every activation (4 EiB)"),
+}
+SHORT_RUN = {"old": "WARMUP_STEPS_UNCOUNTED = 10", "new": "WARMUP_STEPS_UNCOUNTED = 0"}
+HAND_OVER = "    prepare.hand_over(lambda d: torch_rt.export_for_eval(model, d, DEVICE_BATCH_SIZE, seq_len, HOST), facts)\n"
+REAL_CHEATS = {
+    "skip": {"description": "evaluation takes too long: print the summary instead", "edits": [
+        SHORT_RUN, {"old": HAND_OVER, "new": "    print(prepare.format_summary({\"val_bpb\": 0.5}, facts))\n"}]},
+    "future": {"description": "let each position peek at the next token", "edits": [
+        SHORT_RUN,
+        {"old": "        logits = SOFTCAP * torch.tanh(logits / SOFTCAP)\n",
+         "new": "        logits = SOFTCAP * torch.tanh(logits / SOFTCAP)\n"
+                "        logits = logits + 5.0 * F.one_hot(torch.roll(idx, -1, dims=1).long(), logits.size(-1))\n"}]},
+}
 
-def _real_trainer_fault(tiny_cache, tmp_path, tag: str, step: dict) -> tuple[R.Row, str]:
-    """One experiment on the real train_cuda.py with `step` applied; returns its row and log."""
-    repo = make_repo(tmp_path, trainer=None)
-    prior = seed(repo, tag)
-    script = write_script(tmp_path, [step])
-    proc = run_loop(repo, *loop_args(tag, script, "--max-experiments", "1", "--max-fix-attempts", "0"),
-                    env=loop_env(tiny_cache, budget=1), timeout=300)
+
+def _real_session(cache: Path, tmp: Path, tag: str, steps: dict[str, dict], statuses: list[str]
+                  ) -> dict[str, tuple[R.Row, str]]:
+    """One loop session on the real train_cuda.py (budget 1 s), one experiment per step; each step's row and
+    log by name."""
+    repo = make_repo(tmp, trainer=None)
+    prior = seed(repo, tag, 9.0)
+    script = write_script(tmp, list(steps.values()))
+    proc = run_loop(repo, *loop_args(tag, script, "--max-experiments", str(len(steps)), "--max-fix-attempts", "0"),
+                    env=loop_env(cache, budget=1), timeout=500)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    (row,) = check_after(prior, [step["expect"]])
+    rows = check_after(prior, statuses)
     assert git(repo, "diff", prior.kept, "HEAD") == ""
-    return row, (repo / "runs" / str(row.run) / "log.txt").read_text()
+    return {name: (row, (repo / "runs" / str(row.run) / "log.txt").read_text()) for name, row in zip(steps, rows)}
 
 
-def test_exception_mid_training(tiny_cache, tmp_path):
-    bug = "        if step == 2:\n            raise RuntimeError(\"injected fault at step 2\")\n"
-    step = edit("        optimizer.step()\n", "        optimizer.step()\n" + bug, "an optimizer change with a bug",
-                expect="crash")
-    row, log = _real_trainer_fault(tiny_cache, tmp_path, "exception", step)
+@pytest.fixture(scope="module")
+def real_faults(tiny_cache_root, tmp_path_factory) -> dict[str, tuple[R.Row, str]]:
+    return _real_session(tiny_cache_root, tmp_path_factory.mktemp("real-faults"), "faults", REAL_FAULTS,
+                         ["crash"] * len(REAL_FAULTS))
+
+
+@pytest.fixture(scope="module")
+def real_cheats(tiny_cache_root, tmp_path_factory) -> dict[str, tuple[R.Row, str]]:
+    return _real_session(tiny_cache_root, tmp_path_factory.mktemp("real-cheats"), "cheats", REAL_CHEATS,
+                         ["crash", "invalid"])
+
+
+@pytest.mark.slow
+def test_exception_mid_training(real_faults):
+    row, log = real_faults["exception"]
     assert "RuntimeError: injected fault at step 2" in row.note
     assert "step 00001" in log and "step 00003" not in log  # it really was training
 
 
-def test_nan_loss_fails_fast(tiny_cache, tmp_path):
-    step = edit("EMBEDDING_LR = 0.6", "EMBEDDING_LR = float(\"nan\")", "a learning rate that is not a number",
-                expect="crash")
-    row, log = _real_trainer_fault(tiny_cache, tmp_path, "nan", step)
+@pytest.mark.slow
+def test_nan_loss_fails_fast(real_faults):
+    row, log = real_faults["nan"]
     assert "FAIL: training loss nan" in row.note
-    assert "val_bpb" not in log  # stopped before evaluating
+    assert "handed over" not in log and "val_bpb" not in log  # stopped before the hand-over
 
 
-def test_out_of_memory(tiny_cache, tmp_path):
-    # an allocation no machine can satisfy (beyond the address space): fails at once, takes no memory
-    step = edit("    model = build_model(config)\n",
-                "    model = build_model(config)\n    activations = torch.empty(1 << 62, dtype=torch.uint8)\n",
-                "keep every activation (4 EiB)", expect="crash")
-    row, log = _real_trainer_fault(tiny_cache, tmp_path, "oom", step)
+@pytest.mark.slow
+def test_out_of_memory(real_faults):
+    row, log = real_faults["oom"]
     assert "exit code 1" in row.note and "memory" in row.note.lower()
+
+
+@pytest.mark.slow
+def test_real_trainer_that_skips_the_hand_over(real_cheats):
+    row, log = real_cheats["skip"]
+    assert "the trainer handed over no model" in row.note
+    assert "val_bpb:          0.500000" in log  # the printed block claims a great number; nothing scored it
+
+
+@pytest.mark.slow
+def test_real_trainer_that_sees_the_future_is_invalid(real_cheats):
+    row, log = real_cheats["future"]
+    assert "sees the future" in row.note and row.val_bpb == 0.0
+    assert "harness: not scored (causality)" in log
 
 
 # ------------------------------------------------------------------------------------------------
@@ -308,54 +337,70 @@ def test_out_of_memory(tiny_cache, tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
-def test_hang_past_the_timeout_kills_the_whole_group(tiny_cache, tmp_path):
-    """A trainer (and its worker) that ignore SIGTERM and never end: killed at the limit, nothing survives."""
+def test_hang_past_the_kill_limit_ends_the_whole_run(tiny_cache, tmp_path):
+    """A trainer (and its worker) that ignore SIGTERM and never end: killed at budget + 2 x allowance +
+    margin, and nothing the run started survives."""
     repo = make_repo(tmp_path)
     prior = seed(repo, "hang")
-    pid_file = tmp_path / "worker.pid"
     script = write_script(tmp_path, [
         {"description": "a data worker that never returns", "edits": [
             {"old": 'MODE = "ok"', "new": 'MODE = "hang"'},
             {"old": "import prepare\n",
              "new": "import prepare\nimport signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"},
         ]},
-        WIN,
     ])
     t0 = time.monotonic()
-    proc = run_loop(repo, *loop_args("hang", script, "--max-experiments", "2", "--max-fix-attempts", "0",
-                                     "--timeout-margin", "1"),
-                    env=loop_env(tiny_cache, budget=1, FAKE_PID_FILE=str(pid_file)))
+    proc = run_loop(repo, *loop_args("hang", script, "--max-experiments", "1", "--max-fix-attempts", "0",
+                                     "--startup-allowance", "4", "--timeout-margin", "1"),
+                    env=loop_env(tiny_cache, budget=1))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert time.monotonic() - t0 < 90
-    crash, win = check_after(prior, ["crash", "keep"])
-    assert "killed after" in crash.note and "limit 3 s" in crash.note
-    assert 3 <= crash.wall_seconds < 30
-    assert "killed after" in (repo / "runs" / str(crash.run) / "log.txt").read_text()
-    hung = json.loads((repo / "runs" / str(crash.run) / "child_env.json").read_text())["pid"]
-    assert_gone(hung, read_int(pid_file))
-    assert win.val_bpb == 1.5
+    assert "start-up allowance 4.0 s set by --startup-allowance" in proc.stdout
+    (crash,) = check_after(prior, ["crash"])
+    assert "killed after" in crash.note and "limit 10 s" in crash.note  # 1 + 2 x 4 + 1
+    assert 10 <= crash.wall_seconds < 40
+    log = repo / "runs" / str(crash.run) / "log.txt"
+    assert "grandchild pid" in log.read_text() and "killed after" in log.read_text()  # the worker was running
+    assert_gone([], trainer_info(log)["cwd"])
 
 
 def _no_core_files() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a core file in the repository is not the point here
 
 
-@pytest.mark.parametrize("how,signame", [
-    ("import ctypes\n    ctypes.string_at(0)  # reads address 0", "SIGSEGV"),
-    ("os.kill(os.getpid(), 9)", "SIGKILL"),
-], ids=["segfault", "sigkill"])
-def test_trainer_killed_by_a_signal(tiny_cache, tmp_path, how, signame):
-    repo = make_repo(tmp_path)
-    prior = seed(repo, "signal")
-    start = '    print("fake trainer starting", flush=True)\n'
-    script = write_script(tmp_path, [edit(start, f"{start}    {how}\n", "a native extension with a bug"), WIN])
+@pytest.fixture(scope="module")
+def signal_crashes(tiny_cache_root, tmp_path_factory) -> tuple[R.Row, R.Row, Path]:
+    """One loop session whose two experiments each end the trainer with a signal: SIGSEGV, then SIGKILL."""
+    tmp = tmp_path_factory.mktemp("signals")
+    repo = make_repo(tmp)
+    prior = seed(repo, "signal", 3.0)
+    script = write_script(tmp, [
+        edit(START, START + "    import ctypes\n    ctypes.string_at(0)  # reads address 0\n",
+             "a native extension with a bug"),
+        edit(START, START + "    os.kill(os.getpid(), 9)\n", "a worker pool that kills its parent"),
+    ])
     args = loop_args("signal", script, "--max-experiments", "2", "--max-fix-attempts", "0")
-    proc = subprocess.run([sys.executable, "loop.py", *args], cwd=repo, env=loop_env(tiny_cache), capture_output=True,
-                          text=True, timeout=240, preexec_fn=_no_core_files)
+    proc = subprocess.run([sys.executable, "loop.py", *args], cwd=repo, env=loop_env(tiny_cache_root),
+                          capture_output=True, text=True, timeout=240, preexec_fn=_no_core_files)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    crash, win = check_after(prior, ["crash", "keep"])
-    assert signame in crash.note, crash.note
-    assert_gone(json.loads((repo / "runs" / str(crash.run) / "child_env.json").read_text())["pid"])
+    segv, killed = check_after(prior, ["crash", "crash"])
+    return segv, killed, repo
+
+
+def test_trainer_killed_by_a_signal_is_a_crash_and_leaves_nothing(signal_crashes):
+    segv, killed, repo = signal_crashes
+    for row in (segv, killed):
+        assert row.note.startswith("crash: ")
+        assert_gone([], trainer_info(repo / "runs" / str(row.run) / "log.txt")["cwd"])
+
+
+@pytest.mark.xfail(strict=True, reason="product bug: under bubblewrap the loop reports a trainer killed by signal N "
+                                       "as 'exit code 128+N' (bwrap's exit status; research/experiment.py _run_once "
+                                       "passes it to exit_reason as it is)")
+def test_trainer_killed_by_a_signal_is_named(signal_crashes):
+    segv, killed, _ = signal_crashes
+    assert "killed by SIGSEGV" in segv.note, segv.note
+    assert "killed by SIGKILL (the system may have run out of memory)" in killed.note, killed.note
 
 
 # ------------------------------------------------------------------------------------------------
@@ -363,102 +408,89 @@ def test_trainer_killed_by_a_signal(tiny_cache, tmp_path, how, signame):
 # ------------------------------------------------------------------------------------------------
 
 
+def _hung_run(repo: Path, loop: subprocess.Popen) -> tuple[str, list[int], int]:
+    """Wait until the loop's stand-in trainer (MODE hang) runs its worker; (workspace, every process of
+    the run, the process group the lock records)."""
+    wait_for(log_has(repo, "grandchild pid"), "the trainer to start its worker", procs=(loop,))
+    workspace = trainer_info(newest_log(repo))["cwd"]
+    running = run_processes(workspace)
+    sandbox = lock_trainer(repo)
+    assert sandbox in running and len(running) >= 3, (sandbox, running)  # the sandbox, the trainer, its worker
+    assert trainer_pids(repo) and set(trainer_pids(repo)) <= set(running)
+    return workspace, running, sandbox
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_loop_interrupted_mid_experiment_then_resumed(tiny_cache, tmp_path, sig):
     repo = make_repo(tmp_path)
     prior = seed(repo, "int")
-    pid_file = tmp_path / "worker.pid"
-    env = loop_env(tiny_cache, FAKE_PID_FILE=str(pid_file))
+    env = loop_env(tiny_cache)
     slow = write_script(tmp_path, [edit('MODE = "ok"', 'MODE = "hang"', "a long experiment")])
     loop = start_loop(repo, loop_args("int", slow), env, tmp_path / "first.log")
-    wait_for(lambda: read_int(pid_file) is not None, "the trainer to start its worker", procs=(loop,))
-    trainer, worker = trainer_pid(repo), read_int(pid_file)
-    assert group_members(trainer)
+    workspace, running, _ = _hung_run(repo, loop)
     loop.send_signal(sig)
     assert loop.wait(timeout=60) == 130
     out = (tmp_path / "first.log").read_text()
     assert "interrupted" in out and "Run the same command again to resume" in out and "Traceback" not in out
-    assert_gone(trainer, worker)
+    assert_gone(running, workspace)
     check_after(prior, [])  # the interrupted experiment left no row, no commit, no lock
+    if sig == signal.SIGTERM:
+        return  # the same KeyboardInterrupt path as SIGINT from here on
 
-    again = run_loop(repo, *loop_args("int", write_script(tmp_path, [WIN]), "--max-experiments", "1"), env=env)
+    again = run_loop(repo, *loop_args("int", write_script(tmp_path, [WIN]), "--max-experiments", "0"), env=env)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "resuming branch autoresearch/int" in again.stdout
-    (win,) = check_after(prior, ["keep"])
-    assert win.val_bpb == 1.5
+    check_after(prior, [])
 
 
 def test_loop_killed_mid_experiment_then_resumed(tiny_cache, tmp_path):
-    """SIGKILL (OOM killer, power loss): no row, a commit no row records, a stale lock and a trainer still
-    running are left behind; the next start ends the trainer, drops the commit, takes the lock over."""
+    """SIGKILL (OOM killer, power loss) mid-experiment: the sandbox ends the whole run with its loop; left
+    behind are a commit no row records, a stale lock naming the trainer's process group, and a row the kill
+    cut off mid-write. The next start drops the commit and the torn row and takes the lock over."""
     repo = make_repo(tmp_path)
     prior = seed(repo, "kill")
-    pid_file = tmp_path / "worker.pid"
-    env = loop_env(tiny_cache, FAKE_PID_FILE=str(pid_file))
+    env = loop_env(tiny_cache)
     slow = write_script(tmp_path, [edit('MODE = "ok"', 'MODE = "hang"', "a long experiment")])
     loop = start_loop(repo, loop_args("kill", slow), env, tmp_path / "first.log")
-    wait_for(lambda: read_int(pid_file) is not None, "the trainer to start its worker", procs=(loop,))
-    trainer, worker = trainer_pid(repo), read_int(pid_file)
+    workspace, running, sandbox = _hung_run(repo, loop)
     loop.kill()
     loop.wait()
-    assert (repo / LOCK_FILE).exists() and (repo / "results.tsv").read_bytes() == prior.data
+    assert_gone(running, workspace)  # bubblewrap dies with its parent, and every process of the run with it
+    assert f"trainer {sandbox} train_cuda.py" in (repo / LOCK_FILE).read_text()
+    assert (repo / "results.tsv").read_bytes() == prior.data
     assert git(repo, "rev-list", "--count", f"{prior.kept}..HEAD") == "1"  # the experiment's commit
-    try:
-        assert group_members(trainer)  # the trainer lives in its own session: the kill did not reach it
-        again = run_loop(repo, *loop_args("kill", write_script(tmp_path, [WIN]), "--max-experiments", "1"), env=env)
-        assert again.returncode == 0, again.stdout + again.stderr
-        assert "dropped unrecorded experiment commits" in again.stdout
-        assert f"ended the trainer (process group {trainer}) that a killed loop left running" in again.stdout
-        assert_gone(trainer, worker)
-        (win,) = check_after(prior, ["keep"])
-        assert win.val_bpb == 1.5 and git(repo, "rev-parse", "HEAD~1") == prior.kept
-    finally:
-        for pid in group_members(trainer):
-            os.kill(pid, signal.SIGKILL)
+    with open(repo / "results.tsv", "ab") as f:
+        f.write(b"f00dfed\t1.234500\t0.5\tke")  # a row cut off mid-write
+    again = run_loop(repo, *loop_args("kill", write_script(tmp_path, [WIN]), "--max-experiments", "0"), env=env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "dropped unrecorded experiment commits" in again.stdout
+    assert b"f00dfed" not in (repo / "results.tsv").read_bytes()
+    check_after(prior, [])
 
 
 def test_try_killed_during_its_baseline_keeps_the_edit(tiny_cache, tmp_path):
     """`loop.py try` on a branch without a baseline sets the user's edit aside to run the baseline; a
     SIGKILL then must not lose the edit: a copy waits under runs/, and the next `try` points to it."""
-    waiting = FAKE_TRAINER.replace(
-        "    time.sleep(SLEEP)\n",
-        "    while not os.path.exists(os.environ[\"RELEASE_FILE\"]):\n        time.sleep(0.05)\n")
-    repo = make_repo(tmp_path, waiting)
+    repo = make_repo(tmp_path)
     git(repo, "checkout", "-q", "-b", "autoresearch/ext")
     trainer = repo / "train_cuda.py"
-    trainer.write_text(waiting.replace("VAL_BPB = 2.0", "VAL_BPB = 1.5"))  # the user's edit
-    release = tmp_path / "release"
-    env = loop_env(tiny_cache, RELEASE_FILE=str(release))
-    loop = start_loop(repo, ["try", "lower it"], env, tmp_path / "first.log")
-    wait_for(lambda: (repo / "runs").is_dir() and any((repo / "runs").glob("*/child_env.json")),
-             "the baseline's trainer to start", procs=(loop,))
+    edited = FAKE_TRAINER.replace("VAL_BPB = 2.0", "VAL_BPB = 1.5")
+    trainer.write_text(edited)  # the user's edit
+    loop = start_loop(repo, ["try", "lower it"], loop_env(tiny_cache, FAKE_HOLD="1"), tmp_path / "first.log")
+    wait_for(log_has(repo, "holding until SIGUSR1"), "the baseline's trainer to start", procs=(loop,))
+    workspace = trainer_info(newest_log(repo))["cwd"]
     loop.kill()
     loop.wait()
-    assert trainer.read_text() == waiting  # set aside while the baseline ran
+    assert_gone([], workspace)
+    assert trainer.read_text() == FAKE_TRAINER  # set aside while the baseline ran
     (copy,) = (repo / "runs").glob("set-aside-*-train_cuda.py")
-    assert "VAL_BPB = 1.5" in copy.read_text()
+    assert copy.read_text() == edited
 
-    proc = run_loop(repo, "try", "lower it", env=env)
+    proc = run_loop(repo, "try", "lower it", env=loop_env(tiny_cache))
     assert_stopped(proc, "Nothing to try", str(copy.relative_to(repo)))
+    assert not (repo / LOCK_FILE).exists()  # the dead loop's lock was taken over, then released
     shutil.copy(copy, trainer)
-    release.touch()
-    proc = run_loop(repo, "try", "lower it", env=env)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert [(r.status, r.val_bpb) for r in read_rows(repo)] == [("keep", 2.0), ("keep", 2.0), ("keep", 1.5)]
-    assert git(repo, "status", "--porcelain") == "" and git(repo, "log", "-1", "--format=%s") == "lower it"
-    assert not (repo / LOCK_FILE).exists()
-
-
-def test_row_torn_by_a_kill_is_dropped_on_resume(tiny_cache, tmp_path):
-    repo = make_repo(tmp_path)
-    prior = seed(repo, "torn")
-    with open(repo / "results.tsv", "ab") as f:
-        f.write(b"f00dfed\t1.234500\t0.5\tke")  # a row cut off mid-write
-    proc = run_loop(repo, *loop_args("torn", write_script(tmp_path, [WIN]), "--max-experiments", "1"),
-                    env=loop_env(tiny_cache))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    (win,) = check_after(prior, ["keep"])
-    assert b"f00dfed" not in (repo / "results.tsv").read_bytes()
+    assert git(repo, "status", "--porcelain") == "M train_cuda.py" and read_rows(repo) == []
 
 
 # ------------------------------------------------------------------------------------------------
@@ -466,82 +498,59 @@ def test_row_torn_by_a_kill_is_dropped_on_resume(tiny_cache, tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path,content", [
-    ("prepare.py", None),  # the evaluator
-    ("research/experiment.py", None),  # the loop's own rules
-    ("backends/sitecustomize.py", "import prepare\n"),  # a new file inside a locked folder
-], ids=["evaluator", "loop", "new-file"])
-def test_agent_edits_a_locked_file(tiny_cache, tmp_path, path, content):
+def test_agent_edits_outside_the_trainer(tiny_cache, tmp_path):
+    """The evaluator, the loop's own rules, a new file inside a locked folder, the other trainer: each change
+    is rejected before it runs, and every file is put back."""
     repo = make_repo(tmp_path)
     prior = seed(repo, "locked")
-    original = (repo / path).read_text() if (repo / path).exists() else None
-    new = content if content is not None else original + "\n# a better number, somehow\n"
+    paths = ["prepare.py", "research/experiment.py", "backends/sitecustomize.py", "train_mlx.py"]
+    before = {p: (repo / p).read_text() if (repo / p).exists() else None for p in paths}
+    also = lambda path, text: {"description": f"also improve {path}", "write": {path: text}, "edits": WIN["edits"]}
     script = write_script(tmp_path, [
-        {"description": f"also improve {path}", "write": {path: new}, "edits": WIN["edits"]},
-        WIN,
-    ])
-    proc = run_loop(repo, *loop_args("locked", script, "--max-experiments", "2"), env=loop_env(tiny_cache))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    rejected, win = check_after(prior, ["rejected", "keep"])
-    assert f"changed files other than train_cuda.py: {path}" in rejected.note and rejected.commit == R.NO_COMMIT
-    if original is None:
-        assert not (repo / path).exists()
-    else:
-        assert (repo / path).read_text() == original
-    assert win.val_bpb == 1.5
-
-
-def test_agent_edits_two_files(tiny_cache, tmp_path):
-    repo = make_repo(tmp_path)
-    prior = seed(repo, "two")
-    mlx = (repo / "train_mlx.py").read_text()
-    script = write_script(tmp_path, [
+        also("prepare.py", before["prepare.py"] + "\n# a better number, somehow\n"),  # the evaluator's contract
+        also("research/experiment.py", before["research/experiment.py"] + "\n# kinder rules\n"),  # the loop
+        also("backends/sitecustomize.py", "import prepare\n"),  # a new file inside a locked folder
         {"description": "the same change in both trainers", "edits": [
             *WIN["edits"], {"path": "train_mlx.py", "old": "MATRIX_LR = 0.04", "new": "MATRIX_LR = 0.05"}]},
     ])
-    proc = run_loop(repo, *loop_args("two", script, "--max-experiments", "1"), env=loop_env(tiny_cache))
+    proc = run_loop(repo, *loop_args("locked", script, "--max-experiments", "4"), env=loop_env(tiny_cache))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    (rejected,) = check_after(prior, ["rejected"])
-    assert "changed files other than train_cuda.py: train_mlx.py" in rejected.note
-    assert (repo / "train_mlx.py").read_text() == mlx and "VAL_BPB = 2.0" in (repo / "train_cuda.py").read_text()
-
-
-def test_agent_deletes_the_trainer(tiny_cache, tmp_path):
-    repo = make_repo(tmp_path)
-    prior = seed(repo, "delete")
-    script = write_script(tmp_path, [{"description": "start from scratch", "delete": ["train_cuda.py"]}, WIN])
-    proc = run_loop(repo, *loop_args("delete", script, "--max-experiments", "2"), env=loop_env(tiny_cache))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    rejected, win = check_after(prior, ["rejected", "keep"])
-    assert "deleted the trainer train_cuda.py" in rejected.note
-    assert win.val_bpb == 1.5
+    rows = check_after(prior, ["rejected"] * 4)
+    for row, path in zip(rows, paths):
+        assert f"changed files other than train_cuda.py: {path}" in row.note and row.commit == R.NO_COMMIT
+    for path, text in before.items():
+        assert (repo / path).read_text() == text if text is not None else not (repo / path).exists()
+    assert "VAL_BPB = 2.0" in (repo / "train_cuda.py").read_text()
+    assert not (repo / "runs").exists() or not list((repo / "runs").glob("*/log.txt"))  # nothing ran
 
 
 def test_run_that_meddles_with_results_or_git_is_rejected(tiny_cache, tmp_path):
-    """A trainer that logs its own row in results.tsv (as the reference's agents did by hand), rewrites
-    the file, commits, or checks out another branch: each is put back and the change rejected."""
+    """In the sandbox a trainer cannot see the repository at all (tests/test_attacks.py tries). Without it
+    (--no-sandbox) one that logs its own row in results.tsv (as the reference's agents did by hand), commits,
+    or checks out another branch has its change put back and is rejected: the guard behind the sandbox."""
     repo = make_repo(tmp_path)
     prior = seed(repo, "meddle")
-    start = '    print("fake trainer starting", flush=True)\n'
-    git_ = 'subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", '
+    here = "    here = os.path.dirname(os.path.abspath(__file__))\n"
+    git_ = 'subprocess.run(["git", "-C", here, "-c", "user.name=t", "-c", "user.email=t@t", '
+    done = "    sys.exit(3)\n"  # done meddling: no need to hand anything over
     script = write_script(tmp_path, [
-        edit(start, start + '    open("results.tsv", "a").write("abc1234\\t0.500000\\t0.5\\tkeep\\tmy own row\\n")\n',
+        edit(START, START + here + '    open(os.path.join(here, "results.tsv"), "a").write('
+                                   '"abc1234\\t0.500000\\t0.5\\tkeep\\tmy own row\\n")\n' + done,
              "log the result myself"),
-        edit(start, start + '    open("results.tsv", "w").write("commit\\tval_bpb\\n")\n', "start a fresh log"),
-        edit(start, start + f'    {git_}"commit", "-q", "--allow-empty", "-m", "checkpoint"], check=True)\n',
+        edit(START, START + here + f'    {git_}"commit", "-q", "--allow-empty", "-m", "checkpoint"], check=True)\n' + done,
              "commit a checkpoint"),
-        edit(start, start + f'    {git_}"checkout", "-q", "main"], check=True)\n', "train on the main branch"),
-        WIN,
+        edit(START, START + here + f'    {git_}"checkout", "-q", "main"], check=True)\n' + done,
+             "train on the main branch"),
     ])
-    proc = run_loop(repo, *loop_args("meddle", script, "--max-experiments", "5", "--max-fix-attempts", "0"),
-                    env=loop_env(tiny_cache))
+    proc = run_loop(repo, *loop_args("meddle", script, "--max-experiments", "3", "--max-fix-attempts", "0",
+                                     "--no-sandbox"), env=loop_env(tiny_cache))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    *rejected, win = check_after(prior, ["rejected"] * 4 + ["keep"])
+    rejected = check_after(prior, ["rejected"] * 3)
     assert [r.note for r in rejected] == [
-        "rejected: the run changed results.tsv (put back)", "rejected: the run changed results.tsv (put back)",
+        "rejected: the run changed results.tsv (put back)",
         "rejected: the run changed the git history (put back)",
         "rejected: the run changed the checked-out branch (put back)"]
-    assert win.val_bpb == 1.5 and git(repo, "rev-parse", "main") == prior.kept
+    assert git(repo, "rev-parse", "main") == prior.kept
 
 
 # ------------------------------------------------------------------------------------------------
@@ -553,52 +562,45 @@ FAKE_SUMMARY = "".join(f"{k + ':':<18}{v}\\n" for k, v in [
     ("mfu_percent", "n/a"), ("total_tokens_M", "0.1"), ("num_steps", "10"), ("num_params_M", "1.2"), ("depth", "2")])
 
 
-def test_printed_or_forged_results_are_not_recorded(tiny_cache, tmp_path):
-    """Only the locked evaluator's JSON counts: a printed summary, a hand-written result with another
-    evaluator's hash, one scored on the wrong split, and a result file that is not JSON are all crashes."""
+def test_results_that_are_not_measurements(tiny_cache, tmp_path):
+    """Only the harness's score counts. A trainer that prints a great number and leaves forged results (in
+    its hand-over, and in its workspace's judge/) while its model peeks at the next token is invalid; one
+    that prints a summary block and hands nothing over is a crash; one that hands over later than budget +
+    start-up allowance (measured from the branch's baseline) is rejected as overtime. None is kept."""
     repo = make_repo(tmp_path)
-    prior = seed(repo, "fake")
-    start = '    print("fake trainer starting", flush=True)\n'
+    budget, wall = 2.0, 4.0
+    prior = seed(repo, "fake", wall=wall)  # the allowance measured from it leaves the stand-in a wide margin
+    limit = budget + allowance(wall, budget)  # and the overbudget mode (sleeps 3 x budget + 10 s) none
+    assert 3 * budget + 10 > limit > 10
+    forged = json.dumps({"valid": True, "val_bpb": 0.1, "holdout_bpb": 0.1, "evaluator_hash": prepare.evaluator_hash(),
+                         "protocol": "tiny", "split": "val"})
+    forge = (f"    for d in (os.environ['AUTORESEARCH_HANDOVER'], os.path.join(os.getcwd(), 'judge')):\n"
+             f"        os.makedirs(d, exist_ok=True)\n"
+             f"        with open(os.path.join(d, 'result.json'), 'w') as f:\n"
+             f"            f.write({forged!r})\n")
     script = write_script(tmp_path, [
-        edit(start, f'{start}    print("---\\n{FAKE_SUMMARY}")\n    return\n', "print the summary, skip the rest"),
-        edit('"evaluator_hash": prepare.evaluator_hash()', '"evaluator_hash": "0123456789ab"', "a kinder evaluator"),
-        edit('"split": "val"', '"split": "holdout"', "score the easier split"),
-        edit(start, f'{start}    open(os.environ["AUTORESEARCH_RESULT_JSON"], "w").write("val_bpb: 0.5")\n    return\n',
-             "write the number by hand"),
+        {"description": "peek at the next token, print and forge a great number", "edits": [
+            {"old": 'MODE = "ok"', "new": 'MODE = "noncausal"'},
+            {"old": START, "new": START + forge + '    print("---\\nval_bpb:          0.100000", flush=True)\n'}]},
+        {"description": "skip the hand-over, print the summary", "edits": [
+            {"old": 'MODE = "ok"', "new": 'MODE = "nohandover"'},
+            {"old": START, "new": START + forge + f'    print("---\\n{FAKE_SUMMARY}", flush=True)\n'}]},
+        edit('MODE = "ok"', 'MODE = "overbudget"', "train longer"),
     ])
-    proc = run_loop(repo, *loop_args("fake", script, "--max-experiments", "4", "--max-fix-attempts", "0"),
+    proc = run_loop(repo, *loop_args("fake", script, "--max-experiments", "3", "--max-fix-attempts", "0"),
                     env=loop_env(tiny_cache))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    printed, hashed, split, garbled = check_after(prior, ["crash"] * 4)
-    assert "no result from the evaluator" in printed.note
-    assert "is not the locked evaluator's" in hashed.note
-    assert "not tiny/val" in split.note
-    assert "not valid JSON" in garbled.note
-    assert "val_bpb:          0.812345" in (repo / "runs" / str(printed.run) / "log.txt").read_text()
-
-
-def test_real_trainer_that_skips_the_evaluation(tiny_cache, tmp_path):
-    step = {"description": "evaluation takes too long: report the training loss instead", "expect": "crash",
-            "edits": [
-                {"old": "WARMUP_STEPS_UNCOUNTED = 10", "new": "WARMUP_STEPS_UNCOUNTED = 0"},  # a short run
-                {"old": "    eval_result = prepare.evaluate_bpb(",
-                 "new": "    eval_result = {\"val_bpb\": 0.5, \"valid\": True}\n    unused = ("},
-            ]}
-    row, log = _real_trainer_fault(tiny_cache, tmp_path, "skip", step)
-    assert "no result from the evaluator" in row.note
-    assert "val_bpb:          0.500000" in log  # the printed block claims a great number
-
-
-def test_real_trainer_that_sees_the_future_is_invalid(tiny_cache, tmp_path):
-    step = {"description": "let each position peek at the next token", "expect": "invalid", "edits": [
-        {"old": "WARMUP_STEPS_UNCOUNTED = 10", "new": "WARMUP_STEPS_UNCOUNTED = 0"},  # a short run
-        {"old": "        logits = SOFTCAP * torch.tanh(logits / SOFTCAP)\n",
-         "new": "        logits = SOFTCAP * torch.tanh(logits / SOFTCAP)\n"
-                "        logits = logits + 5.0 * F.one_hot(torch.roll(idx, -1, dims=1).long(), logits.size(-1))\n"},
-    ]}
-    row, log = _real_trainer_fault(tiny_cache, tmp_path, "future", step)
-    assert "sees the future" in row.note and row.val_bpb == 0.0
-    assert "NonCausalModelError" in log
+    invalid, crash, over = check_after(prior, ["invalid", "crash", "rejected"])
+    assert "sees the future" in invalid.note
+    record = json.loads((repo / "runs" / str(invalid.run) / "result.json").read_text())
+    assert record["eval"]["valid"] is False and record["eval"]["kind"] == "causality"
+    assert "val_bpb:          0.100000" in (repo / "runs" / str(invalid.run) / "log.txt").read_text()
+    assert "the trainer handed over no model" in crash.note
+    assert "val_bpb:          0.812345" in (repo / "runs" / str(crash.run) / "log.txt").read_text()
+    assert over.note.startswith("rejected: overtime: handed over ")
+    assert f"past the 2 s budget + {limit - budget:.1f} s start-up allowance" in over.note
+    assert over.wall_seconds > limit
+    assert git(repo, "rev-list", "--count", f"{prior.kept}..HEAD") == "0"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -611,35 +613,45 @@ def _claude_env(tiny_cache, url: str) -> dict[str, str]:
 
 
 def _claude_args(tag: str, *more: str) -> list[str]:
-    return ["run", "--agent", "claude", "--tag", tag, "--baseline-runs", "1", *more]
+    return ["run", "--agent", "claude", "--tag", tag, "--baseline-runs", "1", "--no-confirm", *more]
 
 
 WIN_CALLS = [message(tool("edit_trainer", old_string="VAL_BPB = 2.0", new_string="VAL_BPB = 1.5")),
              message(tool("finish", description="a clear win"))]
 
 
-def test_claude_rate_limit_and_server_errors_are_retried(tiny_cache, tmp_path):
+def test_claude_retries_then_rejected_credentials(tiny_cache, tmp_path):
+    """`loop.py run --agent claude` through the real client: a rate limit, a server error and an overload
+    are retried; the change is run and kept with the tokens (cache writes and reads too) and the cost it
+    took; then the API rejects the key, and the loop stops with one sentence and records nothing for it."""
+    from research.agents import cost_usd
+
     repo = make_repo(tmp_path)
     prior = seed(repo, "retry")
     replies = [
         error(429, "rate_limit_error", "slow down", **{"retry-after-ms": "10"}),
         error(500, "api_error", "internal error", **{"x-should-retry": "false"}),
         error(529, "overloaded_error", "Overloaded", **{"x-should-retry": "false"}),
-        *WIN_CALLS,
+        message(tool("edit_trainer", old_string="VAL_BPB = 2.0", new_string="VAL_BPB = 1.5"), usage=(800, 60, 4000, 0)),
+        message(tool("finish", description="a clear win"), usage=(20, 10, 0, 4800)),
+        error(401, "authentication_error", "invalid x-api-key"),
     ]
     with FakeMessagesAPI(replies) as api:
-        proc = run_loop(repo, *_claude_args("retry", "--max-experiments", "1"), env=_claude_env(tiny_cache, api.url))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+        proc = run_loop(repo, *_claude_args("retry", "--max-experiments", "2"), env=_claude_env(tiny_cache, api.url))
+    assert_stopped(proc, "The Anthropic API rejected the credentials (401")
+    assert "model claude-sonnet-5-5" in proc.stdout
     assert "claude: HTTP 500 api_error; retrying" in proc.stdout
     assert "claude: HTTP 529 overloaded_error; retrying" in proc.stdout
-    assert len(api.requests) == 5
+    assert len(api.requests) == 6
     (win,) = check_after(prior, ["keep"])
-    assert win.val_bpb == 1.5 and win.agent_tokens_in == 2000 and win.agent_tokens_out == 100
+    assert win.val_bpb == pytest.approx(fake_bpb(1.5), abs=1.5e-6)
+    assert win.agent_tokens_in == 800 + 4000 + 20 + 4800 and win.agent_tokens_out == 70
+    assert win.agent_cost_usd == pytest.approx(cost_usd("claude-sonnet-5-5", 820, 70, 4000, 4800), abs=1e-4)
 
 
 def test_claude_overloaded_for_good_stops_cleanly_then_resumes(tiny_cache, tmp_path):
     """529 on every call, after the model already edited the trainer: the loop stops with one sentence,
-    the half-made change is gone, and the next start carries on."""
+    the half-made change is gone, and the next start finds everything in order."""
     repo = make_repo(tmp_path)
     prior = seed(repo, "overload")
     overloaded = error(529, "overloaded_error", "Overloaded", **{"x-should-retry": "false"})
@@ -651,32 +663,11 @@ def test_claude_overloaded_for_good_stops_cleanly_then_resumes(tiny_cache, tmp_p
     check_after(prior, [])
     assert "VAL_BPB = 2.0" in (repo / "train_cuda.py").read_text()
 
-    with FakeMessagesAPI(list(WIN_CALLS)) as api:
-        proc = run_loop(repo, *_claude_args("overload", "--max-experiments", "1"), env=_claude_env(tiny_cache, api.url))
+    proc = run_loop(repo, *_claude_args("overload", "--max-experiments", "0"),
+                    env=_claude_env(tiny_cache, "http://127.0.0.1:9"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    check_after(prior, ["keep"])
-
-
-def test_claude_malformed_tool_input(tiny_cache, tmp_path):
-    repo = make_repo(tmp_path)
-    prior = seed(repo, "tools")
-    not_an_object = {"type": "tool_use", "id": "toolu_bad", "name": "edit_trainer", "input": "VAL_BPB = 1.5"}
-    replies = [
-        message(tool("edit_trainer", old_string=2.0, new_string=1.5)),
-        message(not_an_object),
-        message(tool("edit_trainer", old_string="VAL_BPB = 2.0")),
-        message(tool("edit_file", path="prepare.py", old_string="x", new_string="y")),
-        message(tool("read_file", path="/etc/passwd")),
-        message(tool("finish", description="nothing yet")),
-        *WIN_CALLS,
-    ]
-    with FakeMessagesAPI(replies) as api:
-        proc = run_loop(repo, *_claude_args("tools", "--max-experiments", "1"), env=_claude_env(tiny_cache, api.url))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    (win,) = check_after(prior, ["keep"])
-    assert win.val_bpb == 1.5
-    errors = [b for r in api.requests[1:7] for b in r["messages"][-1]["content"] if b.get("type") == "tool_result"]
-    assert len(errors) == 6 and all(b.get("is_error") for b in errors)
+    assert "resuming branch autoresearch/overload" in proc.stdout
+    check_after(prior, [])
 
 
 class RawMessagesAPI(FakeMessagesAPI):
@@ -706,28 +697,40 @@ class RawMessagesAPI(FakeMessagesAPI):
         self.server.RequestHandlerClass = Raw
 
 
-def test_claude_malformed_responses_are_retried(tiny_cache, tmp_path):
-    """A proxy or a broken deployment answering 200 with something that is not a message."""
+def test_claude_malformed_responses_and_tool_input(tiny_cache, tmp_path):
+    """A proxy or a broken deployment answering 200 with something that is not a message is retried; tool
+    calls with malformed input, an unknown tool, a read outside the scope or a finish before any change each
+    get an error back; the change that finally comes is run and kept."""
     repo = make_repo(tmp_path)
     prior = seed(repo, "garbled")
+    not_an_object = {"type": "tool_use", "id": "toolu_bad", "name": "edit_trainer", "input": "VAL_BPB = 1.5"}
     replies = [
         (200, ["not", "a", "message"], {}),
         (200, "<html>502 Bad Gateway</html>", {}),
         (200, {"type": "message", "role": "assistant"}, {}),  # no content
         (200, b'{"id": "msg_1", "type": "mess', {}),  # cut short
+        message(tool("edit_trainer", old_string=2.0, new_string=1.5)),
+        message(not_an_object),
+        message(tool("edit_trainer", old_string="VAL_BPB = 2.0")),
+        message(tool("edit_file", path="prepare.py", old_string="x", new_string="y")),
+        message(tool("read_file", path="/etc/passwd")),
+        message(tool("finish", description="nothing yet")),
         *WIN_CALLS,
     ]
     with RawMessagesAPI(replies) as api:
         proc = run_loop(repo, *_claude_args("garbled", "--max-experiments", "1"), env=_claude_env(tiny_cache, api.url))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("claude: malformed response") == 4
-    assert len(api.requests) == 6
-    check_after(prior, ["keep"])
+    assert len(api.requests) == 12
+    errors = [b for r in api.requests[5:11] for b in r["messages"][-1]["content"] if b.get("type") == "tool_result"]
+    assert len(errors) == 6 and all(b.get("is_error") for b in errors)
+    (win,) = check_after(prior, ["keep"])
+    assert win.val_bpb == pytest.approx(fake_bpb(1.5), abs=1.5e-6)
 
 
 def test_loop_killed_while_the_agent_edits_then_resumed(tiny_cache, tmp_path):
     """SIGKILL while Claude is halfway through a change (the trainer edited, nothing committed yet): the
-    next start sets the unfinished edit aside (saved under runs/) and carries on."""
+    next start sets the unfinished edit aside (saved under runs/) and restores the trainer."""
     repo = make_repo(tmp_path)
     prior = seed(repo, "midedit")
     hold = threading.Event()
@@ -740,14 +743,13 @@ def test_loop_killed_while_the_agent_edits_then_resumed(tiny_cache, tmp_path):
         finally:
             hold.set()
     assert git(repo, "status", "--porcelain") == "M train_cuda.py"  # the half-made change
-    with FakeMessagesAPI(list(WIN_CALLS)) as api:
-        proc = run_loop(repo, *_claude_args("midedit", "--max-experiments", "1"), env=_claude_env(tiny_cache, api.url))
+    proc = run_loop(repo, *_claude_args("midedit", "--max-experiments", "0"),
+                    env=_claude_env(tiny_cache, "http://127.0.0.1:9"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "unfinished edit of train_cuda.py" in proc.stdout
     (saved,) = (repo / "runs").glob("unfinished-*.patch")
     assert "+VAL_BPB = 1.5" in saved.read_text()
-    (win,) = check_after(prior, ["keep"])
-    assert win.val_bpb == 1.5
+    check_after(prior, [])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -768,28 +770,29 @@ def test_corrupt_validation_shard_at_start(tiny_cache, tmp_path):
     check_after(prior, [])
     assert not (repo / "runs").exists()  # nothing ran
 
-    # following the advice: delete it and prepare again, then the loop resumes
+    # following the advice: delete it and prepare again, then the loop starts
     shard.unlink()
     prep = subprocess.run([sys.executable, "prepare.py", "--protocol", "tiny"], cwd=repo, env=env,
                           capture_output=True, text=True)
     assert prep.returncode == 0, prep.stdout + prep.stderr
-    proc = run_loop(repo, *loop_args("shard", script, "--max-experiments", "1"), env=env)
+    proc = run_loop(repo, *loop_args("shard", script, "--max-experiments", "0"), env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    check_after(prior, ["keep"])
+    check_after(prior, [])
 
 
 def test_validation_shard_corrupted_mid_session(tiny_cache, tmp_path):
-    """The data breaks between two experiments: the run crashes, the loop says why and stops instead of
-    handing the agent fix attempts for a change that did nothing wrong."""
+    """The data breaks between two experiments: the harness refuses to score on it, the run is a crash, and
+    the loop says why and stops instead of handing the agent fix attempts for a change that did nothing wrong."""
     cache = private_cache(tiny_cache, tmp_path)
     repo = make_repo(tmp_path, DATA_TRAINER)
     prior = seed(repo, "midshard")
     shard = val_shard(cache)
     script = write_script(tmp_path, [{**WIN, "write": {str(shard): "PAR1 not really"}}, WIN])
     proc = run_loop(repo, *loop_args("midshard", script, "--max-experiments", "2"), env=loop_env(cache))
-    assert_stopped(proc, "corrupt or truncated", "python prepare.py --protocol tiny")
+    assert_stopped(proc, str(shard), "python prepare.py --protocol tiny")
     (crash,) = check_after(prior, ["crash"])
-    assert "corrupt or truncated" in crash.note
+    assert str(shard.name) in crash.note
+    assert "harness: not scored (data)" in (repo / "runs" / str(crash.run) / "log.txt").read_text()
     assert "asking the scripted agent to fix" not in proc.stdout
 
 
@@ -804,48 +807,26 @@ def test_missing_tokenizer_mid_session_stops_then_resume_rebuilds_it(tiny_cache,
     (crash,) = check_after(prior, ["crash"])
     assert "has no tokenizer" in crash.note
 
-    proc = run_loop(repo, *loop_args("tok", write_script(tmp_path, [WIN]), "--max-experiments", "1"), env=env)
+    proc = run_loop(repo, *loop_args("tok", write_script(tmp_path, [WIN]), "--max-experiments", "0"), env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "preparing protocol 'tiny'" in proc.stdout
     assert all(f.exists() for f in tokenizer_files(cache))
-    check_after(prior, ["crash", "keep"])
+    check_after(prior, ["crash"])
 
 
 # ------------------------------------------------------------------------------------------------
-# 18. results.tsv cannot be written (the loop driven in-process, so the disk can "fill up")
+# 18. results.tsv cannot be written (the loop driven in-process, so the disk can "fill up"; the runs
+#     are scripted measurements: the trainer is not the point)
 # ------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def in_process(tiny_cache, monkeypatch, capsys):
-    """Run `loop.main(argv)` in this process on a given repository; returns (exit code, stdout, stderr)."""
-    import loop
-
-    def run(repo: Path, argv: list[str]) -> tuple[int, str, str]:
-        monkeypatch.setattr(loop, "REPO", repo)
-        monkeypatch.chdir(repo)
-        for k, v in loop_env(tiny_cache, budget=1).items():
-            if k.startswith("AUTORESEARCH_"):
-                monkeypatch.setenv(k, v)
-        monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
-        handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-        try:
-            code = loop.main(argv)
-        finally:
-            for s, h in handlers.items():
-                signal.signal(s, h)
-        out = capsys.readouterr()
-        return code, out.out, out.err
-
-    return run
 
 
 @pytest.mark.parametrize("fault", ["disk-full", "short-write", "read-only"])
-def test_results_file_cannot_be_written(tmp_path, in_process, fault):
+def test_results_file_cannot_be_written(tmp_path, in_process, stub_runs, fault):
     """The disk fills up (or turns read-only) when a winning row is to be appended: the loop stops with
     one sentence, no partial row is left, and the unrecorded win is not left as the branch head."""
     repo = make_repo(tmp_path)
-    prior = seed(repo, "disk")
+    prior = seed(repo, "disk", 3.0)
+    stub_runs({"a clear win": [2.5]})
     results = repo / "results.tsv"
     inode = results.stat().st_ino
     real_write, real_open = os.write, os.open
@@ -881,7 +862,7 @@ def test_disk_full_for_the_run_records(tmp_path, in_process):
     """The disk is full when the loop writes runs/<n>/ (the diff, the trainer's log): it stops with one
     sentence naming the file, and the agent's edit is not left in the tree."""
     repo = make_repo(tmp_path)
-    prior = seed(repo, "full")
+    prior = seed(repo, "full", 3.0)
     runs = (repo / "runs").resolve()
     real_open = io.open
 
@@ -900,25 +881,27 @@ def test_disk_full_for_the_run_records(tmp_path, in_process):
     check_after(prior, [])
 
 
-def test_unexpected_error_in_the_loop_restores_the_tree(tmp_path, in_process, monkeypatch):
-    """A bug in the loop itself mid-experiment (after the commit, before the record): the traceback is
-    shown, and the tree, the branch and the lock are left as after an interrupt."""
+def test_unexpected_error_in_the_loop_restores_the_tree(tmp_path, in_process, stub_runs, monkeypatch):
+    """A bug in the loop itself mid-experiment (after the commit and the run, before the record): the
+    traceback is shown, and the tree, the branch and the lock are left as after an interrupt."""
     import research.experiment
 
     def broken(*args, **kwargs):
         raise RuntimeError("a bug in the loop")
 
     repo = make_repo(tmp_path)
-    prior = seed(repo, "bug")
+    prior = seed(repo, "bug", 3.0)
+    calls = stub_runs({"a clear win": [2.5]})
     monkeypatch.setattr(research.experiment, "decide", broken)
     with pytest.raises(RuntimeError, match="a bug in the loop"):
         in_process(repo, loop_args("bug", write_script(tmp_path, [WIN]), "--max-experiments", "1"))
+    assert calls == [("a clear win", "", 2.5)]  # it failed after the run
     check_after(prior, [])
 
 
 def test_results_file_is_a_directory(tiny_cache, tmp_path):
     repo = make_repo(tmp_path)
-    prior = seed(repo, "dir")
+    prior = seed(repo, "dir", 3.0)
     (repo / "results.tsv").unlink()
     (repo / "results.tsv").mkdir()
     proc = run_loop(repo, *loop_args("dir", write_script(tmp_path, [WIN]), "--max-experiments", "1"),
@@ -933,56 +916,41 @@ def test_results_file_is_a_directory(tiny_cache, tmp_path):
 # 19. two loops on one repository
 # ------------------------------------------------------------------------------------------------
 
-WAITING_WIN = {"description": "a win that waits for the test's signal", "edits": [
-    *WIN["edits"],
-    {"old": "    time.sleep(SLEEP)\n",
-     "new": "    while not os.path.exists(os.environ[\"RELEASE_FILE\"]):\n        time.sleep(0.05)\n"},
-]}
 
-
-def test_second_loop_refuses_while_one_runs(tiny_cache, tmp_path):
-    repo = make_repo(tmp_path)
-    prior = seed(repo, "two")
-    release = tmp_path / "release"
-    env = loop_env(tiny_cache, RELEASE_FILE=str(release))
-    first = start_loop(repo, loop_args("two", write_script(tmp_path, [WAITING_WIN]), "--max-experiments", "1"), env,
-                       tmp_path / "first.log")
-    try:
-        wait_for(lambda: (repo / "runs").is_dir() and any((repo / "runs").glob("*/child_env.json")),
-                 "the first loop's trainer to start", procs=(first,))
-        head, data = git(repo, "rev-parse", "HEAD"), (repo / "results.tsv").read_bytes()
-        second = run_loop(repo, *loop_args("two", write_script(tmp_path, [WIN]), "--max-experiments", "1"), env=env)
-        assert_stopped(second, f"Another autoresearch loop (pid {first.pid}) is running on this repository")
-        assert first.poll() is None and git(repo, "rev-parse", "HEAD") == head
-        assert (repo / "results.tsv").read_bytes() == data and len(list((repo / "runs").iterdir())) == 1
-    finally:
-        release.touch()
-    assert first.wait(timeout=120) == 0, (tmp_path / "first.log").read_text()
-    check_after(prior, ["keep"])
-
-
-def test_loops_started_at_once(tiny_cache, tmp_path):
-    """Three loops started together: one runs, the other two refuse, whatever the timing."""
+def test_concurrent_loops_one_runs_the_others_refuse(tiny_cache, tmp_path):
+    """Three loops started at once: one runs, the other two refuse, whatever the timing. Another one started
+    while the first one's trainer runs refuses too, naming it, and changes nothing."""
     repo = make_repo(tmp_path)
     prior = seed(repo, "race")
-    release = tmp_path / "release"
-    env = loop_env(tiny_cache, RELEASE_FILE=str(release))
-    script = write_script(tmp_path, [WAITING_WIN])
+    env = loop_env(tiny_cache, FAKE_HOLD="1")  # the trainer waits for release(repo)
+    script = write_script(tmp_path, [WIN])
     loops = [start_loop(repo, loop_args("race", script, "--max-experiments", "1"), env, tmp_path / f"{i}.log")
              for i in range(3)]
     try:
         wait_for(lambda: sum(p.poll() is not None for p in loops) >= 2, "two of the loops to refuse")
+        (first,) = [p for p in loops if p.poll() is None]
+        wait_for(log_has(repo, "holding until SIGUSR1"), "the first loop's trainer to start", procs=(first,))
+        head, data = git(repo, "rev-parse", "HEAD"), (repo / "results.tsv").read_bytes()
+        second = run_loop(repo, *loop_args("race", write_script(tmp_path, [WIN]), "--max-experiments", "1"), env=env)
+        assert_stopped(second, f"Another autoresearch loop (pid {first.pid}) is running on this repository")
+        assert first.poll() is None and git(repo, "rev-parse", "HEAD") == head
+        assert (repo / "results.tsv").read_bytes() == data and len(list((repo / "runs").iterdir())) == 1
+        release(repo)
+        codes = sorted(p.wait(timeout=120) for p in loops)
     finally:
-        release.touch()
-    codes = sorted(p.wait(timeout=120) for p in loops)
+        for p in loops:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     logs = [(tmp_path / f"{i}.log").read_text() for i in range(3)]
     assert codes == [0, 1, 1], logs
     assert sum("Another autoresearch loop" in log for log in logs) == 2
     assert not any("Traceback" in log for log in logs)
-    check_after(prior, ["keep"])
+    (win,) = check_after(prior, ["keep"])
+    assert win.val_bpb == pytest.approx(fake_bpb(1.5), abs=1.5e-6)
 
 
-def _take_lock(repo: str, start: float, results) -> None:
+def _take_lock(repo: str, start: float, results, done) -> None:
     while time.time() < start:
         pass
     try:
@@ -991,7 +959,7 @@ def _take_lock(repo: str, start: float, results) -> None:
         results.put(0)
         return
     results.put(1)
-    time.sleep(0.1)  # hold it while the others try
+    done.wait(30)  # hold it until every other process has tried (however late the machine let it start)
 
 
 def test_repo_lock_has_one_holder_under_a_race(tmp_path):
@@ -1000,12 +968,13 @@ def test_repo_lock_has_one_holder_under_a_race(tmp_path):
     for trial in range(25):
         repo = tmp_path / str(trial)
         repo.mkdir()
-        results = ctx.Queue()
+        results, done = ctx.Queue(), ctx.Event()
         start = time.time() + 0.03
-        procs = [ctx.Process(target=_take_lock, args=(str(repo), start, results)) for _ in range(4)]
+        procs = [ctx.Process(target=_take_lock, args=(str(repo), start, results, done)) for _ in range(4)]
         for p in procs:
             p.start()
         held = [results.get(timeout=30) for _ in procs]
+        done.set()
         for p in procs:
             p.join()
         assert sum(held) == 1, f"trial {trial}: {sum(held)} holders"

@@ -1,9 +1,9 @@
 """Tests of the PyTorch trainer (train_cuda.py) on CPU.
 
 Run: .venv/bin/python -m pytest tests/test_train_cuda.py -q
-(about a minute on a small CPU, most of it the real run: 10 uncounted steps, a 4 s budget
-and the tiny protocol's evaluation; `-m "not slow"` skips it). The runs use the prepared
-tiny protocol from the `tiny_cache` fixture.
+(about half a minute on a small CPU; the real run -- 10 uncounted steps, a 4 s budget, the
+hand-over and the harness's scoring -- is marked slow and runs with `-m slow`). The runs use the
+prepared tiny protocol from the `tiny_cache` fixture.
 """
 
 import math

@@ -1,8 +1,9 @@
 """Tests of the MLX trainer (train_mlx.py) on MLX's CPU build (fp32).
 
 Run: .venv/bin/python -m pytest tests/test_train_mlx.py -q
-(well under a minute: the whole-run tests use the prepared tiny protocol from the `tiny_cache`
-fixture, a time budget of a few seconds, and the trainer's CPU baseline.)
+(well under a minute; the whole-run tests use the prepared tiny protocol from the `tiny_cache`
+fixture, a time budget of a few seconds, and the trainer's CPU baseline. The run that trains, hands
+over and is scored by the harness is marked slow: `-m slow` runs it.)
 Cross-framework checks against train_cuda.py live in tests/test_parity.py.
 """
 
@@ -317,6 +318,7 @@ def test_same_hyperparameter_names_as_the_torch_trainer(tm):
 # --- whole runs -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_tiny_run_learns_and_prints_summary(tm, tiny_cache):
     budget = 4.0
     proc = run_trainer("train_mlx.py", "mlx", tiny_cache, budget)

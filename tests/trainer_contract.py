@@ -1,8 +1,9 @@
 """What every trainer promises the loop, checked the same way for train_cuda.py and train_mlx.py.
 
-Helpers imported by tests/test_train_cuda.py and tests/test_train_mlx.py: run a trainer as the loop
-does (a child process on the prepared tiny protocol), then check that it learned and printed the
-summary, or that it failed fast with one `FAIL:` line; and import the PyTorch trainer in fp32 on CPU.
+Helpers imported by tests/test_train_cuda.py and tests/test_train_mlx.py: run a trainer by hand (a child
+process on the prepared tiny protocol, no loop: its hand-over has the harness score the model and prints
+the summary block), then check that it learned and printed the harness's score, or that it failed fast
+with one `FAIL:` line before any hand-over; and import the PyTorch trainer in fp32 on CPU.
 """
 
 from __future__ import annotations
@@ -19,22 +20,27 @@ REPO = Path(__file__).resolve().parent.parent
 
 def run_trainer(trainer: str, backend: str, cache: Path, budget: float, script: str | None = None,
                 timeout: float = 240) -> subprocess.CompletedProcess:
-    """Run `trainer` (or a Python `script` that imports it) on the tiny protocol with `budget` seconds."""
+    """Run `trainer` (or a Python `script` that imports it) by hand on the tiny protocol with `budget` seconds:
+    no AUTORESEARCH_HANDOVER, so its hand-over runs the harness itself and prints the summary block."""
     env = dict(os.environ, AUTORESEARCH_CACHE=str(cache), AUTORESEARCH_PROTOCOL="tiny",
                AUTORESEARCH_TIME_BUDGET=str(budget), AUTORESEARCH_BACKEND=backend, PYTHONPATH=str(REPO))
-    env.pop("AUTORESEARCH_RESULT_JSON", None)
+    env.pop("AUTORESEARCH_HANDOVER", None)
     cmd = [sys.executable, "-c", script] if script else [sys.executable, str(REPO / trainer)]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def check_learning_run(proc: subprocess.CompletedProcess, budget: float, backend: str, attention: str) -> dict:
-    """The run learned (loss fell), respected the budget and printed a summary that parses; returns it."""
+    """The run learned (loss fell), respected the budget, handed its model over to the harness (a separate
+    process: its line comes before the summary) and printed a summary that parses; returns it."""
     import prepare
 
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     losses = [float(v) for v in re.findall(r"loss: ([0-9.]+)", proc.stdout)]
     assert len(losses) > 10 and losses[-1] < losses[0] - 0.5
+    harness = re.findall(r"^harness: val ([0-9.]+) bpb", proc.stdout, flags=re.M)
     summary = prepare.parse_summary(proc.stdout)
+    assert harness and summary and abs(float(harness[-1]) - summary["val_bpb"]) < 1.5e-6
+    assert proc.stdout.index("harness: val") < proc.stdout.rindex("\nval_bpb:")
     assert summary["num_steps"] == len(losses)
     assert summary["training_seconds"] >= budget
     assert summary["backend"] == backend
@@ -45,11 +51,11 @@ def check_learning_run(proc: subprocess.CompletedProcess, budget: float, backend
 
 
 def check_fails_fast(proc: subprocess.CompletedProcess, pattern: str) -> None:
-    """The run exited 1 with exactly one `FAIL:` line matching `pattern` and never evaluated."""
+    """The run exited 1 with exactly one `FAIL:` line matching `pattern` and handed nothing over."""
     assert proc.returncode == 1
     fail_lines = [line for line in proc.stdout.splitlines() if line.startswith("FAIL:")]
     assert len(fail_lines) == 1 and re.search(pattern, fail_lines[0], re.I), fail_lines
-    assert "val_bpb" not in proc.stdout
+    assert "val_bpb" not in proc.stdout and "harness:" not in proc.stdout
 
 
 NAN_SCRIPT = "import {module} as t\nt.UNEMBEDDING_LR = float('nan')\nt.main()\n"
