@@ -1379,7 +1379,10 @@ def test_4d_padding_rows_carry_no_copy_in_process(val):
 
 
 @pytest.mark.skipif(not _has_mlx(), reason="needs MLX")
-def test_4c_mlx_logits_far_from_zero_are_refused_in_process(val):
+def test_4c_mlx_logits_far_from_zero_gain_nothing_in_process(val):
+    """Logits shifted to 2**27 lose the partition function in float32 arithmetic unless the adapter
+    subtracts the row max first (it does); were that ever undone, the harness's float64 check refuses
+    the graph. Either way the shifted model scores no better than the model itself."""
     import mlx.core as mx
 
     from backends.mlx_rt import MLXEvalAdapter
@@ -1391,8 +1394,12 @@ def test_4c_mlx_logits_far_from_zero_are_refused_in_process(val):
         out = _unigram(val)(x).copy()
         out[:, 1:] = (out[:, 1:] + np.float32(centre)) + np.float32(2.0 ** 27)
         return mx.array(out)
-    with pytest.raises(UnfaithfulLossError):
-        _score(val, forward, adapter=MLXEvalAdapter())
+    honest = _score(val, lambda x: mx.array(_unigram(val)(x)), adapter=MLXEvalAdapter())
+    try:
+        shifted = _score(val, forward, adapter=MLXEvalAdapter())
+    except UnfaithfulLossError:
+        return
+    assert shifted >= honest - 1e-6, (shifted, honest)
 
 
 # ------------------------------------------------------------------------------------------------
