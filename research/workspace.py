@@ -84,8 +84,12 @@ class Workspace:
 
 def _private_env(home: Path, tmp: Path, cache: Path, **extra: str) -> dict[str, str]:
     """The loop's environment without credentials, with home, temp and every per-user cache pointed at
-    the given private directories."""
+    the given private directories, and the data cache named explicitly (its default lives under the
+    real home, which the child no longer has)."""
+    import prepare
+
     env = child_env(
+        AUTORESEARCH_CACHE=str(prepare.cache_root().resolve()),
         HOME=str(home),
         TMPDIR=str(tmp),
         XDG_CACHE_HOME=str(cache),

@@ -48,3 +48,20 @@ def test_a_rejected_try_keeps_the_edit_and_says_how_to_get_the_rest_back(tiny_ca
     subprocess.run(["git", "apply", "--exclude=train_cuda.py", applied.group(1)], cwd=repo, check=True)
     assert (repo / "scratch.py").exists() and "my notes" in (repo / "program.md").read_text()
     assert (repo / "train_cuda.py").read_text() == edited
+
+
+def test_the_default_cache_under_home_reaches_the_sandboxed_trainer(tiny_cache_root, tmp_path):
+    """No AUTORESEARCH_CACHE set: the data lives under ~/.cache/autoresearch, and the trainer (whose HOME
+    is its private workspace) and the harness must still find it."""
+    import shutil
+
+    home = tmp_path / "home"
+    shutil.copytree(tiny_cache_root, home / ".cache" / "autoresearch")
+    repo = make_repo(tmp_path)
+    git(repo, "checkout", "-q", "-b", "autoresearch/home")
+    (repo / "train_cuda.py").write_text(FAKE_TRAINER.replace("VAL_BPB = 2.0", "VAL_BPB = 1.5"))
+    env = loop_env(tiny_cache_root, HOME=str(home))
+    del env["AUTORESEARCH_CACHE"]
+    proc = run_loop(repo, "try", "a change", "--baseline-runs", "1", env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert [r.status for r in read_rows(repo)][:1] == ["keep"] and read_rows(repo)[0].val_bpb > 0
