@@ -39,6 +39,7 @@ kernel ignores it for root, so for root it is not set.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import functools
 import glob
@@ -253,11 +254,56 @@ def _rlimits(policy: SandboxPolicy) -> dict[str, int]:
     return limits
 
 
-def _preexec(limits: dict[str, int]) -> Callable[[], None]:
-    """Sets `limits` in the forked child before exec; touches nothing that could hold a lock."""
+_PIDS_ROOTS = (Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup"))  # cgroup v1 pids hierarchy, or v2
+_pids_group: Path | None = None
+
+
+def pids_cgroup(max_processes: int | None) -> Path | None:
+    """As root RLIMIT_NPROC does not apply, so a pids cgroup bounds a run's tasks instead: one group per
+    loop process (runs never overlap), its pids.max set to `max_processes`, removed at exit. None when
+    not root, no limit is asked for, or no writable pids controller is mounted."""
+    global _pids_group
+    if os.geteuid() != 0 or not max_processes or not sys.platform.startswith("linux"):
+        return None
+    if _pids_group is None:
+        for root in _PIDS_ROOTS:
+            v2 = root == Path("/sys/fs/cgroup")
+            try:
+                if v2 and "pids" not in (root / "cgroup.subtree_control").read_text().split():
+                    continue
+                group = root / f"autoresearch-{os.getpid()}"
+                group.mkdir(exist_ok=True)
+                if not (group / "pids.max").exists():
+                    group.rmdir()
+                    continue
+            except OSError:
+                continue
+            _pids_group = group
+            atexit.register(_remove_group, group)
+            break
+        else:
+            return None
+    (_pids_group / "pids.max").write_text(f"{int(max_processes)}\n")
+    return _pids_group
+
+
+def _remove_group(group: Path) -> None:
+    try:
+        group.rmdir()
+    except OSError:
+        pass
+
+
+def _preexec(limits: dict[str, int], group: Path | None = None) -> Callable[[], None]:
+    """Sets `limits` in the forked child before exec (and joins the pids `group`); touches nothing that
+    could hold a lock."""
     resolved = [(getattr(resource, f"RLIMIT_{name}"), value) for name, value in limits.items()]
+    procs = str(group / "cgroup.procs") if group is not None else None
 
     def apply() -> None:
+        if procs is not None:
+            with open(procs, "w") as f:
+                f.write("0\n")  # this process, and every task it starts, counts against pids.max
         for which, value in resolved:
             hard = resource.getrlimit(which)[1]
             value = value if hard == resource.RLIM_INFINITY else min(value, hard)
@@ -371,10 +417,11 @@ def wrap(kind: str, argv: list[str], policy: SandboxPolicy
     if not _available(kind):
         raise SandboxError(f"this host cannot provide the {kind} sandbox.")
     argv = [str(a) for a in argv]
-    if kind == "landlock":
-        return _landlock_command(argv, policy), None  # the launcher sets the rlimits itself
+    group = pids_cgroup(policy.max_processes)
+    if kind == "landlock":  # the launcher sets the rlimits itself
+        return _landlock_command(argv, policy), (_preexec({}, group) if group is not None else None)
     command = _bwrap_command(argv, policy) if kind == "bwrap" else _seatbelt_command(argv, policy)
-    return command, _preexec(_rlimits(policy))
+    return command, _preexec(_rlimits(policy), group)
 
 
 # --- ending what a run left behind (the caller's part on the Landlock path) --------------------
