@@ -269,7 +269,10 @@ def _run_once(s: Session, run_dir: Path, label: str, description: str, prefix: s
             return run, "crash", None, f"killed after {run.wall_seconds:.0f} s (limit {s.timeout_s:.0f} s)"
         if run.returncode != 0:
             fail = failure_line(log_tail(log_path, 200, 20000))
-            reason = exit_reason(run.returncode)
+            code = run.returncode
+            if s.sandbox == "bwrap" and code is not None and 128 < code < 160:
+                code = 128 - code  # bwrap exits 128 + N when the trainer inside died of signal N
+            reason = exit_reason(code)
             return run, "crash", None, f"{reason}; {fail}" if fail else reason
         if limit is not None and run.wall_seconds > limit:
             return run, "rejected", None, (f"overtime: handed over {run.wall_seconds:.1f} s after start, past the "

@@ -394,9 +394,6 @@ def test_trainer_killed_by_a_signal_is_a_crash_and_leaves_nothing(signal_crashes
         assert_gone([], trainer_info(repo / "runs" / str(row.run) / "log.txt")["cwd"])
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: under bubblewrap the loop reports a trainer killed by signal N "
-                                       "as 'exit code 128+N' (bwrap's exit status; research/experiment.py _run_once "
-                                       "passes it to exit_reason as it is)")
 def test_trainer_killed_by_a_signal_is_named(signal_crashes):
     segv, killed, _ = signal_crashes
     assert "killed by SIGSEGV" in segv.note, segv.note

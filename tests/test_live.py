@@ -441,7 +441,7 @@ def test_run_serve_shows_the_loop_as_it_runs(looped):
     assert running, "the page never showed a run in progress"
     assert any(c["points"] for c in running), "the page never showed a loss curve"
     described = {c["description"] for c in running if not c["unchanged"]}
-    assert described <= {"lower the fake loss", "a change that makes it worse",
+    assert described <= {"lower the fake loss", "a change that makes it worse", "(no diff.patch yet)",
                          "(the description is recorded when the run ends; the diff shows the change)"}, described
     assert described & {"lower the fake loss", "a change that makes it worse"}, described
     assert any(c["unchanged"] for c in running)  # the baseline run
