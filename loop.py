@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SessionError(str(e)) from None
         console.event(session.describe())
         if args.command == "try":
-            session.use_current_branch()
+            session.use_current_branch(research_only=True)
             out = try_change(session, args.description)
             return 0 if out.status in ("keep", "discard") else 1
         kind = args.agent or ("claude" if secrets.anthropic_credentials() else "optuna")

@@ -248,13 +248,13 @@ class Session:
                            f"of {self.trainer}, never run; saved it to {saved.relative_to(self.repo)} and restored "
                            "the trainer")
 
-    def use_current_branch(self) -> None:
-        """Work on whatever branch is checked out (for `loop.py try`)."""
+    def use_current_branch(self, research_only: bool = False) -> None:
+        """Work on whatever branch is checked out (`loop.py try`, which passes research_only: it commits,
+        resets and moves stray files, so never on a branch people develop on; `transfer`)."""
         name = gitrepo.current_branch(self.repo)
         if name is None:
             raise SessionError("HEAD is detached; check out a branch first (e.g. 'git checkout -b autoresearch/mytag').")
-        if not name.startswith("autoresearch/"):
-            # try commits, resets and moves stray files: never on a branch people develop on
+        if research_only and not name.startswith("autoresearch/"):
             raise SessionError(f"'loop.py try' runs on a research branch, not on '{name}'; create one first: "
                                "git checkout -b autoresearch/<tag>")
         self.preexisting = set()  # an external agent works between calls: every untracked file counts
