@@ -160,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         console.event(session.describe())
         if args.command == "try":
             session.use_current_branch(research_only=True)
+            console.event(session.allowance_line())
             out = try_change(session, args.description)
             return 0 if out.status in ("keep", "discard") else 1
         kind = args.agent or ("claude" if secrets.anthropic_credentials() else "optuna")
@@ -170,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         model = f", model {agent.model}" if hasattr(agent, "model") else ""
         console.event(f"{'resuming' if resumed else 'created'} branch {session.branch} at "
                       f"{session.kept_commit[:7]}; agent {agent.name}{model}")
+        console.event(session.allowance_line())
         page = live.start_for_run(args, session.results_path, session.settings, console)
         n = research(session, agent, args.max_experiments)
         console.event(f"done: {n} experiment(s); best val_bpb {session.best:.6f}" if session.best is not None

@@ -608,10 +608,10 @@ class Session:
         return (f"backend {self.host.backend} ({self.host.device_name}) - {self.host.reason}\n"
                 f"trainer {self.trainer}, protocol {p.name} v{p.version}, budget {budget}, "
                 f"evaluator {self.evaluator_hash}\n"
-                f"sandbox {self.sandbox or 'NONE (--no-sandbox: the trainer can read val data, git and your files)'}; "
-                f"{self.allowance_line()}")
+                f"sandbox {self.sandbox or 'NONE (--no-sandbox: the trainer can read val data, git and your files)'}")
 
     def allowance_line(self) -> str:
+        """The start-up allowance in one line (known once the branch is adopted: it comes from its baselines)."""
         allowance = self.startup_allowance()
         if allowance is None:
             return (f"start-up allowance: measured on the first baseline (until then a run is killed after "
