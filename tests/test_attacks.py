@@ -1,4 +1,4 @@
-"""Red-team tests: malicious edits of the trainer, each run through the real `python loop.py try`.
+"""Malicious trainers: hostile edits of the trainer, each run through the real `python loop.py try`.
 
 Every attack is an edit of train_cuda.py only (what the research agent can do), based on the stand-in
 trainer of tests/test_loop.py (FAKE_TRAINER: it hands over a real unigram graph in a few seconds). The
@@ -14,7 +14,7 @@ For every attack the tests check:
 - no process the run started is alive once `try` has returned;
 - the honest trainer still scores afterwards.
 
-Attack classes (issues 10 and 11, plus what this red-team pass found):
+Attack classes:
  1 the trainer writes its own result            7 it plants code the loop later runs
  2 it patches or replaces the evaluator          8 it rewrites refs, reflog, runs, results
  3 it reads validation / holdout data            9 it leaves detached processes
