@@ -11,8 +11,9 @@ default: the commit before research/decisions.py was added; the new one from thi
 `loop.py run --agent local --max-experiments N` in-process on the `tiny` protocol with the real trainer,
 sandboxed as always, with the rule's default settings. Every `--neutral-every`-th proposal is replaced
 by a deliberately neutral edit (a comment appended to the trainer: same model, new trainer hash), so
-a keep among them is a false keep. The two sessions run one after the other; the machine's load
-average is sampled every 5 s during each and printed with it.
+a keep among them is a false keep. The two sessions run at the same time (--sequential: one after
+the other), so that both see the same load on a shared machine; the machine's load average is
+sampled every 5 s during each and printed with it.
 
 Printed per rule, from what the run recorded (results.tsv and the clock):
   experiments        proposals run (baseline runs, confirm runs and re-runs of the best are not counted)
@@ -212,20 +213,34 @@ def main() -> int:
     ap.add_argument("--rules", default="old,new", help="which rules to run, in order (default old,new)")
     ap.add_argument("--backend", default=os.environ.get("AUTORESEARCH_BACKEND", "cpu"))
     ap.add_argument("--logs", default=None, help="a folder to write each rule's console output to")
+    ap.add_argument("--sequential", action="store_true",
+                    help="run the rules one after the other (default: at the same time, so that they share the "
+                         "machine's load; on a shared machine the load changes more between two sessions than the "
+                         "rules change anything)")
     args = ap.parse_args()
     if args.logs:
         Path(args.logs).mkdir(parents=True, exist_ok=True)
 
     results = {}
     ref = args.old_ref or old_ref()
+    rules = args.rules.split(",")
     with tempfile.TemporaryDirectory(prefix="bench-research-") as tmp:
-        for rule in args.rules.split(","):
-            repo = repo_at(ref, Path(tmp), rule) if rule == "old" else make_repo(Path(tmp), trainer=None, name=rule)
-            results[rule] = summarize(rule, run_rule(rule, repo, args))
+        repos = {rule: repo_at(ref, Path(tmp), rule) if rule == "old" else make_repo(Path(tmp), trainer=None, name=rule)
+                 for rule in rules}
+        if args.sequential:
+            for rule in rules:
+                results[rule] = summarize(rule, run_rule(rule, repos[rule], args))
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(len(rules)) as pool:
+                futures = {rule: pool.submit(run_rule, rule, repos[rule], args) for rule in rules}
+                for rule in rules:
+                    results[rule] = summarize(rule, futures[rule].result())
 
     print(f"\ntiny protocol, budget {args.budget:g} s, {args.experiments} proposals per rule (every "
-          f"{args.neutral_every}th a comment-only edit), local agent seed {args.seed}, {os.cpu_count()} CPUs; "
-          f"old rule from {ref}")
+          f"{args.neutral_every}th a comment-only edit), local agent seed {args.seed}, {os.cpu_count()} CPUs, "
+          f"rules run {'one after the other' if args.sequential else 'at the same time'}; old rule from {ref}")
     names = list(results)
     lines = [
         ("load average (mean, min-max)", lambda s: "n/a" if not s["load"] else
