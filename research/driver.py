@@ -104,9 +104,11 @@ def research(s: Session, agent: Agent, max_experiments: int | None = None) -> in
             if out.status not in ("rerun", "crash"):
                 raise SessionError(f"Re-running the best ended as {out.status} ({out.row.note}); see "
                                    f"{out.run_dir / 'log.txt'}.")
-            if out.status == "rerun" and s.state.drift is not None and abs(s.state.drift) > s.settings.drift:
-                s.console.event(f"the best ran at {100 * s.state.drift:+.0f}% steps/s of its earlier runs: the "
-                                "machine's speed drifted, so it is re-measured more often until it settles")
+            st = s.state
+            if out.status == "rerun" and st.drift is not None and len(st.best_runs) == 1:
+                s.console.event(f"the best ran at {100 * st.drift:+.0f}% steps/s against its earlier runs: the "
+                                "machine's speed moved, so the best is now this run's value alone until it is "
+                                "measured again at this speed")
         proposal = agent.propose(agent_context(s))
         if proposal is None:
             s.restore()

@@ -26,7 +26,7 @@ from research.results import MEASURED, NO_COMMIT, Row, sanitize
 from research.secrets import redact
 from judge.graphs import plain_file, read_facts
 from research.runner import run_trainer
-from research.session import ABORT_AUDIT, ABORT_OFF, BASELINE, RERUN, Session, TamperError
+from research.session import ABORT_AUDIT, ABORT_OFF, BASELINE, BEST_NEXT, RERUN, Session, TamperError, replay
 from research.workspace import Workspace
 
 __all__ = ["Outcome", "Measurement", "Usage", "run_experiment", "run_baseline", "run_rerun", "read_result",
@@ -442,7 +442,8 @@ def run_experiment(s: Session, description: str, usage: Usage | None = None, *,
         if record_as:
             status = record_as
         elif s.settings.confirm and st.best_values and (verdict.status == "keep" or verdict.promising):
-            status, note, confirm = _confirm(s, run_dir, label, description, m, verdict)
+            status, note, confirm = _confirm(s, run_dir, label, description, m, verdict, commit=commit,
+                                             run_no=run_no, text=text)
         if monitor is not None and monitor.audit and monitor.fired:
             note += f"; {ABORT_AUDIT} it would have been stopped {monitor.fired}"
             if st.best is not None and m.val_bpb < st.best:
@@ -470,11 +471,8 @@ def run_experiment(s: Session, description: str, usage: Usage | None = None, *,
         status, note = "rejected", f"rejected: {problem}"
     if meddled:
         status, note = "rejected", f"rejected: the run changed {meddled} (put back)"
-    if confirm is not None and status != "rejected":
-        run2, m2 = confirm
-        extra.append(_row(s, commit=commit, status="rerun", description=description,
-                          note=f"confirm run of run {run_no}", run_no=run_no, trainer_text=text, m=m2,
-                          wall=run2.wall_seconds, usage=None))
+    if confirm and status != "rejected":
+        extra.extend(confirm)  # the confirm run, and the best's run next to it
     if baseline:  # baseline rows are recognised by this note prefix, whatever their status
         note = f"{BASELINE} {baseline[0]}/{baseline[1]}" + (f"; {note}" if note else "")
     timings["parse"] = time.perf_counter() - t
@@ -490,18 +488,49 @@ def run_experiment(s: Session, description: str, usage: Usage | None = None, *,
     return out
 
 
-def _confirm(s: Session, run_dir: Path, label: str, description: str, m: Measurement, first: Verdict):
-    """Run a promising change again (never stopped early) and decide on the mean of both runs.
+def _confirm(s: Session, run_dir: Path, label: str, description: str, m: Measurement, first: Verdict, *,
+             commit: str, run_no: int, text: str):
+    """A promising change: the best (the last kept commit's trainer) runs once now, then the change again,
+    both never stopped early; the change is decided on the mean of its two runs against the best's runs
+    at the machine's current speed, the fresh one included. The best's run sits between the change's
+    two, so a machine that gets faster or slower during the night moves both sides alike.
 
-    Returns (status, note, (run, measurement) of the confirm run or None when it failed)."""
-    s.console.event(f"[{label}] promising ({first.note}); confirming with a second run")
+    Returns (status, note, rows to record after the experiment's: the confirm run and the best's run)."""
+    s.console.event(f"[{label}] promising ({first.note}); running the best, then the change again")
+    rows: list[Row] = []
+    best = _run_best_next_to(s, run_dir, label, run_no)
+    if best is not None:
+        run_b, m_b, best_text = best
+        rows.append(_row(s, commit=s.kept_commit, status="rerun", description=f"{RERUN} ({s.kept_commit[:7]})",
+                         note=f"{BEST_NEXT} {run_no}", run_no=run_no, trainer_text=best_text, m=m_b,
+                         wall=run_b.wall_seconds, usage=None))
     run2, status2, m2, reason = _run_once(s, run_dir, label + " confirm", description, prefix="confirm_")
     if status2 != "ok":
-        return "discard", f"confirm run failed ({reason}); first run {m.val_bpb:.6f}: {first.note}", None
-    st = s.state
+        return "discard", f"confirm run failed ({reason}); first run {m.val_bpb:.6f}: {first.note}", rows
+    rows.insert(0, _row(s, commit=commit, status="rerun", description=description, note=f"confirm run of run {run_no}",
+                        run_no=run_no, trainer_text=text, m=m2, wall=run2.wall_seconds, usage=None))
+    st = replay(s.branch_rows() + rows[1:], s.settings.min_noise, s.settings.drift)
     v = decide([m.val_bpb, m2.val_bpb], st.best_values, st.noise, s.settings.alpha)
     verdict = "confirmed" if v.status == "keep" else "not confirmed"
-    return v.status, f"{verdict} by a rerun, mean of {m.val_bpb:.6f} and {m2.val_bpb:.6f}: {v.note}", (run2, m2)
+    return v.status, f"{verdict} by a rerun, mean of {m.val_bpb:.6f} and {m2.val_bpb:.6f}: {v.note}", rows
+
+
+def _run_best_next_to(s: Session, run_dir: Path, label: str, run_no: int):
+    """Run the last kept commit's trainer once, in place of the change (put back afterwards, whatever
+    happens): (run, measurement, its text), or None when it did not measure."""
+    path = s.repo / s.trainer
+    mine = path.read_bytes()
+    try:
+        best_bytes = gitrepo.git_bytes(s.repo, "show", f"{s.kept_commit}:{s.trainer}")
+        path.write_bytes(best_bytes)
+        run, status, m, reason = _run_once(s, run_dir, f"{label} best", f"the best next to run {run_no}",
+                                           prefix="best_")
+    finally:
+        path.write_bytes(mine)
+    if status != "ok":
+        s.console.event(f"[{label}] the best's run next to it did not measure ({reason}); deciding without it")
+        return None
+    return run, m, best_bytes.decode("utf-8", errors="replace")
 
 
 def _abort_monitor(s: Session, label: str) -> AbortMonitor | None:

@@ -25,6 +25,7 @@ __all__ = ["Settings", "Session", "SessionError", "TamperError", "BASELINE", "de
 
 BASELINE = "baseline"  # description and note prefix of baseline rows
 RERUN = "rerun of the best"  # description prefix of re-measurements of the best
+BEST_NEXT = "the best, run next to run"  # note prefix of the best's run between a promising change's two
 
 
 class SessionError(RuntimeError):
@@ -73,9 +74,11 @@ class Replay:
     kept_commit: str | None = None  # short hash of the last kept non-baseline row
     noise: NoiseModel | None = None
     best_hash: str = ""  # trainer_hash of the best trainer ("" when its rows have none)
-    best_runs: list[Row] = field(default_factory=list)  # its measured runs, oldest first
+    best_runs: list[Row] = field(default_factory=list)  # its runs at the machine's current speed, oldest first
     since_best_run: int = 0  # experiments (rows other than reruns) since the best trainer last ran
-    drift: float | None = None  # last run of the best: steps/s relative to its earlier runs, minus 1
+    drift: float | None = None  # steps/s change where the best's current stretch began (None: one stretch)
+    drift_reason: str | None = None  # why the machine's speed calls for re-running the best soon
+    all_best_runs: list[Row] = field(default_factory=list)  # every measured run of the best trainer
     abort_off: bool = False  # an abort audit failed since the best last changed: early abort is off
     would_abort: int = 0  # runs stopped early or audited since the best last changed
 
@@ -93,12 +96,38 @@ def measurement(r: Row) -> bool:
     return r.ok and r.val_bpb > 0
 
 
-def replay(rows: list[Row], min_noise: float) -> Replay:
+def speed(r: Row) -> float | None:
+    """Steps per counted training second (the trainer's own figures: used only to notice the machine's
+    speed changing, which schedules re-runs and picks which of the best's runs are current)."""
+    return r.num_steps / r.training_seconds if r.num_steps and r.training_seconds else None
+
+
+def speed_stretches(runs: list[Row], drift: float) -> list[list[Row]]:
+    """Split one trainer's runs (oldest first) where the machine's speed moved: a run whose steps/s is off
+    the median of the current stretch by more than `drift` (relative) starts a new stretch. Runs without a
+    speed stay in the current one."""
+    out: list[list[Row]] = [[]]
+    seen: list[float] = []
+    for r in runs:
+        v = speed(r)
+        if v is not None and seen and abs(v / statistics.median(seen) - 1.0) > drift:
+            out.append([])
+            seen = []
+        out[-1].append(r)
+        if v is not None:
+            seen.append(v)
+    return [g for g in out if g]
+
+
+def replay(rows: list[Row], min_noise: float, drift: float = 0.15) -> Replay:
     """Best, noise model and re-measurement state from one branch's rows (oldest first, one budget).
 
     The best trainer is the one of the last kept non-baseline row, else the baseline; the best is the
-    mean of all its measured runs (baseline runs, the keep, its confirm and periodic reruns). The noise
-    model pools the spread of every trainer that ran twice or more (see research/decisions.py).
+    mean of its measured runs (baseline runs, the keep, its confirm and periodic reruns) made at the
+    machine's current speed: when a run of it made more than `drift` more or fewer steps per second
+    than its runs before, the earlier ones stop counting for the mean (the load changed; they measured
+    another machine). The noise model pools the spread of every trainer that ran twice or more, all its
+    runs included (see research/decisions.py).
     """
     baselines = [r for r in rows if r.note.startswith(BASELINE)]
     kept_row, kept = None, None
@@ -112,24 +141,38 @@ def replay(rows: list[Row], min_noise: float) -> Replay:
     noise = pooled_noise(groups, min_noise)
     if kept_row is not None:
         best_hash = kept_row.trainer_hash
-        best_runs = [r for r in rows if measurement(r) and best_hash and r.trainer_hash == best_hash] or [kept_row]
+        all_best = [r for r in rows if measurement(r) and best_hash and r.trainer_hash == best_hash] or [kept_row]
     else:
         ok = [r for r in baselines if measurement(r)]
         best_hash = ok[0].trainer_hash if ok else ""
-        best_runs = [r for r in rows if measurement(r) and best_hash and r.trainer_hash == best_hash] or ok
+        all_best = [r for r in rows if measurement(r) and best_hash and r.trainer_hash == best_hash] or ok
+    stretches = speed_stretches(all_best, drift) if all_best else []
+    best_runs = stretches[-1] if stretches else []
     best = statistics.fmean(r.val_bpb for r in best_runs) if best_runs else None
-    mine = [i for i, r in enumerate(rows) if any(r is b for b in best_runs)]
+    mine = [i for i, r in enumerate(rows) if any(r is b for b in all_best)]
     tried = [i for i, r in enumerate(rows) if r.description.startswith(RERUN)]  # a rerun that crashed counts too
     last = max(mine[-1:] + tried[-1:], default=None)
     since = sum(1 for r in rows[last + 1:] if r.status != "rerun") if last is not None else 0
-    speeds = [r.num_steps / r.training_seconds for r in best_runs if r.num_steps and r.training_seconds]
-    drift = speeds[-1] / statistics.median(speeds[:-1]) - 1.0 if len(speeds) >= 2 else None
+    moved, reason = None, None
+    now = [v for v in map(speed, best_runs) if v is not None]
+    if len(stretches) > 1:
+        before = [v for v in map(speed, stretches[-2]) if v is not None]
+        moved = now[0] / statistics.median(before) - 1.0 if now and before else None
+        if len(best_runs) < 2 and moved is not None:
+            reason = f"the machine's speed moved ({100 * moved:+.0f}% steps/s on the best's last run)"
+    recent = [v for v in (speed(r) for r in rows[last + 1:] if measurement(r)) if v is not None][-3:] \
+        if last is not None else []
+    if reason is None and now and len(recent) >= 3:
+        off = statistics.median(recent) / statistics.median(now) - 1.0
+        if abs(off) > drift:
+            reason = f"the last runs made {100 * off:+.0f}% steps/s against the best's"
     after = rows[mine[0]:] if mine else []
     abort_off = any(ABORT_OFF in r.note for r in after)
     would = sum(1 for r in after if r.status == "abort" or ABORT_AUDIT in r.note)
     return Replay(best=best, noise_floor=noise.sigma if best is not None else None, baselines=baselines,
                   kept_commit=kept, noise=noise, best_hash=best_hash, best_runs=best_runs, since_best_run=since,
-                  drift=drift, abort_off=abort_off, would_abort=would)
+                  drift=moved, drift_reason=reason, all_best_runs=all_best, abort_off=abort_off,
+                  would_abort=would)
 
 
 class Session:
@@ -343,7 +386,7 @@ class Session:
 
     def refresh(self) -> Replay:
         """Recompute best, noise model and re-measurement state from this branch's rows."""
-        self.state = replay(self.branch_rows(), self.settings.min_noise)
+        self.state = replay(self.branch_rows(), self.settings.min_noise, self.settings.drift)
         self.best, self.noise_floor = self.state.best, self.state.noise_floor
         return self.state
 
@@ -382,32 +425,33 @@ class Session:
 
     def rerun_due(self) -> str | None:
         """Why the best should be run again before the next experiment, or None: every
-        `remeasure_every` experiments since it last ran, or every third of that while the machine's
-        speed drifts (the best's last run differs from its earlier runs in steps/s by more than `drift`)."""
+        `remeasure_every` experiments since it last ran, or after a third of that when the machine's
+        speed moved by more than `drift` (the best's last run started a new stretch and has no second
+        run yet, or the last three runs made that many more or fewer steps per second than the best)."""
         every = self.settings.remeasure_every
         st = self.state
         if every <= 0 or st.best is None or not st.best_runs:
             return None
         if st.since_best_run >= every:
             return f"{st.since_best_run} experiments since the best last ran"
-        if st.drift is not None and abs(st.drift) > self.settings.drift and st.since_best_run >= max(1, every // 3):
-            return f"the machine's speed drifted ({100 * st.drift:+.0f}% steps/s on the best's last run)"
+        if st.drift_reason and st.since_best_run >= max(1, every // 3):
+            return st.drift_reason
         return None
 
     def curves_of(self, rows: list[Row]) -> list[list]:
-        """The stored loss curves of these rows' runs (runs/<n>/*loss.json; aborted runs have none)."""
+        """The stored loss curves of these rows' runs: runs/<n>/loss.json, confirm_loss.json for a confirm
+        run, best_loss.json for the best's run next to a promising change (aborted runs have none)."""
         from research.decisions import load_curve
 
-        out, seen = [], set()
+        out = []
         for r in rows:
-            if r.run is None or r.run in seen:
+            if r.run is None:
                 continue
-            seen.add(r.run)
-            d = self.runs_dir / str(r.run)
-            for path in sorted(d.glob("*loss.json")) if d.is_dir() else []:
-                c = load_curve(path)
-                if c:
-                    out.append(c)
+            name = ("confirm_loss.json" if r.note.startswith("confirm run of run") else
+                    "best_loss.json" if r.note.startswith(BEST_NEXT) else "loss.json")
+            c = load_curve(self.runs_dir / str(r.run) / name)
+            if c:
+                out.append(c)
         return out
 
     def abort_reference(self):
@@ -419,7 +463,7 @@ class Session:
             return None, "early abort is off (--no-early-abort)"
         if st.abort_off:
             return None, "early abort is off: an audited run beat the best it would have been stopped against"
-        best = self.curves_of(st.best_runs)
+        best = self.curves_of(st.best_runs) or self.curves_of(st.all_best_runs)  # at the current speed if any
         if not best:
             return None, "no stored loss curve of the best yet"
         by_hash: dict[str, list[Row]] = {}

@@ -94,19 +94,22 @@ def _row(val: float, steps: int, status: str, trainer: str, note: str = "", run:
                  budget_s=60.0)
 
 
-def _experiment(rng, rows: list[R.Row], name: str, mean: float, sigma: float, settings: Settings) -> str:
-    """One experiment as run_experiment decides it: a run, the screen, a confirm run, the final test."""
+def _experiment(rng, rows: list[R.Row], name: str, mean: float, sigma: float, settings: Settings,
+                best_mean: float = 2.5) -> str:
+    """One experiment as run_experiment decides it: a run, the screen, then the best once more and the
+    change a second time, the final test on the change's two runs against the best's runs."""
     st = replay(rows, settings.min_noise)
     v1, s1 = _run(rng, mean, sigma)
     verdict = decide([v1], st.best_values, st.noise, settings.alpha, settings.confirm_alpha)
-    confirm = None
+    extra = []
     if verdict.status == "keep" or verdict.promising:
+        beside = _row(*_run(rng, best_mean, sigma), "rerun", st.best_hash, "the best, run next to run")
         v2, s2 = _run(rng, mean, sigma)
+        st = replay(rows + [beside], settings.min_noise)
         verdict = decide([v1, v2], st.best_values, st.noise, settings.alpha)
-        confirm = _row(v2, s2, "rerun", name, "confirm run")
+        extra = [_row(v2, s2, "rerun", name, "confirm run of run"), beside]
     rows.append(_row(v1, s1, verdict.status, name, verdict.note))
-    if confirm is not None:
-        rows.append(confirm)
+    rows.extend(extra)
     return verdict.status
 
 
@@ -169,12 +172,20 @@ def test_replay_best_is_the_mean_of_the_best_trainers_runs():
     assert st.noise.df == 3 and st.noise.groups == 2  # baselines (2 df) + the keep and its confirm run (1 df)
     assert st.noise_floor == st.noise.sigma
     assert st.since_best_run == 3 and st.would_abort == 1 and not st.abort_off
-    # a periodic rerun of the best joins its mean; the machine got 20% slower since
+    # a periodic rerun of the best joins its mean
+    rows.append(_row(2.43, 380, "rerun", "good", "rerun of the best: 10 experiments"))
+    rows[-1].description = "rerun of the best (good)"
+    st = replay(rows, 0.0005)
+    assert st.best == pytest.approx((2.40 + 2.44 + 2.43) / 3) and st.since_best_run == 0 and st.drift is None
+    # the machine got 20% slower: the earlier runs measured another machine, the best is the new run alone
+    # (the noise model still pools all of them) until it is measured again at this speed
     rows.append(_row(2.47, 305, "rerun", "good", "rerun of the best: 10 experiments"))
     rows[-1].description = "rerun of the best (good)"
     st = replay(rows, 0.0005)
-    assert st.best == pytest.approx((2.40 + 2.44 + 2.47) / 3) and st.since_best_run == 0
-    assert st.drift == pytest.approx(305 / statistics.median([382, 384]) - 1)
+    assert st.best == pytest.approx(2.47) and len(st.best_runs) == 1 and len(st.all_best_runs) == 4
+    assert st.drift == pytest.approx(305 / statistics.median([382, 384, 380]) - 1)
+    assert st.drift_reason == "the machine's speed moved (-20% steps/s on the best's last run)"
+    assert st.noise.df == 5
     # an audited abort that beat the best turns early abort off until the best changes
     rows.append(_row(2.30, 380, "discard", "late", f"within noise: ...; {ABORT_AUDIT} ...: {ABORT_OFF}"))
     assert replay(rows, 0.0005).abort_off
@@ -195,9 +206,20 @@ def test_rerun_is_due_every_n_experiments_and_sooner_while_the_speed_drifts():
     assert "6 experiments since the best last ran" in s.rerun_due()
     rows.append(_row(2.55, 300, "rerun", "base", "rerun of the best: ..."))
     rows[-1].description = "rerun of the best (base)"
-    rows += [_row(2.6, 380, "discard", f"y{k}", "no gain") for k in range(2)]
+    rows.append(_row(2.6, 300, "discard", "y0", "no gain"))
     s.state = replay(rows, 0.0005)
-    assert "speed drifted (-21% steps/s" in s.rerun_due()
+    assert s.rerun_due() is None  # a third of the interval first
+    rows.append(_row(2.6, 300, "discard", "y1", "no gain"))
+    s.state = replay(rows, 0.0005)
+    assert s.rerun_due() == "the machine's speed moved (-21% steps/s on the best's last run)"
+    # the best at one speed, the last three runs at another: the machine's speed moved without the best
+    rows.append(_row(2.56, 300, "rerun", "base", "rerun of the best: ..."))
+    rows[-1].description = "rerun of the best (base)"
+    s.state = replay(rows, 0.0005)
+    assert s.rerun_due() is None and s.state.best == pytest.approx(2.555)
+    rows += [_row(2.5, 390, "discard", f"z{k}", "no gain") for k in range(3)]
+    s.state = replay(rows, 0.0005)
+    assert s.rerun_due() == "the last runs made +30% steps/s against the best's"
     s.settings = Settings(remeasure_every=0)
     assert s.rerun_due() is None
 
@@ -370,12 +392,15 @@ def test_early_abort_stops_a_trainer_made_worse_and_a_faked_stream_wins_nothing(
                       "--max-experiments", "4", env=t.loop_env(tiny_cache))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = t.read_rows(repo)
-    assert [r.status for r in rows] == ["keep", "keep", "keep", "rerun", "abort", "discard", "abort"], \
+    assert [r.status for r in rows] == ["keep", "keep", "keep", "rerun", "rerun", "abort", "discard", "abort"], \
         [(r.status, r.note) for r in rows]
-    base, kept, confirm, worse, faked_good, faked_bad = rows[0], rows[2], rows[3], rows[4], rows[5], rows[6]
+    base, kept, confirm, beside, worse, faked_good, faked_bad = rows[0], *rows[2:]
     assert "running 2 baseline runs" in proc.stdout and "degrees of freedom" in proc.stdout
     assert kept.note.startswith("confirmed by a rerun") and confirm.note == f"confirm run of run {kept.run}"
     assert confirm.trainer_hash == kept.trainer_hash and confirm.run == kept.run
+    # the best (the baseline trainer) ran between the change's two runs
+    assert beside.note == f"the best, run next to run {kept.run}" and beside.trainer_hash == base.trainer_hash
+    assert beside.commit == base.commit and load_curve(repo / "runs" / str(kept.run) / "best_loss.json")
     # stopped early, with the progress it reached; the tree went back to the kept commit
     assert worse.val_bpb == 0.0 and 0.3 <= worse.progress < 0.9 and worse.note.startswith("abort: at ")
     assert "trailed the best's" in worse.note and "ABORT" in proc.stdout
@@ -402,7 +427,7 @@ def test_try_under_another_budget_is_refused_and_the_edit_stays(tiny_cache, tmp_
                       env=t.loop_env(tiny_cache, budget=2))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     before = (repo / "results.tsv").read_bytes()
-    assert [r.budget_s for r in t.read_rows(repo)] == [2.0] * 4
+    assert [r.budget_s for r in t.read_rows(repo)] == [2.0] * 5  # 2 baselines, the keep, its confirm run, the best beside it
 
     edited = trainer.read_text().replace("VAL_BPB = 1.5", "VAL_BPB = 1.0")
     trainer.write_text(edited)
@@ -422,9 +447,9 @@ def test_try_under_another_budget_is_refused_and_the_edit_stays(tiny_cache, tmp_
 
 
 def test_the_loop_confirms_promising_runs_and_reruns_the_best(tmp_path, monkeypatch, in_process, loop_tools):
-    """In-process, with scripted measurements (no trainer runs): a clear win is kept only after its confirm
-    run (recorded as a rerun row of the same trainer), and the best is run again after --remeasure-every
-    experiments; the best is then the mean of its runs."""
+    """In-process, with scripted measurements (no trainer runs): a clear win is kept only after the best ran
+    once more and the change a second time (both recorded as rerun rows), and the best is run again after
+    --remeasure-every experiments; the best is then the mean of its runs."""
     import research.experiment as E
     from research.runner import TrainerRun
 
@@ -433,7 +458,8 @@ def test_the_loop_confirms_promising_runs_and_reruns_the_best(tmp_path, monkeypa
     calls = []
 
     def run_once(s, run_dir, label, description, prefix="", monitor=None, **_):
-        val = 2.92 if description.startswith("rerun of the best") else plan[description].pop(0)
+        val = 2.92 if description.startswith("rerun of the best") else 3.0 if prefix == "best_" else \
+            plan[description].pop(0)
         calls.append((description, prefix, monitor is not None))
         run = TrainerRun(returncode=0, wall_seconds=1.5, timed_out=False, started=0.0)
         return run, "ok", E.Measurement(val_bpb=val, training_seconds=1.0, num_steps=10, holdout_bpb=val + 0.1), ""
@@ -450,13 +476,16 @@ def test_the_loop_confirms_promising_runs_and_reruns_the_best(tmp_path, monkeypa
                                        "--min-noise", "0.01"])
     assert code == 0, out + err
     rows = t.read_rows(repo)[prior.rows:]
-    assert [r.status for r in rows] == ["keep", "rerun", "discard", "discard", "rerun", "discard"]
-    win, confirm, rerun = rows[0], rows[1], rows[4]
+    assert [r.status for r in rows] == ["keep", "rerun", "rerun", "discard", "discard", "rerun", "discard"]
+    win, confirm, beside, rerun = rows[0], rows[1], rows[2], rows[5]
     assert win.note.startswith("confirmed by a rerun, mean of 2.900000 and 2.910000: win:")
     assert confirm.note == f"confirm run of run {win.run}" and confirm.trainer_hash == win.trainer_hash
     assert rerun.note == "rerun of the best: 2 experiments since the best last ran"
     assert rerun.trainer_hash == win.trainer_hash and rerun.description.startswith("rerun of the best (")
-    assert rows[5].note.startswith("no gain: +0.150000 vs best 2.910000 (mean of 3 runs)")
-    assert [(d, p) for d, p, _ in calls][:2] == [("a clear win", ""), ("a clear win", "confirm_")]
+    assert beside.note == f"the best, run next to run {win.run}" and beside.val_bpb == 3.0
+    assert "mean of 2 runs) vs best 3.000000 (mean of 2 runs)" in win.note  # the seeded baseline and the fresh run
+    assert rows[6].note.startswith("no gain: +0.150000 vs best 2.910000 (mean of 3 runs)")
+    assert [(d, p) for d, p, _ in calls][:3] == [("a clear win", ""), (f"the best next to run {win.run}", "best_"),
+                                                 ("a clear win", "confirm_")]
     assert not any(m for d, p, m in calls if p or d.startswith("rerun"))  # confirm runs and reruns: never stopped
     t.assert_clean(repo)
