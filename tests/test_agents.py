@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 
+import pristine
 from research import results as R
 from research.agents import AgentContext, LocalAgent
 from research.guards import text_hash
@@ -154,7 +155,7 @@ def test_space_is_valid_for_every_backend_and_round_trips():
     """One table of ranges, centred on each hardware's baseline: log-scaled learning rates, integers, powers of
     two for batch sizes, window patterns as categories; every point repairs to batch sizes that divide."""
     for trainer in ("train_cuda.py", "train_mlx.py"):
-        text = (PROJECT / trainer).read_text()
+        text = pristine.trainer(trainer).read_text()
         settings = parse_block(text)
         for hw in ("reference", "cpu"):
             truth = {c: (hw == "cpu" and "cpu" in c) for s in settings.values() for sp in s.spots for c, _ in sp.conds}

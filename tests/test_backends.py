@@ -5,6 +5,7 @@ Run: uv run pytest tests/test_backends.py
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 import backends
+import pristine
 from backends import BackendError, Probe, detect, mfu_percent, peak_bf16_flops
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -251,8 +253,9 @@ def test_the_loop_can_say_why_it_chose_the_backend(monkeypatch):
 @pytest.mark.parametrize("entry", ["train_cuda.py", "train_mlx.py"])
 def test_an_entry_point_outside_the_environment_says_so_in_one_sentence(entry):
     """`-S` leaves site-packages out, as a Python outside the project's environment would."""
-    proc = subprocess.run([sys.executable, "-S", entry], cwd=Path(__file__).resolve().parents[1], capture_output=True,
-                          text=True, timeout=60)
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-S", str(pristine.trainer(entry))], cwd=root, capture_output=True, text=True,
+                          timeout=60, env=dict(os.environ, PYTHONPATH=str(root)))  # the project beside it
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and f"{entry}: this Python" in lines[0] and f"uv run {entry}" in lines[0]

@@ -32,6 +32,7 @@ from types import SimpleNamespace
 
 import pytest
 
+import pristine
 from research import results as R
 from research.agents import AgentContext, AgentError, ClaudeAgent, CrashInfo, LocalAgent, cost_usd
 from research.guards import RepoLock, LockError, child_env, text_hash
@@ -145,11 +146,12 @@ if __name__ == "__main__":
 
 def make_repo(tmp_path: Path, trainer: str | None = FAKE_TRAINER, name: str = "repo") -> Path:
     """A git repository holding a copy of the project (one commit on `main`); `trainer`, if given,
-    replaces train_cuda.py (None keeps the real one)."""
+    replaces train_cuda.py (None keeps the real one: the pristine copy of tests/pristine.py, so a
+    research branch's kept edits do not change what the tests run)."""
     repo = tmp_path / name
     repo.mkdir()
     for f in PROJECT_FILES:
-        src = PROJECT / f
+        src = pristine.trainer(f) if f in pristine.TRAINERS else PROJECT / f  # the project's trainers
         if src.is_dir():
             shutil.copytree(src, repo / f, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         elif src.exists():
@@ -823,7 +825,7 @@ def test_repo_lock_ends_a_trainer_a_killed_loop_left_running(tmp_path):
 
 def test_hyperparameter_block_of_both_trainers():
     """Edits land on the line in effect for the host: the CPU override block, or the default line."""
-    cuda = (PROJECT / "train_cuda.py").read_text()
+    cuda = pristine.trainer("train_cuda.py").read_text()
     settings = parse_block(cuda)
     conds = {c for s in settings.values() for spot in s.spots for c, _ in spot.conds}
     cpu = {c: c == 'HARDWARE == "cpu"' for c in conds}
@@ -837,7 +839,7 @@ def test_hyperparameter_block_of_both_trainers():
     assert len(changed) == 2
     assert changed[0][1].startswith("MATRIX_LR = 0.05")
     assert changed[1] == (f"    DEPTH = {depth.value}", f"    DEPTH = {depth.value + 1}")
-    mlx = parse_block((PROJECT / "train_mlx.py").read_text())
+    mlx = parse_block(pristine.trainer("train_mlx.py").read_text())
     metal = {c: c == 'HARDWARE == "metal"' for s in mlx.values() for spot in s.spots for c, _ in spot.conds}
     assert in_effect(mlx["DEPTH"], metal).conds == (('HARDWARE == "metal"', True),)
     # the one-line style of per-hardware values

@@ -18,6 +18,7 @@ import pytest
 from data_helpers import REPO, private_tiny, run_cli
 
 import prepare
+import pristine
 
 # --- the contract -------------------------------------------------------------------
 
@@ -29,7 +30,7 @@ def test_the_contract_is_one_short_file_that_names_what_trainers_and_the_loop_us
     for name in names:
         assert getattr(prepare, name) is not None, name
     used = set()  # every prepare.<name> the trainers, the loop, the judge and the research code use
-    for path in [*REPO.glob("train_*.py"), REPO / "loop.py", *REPO.glob("judge/*.py"), *REPO.glob("research/*.py")]:
+    for path in [*map(pristine.trainer, pristine.TRAINERS), REPO / "loop.py", *REPO.glob("judge/*.py"), *REPO.glob("research/*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "prepare":
                 used.add(node.attr)

@@ -8,7 +8,6 @@ prepared tiny protocol from the `tiny_cache` fixture.
 
 import math
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,9 +17,9 @@ from trainer_contract import (BAD_BATCH_PATTERN, BAD_BATCH_SCRIPT, NAN_SCRIPT, c
                                check_learning_run, run_trainer, torch_trainer_on_cpu)
 from model import build_config, flops_per_token, param_counts, param_shapes, window_sizes
 from model.reference import adamw_reference_update, init_params, muon_reference_update, reference_forward
+import pristine
 
-REPO = Path(__file__).resolve().parent.parent
-TRAINER = REPO / "train_cuda.py"
+TRAINER = pristine.trainer("train_cuda.py")  # the project's trainer, not a research branch's kept edit
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ Cross-framework checks against train_cuda.py live in tests/test_parity.py.
 import json
 import math
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,9 +23,9 @@ from trainer_contract import (BAD_BATCH_PATTERN, BAD_BATCH_SCRIPT, NAN_SCRIPT, c
 from model import build_config, flops_per_token, param_counts, param_shapes, window_sizes  # noqa: E402
 from model.reference import (adamw_reference_update, init_params, muon_reference_update,  # noqa: E402
                              reference_forward)
+import pristine  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
-TRAINER = REPO / "train_mlx.py"
+TRAINER = pristine.trainer("train_mlx.py")  # the project's trainer, not a research branch's kept edit
 
 
 @pytest.fixture(scope="module")
@@ -309,7 +308,7 @@ def test_hyperparameter_block_is_one_line_per_constant(tm):
 def test_same_hyperparameter_names_as_the_torch_trainer(tm):
     names = lambda path: re.findall(r"^([A-Z_0-9]+) = ", path.read_text().split("# --- hyperparameters ---")[1]
                                     .split("# --- end hyperparameters ---")[0], flags=re.M)
-    torch_trainer = REPO / "train_cuda.py"
+    torch_trainer = pristine.trainer("train_cuda.py")
     if not torch_trainer.exists():
         pytest.skip("train_cuda.py not present")
     assert names(TRAINER) == names(torch_trainer)  # a config carries between the trainers

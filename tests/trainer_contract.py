@@ -15,17 +15,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pristine
+
 REPO = Path(__file__).resolve().parent.parent
 
 
 def run_trainer(trainer: str, backend: str, cache: Path, budget: float, script: str | None = None,
                 timeout: float = 240) -> subprocess.CompletedProcess:
-    """Run `trainer` (or a Python `script` that imports it) by hand on the tiny protocol with `budget` seconds:
-    no AUTORESEARCH_HANDOVER, so its hand-over runs the harness itself and prints the summary block."""
+    """Run the pristine `trainer` (or a Python `script` that imports it) by hand on the tiny protocol with
+    `budget` seconds: no AUTORESEARCH_HANDOVER, so its hand-over runs the harness itself and prints the
+    summary block. The trainer is the project's (tests/pristine.py), not a research branch's kept edit."""
     env = dict(os.environ, AUTORESEARCH_CACHE=str(cache), AUTORESEARCH_PROTOCOL="tiny",
-               AUTORESEARCH_TIME_BUDGET=str(budget), AUTORESEARCH_BACKEND=backend, PYTHONPATH=str(REPO))
+               AUTORESEARCH_TIME_BUDGET=str(budget), AUTORESEARCH_BACKEND=backend,
+               PYTHONPATH=os.pathsep.join([str(pristine.trainer_dir()), str(REPO)]))
     env.pop("AUTORESEARCH_HANDOVER", None)
-    cmd = [sys.executable, "-c", script] if script else [sys.executable, str(REPO / trainer)]
+    cmd = [sys.executable, "-c", script] if script else [sys.executable, str(pristine.trainer(trainer))]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -64,7 +68,8 @@ BAD_BATCH_PATTERN = r"^FAIL: TOTAL_BATCH_SIZE .* must be a multiple of DEVICE_BA
 
 
 def torch_trainer_on_cpu():
-    """train_cuda imported (or re-imported) with the CPU backend, so its numerics are fp32 on any host.
+    """The pristine train_cuda (tests/conftest.py puts its directory first on sys.path) imported (or
+    re-imported) with the CPU backend, so its numerics are fp32 on any host.
 
     Importing the trainer decides its backend and baseline sizes once; a copy imported earlier for
     another backend is reloaded.
