@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-fix-attempts", type=int, default=Settings.max_fix_attempts,
                      help="fix attempts after a crash (default 2)")
     run.add_argument("--seed", type=int, default=0, help="seed of the optuna and local agents (default 0)")
+    run.add_argument("--workers", type=int, default=None,
+                     help="experiments at once, each on its own Ray worker and git worktree (default: one per "
+                          "GPU on CUDA/ROCm, else 1)")
+    run.add_argument("--ray-address", default=None,
+                     help="join this Ray cluster (e.g. ray://head:10001 or head:6379) instead of starting one here")
     live.add_run_options(run)  # --serve: the live page while the loop runs
 
     try_ = sub.add_parser("try", parents=[common],
@@ -152,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import prepare
 
+        if args.command == "run":
+            from research.parallel import check_workers
+
+            check_workers(args.workers)
         try:
             session = Session.open(REPO, backend=args.backend, protocol=args.protocol, settings=_settings(args),
                                    console=console)
@@ -163,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
             console.event(session.allowance_line())
             out = try_change(session, args.description)
             return 0 if out.status in ("keep", "discard") else 1
+        from research.parallel import default_workers
+
+        workers = args.workers or default_workers(session.host)
         kind = args.agent or ("claude" if secrets.anthropic_credentials() else "optuna")
         agent = make_agent(kind, repo=session.repo, trainer=session.trainer, seed=args.seed, model=args.model,
                            script=args.script, console=console, sampler=args.sampler, tune=args.tune)
@@ -173,7 +185,12 @@ def main(argv: list[str] | None = None) -> int:
                       f"{session.kept_commit[:7]}; agent {agent.name}{model}")
         console.event(session.allowance_line())
         page = live.start_for_run(args, session.results_path, session.settings, console)
-        n = research(session, agent, args.max_experiments)
+        if workers > 1 or args.ray_address:
+            from research.parallel import research_parallel
+
+            n = research_parallel(session, agent, workers, args.ray_address, args.max_experiments)
+        else:
+            n = research(session, agent, args.max_experiments)
         console.event(f"done: {n} experiment(s); best val_bpb {session.best:.6f}" if session.best is not None
                       else f"done: {n} experiment(s)")
         return 0

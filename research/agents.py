@@ -99,6 +99,8 @@ class AgentContext:
     confine: object | None = None  # research.workspace.Confinement: where agent code may be imported
     runs_dir: Path | None = None  # runs/<n>/ records (default: <repo>/runs)
     branch: str = ""  # the research branch (default: that of the history's rows)
+    in_flight: list[tuple[str, str]] = field(default_factory=list)  # (description, diff) running on other workers
+    running: set[str] = field(default_factory=set)  # their trainer hashes (also in seen_hashes)
 
     @property
     def trainer_path(self) -> Path:
@@ -562,6 +564,9 @@ class ClaudeAgent(Agent):
             lines.append("\n" + compact_history(ctx.history, self.history_tokens))
         if self.tune_note:
             lines.append("\n" + self.tune_note)
+        if ctx.in_flight:
+            lines.append("\n## Running now on other workers (no result yet; do not propose these again)\n" + "\n".join(
+                f"- {d}" + (f"\n```diff\n{diff[-1500:]}```" if diff else "") for d, diff in ctx.in_flight))
         if ctx.branch_name:
             journal = read_journal(journal_path(ctx.runs, ctx.branch_name))
             lines.append(f"\n## Your research journal ({ctx.branch_name})\n" + (journal.strip() or

@@ -192,7 +192,8 @@ def decide(cand: list[float], best: list[float], noise: NoiseModel | None, alpha
 
 
 def _row(s: Session, *, commit: str, status: str, description: str, note: str, run_no: int, trainer_text: str,
-         m: Measurement | None, wall: float | None, usage: Usage | None, progress: float | None = None) -> Row:
+         m: Measurement | None, wall: float | None, usage: Usage | None, progress: float | None = None,
+         worker: str = "") -> Row:
     hp = m.hyperparams if m and m.hyperparams else {}
     if not hp:
         try:
@@ -227,6 +228,7 @@ def _row(s: Session, *, commit: str, status: str, description: str, note: str, r
         note=note,
         budget_s=s.budget,
         progress=progress,
+        worker=worker,
     )
 
 

@@ -26,7 +26,7 @@ from research.secrets import redact, without_secrets
 
 __all__ = ["GitError", "git", "git_bytes", "head", "current_branch", "branch_exists", "is_ancestor", "changed_paths",
            "commit_paths", "reset_hard", "remove_paths", "diff", "is_repo", "RefState", "ref_state",
-           "put_back_refs"]
+           "put_back_refs", "worktree_add", "worktree_paths", "worktree_remove", "merge_text"]
 
 
 class GitError(RuntimeError):
@@ -409,3 +409,45 @@ def put_back_refs(repo: Path, before: RefState) -> list[str]:
     if problems:
         changed.append(f"refs that could not be put back ({_names(problems)})")
     return changed
+
+
+# ---------------------------------------------------------------------------------------------------------
+# worktrees (parallel experiments: one per worker, outside the repository) and three-way merges of one file
+
+
+def worktree_add(repo: Path, path: Path, commit: str) -> None:
+    """A new work tree of `repo` at `path`, on a detached HEAD at `commit` (no branch is created or moved)."""
+    git(repo, "worktree", "add", "-q", "--detach", str(path), commit)
+
+
+def worktree_paths(repo: Path) -> list[Path]:
+    """The work trees git knows for `repo` besides the repository itself."""
+    out = git(repo, "worktree", "list", "--porcelain", check=False)
+    root = Path(repo).resolve()
+    paths = [Path(line[len("worktree "):]) for line in out.split("\n") if line.startswith("worktree ")]
+    return [p for p in paths if p.resolve() != root]
+
+
+def worktree_remove(repo: Path, path: Path) -> None:
+    """Remove a work tree made by worktree_add (its files and git's record of it), whatever it holds."""
+    _run(repo, ("worktree", "remove", "--force", "--force", str(path)))
+    if Path(path).exists():
+        shutil.rmtree(path, ignore_errors=True)
+    _run(repo, ("worktree", "prune"))
+
+
+def merge_text(repo: Path, ours: str, base: str, theirs: str) -> str | None:
+    """Three-way merge of one file's texts (`git merge-file`): `theirs`' change from `base` applied to
+    `ours`; None when the two changes overlap (a conflict)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="autoresearch-merge-") as d:
+        files = []
+        for name, text in (("ours", ours), ("base", base), ("theirs", theirs)):
+            p = Path(d) / name
+            p.write_text(text, encoding="utf-8")
+            files.append(str(p))
+        proc = _run(repo, ("merge-file", "-p", "-q", *files))
+    if proc.returncode != 0:
+        return None
+    return proc.stdout.decode("utf-8", errors="surrogateescape")

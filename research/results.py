@@ -56,6 +56,7 @@ COLUMNS = UPSTREAM_COLUMNS + [
     "note",
     "budget_s",
     "progress",
+    "worker",
 ]
 # keep/discard/crash are the reference's; rejected = the change broke a rule (touched more than the
 # trainer, trained past the budget), invalid = the evaluator found the model non-causal, transfer = a
@@ -67,7 +68,7 @@ STATUSES = ("keep", "discard", "crash", "rejected", "invalid", "transfer", "abor
 MEASURED = ("keep", "discard", "transfer", "rerun")  # statuses whose val_bpb is a real measurement
 NO_COMMIT = "-------"  # commit column of a change that was never committed (rejected before commit)
 MAX_DESCRIPTION = 300
-_FREE_TEXT = ("description", "note", "device", "branch")  # the fields whose text comes from the run or the agent
+_FREE_TEXT = ("description", "note", "device", "branch", "worker")  # the fields whose text comes from the run or the agent
 
 
 class ResultsError(Exception):
@@ -110,6 +111,7 @@ class Row:
     note: str = ""
     budget_s: float | None = None  # the time budget the run had (None: a row written before it was recorded)
     progress: float | None = None  # abort rows: the fraction of the budget reached when stopped
+    worker: str = ""  # parallel runs: the worker slot and host that measured it (`w1@node-3`); "" for one worker
 
     def __post_init__(self) -> None:
         for name in _FREE_TEXT:  # no secret in a row, whoever built it (the loop, a report reading a file)

@@ -184,11 +184,14 @@ class OptunaAgent(Agent):
             except (ValueError, optuna.exceptions.OptunaError):
                 continue
         self._consumed = len(rows)
-        for items in self._pending.values():  # proposed but never run (refused, or the loop stopped)
+        running = ctx.running
+        for h, items in self._pending.items():  # proposed but never run (refused, or the loop stopped)
+            if h in running:
+                continue  # still running on another worker: its row comes later
             for kind, number in items:
                 if kind == "tell":
                     self.study.tell(number, state=TrialState.FAIL)
-        self._pending = {}
+        self._pending = {h: items for h, items in self._pending.items() if h in running}
 
     # -- proposing ---------------------------------------------------------------------------
 

@@ -1,0 +1,766 @@
+"""Parallel experiments: N at once, on every GPU of a machine or across the machines of a Ray cluster.
+
+`loop.py run --workers N` (or `--ray-address ADDR`) lands here instead of research/driver.py's
+`research()`. The driver (this process) keeps everything that decides and records: proposals from
+the agent, commits, the keep rule, the branch and results.tsv, one result at a time. Each worker
+is a Ray actor (research/trial_worker.py) with its resources declared (one GPU each on CUDA/ROCm),
+so Ray places them; it runs one job at a time, sandboxed, from its own git worktree, and returns
+the harness's measurement.
+
+The stale-base rule: a change is proposed from the current best, but while it runs another change
+may be kept. When its result comes back and the best has moved, it is compared with the current
+best: not a win there, it is discarded; a win (or a promising screen) is recorded as `discard`
+("stale win") and its change is merged onto the current best (a three-way merge of the trainer);
+when that applies cleanly the merged trainer runs as a new experiment, decided by the usual rule
+(screen, confirm run) against the current best, at most `MAX_REBASES` times in a row; when it does
+not apply, the change is dropped. A keep therefore always has the kept trainer as its parent,
+measured against it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+import shutil
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from research import gitrepo
+from research.agents import Agent, CrashInfo
+from research.console import clock
+from research.driver import MAX_IDLE_PROPOSALS, agent_context, baseline_plan, rule_line
+from research.experiment import (Outcome, Usage, _abort_monitor, _report, _row, _write_meta, decide, log_tail)
+from research.results import NO_COMMIT, Row, sanitize
+from research.secrets import redact
+from research.session import (ABORT_AUDIT, ABORT_OFF, BASELINE, BEST_NEXT, RERUN, Session, SessionError, replay)
+from research.trial_worker import Job, JobResult, RunResult, RunSpec, TrialWorker, hardware_class
+
+__all__ = ["default_workers", "check_workers", "research_parallel", "check_hellos", "MAX_REBASES"]
+
+MAX_REBASES = 2  # a stale win is merged onto the current best and re-run at most this many times in a row
+MAX_LOSSES = 2  # a job whose worker is lost this many times is recorded as a crash instead of re-queued
+HELLO_TIMEOUT_S = 600.0  # a worker not up after this long (no free resources on the cluster) is given up
+STOP_GRACE_S = 20.0  # after Ctrl-C, how long the workers get to end their trainers before they are killed
+EXCLUDES = [".git", ".venv", "runs", "reports", "results.tsv", "results.tsv.tmp", ".autoresearch.lock",
+            "__pycache__", "*.pyc", ".pytest_cache"]
+
+
+def check_workers(workers: int | None) -> None:
+    if workers is not None and workers < 1:
+        raise SessionError(f"--workers must be at least 1 (got {workers}); 1 runs one experiment at a time.")
+
+
+def default_workers(host) -> int:
+    """One per GPU on CUDA/ROCm; 1 on CPU, MPS and MLX (where --workers N gives N slots)."""
+    if host.backend in ("cuda", "rocm"):
+        try:
+            import torch
+
+            return max(1, torch.cuda.device_count())
+        except Exception:  # noqa: BLE001 - no usable torch: one worker
+            return 1
+    return 1
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise SessionError("Parallel experiments run on Ray, which is not installed here: run 'uv sync' (or "
+                           "'pip install \"ray>=2.40\"'), or run with --workers 1.") from None
+    return ray
+
+
+def check_hellos(s: Session, hellos: list[dict]) -> None:
+    """Refuse (one sentence) workers that would not measure what this branch measures: another hardware
+    class, protocol, budget, evaluator or prepared data than the branch's, or no sandbox."""
+    want = hardware_class(s.host)
+    for h in hellos:
+        who = h["worker"]
+        if h.get("problem"):
+            raise SessionError(f"Worker {who}: {h['problem']}; install it there, or run with --no-sandbox.")
+        if h["hardware"] != want:
+            raise SessionError(
+                f"All workers of one branch must be the same hardware class, so that the noise model and the "
+                f"budget stay valid: {who} is {h['hardware']} and this branch runs on {want}; give the loop one "
+                f"kind of machine (one loop, with its own --tag, per kind).")
+        if h["protocol"] != s.protocol.name or abs(h["budget"] - s.budget) > 1e-6:
+            raise SessionError(f"Worker {who} would run protocol {h['protocol']} with a {h['budget']:g} s budget, "
+                               f"not {s.protocol.name} with {s.budget:g} s: set AUTORESEARCH_PROTOCOL and "
+                               "AUTORESEARCH_TIME_BUDGET alike on every node.")
+        if h["evaluator"] != s.evaluator_hash:
+            raise SessionError(f"Worker {who} has evaluator {h['evaluator']}, not this repository's "
+                               f"{s.evaluator_hash}: run the same commit of the project on every node.")
+    import prepare
+
+    from research.trial_worker import data_fingerprint
+
+    mine = data_fingerprint(s.protocol)
+    for h in hellos:
+        if h["data"] != mine:
+            raise SessionError(f"Worker {h['worker']}'s prepared data for {s.protocol.name} differs from this "
+                               f"machine's ({h['data']} vs {mine}): run 'python prepare.py --protocol "
+                               f"{s.protocol.name}' on that node from the same commit (the hashes in "
+                               f"{prepare.cache_root().name}/{s.protocol.name}/prepared.json must match).")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the workers: Ray actors, each with a git worktree on this machine
+
+
+@dataclass
+class Slot:
+    name: str  # w0, w1, ...
+    tree: Path
+    actor: object = None
+    where: str = ""  # w0@host, from its hello
+    ready: bool = False
+    busy: bool = False
+    hello_ref: object = None
+    hello_since: float = 0.0
+    confine: object = None  # Confinement of its tree: where agents may import its trainer
+
+
+class Pool:
+    """Ray, the actors and their worktrees. `start()` brings them up and checks them; `close()` stops
+    every worker (their trainers ended), removes every worktree and shuts down a Ray it started."""
+
+    def __init__(self, s: Session, workers: int, address: str | None) -> None:
+        self.s, self.n, self.address = s, workers, address
+        self.ray = _import_ray()
+        digest = hashlib.sha1(str(s.repo).encode()).hexdigest()[:10]
+        self.root = Path(tempfile.gettempdir()) / f"autoresearch-worktrees-{digest}"
+        self.slots: list[Slot] = []
+        self.started_ray = False
+        self.actor_cls = None
+
+    # -- worktrees
+
+    def clear_worktrees(self) -> None:
+        """Remove the worktrees of an earlier loop on this repository (killed before it could)."""
+        for path in gitrepo.worktree_paths(self.s.repo):
+            if path.parent == self.root:
+                gitrepo.worktree_remove(self.s.repo, path)
+        shutil.rmtree(self.root, ignore_errors=True)
+        gitrepo.worktree_remove(self.s.repo, self.root / "none")  # prune records of trees that are gone
+
+    def reset_tree(self, slot: Slot, commit: str) -> None:
+        """The slot's worktree back to `commit`, exactly: tracked files reset, anything else removed."""
+        gitrepo.git(slot.tree, "reset", "-q", "--hard", commit)
+        extra = [p for p, k in gitrepo.changed_paths(slot.tree).items() if k == "U"]
+        gitrepo.remove_paths(slot.tree, extra)
+
+    # -- Ray
+
+    def start(self) -> None:
+        ray, s = self.ray, self.s
+        self.clear_worktrees()
+        self.root.mkdir(parents=True)
+        env = {k: v for k, v in os.environ.items()
+               if k in ("AUTORESEARCH_PROTOCOL", "AUTORESEARCH_TIME_BUDGET", "AUTORESEARCH_BACKEND",
+                        "AUTORESEARCH_CACHE", "AUTORESEARCH_SANDBOX")}
+        env["AUTORESEARCH_PROTOCOL"] = s.protocol.name
+        runtime_env = {"working_dir": str(s.repo), "excludes": EXCLUDES, "env_vars": env}
+        gpu = s.host.backend in ("cuda", "rocm")
+        cpus = os.cpu_count() or 1
+        if not ray.is_initialized():
+            kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level="error",
+                          runtime_env=runtime_env)
+            if self.address:
+                ray.init(address=self.address, **kwargs)
+            else:
+                ray.init(num_cpus=max(cpus, self.n), **kwargs)
+            self.started_ray = True
+        if gpu:
+            options = {"num_gpus": 1, "num_cpus": 1 if self.address else max(1, cpus // self.n)}
+        else:  # CPU, MPS, MLX: N slots as asked; the cores shared out (each trainer's threads follow)
+            options = {"num_cpus": 1 if self.address else max(1, cpus // self.n)}
+        self.actor_cls = ray.remote(max_concurrency=2, max_restarts=0, **options)(TrialWorker)
+        self.options = options
+        for k in range(self.n):
+            path = self.root / f"w{k}"
+            gitrepo.worktree_add(s.repo, path, s.kept_commit)
+            slot = Slot(name=f"w{k}", tree=path)
+            from research.workspace import Confinement
+
+            slot.confine = Confinement(path, s.trainer, s.protocol, s.host, s.sandbox)
+            self.slots.append(slot)
+            self.launch(slot)
+        s.console.event(f"starting {self.n} workers on Ray ({'cluster ' + self.address if self.address else 'local'}"
+                        f", {', '.join(f'{k} {v:g}' for k, v in options.items())} each)")
+        try:
+            hellos = self.ray.get([slot.hello_ref for slot in self.slots], timeout=HELLO_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            raise SessionError(f"The {self.n} workers did not all start within {HELLO_TIMEOUT_S:.0f} s: the Ray "
+                               f"cluster has no room for {self.n} actors with {options} each; ask for fewer "
+                               "--workers or add nodes.") from None
+        except ray.exceptions.RayError as e:
+            raise SessionError(f"A worker could not start ({_short(e)}); see Ray's logs in "
+                               "/tmp/ray/session_latest/logs.") from None
+        check_hellos(s, hellos)
+        for slot, h in zip(self.slots, hellos):
+            slot.where, slot.ready, slot.hello_ref = h["worker"], True, None
+        s.console.event("workers ready: " + ", ".join(f"{sl.where} (pid {h['pid']})" for sl, h in
+                                                      zip(self.slots, hellos)))
+
+    def launch(self, slot: Slot) -> None:
+        s = self.s
+        slot.actor = self.actor_cls.remote(slot.name, s.host.backend, s.protocol.name, s.sandbox)
+        slot.hello_ref = slot.actor.hello.remote()
+        slot.hello_since = time.monotonic()
+        slot.ready = slot.busy = False
+
+    def kill(self, slot: Slot) -> None:
+        if slot.actor is not None:
+            try:
+                self.ray.kill(slot.actor, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        slot.actor, slot.ready = None, False
+
+    def close(self, flights: dict) -> None:
+        """Stop every worker (a running trainer is ended first), remove the worktrees, shut Ray down."""
+        ray = self.ray
+        try:
+            busy = [sl for sl in self.slots if sl.busy and sl.actor is not None]
+            for sl in busy:
+                try:
+                    sl.actor.stop.remote()
+                except Exception:  # noqa: BLE001
+                    pass
+            if flights:
+                try:
+                    ray.wait(list(flights), num_returns=len(flights), timeout=STOP_GRACE_S)
+                except Exception:  # noqa: BLE001
+                    pass
+            for sl in self.slots:
+                self.kill(sl)
+        finally:
+            for sl in self.slots:
+                gitrepo.worktree_remove(self.s.repo, sl.tree)
+            shutil.rmtree(self.root, ignore_errors=True)
+            if self.started_ray:
+                try:
+                    ray.shutdown()
+                except Exception:  # noqa: BLE001
+                    pass
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the driver
+
+
+@dataclass
+class Ticket:
+    """A job waiting for a worker, or (as a Flight) running on one."""
+
+    kind: str  # baseline | rerun | experiment | confirm
+    run_no: int
+    run_dir: Path
+    description: str
+    text: str  # the trainer that runs (the change; for a confirm job, the change again)
+    commit: str  # full hash checked out in the worktree ("" for a merged change not committed yet)
+    base: str  # the kept commit the change was made on
+    label: str
+    runs: list[RunSpec] = field(default_factory=list)
+    usage: Usage | None = None
+    diff: str = ""
+    baseline: tuple[int, int] | None = None
+    rerun: str | None = None
+    first: tuple | None = None  # confirm: (first RunResult, its verdict, the best's text)
+    rebased: int = 0
+    losses: int = 0
+    started: float = 0.0  # perf_counter at the first dispatch
+    started_at: float = 0.0
+    slot: Slot | None = None
+    worker: str = ""
+    fix_attempt: int = 0  # a fix of a crashed change: which attempt
+
+
+class Driver:
+    def __init__(self, s: Session, agent: Agent, pool: Pool, max_experiments: int | None) -> None:
+        self.s, self.agent, self.pool, self.max = s, agent, pool, max_experiments
+        self.ray = pool.ray
+        self.queue: list[Ticket] = []
+        self.flights: dict[object, Ticket] = {}
+        self.fixes: list[tuple[CrashInfo, Ticket]] = []
+        self.n = 0  # the agent's proposals run (what --max-experiments counts)
+        self.idle = 0
+        self.quiet_agent = False  # the agent had nothing while others ran: ask again after the next result
+        self.stop_proposing = False
+        self.baselines_left = 0
+        self.here = socket.gethostname()
+
+    # -- the loop
+
+    def run(self) -> int:
+        self._plan_baselines()
+        while True:
+            self._fill()
+            if not self.flights and not self.queue:
+                return self.n
+            self._wait()
+
+    def _free_slots(self) -> list[Slot]:
+        return [sl for sl in self.pool.slots if sl.ready and not sl.busy]
+
+    def _fill(self) -> None:
+        for slot in self._free_slots():
+            ticket = self._next(slot)
+            if ticket is None:
+                return
+            self._dispatch(slot, ticket)
+
+    def _next(self, slot: Slot) -> Ticket | None:
+        if self.queue:
+            return self.queue.pop(0)
+        if self.baselines_left:
+            return None  # no proposal before the branch has its baselines
+        s = self.s
+        why = s.rerun_due()
+        if why and not any(t.kind == "rerun" for t in self.flights.values()):
+            run_no, run_dir = s.new_run_dir()
+            desc = f"{RERUN} ({s.kept_commit[:7]})"
+            return Ticket("rerun", run_no, run_dir, desc, s.trainer_text(), s.kept_commit, s.kept_commit, RERUN,
+                          runs=[RunSpec("", s.trainer_text(), RERUN, desc, overtime=True)], rerun=why)
+        while not self.stop_proposing and not self.quiet_agent and (self.max is None or self.n < self.max):
+            ticket = self._propose(slot)
+            if ticket is not None:
+                return ticket
+            if self.quiet_agent:
+                break
+        return None
+
+    def _dispatch(self, slot: Slot, t: Ticket) -> None:
+        s = self.s
+        if not t.commit:  # a merged change: commit it on the current best in this worktree
+            self.pool.reset_tree(slot, t.base)
+            (slot.tree / s.trainer).write_text(t.text, encoding="utf-8")
+            t.commit = gitrepo.commit_paths(slot.tree, [s.trainer], t.description)
+        else:
+            self.pool.reset_tree(slot, t.commit)
+        job = Job(runs=t.runs, tree=str(slot.tree), host=self.here, timeout_s=s.timeout_s,
+                  overtime_limit=s.overtime_limit(), harness_timeout_s=s.harness_timeout_s, best=s.best,
+                  run_no=t.run_no)
+        ref = slot.actor.run.remote(job)
+        slot.busy = True
+        t.slot, t.worker = slot, slot.where
+        if not t.started:
+            t.started, t.started_at = time.perf_counter(), time.time()
+        self.flights[ref] = t
+        what = {"confirm": "running the best, then the change again", "rerun": t.description}.get(t.kind, t.description)
+        s.console.event(f"[{t.label} on {slot.where}] {what}")
+
+    def _wait(self) -> None:
+        ray, s = self.ray, self.s
+        starting = {sl.hello_ref: sl for sl in self.pool.slots if sl.hello_ref is not None}
+        refs = list(self.flights) + list(starting)
+        if not refs:
+            raise SessionError("Every worker was lost and none could be started again; see Ray's logs "
+                               "(/tmp/ray/session_latest/logs), then run the same command to resume.")
+        ready, _ = ray.wait(refs, num_returns=1, timeout=s.settings.tick_s * 2)
+        self._status()
+        now = time.monotonic()
+        for sl in starting.values():
+            if sl.hello_ref not in ready and now - sl.hello_since > HELLO_TIMEOUT_S:
+                s.console.event(f"worker {sl.name} did not start within {HELLO_TIMEOUT_S:.0f} s; going on without it")
+                self.pool.kill(sl)
+                sl.hello_ref = None
+        for ref in ready:
+            if ref in starting:
+                self._hello(starting[ref], ref)
+            else:
+                self._finished(ref)
+
+    def _status(self) -> None:
+        s = self.s
+        now = time.perf_counter()
+        parts = [f"{t.label}@{t.slot.name} {clock(now - t.started)}" for t in self.flights.values()]
+        best = f" | best {s.best:.6f}" if s.best is not None else ""
+        s.console.status(f"{len(parts)} running: {', '.join(parts)}{best}")
+
+    def _hello(self, slot: Slot, ref) -> None:
+        slot.hello_ref = None
+        try:
+            h = self.ray.get(ref)
+            check_hellos(self.s, [h])
+        except SessionError as e:
+            self.s.console.event(f"worker {slot.name} cannot be used: {e}")
+            self.pool.kill(slot)
+            return
+        except Exception as e:  # noqa: BLE001 - the new actor died too
+            self.s.console.event(f"worker {slot.name} could not be started again ({_short(e)})")
+            self.pool.kill(slot)
+            return
+        slot.where, slot.ready = h["worker"], True
+        self.s.console.event(f"worker {slot.where} (pid {h['pid']}) is ready again")
+
+    def _finished(self, ref) -> None:
+        t = self.flights.pop(ref)
+        slot = t.slot
+        slot.busy = False
+        self.quiet_agent = False
+        try:
+            res: JobResult = self.ray.get(ref)
+        except self.ray.exceptions.RayTaskError as e:  # the worker's own code failed: recorded, not retried
+            self._record_crash(t, f"the worker failed: {_short(e)}")
+            return
+        except self.ray.exceptions.RayError as e:  # the actor or its node is gone
+            self._lost(t, slot, e)
+            return
+        for name, data in res.files.items():
+            (t.run_dir / name).write_bytes(data)
+        getattr(self, f"_{t.kind}")(t, res)
+
+    def _lost(self, t: Ticket, slot: Slot, error: Exception) -> None:
+        s = self.s
+        t.losses += 1
+        self.pool.kill(slot)
+        try:
+            self.pool.reset_tree(slot, s.kept_commit)
+        except gitrepo.GitError:
+            pass
+        lost = f"worker {slot.where or slot.name} was lost ({_short(error)})"
+        self.pool.launch(slot)  # a fresh actor in its place, if the cluster still has room for it
+        if t.losses < MAX_LOSSES:
+            s.console.event(f"[{t.label}] {lost}; the job goes back to the queue")
+            self.queue.insert(0, t)
+        else:
+            self._record_crash(t, f"{lost}; its worker was lost {t.losses} times")
+
+    # -- recording
+
+    def _row(self, t: Ticket, *, status: str, note: str, r: RunResult | None, commit: str | None = None,
+             text: str | None = None, description: str | None = None, usage: Usage | None = None,
+             progress: float | None = None) -> Row:
+        return _row(self.s, commit=commit if commit is not None else t.commit, status=status,
+                    description=description or t.description, note=note, run_no=t.run_no,
+                    trainer_text=t.text if text is None else text, m=r.measurement if r else None,
+                    wall=r.wall_seconds if r else None, usage=usage, progress=progress, worker=t.worker)
+
+    def _record(self, t: Ticket, row: Row, extra: list[Row] = ()) -> None:
+        s = self.s
+        self._guard(t, row)
+        s.record(row)
+        for r in extra:
+            s.record(r)
+        s.refresh()
+        timings = {"total": time.perf_counter() - t.started} if t.started else {}
+        _write_meta(t.run_dir, row, timings, started_at=t.started_at, finished_at=time.time(), worker=t.worker)
+        out = Outcome(row=row, run_dir=t.run_dir, timings=timings)
+        _report(s, t.label, out)
+
+    def _guard(self, t: Ticket, row: Row) -> None:
+        """The branch where the driver left it, and the worktree as the job found it; else put back and the
+        row becomes `rejected` (nothing but the driver moves the branch)."""
+        s = self.s
+        problems = []
+        if gitrepo.current_branch(s.repo) != s.branch or gitrepo.head(s.repo) != s.kept_commit:
+            gitrepo.git(s.repo, "update-ref", f"refs/heads/{s.branch}", s.kept_commit)
+            gitrepo.git(s.repo, "symbolic-ref", "HEAD", f"refs/heads/{s.branch}")
+            gitrepo.reset_hard(s.repo, s.kept_commit)
+            problems.append("the branch (put back)")
+        slot = t.slot
+        if slot is not None and slot.ready:
+            changed = gitrepo.changed_paths(slot.tree)
+            if changed:
+                problems.append(f"files in its worktree ({', '.join(sorted(changed)[:5])})")
+                self.pool.reset_tree(slot, s.kept_commit)
+        if problems and row.status not in ("crash", "rejected"):
+            row.status, row.note = "rejected", f"rejected: the run changed {' and '.join(problems)}"
+            row.val_bpb = row.memory_gb = 0.0
+
+    def _record_crash(self, t: Ticket, reason: str) -> None:
+        if t.kind == "baseline":
+            raise SessionError(f"The baseline run failed ({reason}); see {t.run_dir / 'log.txt'}.")
+        row = self._row(t, status="crash", note=f"crash: {reason}", r=None, usage=t.usage)
+        self._record(t, row)
+
+    def _keep(self, t: Ticket) -> None:
+        """Move the branch to the change's commit (its parent is the kept commit: a fast-forward)."""
+        s = self.s
+        gitrepo.reset_hard(s.repo, t.commit)
+        s.kept_commit = gitrepo.head(s.repo)
+
+    # -- baselines and re-runs
+
+    def _plan_baselines(self) -> None:
+        s = self.s
+        rows = s.branch_rows()
+        done = [r for r in s.baselines_done() if r.ok]
+        if len(rows) > len(s.baselines_done()) and done:
+            return
+        total = max(1, s.settings.baseline_runs)
+        if len(done) >= total:
+            return
+        s.console.event(baseline_plan(s, total, len(done)) + f"; up to {len(self.pool.slots)} at once")
+        text = s.trainer_text()
+        for k in range(len(done) + 1, total + 1):
+            run_no, run_dir = s.new_run_dir()
+            (run_dir / "diff.patch").write_text("", encoding="utf-8")
+            desc = BASELINE if k == 1 else f"{BASELINE} (repeat {k}/{total})"
+            label = f"baseline {k}/{total}"
+            self.queue.append(Ticket("baseline", run_no, run_dir, desc, text, s.kept_commit, s.kept_commit, label,
+                                     runs=[RunSpec("", text, label, desc, overtime=False)], baseline=(k, total)))
+        self.baselines_left = total - len(done)
+
+    def _baseline(self, t: Ticket, res: JobResult) -> None:
+        s = self.s
+        r = res.runs[0] if res.runs else None
+        if r is None or r.status != "ok":
+            reason = r.reason if r else "stopped"
+            raise SessionError(f"The baseline run failed ({reason}); see {t.run_dir / 'log.txt'} and fix the "
+                               "trainer (or the setup) before starting.")
+        k, total = t.baseline
+        self._record(t, self._row(t, status="keep", note=f"{BASELINE} {k}/{total}", r=r))
+        self.baselines_left -= 1
+        if not self.baselines_left and s.best is not None:
+            vals = ", ".join(f"{row.val_bpb:.6f}" for row in s.baselines_done() if row.ok)
+            s.console.event(f"baseline {s.best:.6f} (runs {vals}); {s.state.noise.describe()}; {rule_line(s)}")
+            s.console.event(s.allowance_line())
+
+    def _rerun(self, t: Ticket, res: JobResult) -> None:
+        r = res.runs[0] if res.runs else None
+        if r is not None and r.status == "ok":
+            self._record(t, self._row(t, status="rerun", note=f"rerun of the best: {t.rerun}", r=r))
+        elif r is not None and r.status == "crash":
+            self._record(t, self._row(t, status="crash", note=f"crash: {r.reason}", r=None))
+        else:
+            raise SessionError(f"Re-running the best ended as {r.status if r else 'nothing'} "
+                               f"({r.reason if r else 'stopped'}); see {t.run_dir / 'log.txt'}.")
+
+    # -- proposals
+
+    def _propose(self, slot: Slot) -> Ticket | None:
+        """Ask the agent for one change, made in `slot`'s worktree from the current best (or, for a fix,
+        from the crashed change); check and commit it there. None: the agent had nothing (or the change
+        was recorded at once, rejected or not compiling: then `_next` asks again)."""
+        s = self.s
+        crash, fixing = None, None
+        if self.fixes:
+            crash, fixing = self.fixes.pop(0)
+            self.pool.reset_tree(slot, fixing.base)
+            (slot.tree / s.trainer).write_text(fixing.text, encoding="utf-8")
+            base = fixing.base
+        else:
+            self.pool.reset_tree(slot, s.kept_commit)
+            base = s.kept_commit
+        ctx = agent_context(s, crash)
+        ctx.repo, ctx.confine = slot.tree, slot.confine
+        running = [t for t in self.flights.values() if t.kind in ("experiment", "confirm")] + \
+            [t for t in self.queue if t.kind == "experiment"]
+        ctx.in_flight = [(t.description, t.diff) for t in running]
+        ctx.running = {_hash(t.text) for t in running}
+        ctx.seen_hashes = ctx.seen_hashes | ctx.running
+        proposal = self.agent.propose(ctx)
+        if proposal is None:
+            self.pool.reset_tree(slot, s.kept_commit)
+            if running or self.flights:
+                self.quiet_agent = True  # ask again once another result is in
+                return None
+            self.idle += 1
+            if self.idle >= MAX_IDLE_PROPOSALS:
+                s.console.event(f"the {self.agent.name} agent has nothing more to propose; stopping")
+                self.stop_proposing = True
+            return None
+        self.idle = 0
+        self.n += 1
+        run_no, run_dir = s.new_run_dir()
+        label = f"run {run_no}"
+        description = sanitize(proposal.description) or "(no description)"
+        path = slot.tree / s.trainer
+        text = path.read_text(encoding="utf-8") if path.exists() else ""
+        changes = gitrepo.changed_paths(slot.tree)
+        diff = gitrepo.diff(slot.tree, "HEAD") + "".join(f"# untracked file added: {p}\n"
+                                                         for p, k in changes.items() if k == "U")
+        (run_dir / "diff.patch").write_text(redact(diff), encoding="utf-8")
+        t = Ticket("experiment", run_no, run_dir, description, text, "", base, label, usage=proposal.usage,
+                   diff=diff, losses=0)
+        t.worker = slot.where
+        problem = None
+        if changes.get(s.trainer) == "D":
+            problem = f"deleted the trainer {s.trainer}"
+        elif [p for p in changes if p != s.trainer]:
+            problem = f"changed files other than {s.trainer}: {', '.join(sorted(p for p in changes if p != s.trainer))}"
+        elif not changes.get(s.trainer):
+            problem = f"no change to {s.trainer}"
+        if problem:
+            self._save_removed(slot, run_dir, changes)
+            self.pool.reset_tree(slot, s.kept_commit)
+            t.commit = NO_COMMIT
+            self._record(t, self._row(t, status="rejected", note=f"rejected: {problem}", r=None, usage=t.usage))
+            return None
+        t.commit = gitrepo.commit_paths(slot.tree, [s.trainer], description)
+        try:
+            compile(text, s.trainer, "exec")
+        except SyntaxError as e:
+            (run_dir / "log.txt").write_text(f"SyntaxError: {e.msg} ({s.trainer}, line {e.lineno})\n", encoding="utf-8")
+            self._crashed(t, f"syntax error on line {e.lineno}: {e.msg}", None)
+            return None
+        t.runs = [RunSpec("", text, label, description, overtime=True, abort=self._abort_spec(label))]
+        t.fix_attempt = crash.attempt if crash else 0
+        return t
+
+    def _save_removed(self, slot: Slot, run_dir: Path, changes: dict) -> None:
+        for rel, kind in changes.items():
+            src = slot.tree / rel
+            if kind == "U" and src.is_file() and not src.is_symlink():
+                dst = run_dir / "removed" / rel
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, dst)
+
+    def _abort_spec(self, label: str):
+        monitor = _abort_monitor(self.s, label)
+        if monitor is None:
+            return None
+        return (monitor.ref, monitor.z, monitor.min_progress, monitor.audit)
+
+    # -- results of changes
+
+    def _experiment(self, t: Ticket, res: JobResult) -> None:
+        s = self.s
+        r = res.runs[0] if res.runs else RunResult("", "crash", None, "stopped", 0.0)
+        if r.status == "abort":
+            self._record(t, self._row(t, status="abort", note=f"abort: {r.reason}", r=r, usage=t.usage,
+                                      progress=r.fired_at))
+            return
+        if r.status != "ok":
+            if r.status == "crash":
+                self._crashed(t, r.reason, r)
+                return
+            self._record(t, self._row(t, status=r.status, note=f"{r.status}: {r.reason}", r=r, usage=t.usage))
+            return
+        m = r.measurement
+        st = s.state
+        verdict = decide([m.val_bpb], st.best_values, st.noise, s.settings.alpha,
+                         s.settings.confirm_alpha if s.settings.confirm else None)
+        note = verdict.note
+        if r.audit and r.fired:
+            note += f"; {ABORT_AUDIT} it would have been stopped {r.fired}"
+            if st.best is not None and m.val_bpb < st.best:
+                note += f", yet it measured below the best's mean {st.best:.6f}: {ABORT_OFF}"
+        wins = verdict.status == "keep" or (s.settings.confirm and verdict.promising)
+        if wins and t.base != s.kept_commit:
+            self._record(t, self._row(t, status="discard", note=self._stale(t, note), r=r, usage=t.usage))
+            return
+        if wins and s.settings.confirm and st.best_values:
+            best_text = gitrepo.git_bytes(s.repo, "show", f"{s.kept_commit}:{s.trainer}").decode("utf-8", "replace")
+            s.console.event(f"[{t.label}] promising ({verdict.note}); running the best, then the change again")
+            c = Ticket("confirm", t.run_no, t.run_dir, t.description, t.text, t.commit, t.base, t.label + " confirm",
+                       usage=t.usage, diff=t.diff, rebased=t.rebased, started=t.started, started_at=t.started_at,
+                       first=(r, verdict, best_text, note, t.worker))
+            c.runs = [RunSpec("best_", best_text, f"{t.label} best", f"the best next to run {t.run_no}", overtime=True),
+                      RunSpec("confirm_", t.text, f"{t.label} confirm", t.description, overtime=True)]
+            self.queue.insert(0, c)
+            return
+        status = verdict.status
+        if status == "keep":
+            self._keep(t)
+        self._record(t, self._row(t, status=status, note=note, r=r, usage=t.usage))
+
+    def _confirm(self, t: Ticket, res: JobResult) -> None:
+        s = self.s
+        first, verdict, best_text, note1, worker1 = t.first
+        runs = {r.prefix: r for r in res.runs}
+        rows: list[Row] = []
+        b = runs.get("best_")
+        kept_then = t.base
+        if b is not None and b.status == "ok":
+            rows.append(self._row(t, status="rerun", note=f"{BEST_NEXT} {t.run_no}", r=b, commit=kept_then,
+                                  text=best_text, description=f"{RERUN} ({kept_then[:7]})"))
+        else:
+            s.console.event(f"[{t.label}] the best's run next to it did not measure "
+                            f"({b.reason if b else 'not run'}); deciding without it")
+        c = runs.get("confirm_")
+        if c is None or c.status != "ok":
+            status = "discard"
+            note = f"confirm run failed ({c.reason if c else 'not run'}); first run {first.measurement.val_bpb:.6f}: " \
+                   f"{verdict.note}"
+        else:
+            rows.insert(0, self._row(t, status="rerun", note=f"confirm run of run {t.run_no}", r=c))
+            st = replay(s.branch_rows() + rows[1:], s.settings.min_noise, s.settings.drift)
+            m1, m2 = first.measurement.val_bpb, c.measurement.val_bpb
+            v = decide([m1, m2], st.best_values, st.noise, s.settings.alpha)
+            status = v.status
+            note = f"{'confirmed' if v.status == 'keep' else 'not confirmed'} by a rerun, mean of {m1:.6f} and " \
+                   f"{m2:.6f}: {v.note}"
+        if status == "keep" and t.base != s.kept_commit:
+            status, note = "discard", self._stale(t, note)
+        if status == "keep":
+            self._keep(t)
+        worker, t.worker = t.worker, worker1  # the experiment's row names the worker of its first run
+        row = self._row(t, status=status, note=note, r=first, usage=t.usage)
+        t.worker = worker
+        self._record(t, row, rows)
+
+    def _stale(self, t: Ticket, note: str) -> str:
+        """A win measured on an older best: merge its change onto the current best and queue it as a new
+        experiment (see the module's docstring). Returns the note for the stale row."""
+        s = self.s
+        kept = s.kept_commit
+        head = f"stale win ({note}), measured on {t.base[:7]} while the best moved to {kept[:7]}"
+        if t.rebased >= MAX_REBASES:
+            return f"{head}; not merged again (stale {t.rebased + 1} times in a row)"
+
+        def text_at(commit: str) -> str:
+            return gitrepo.git_bytes(s.repo, "show", f"{commit}:{s.trainer}").decode("utf-8", "replace")
+
+        kept_text = text_at(kept)
+        merged = gitrepo.merge_text(s.repo, kept_text, text_at(t.base), t.text)
+        if merged is None:
+            return f"{head}; its change does not apply cleanly to the current best: dropped"
+        if merged == kept_text:
+            return f"{head}; the current best already holds its change"
+        run_no, run_dir = s.new_run_dir()
+        base_desc = t.description.split(" (merged onto ")[0]
+        desc = sanitize(f"{base_desc} (merged onto {kept[:7]})")
+        diff = "".join(difflib.unified_diff(kept_text.splitlines(True), merged.splitlines(True),
+                                            f"a/{s.trainer}", f"b/{s.trainer}"))
+        new = Ticket("experiment", run_no, run_dir, desc, merged, "", kept, f"run {run_no}", diff=diff,
+                     rebased=t.rebased + 1)
+        (run_dir / "diff.patch").write_text(redact(diff), encoding="utf-8")
+        new.runs = [RunSpec("", merged, new.label, desc, overtime=True, abort=self._abort_spec(new.label))]
+        self.queue.insert(0, new)
+        return f"{head}; merged onto it and re-run as run {run_no}"
+
+    def _crashed(self, t: Ticket, reason: str, r: RunResult | None) -> None:
+        s = self.s
+        row = self._row(t, status="crash", note=f"crash: {reason}", r=r, usage=t.usage)
+        self._record(t, row)
+        attempt = t.fix_attempt + 1
+        if self.agent.can_fix and attempt <= s.settings.max_fix_attempts and (self.max is None or self.n < self.max):
+            tail = log_tail(t.run_dir / "log.txt")
+            crash = CrashInfo(t.description, row.note, tail, t.diff, attempt, s.settings.max_fix_attempts)
+            s.console.event(f"asking the {self.agent.name} agent to fix the crash of {t.label} (attempt {attempt} of "
+                            f"{s.settings.max_fix_attempts})")
+            self.fixes.append((crash, t))
+        s.check_data()
+
+
+def _hash(text: str) -> str:
+    from research.guards import text_hash
+
+    return text_hash(text)
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return sanitize(f"{type(e).__name__}: {text[-1] if text else ''}", 200)
+
+
+def research_parallel(s: Session, agent: Agent, workers: int, address: str | None = None,
+                      max_experiments: int | None = None) -> int:
+    """Baseline if needed, then experiments on `workers` Ray workers until `max_experiments` proposals
+    have run (None: until stopped). Returns how many ran."""
+    pool = Pool(s, workers, address)
+    driver = None
+    try:
+        pool.start()
+        driver = Driver(s, agent, pool, max_experiments)
+        return driver.run()
+    finally:
+        pool.close(driver.flights if driver is not None else {})
