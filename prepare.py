@@ -33,6 +33,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -113,6 +114,7 @@ def hand_over(export: Callable[[Path], dict], facts: dict) -> dict | None:
     target = os.environ.get(HANDOVER_ENV)
     directory = Path(target) if target else Path(tempfile.mkdtemp(prefix="autoresearch-handover-"))
     directory.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
     try:
         graph = export(directory)
     except Exception as e:  # noqa: BLE001 - whatever the model does, the run ends with one clear line
@@ -121,7 +123,7 @@ def hand_over(export: Callable[[Path], dict], facts: dict) -> dict | None:
               "needs a forward that torch.export / mx.export_function can trace: fixed shapes, tensor operations "
               "only, no data-dependent Python control flow", flush=True)
         sys.exit(1)
-    facts = {**facts, "graph": graph}
+    facts = {**facts, "graph": graph, "export_seconds": time.perf_counter() - t0}
     _atomic_write_bytes(directory / "facts.json", (json.dumps(facts, indent=1, default=str) + "\n").encode())
     if target:
         print(f"handed over to the harness: {', '.join(sorted(f.name for f in directory.iterdir()))}", flush=True)

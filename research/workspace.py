@@ -98,6 +98,7 @@ def _private_env(home: Path, tmp: Path, cache: Path, **extra: str) -> dict[str, 
         MPLCONFIGDIR=str(cache / "matplotlib"),
         PYTHONUNBUFFERED="1",
         PYTHONDONTWRITEBYTECODE="1",
+        OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY") or "PASSIVE",  # see backends/__init__.py
         **extra,
     )
     for key in ("AUTORESEARCH_RESULT_JSON", "PYTHONPATH", "PYTHONSTARTUP", "PYTHONHOME", "PYTHONUSERBASE"):
