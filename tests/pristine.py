@@ -82,3 +82,9 @@ def trainer_dir() -> Path:
 def trainer(name: str) -> Path:
     """The pristine copy of one trainer (`train_cuda.py` or `train_mlx.py`)."""
     return trainer_dir() / name
+
+
+def script(source: str) -> str:
+    """`source` for `python -c` that imports the pristine trainers: `-c` puts the working directory (the
+    checkout, with the agent's trainers) first on sys.path, ahead of PYTHONPATH."""
+    return f"import sys; sys.path.insert(0, {str(trainer_dir())!r})\n" + source

@@ -116,11 +116,34 @@ def test_peak_table_and_mfu():
     assert mfu_percent(1e9, 1e3, detect(probe=CPU_ONLY)) is None
 
 
-def test_real_host_detection_and_cli():
-    info = detect()
-    assert info.backend in backends.BACKENDS
-    out = subprocess.run([sys.executable, "-m", "backends"], cwd=ROOT, capture_output=True, text=True)
-    assert out.returncode == 0 and out.stdout.startswith("backend: ")
+def host_backend() -> str:
+    """This host's best backend, asked of the frameworks directly (not through backends' probe)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "rocm" if getattr(torch.version, "hip", None) else "cuda"
+    try:
+        import mlx.core as mx
+
+        if mx.metal.is_available():
+            return "mlx"
+    except ImportError:
+        pass
+    mps = getattr(torch.backends, "mps", None)
+    return "mps" if mps is not None and mps.is_available() else "cpu"
+
+
+def test_real_host_detection_and_cli(monkeypatch):
+    monkeypatch.delenv("AUTORESEARCH_BACKEND", raising=False)
+    backends._detect_cached.cache_clear()
+    try:
+        info = detect()
+    finally:
+        backends._detect_cached.cache_clear()
+    assert info.backend == host_backend()
+    env = {k: v for k, v in os.environ.items() if k != "AUTORESEARCH_BACKEND"}
+    out = subprocess.run([sys.executable, "-m", "backends"], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and out.stdout.startswith(f"backend: {info.backend} (")
     bad = subprocess.run(
         [sys.executable, "-m", "backends", "nope"], cwd=ROOT, capture_output=True, text=True
     )
@@ -232,10 +255,15 @@ def test_a_kernel_that_fails_to_load_is_reported_and_sdpa_used(capsys):
     assert "attention: fa3 could not be loaded (ModuleNotFoundError" in err and "falling back" in err
 
 
-def test_cpu_detection_imports_neither_framework():
-    code = "import sys, backends; backends.detect('cpu'); print('torch' in sys.modules, 'mlx.core' in sys.modules)"
+@pytest.mark.parametrize("how", ["argument", "environment"])
+def test_cpu_detection_imports_neither_framework(how):
+    """The CPU backend, asked for by argument or by AUTORESEARCH_BACKEND=cpu (as the loop sets it for every
+    process it starts), costs no torch or MLX import."""
+    call = "backends.detect('cpu')" if how == "argument" else "backends.detect()"
+    code = f"import sys, backends; {call}; print('torch' in sys.modules, 'mlx.core' in sys.modules)"
+    env = dict(os.environ, AUTORESEARCH_BACKEND="cpu" if how == "environment" else "")
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
-                         text=True, check=True).stdout.split()
+                         text=True, check=True, env=env).stdout.split()
     assert out == ["False", "False"]
 
 
