@@ -440,6 +440,31 @@ def test_loop_interrupted_mid_experiment_then_resumed(tiny_cache, tmp_path, sig)
     check_after(prior, [])
 
 
+def test_ctrl_c_again_during_the_clean_up_does_not_cut_it_short(tiny_cache, tmp_path):
+    """An impatient user presses Ctrl-C again and again while the loop is stopping the trainer and restoring
+    the tree: the clean-up still finishes (no traceback, no half-made experiment, no lock left)."""
+    repo = make_repo(tmp_path)
+    prior = seed(repo, "int2")
+    slow = write_script(tmp_path, [edit('MODE = "ok"', 'MODE = "hang"', "a long experiment")])
+    loop = start_loop(repo, loop_args("int2", slow), loop_env(tiny_cache), tmp_path / "first.log")
+    workspace, running, _ = _hung_run(repo, loop)
+    loop.send_signal(signal.SIGINT)
+    sent, deadline = 1, time.monotonic() + 60
+    while loop.poll() is None and time.monotonic() < deadline:  # more Ctrl-C, every 5 ms, until it exits
+        time.sleep(0.005)
+        try:
+            loop.send_signal(signal.SIGINT)
+            sent += 1
+        except ProcessLookupError:
+            break
+    assert loop.wait(timeout=60) == 130
+    out = (tmp_path / "first.log").read_text()
+    assert sent > 3, sent  # the clean-up really was under fire
+    assert "interrupted" in out and "Run the same command again to resume" in out and "Traceback" not in out, out
+    assert_gone(running, workspace)
+    check_after(prior, [])
+
+
 def test_loop_killed_mid_experiment_then_resumed(tiny_cache, tmp_path):
     """SIGKILL (OOM killer, power loss) mid-experiment: the sandbox ends the whole run with its loop; left
     behind are a commit no row records, a stale lock naming the trainer's process group, and a row the kill

@@ -239,3 +239,62 @@ def test_indivisible_batch_is_a_clear_error(tiny_cache):
     proc = run_trainer("train_cuda.py", "cpu", tiny_cache, 5.0, script=BAD_BATCH_SCRIPT.format(module="train_cuda"))
     check_fails_fast(proc, BAD_BATCH_PATTERN)
 
+
+
+# --- per-hardware baselines -------------------------------------------------------
+
+BASELINE_SCRIPT = """
+import json, sys
+import backends
+from backends import Probe
+
+probes = {
+    "h100": ("cuda", Probe(torch=True, cuda=True, gpu_name="NVIDIA H100 80GB HBM3", gpu_capability=(9, 0),
+                           gpu_memory_gb=79.1, cpu_name="Xeon", ram_gb=1024)),
+    "rtx4090": ("cuda", Probe(torch=True, cuda=True, gpu_name="NVIDIA GeForce RTX 4090", gpu_capability=(8, 9),
+                              gpu_memory_gb=23.6, cpu_name="Ryzen", ram_gb=64)),
+    "mi300x": ("rocm", Probe(torch=True, cuda=True, hip_version="6.2", gpu_name="AMD Instinct MI300X",
+                             gpu_capability=(9, 4), gpu_memory_gb=192.0, cpu_name="EPYC", ram_gb=1024)),
+    "m1": ("mps", Probe(system="Darwin", machine="arm64", torch=True, mps=True, unified_memory_gb=32.0)),
+    "cpu": ("cpu", Probe(torch=True, cpu_name="EPYC", ram_gb=24.0)),
+}
+out = {}
+detect = backends.detect
+for name, (backend, probe) in probes.items():
+    info = detect(backend, probe=probe)
+    backends.detect = lambda *a, info=info, **k: info  # what the trainer sees on that host
+    sys.modules.pop("train_cuda", None)
+    import train_cuda
+    out[name] = [train_cuda.BACKEND, train_cuda.HARDWARE, train_cuda.hyperparameters()]
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_each_host_gets_its_baseline():
+    """The trainer picks its baseline block from the host: the reference (H100) sizes on GPUs with 40 GB or
+    more, smaller batches on a smaller GPU, a smaller model on MPS, and the ~1M-parameter one on CPU.
+    Each host is faked (backends.detect), the pristine trainer imported for it; nothing runs on a device."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import pristine
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(pristine.trainer_dir()), str(pristine.PROJECT)]))
+    proc = subprocess.run([sys.executable, "-c", pristine.script(BASELINE_SCRIPT)], cwd=pristine.PROJECT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    sizes = {name: (backend, hw, hp["DEPTH"], hp["HEAD_DIM"], hp["DEVICE_BATCH_SIZE"], hp["TOTAL_BATCH_SIZE"])
+             for name, (backend, hw, hp) in got.items()}
+    assert sizes == {
+        "h100": ("cuda", "gpu", 8, 128, 128, 2**19),  # the reference's
+        "rtx4090": ("cuda", "small-gpu", 8, 128, 16, 2**17),
+        "mi300x": ("rocm", "gpu", 8, 128, 128, 2**19),
+        "m1": ("mps", "mps", 4, 128, 16, 2**16),
+        "cpu": ("cpu", "cpu", 2, 32, 8, 2**11),
+    }
+    # only the sizes differ: every learning rate is the reference's on every host
+    lrs = {name: {k: v for k, v in hp.items() if k.endswith("_LR")} for name, (_, _, hp) in got.items()}
+    assert all(v == lrs["h100"] for v in lrs.values()) and lrs["h100"]["MATRIX_LR"] == 0.04
