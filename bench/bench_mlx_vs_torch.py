@@ -6,20 +6,25 @@ and eager, then PyTorch on its backend for this host (MPS on a Mac, else CPU; se
 AUTORESEARCH_BACKEND=cpu|mps|cuda to choose). Each figure is the best of --repeats timed runs
 (the steadiest number on a busy machine); the two MLX modes alternate.
 
-Linux CPU: MLX's CPU wheel (mlx[cpu]) bundles the reference BLAS, a few GFLOP/s, so MLX trails
-PyTorch (oneDNN/MKL) several times over there. A faster BLAS can be preloaded without
-rebuilding anything; MLX then calls its cblas_sgemm. On Debian/Ubuntu:
+The PyTorch side is compiled only where the trainer compiles (CUDA/ROCm); on CPU and MPS it runs eager,
+and the comparison lines say which mode each side ran in (`mlx_compiled_vs_torch_eager`, and the
+like-for-like `mlx_eager_vs_torch_eager`).
+
+Linux CPU: MLX's CPU wheel (mlx[cpu]) bundles the reference BLAS, so MLX trails PyTorch (oneDNN/MKL)
+there. A faster BLAS can be preloaded without rebuilding anything; MLX then calls its cblas_sgemm. On
+Debian/Ubuntu:
 
     sudo apt-get install libopenblas0-pthread
-    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 python bench/bench_mlx_vs_torch.py
-    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 python train_mlx.py     # same for the trainer
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 python train_mlx.py     # the trainer with it
 
-(on a 2-core x86 VM this made a 512x512 fp32 matmul ~35x faster and this benchmark's MLX step ~5x
-faster). It is optional and only for speed: the math is the same. This script runs each framework in
-its own process and drops LD_PRELOAD for PyTorch, whose own BLAS it would otherwise replace.
-Apple Silicon needs none of this: MLX runs on the GPU through Metal.
+When that library is there (or --openblas PATH names one), this script measures MLX both ways in the
+same run, without and with the preload, and prints both and their ratio (a 512x512 fp32 matmul and the
+training step); without it, it says so and measures MLX once. It is optional and only for speed: the
+math is the same. Each framework runs in its own process; PyTorch never gets the preload, whose BLAS
+would replace its own. Apple Silicon needs none of this: MLX runs on the GPU through Metal.
 
 Run: .venv/bin/python bench/bench_mlx_vs_torch.py [--depth 2] [--seq-len 256] [--batch-size 4] [--steps 3]
+     [--openblas PATH | --openblas none]
 """
 
 import argparse
@@ -29,6 +34,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+DEFAULT_OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -51,6 +58,18 @@ def time_steps(step, steps: int, sync) -> float:
         step()
     sync()
     return (time.perf_counter() - t0) / steps
+
+
+def matmul_gflops(mx, n: int = 512, repeats: int = 5) -> float:
+    """Best GFLOP/s of an n x n fp32 matmul (what a preloaded BLAS speeds up)."""
+    a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
+    mx.eval(a, b, a @ b)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        mx.eval(a @ b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
 
 
 def bench_mlx(cfg, tokens, args) -> dict[str, float]:
@@ -80,7 +99,8 @@ def bench_mlx(cfg, tokens, args) -> dict[str, float]:
     for _ in range(args.repeats):
         for mode, step in steps.items():
             best[mode] = min(best[mode], time_steps(step, args.steps, mx.synchronize))
-    return {**best, "peak_memory_mb": tm.mlx_rt.peak_memory_mb(), "device": tm.HOST.device_name}
+    return {**best, "matmul_gflops": matmul_gflops(mx), "peak_memory_mb": tm.mlx_rt.peak_memory_mb(),
+            "device": tm.HOST.device_name}
 
 
 def bench_torch(cfg, tokens, args, backend: str) -> dict[str, float]:
@@ -122,6 +142,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per run")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs; the best is reported")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--openblas", default=None,
+                        help=f"BLAS library to measure MLX with as well, preloaded (default {DEFAULT_OPENBLAS} "
+                             "on Linux when present; 'none': MLX once, as the environment has it)")
     parser.add_argument("--only", choices=("mlx", "torch"), help=argparse.SUPPRESS)  # one side, JSON out
     args = parser.parse_args()
 
@@ -148,21 +171,47 @@ def main() -> None:
             sys.exit(f"{side} benchmark failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
         return json.loads(lines[-1][len("RESULT "):])
 
-    mlx = run("mlx", dict(os.environ))
-    tch = run("torch", {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"})
+    base_env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    blas = args.openblas
+    if blas is None and sys.platform.startswith("linux") and Path(DEFAULT_OPENBLAS).exists():
+        blas = DEFAULT_OPENBLAS
+    if blas == "none" or (blas is None and os.environ.get("LD_PRELOAD")):
+        blas = None  # MLX once, with whatever LD_PRELOAD the environment sets
+        mlx = run("mlx", dict(os.environ))
+        mlx_blas = None
+    else:
+        mlx = run("mlx", base_env)  # the BLAS the MLX wheel ships
+        mlx_blas = run("mlx", dict(base_env, LD_PRELOAD=blas)) if blas else None
+    tch = run("torch", base_env)
     tokens_per_step = args.batch_size * cfg.sequence_len
+    torch_mode = "compiled" if tch["compiled"] else "eager"
     print(f"config:               depth {cfg.n_layer}, width {cfg.n_embd}, heads {cfg.n_head}, "
           f"seq {cfg.sequence_len}, batch {args.batch_size}, vocab {cfg.vocab_size}, "
           f"params_M {param_counts(cfg)['total'] / 1e6:.2f}")
-    print(f"mlx_device:           {mlx['device']} (LD_PRELOAD: {os.environ.get('LD_PRELOAD') or 'none'})")
-    print(f"torch_device:         {tch['device']} (torch.compile {tch['compiled']})")
+    print(f"timing:               best of {args.repeats} runs of {args.steps} steps each, after {args.warmup} "
+          "untimed steps")
+    preload = "none" if mlx_blas is not None else os.environ.get("LD_PRELOAD") or "none"
+    print(f"mlx_device:           {mlx['device']} (LD_PRELOAD: {preload})")
+    print(f"torch_device:         {tch['device']} (torch.compile {tch['compiled']}: {torch_mode})")
     print(f"mlx_compiled_tok_s:   {tokens_per_step / mlx['compiled']:,.0f}")
     print(f"mlx_eager_tok_s:      {tokens_per_step / mlx['eager']:,.0f}")
     print(f"mlx_compile_speedup:  {mlx['eager'] / mlx['compiled']:.2f}x")
-    print(f"torch_tok_s:          {tokens_per_step / tch['step']:,.0f}")
-    print(f"mlx_vs_torch:         {tch['step'] / mlx['compiled']:.2f}x")
-    print(f"mlx_peak_memory_mb:   {mlx['peak_memory_mb']:.1f}")
-
+    print(f"mlx_matmul_gflops:    {mlx['matmul_gflops']:.1f} (512x512 fp32)")
+    print(f"{f'torch_{torch_mode}_tok_s:':<22}{tokens_per_step / tch['step']:,.0f}")
+    print(f"mlx_compiled_vs_torch_{torch_mode}: {tch['step'] / mlx['compiled']:.2f}x")
+    print(f"mlx_eager_vs_torch_{torch_mode}:    {tch['step'] / mlx['eager']:.2f}x")
+    print(f"mlx_peak_alloc_mb:    {mlx['peak_memory_mb']:.1f} (MLX allocator's peak over both MLX modes, one process)")
+    if mlx_blas is not None:
+        print(f"mlx_with_preload:     LD_PRELOAD={blas}")
+        print(f"  matmul_gflops:      {mlx_blas['matmul_gflops']:.1f} "
+              f"({mlx_blas['matmul_gflops'] / mlx['matmul_gflops']:.1f}x the wheel's BLAS)")
+        print(f"  compiled_tok_s:     {tokens_per_step / mlx_blas['compiled']:,.0f} "
+              f"({mlx['compiled'] / mlx_blas['compiled']:.2f}x the wheel's BLAS)")
+        print(f"  eager_tok_s:        {tokens_per_step / mlx_blas['eager']:,.0f} "
+              f"({mlx['eager'] / mlx_blas['eager']:.2f}x the wheel's BLAS)")
+        print(f"  compiled_vs_torch_{torch_mode}: {tch['step'] / mlx_blas['compiled']:.2f}x")
+    elif sys.platform.startswith("linux") and not os.environ.get("LD_PRELOAD"):
+        print(f"mlx_with_preload:     not measured ({DEFAULT_OPENBLAS} not found; --openblas PATH names another)")
 
 if __name__ == "__main__":
     main()
