@@ -17,7 +17,7 @@ what must hold whatever happened:
 
 Every trainer runs in the OS sandbox (bubblewrap here), in a private workspace: it cannot see the
 repository's git, runs/ or results.tsv, and the harness scores what it hands over. Faults about training
-itself (an exception mid-training, NaN loss, out of memory, a model that sees the future, a trainer that
+itself (an exception mid-training, out of memory, a model that sees the future, a trainer that
 skips the hand-over) edit the real train_cuda.py; the others use the stand-in trainer of test_loop.py
 (whose helpers this file reuses). Faults that need the loop's own process (a full disk, a bug in the
 loop) drive `loop.main` in-process, with scripted measurements where the trainer does not matter.
@@ -252,7 +252,6 @@ def test_import_error_is_a_crash_that_names_the_module(tiny_cache, tmp_path):
 BUG = "        if step == 2:\n            raise RuntimeError(\"injected fault at step 2\")\n"
 REAL_FAULTS = {
     "exception": edit("        optimizer.step()\n", "        optimizer.step()\n" + BUG, "an optimizer change with a bug"),
-    "nan": edit("EMBEDDING_LR = 0.6", "EMBEDDING_LR = float(\"nan\")", "a learning rate that is not a number"),
     # an allocation no machine can satisfy (beyond the address space): fails at once, takes no memory
     "oom": edit("    model = build_model(config)\n",
                 "    model = build_model(config)\n    activations = torch.empty(1 << 62, dtype=torch.uint8)\n",
@@ -305,11 +304,17 @@ def test_exception_mid_training(real_faults):
     assert "step 00001" in log and "step 00003" not in log  # it really was training
 
 
-@pytest.mark.slow
-def test_nan_loss_fails_fast(real_faults):
-    row, log = real_faults["nan"]
-    assert "FAIL: training loss nan" in row.note
-    assert "handed over" not in log and "val_bpb" not in log  # stopped before the hand-over
+def test_the_trainers_fail_line_is_the_crash_note():
+    """A trainer that fails fast (NaN loss: tests/test_train_cuda.py and test_train_mlx.py run that) says why in
+    one `FAIL:` line; the loop's crash note is that line, even with a traceback after it, else the exception
+    that ends the last traceback."""
+    from research.experiment import failure_line
+
+    log = ("step 00001 | loss: 7.6\nFAIL: training loss nan at step 2 (NaN or > 100)\n"
+           "Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\nSystemExit: 1\n")
+    assert failure_line(log) == "FAIL: training loss nan at step 2 (NaN or > 100)"
+    assert failure_line(log.replace("FAIL: ", "")) == "SystemExit: 1"
+    assert failure_line("step 00001 | loss: 7.6\n") is None
 
 
 @pytest.mark.slow

@@ -34,7 +34,7 @@ import pytest
 
 import pristine
 from research import results as R
-from research.agents import AgentContext, AgentError, ClaudeAgent, CrashInfo, LocalAgent, cost_usd
+from research.agents import AgentContext, ClaudeAgent, CrashInfo, LocalAgent, cost_usd
 from research.guards import RepoLock, LockError, child_env, text_hash
 from research.hparams import in_effect, parse_block, set_values
 
@@ -601,30 +601,16 @@ def test_startup_allowance_and_kill_limits():
     assert "set by --startup-allowance" in s.allowance_line()
 
 
-def test_dirty_tree_second_loop_and_unwritable_results_refuse(tiny_cache, tmp_path):
+def test_dirty_tree_refuses(tiny_cache, tmp_path):
+    """An uncommitted edit of the trainer is the user's: the loop refuses to start and restores nothing over
+    it. (A second loop on the repository and an unwritable results file: tests/test_faults.py.)"""
     repo = make_repo(tmp_path)
     env = loop_env(tiny_cache)
     (repo / "train_cuda.py").write_text(FAKE_TRAINER + "\n# uncommitted\n")
     proc = run_loop(repo, "run", "--agent", "local", "--max-experiments", "0", env=env)
     assert proc.returncode == 1 and "uncommitted changes (train_cuda.py)" in proc.stderr
     assert (repo / "train_cuda.py").read_text().endswith("# uncommitted\n")  # nothing was restored over it
-    git(repo, "checkout", "--", "train_cuda.py")
-
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        (repo / ".autoresearch.lock").write_text(f"{sleeper.pid}\n")
-        proc = run_loop(repo, "run", "--agent", "local", "--max-experiments", "0", env=env)
-        assert proc.returncode == 1
-        assert f"Another autoresearch loop (pid {sleeper.pid}) is running on this repository" in proc.stderr
-    finally:
-        sleeper.kill()
-        sleeper.wait()
-    (repo / "results.tsv").unlink()
-    (repo / "results.tsv").mkdir()  # cannot be written as a file
-    proc = run_loop(repo, "run", "--agent", "local", "--max-experiments", "0", env=env)  # the stale lock is taken over
-    assert proc.returncode == 1 and "Cannot write" in proc.stderr and "results.tsv" in proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert not (repo / ".autoresearch.lock").exists()
+    assert "Traceback" not in proc.stderr and not (repo / ".autoresearch.lock").exists()
 
 
 def test_try_command(tiny_cache, tmp_path):
@@ -1039,39 +1025,6 @@ def test_claude_agent_tool_use_and_caching(tiny_cache, tmp_path, monkeypatch):
     marks = sum(1 for m in api.requests[3]["messages"] for b in m["content"] if isinstance(b, dict)
                 and "cache_control" in b) + sum("cache_control" in b for b in api.requests[3]["system"])
     assert marks <= 4
-
-
-def test_claude_agent_retries_rate_limits_and_overload(tiny_cache, tmp_path, monkeypatch):
-    repo = make_repo(tmp_path)
-    done = [tool("edit_trainer", old_string="DEPTH = 2", new_string="DEPTH = 3"), tool("finish", description="deeper")]
-    replies = [
-        error(429, "rate_limit_error", "slow down", **{"retry-after-ms": "5"}),  # the SDK's own retry
-        error(529, "overloaded_error", "Overloaded", **{"x-should-retry": "false"}),  # ours
-        error(503, "api_error", "unavailable", **{"x-should-retry": "false"}),
-        (200, "<html>502 Bad Gateway</html>", {}),  # a proxy's page where a message should be
-        message(*done),
-    ]
-    with FakeMessagesAPI(replies) as api:
-        agent = _claude(repo, api.url, monkeypatch)
-        t0 = time.monotonic()
-        proposal = agent.propose(_ctx(repo))
-    assert proposal.description == "deeper" and len(api.requests) == 5
-    assert time.monotonic() - t0 < 5
-
-
-def test_claude_agent_gives_up_with_one_sentence(tiny_cache, tmp_path, monkeypatch):
-    repo = make_repo(tmp_path)
-    overloaded = [error(529, "overloaded_error", "Overloaded", **{"x-should-retry": "false"})] * 3
-    with FakeMessagesAPI(overloaded) as api:
-        agent = _claude(repo, api.url, monkeypatch, attempts=3)
-        with pytest.raises(AgentError) as e:
-            agent.propose(_ctx(repo))
-    assert str(e.value).startswith("The Anthropic API kept failing (HTTP 529 overloaded_error) after 3 attempts")
-    assert len(api.requests) == 3
-    with FakeMessagesAPI([error(401, "authentication_error", "invalid x-api-key")]) as api:
-        with pytest.raises(AgentError, match="check ANTHROPIC_API_KEY"):
-            _claude(repo, api.url, monkeypatch).propose(_ctx(repo))
-    assert (repo / "train_cuda.py").read_text() == FAKE_TRAINER
 
 
 def test_claude_agent_malformed_tool_input_and_crash_context(tiny_cache, tmp_path, monkeypatch):
