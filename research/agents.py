@@ -654,6 +654,8 @@ class ClaudeAgent(Agent):
     def _duplicate(self, ctx: AgentContext, original: str, current: str) -> str | None:
         """Why the edited trainer repeats an experiment already run (same text, or the same hyperparameter
         values on the current kept trainer), or None."""
+        if text_hash(current) in ctx.running:
+            return "this exact trainer is running now on another worker"
         values, changed = None, set()
         last_keep = max((i for i, r in enumerate(ctx.history) if r.status == "keep"), default=-1)
         if ctx.crash is None and any(r.hyperparams for r in ctx.history[last_keep + 1:]):

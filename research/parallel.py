@@ -33,13 +33,13 @@ from research import gitrepo
 from research.agents import Agent, CrashInfo
 from research.console import clock
 from research.driver import MAX_IDLE_PROPOSALS, agent_context, baseline_plan, rule_line
-from research.experiment import (Outcome, Usage, _abort_monitor, _report, _row, _write_meta, decide, log_tail)
+from research.experiment import Outcome, Usage, _abort_monitor, _report, _row, _write_meta, decide, log_tail
 from research.results import NO_COMMIT, Row, sanitize
 from research.secrets import redact
-from research.session import (ABORT_AUDIT, ABORT_OFF, BASELINE, BEST_NEXT, RERUN, Session, SessionError, replay)
+from research.session import ABORT_AUDIT, ABORT_OFF, BASELINE, BEST_NEXT, RERUN, Session, SessionError, replay
 from research.trial_worker import Job, JobResult, RunResult, RunSpec, TrialWorker, hardware_class
 
-__all__ = ["default_workers", "check_workers", "research_parallel", "check_hellos", "MAX_REBASES"]
+__all__ = ["MAX_REBASES", "check_hellos", "check_workers", "default_workers", "research_parallel"]
 
 MAX_REBASES = 2  # a stale win is merged onto the current best and re-run at most this many times in a row
 MAX_LOSSES = 2  # a job whose worker is lost this many times is recorded as a crash instead of re-queued
@@ -96,7 +96,6 @@ def check_hellos(s: Session, hellos: list[dict]) -> None:
             raise SessionError(f"Worker {who} has evaluator {h['evaluator']}, not this repository's "
                                f"{s.evaluator_hash}: run the same commit of the project on every node.")
     import prepare
-
     from research.trial_worker import data_fingerprint
 
     mine = data_fingerprint(s.protocol)
@@ -123,11 +122,14 @@ class Slot:
     hello_ref: object = None
     hello_since: float = 0.0
     confine: object = None  # Confinement of its tree: where agents may import its trainer
+    at: str = ""  # the commit its tree was just left at, clean (after a proposal): no reset needed
 
 
 class Pool:
     """Ray, the actors and their worktrees. `start()` brings them up and checks them; `close()` stops
     every worker (their trainers ended), removes every worktree and shuts down a Ray it started."""
+
+    worker_cls = TrialWorker  # what each actor runs (bench/bench_parallel.py puts a stand-in here)
 
     def __init__(self, s: Session, workers: int, address: str | None) -> None:
         self.s, self.n, self.address = s, workers, address
@@ -179,7 +181,7 @@ class Pool:
             options = {"num_gpus": 1, "num_cpus": 1 if self.address else max(1, cpus // self.n)}
         else:  # CPU, MPS, MLX: N slots as asked; the cores shared out (each trainer's threads follow)
             options = {"num_cpus": 1 if self.address else max(1, cpus // self.n)}
-        self.actor_cls = ray.remote(max_concurrency=2, max_restarts=0, **options)(TrialWorker)
+        self.actor_cls = ray.remote(max_concurrency=2, max_restarts=0, **options)(self.worker_cls)
         self.options = options
         for k in range(self.n):
             path = self.root / f"w{k}"
@@ -341,8 +343,9 @@ class Driver:
             self.pool.reset_tree(slot, t.base)
             (slot.tree / s.trainer).write_text(t.text, encoding="utf-8")
             t.commit = gitrepo.commit_paths(slot.tree, [s.trainer], t.description)
-        else:
+        elif slot.at != t.commit:
             self.pool.reset_tree(slot, t.commit)
+        slot.at = ""
         job = Job(runs=t.runs, tree=str(slot.tree), host=self.here, timeout_s=s.timeout_s,
                   overtime_limit=s.overtime_limit(), harness_timeout_s=s.harness_timeout_s, best=s.best,
                   run_no=t.run_no)
@@ -419,6 +422,7 @@ class Driver:
     def _lost(self, t: Ticket, slot: Slot, error: Exception) -> None:
         s = self.s
         t.losses += 1
+        slot.at = ""
         self.pool.kill(slot)
         try:
             self.pool.reset_tree(slot, s.kept_commit)
@@ -541,6 +545,7 @@ class Driver:
         was recorded at once, rejected or not compiling: then `_next` asks again)."""
         s = self.s
         crash, fixing = None, None
+        slot.at = ""
         if self.fixes:
             crash, fixing = self.fixes.pop(0)
             self.pool.reset_tree(slot, fixing.base)
@@ -595,6 +600,7 @@ class Driver:
             self._record(t, self._row(t, status="rejected", note=f"rejected: {problem}", r=None, usage=t.usage))
             return None
         t.commit = gitrepo.commit_paths(slot.tree, [s.trainer], description)
+        slot.at = t.commit
         try:
             compile(text, s.trainer, "exec")
         except SyntaxError as e:
@@ -664,7 +670,7 @@ class Driver:
 
     def _confirm(self, t: Ticket, res: JobResult) -> None:
         s = self.s
-        first, verdict, best_text, note1, worker1 = t.first
+        first, verdict, best_text, _, worker1 = t.first
         runs = {r.prefix: r for r in res.runs}
         rows: list[Row] = []
         b = runs.get("best_")

@@ -24,8 +24,16 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["RunSpec", "Job", "RunResult", "JobResult", "TrialWorker", "hardware_class", "data_fingerprint",
-           "WORKER_CODE"]
+__all__ = [
+    "WORKER_CODE",
+    "Job",
+    "JobResult",
+    "RunResult",
+    "RunSpec",
+    "TrialWorker",
+    "data_fingerprint",
+    "hardware_class",
+]
 
 # What a tree a trainer runs from must hold besides the trainer (the locked code it may import, and
 # the harness's code, which the harness reads from the worker's own copy).

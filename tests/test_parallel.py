@@ -21,8 +21,18 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.test_loop import FAKE_TRAINER, assert_clean, edit, git, loop_env, make_repo, read_rows, seed, wait_for, \
-    write_script
+from tests.test_loop import (
+    FAKE_TRAINER,
+    assert_clean,
+    edit,
+    git,
+    loop_env,
+    make_repo,
+    read_rows,
+    seed,
+    wait_for,
+    write_script,
+)
 
 pytest.importorskip("ray")
 
@@ -142,8 +152,8 @@ def test_a_killed_worker_is_requeued_and_ctrl_c_stops_every_worker(tmp_path, tin
     proc = start_loop(repo, ["run", "--workers", "2", "--agent", "scripted", "--script", script, "--tag", "kill",
                              "--max-experiments", "2", "--baseline-runs", "1", "--remeasure-every", "0"], env, out)
     try:
-        wait_for(lambda: re.search(r"\] a slow change$", out.read_text(), re.M), "the slow change to start", 240,
-                 (proc,))
+        started = re.compile(r"\] a slow change$", re.MULTILINE)
+        wait_for(lambda: started.search(out.read_text()), "the slow change to start", 240, (proc,))
         text = out.read_text()
         pids = dict(re.findall(r"(w\d)@\S+ \(pid (\d+)\)", text))
         slot = re.search(r"\[run \d+ on (w\d)@\S+\] a slow change", text).group(1)
