@@ -67,6 +67,9 @@ def default_workers(host) -> int:
 
 
 def _import_ray():
+    # Ray's `uv run` hook would start each worker with `uv run` in an unpacked copy of the repository, a
+    # new environment there; the workers run in this environment instead (on other nodes: theirs).
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     try:
         import ray
     except ImportError:
@@ -194,8 +197,20 @@ class Pool:
             self.launch(slot)
         s.console.event(f"starting {self.n} workers on Ray ({'cluster ' + self.address if self.address else 'local'}"
                         f", {', '.join(f'{k} {v:g}' for k, v in options.items())} each)")
+        refs = [slot.hello_ref for slot in self.slots]
+        waited, told = 0.0, False
+        while waited < HELLO_TIMEOUT_S:
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=10.0)
+            if len(ready) == len(refs):
+                break
+            waited += 10.0
+            if waited >= 60 and not told:
+                told = True
+                s.console.event(f"{len(refs) - len(ready)} of {len(refs)} workers not up after {waited:.0f} s (a "
+                                "worker that fails to start says why in Ray's logs: /tmp/ray/session_latest/logs/"
+                                f"worker-*.err); waiting up to {HELLO_TIMEOUT_S:.0f} s")
         try:
-            hellos = self.ray.get([slot.hello_ref for slot in self.slots], timeout=HELLO_TIMEOUT_S)
+            hellos = self.ray.get(refs, timeout=1.0)
         except ray.exceptions.GetTimeoutError:
             raise SessionError(f"The {self.n} workers did not all start within {HELLO_TIMEOUT_S:.0f} s: the Ray "
                                f"cluster has no room for {self.n} actors with {options} each; ask for fewer "

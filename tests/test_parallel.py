@@ -49,7 +49,14 @@ def worktrees(repo: Path) -> list[str]:
 def start_loop(repo: Path, args: list[str], env: dict, out: Path) -> subprocess.Popen:
     f = open(out, "w")
     return subprocess.Popen([sys.executable, "loop.py", *args], cwd=repo, env=env, stdout=f, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, text=True)
+                            stdin=subprocess.DEVNULL, text=True, start_new_session=True)  # its own group, as a shell
+
+
+def _in_group(pid: int, pgid: int) -> bool:
+    try:
+        return os.getpgid(pid) == pgid
+    except OSError:
+        return False
 
 
 # ------------------------------------------------------------------------------------------------
@@ -182,13 +189,15 @@ def test_a_killed_worker_is_requeued_and_ctrl_c_stops_every_worker(tmp_path, tin
     try:
         wait_for(lambda: "a very slow change" in out2.read_text(), "the change to start", 240, (proc,))
         time.sleep(4)
-        proc.send_signal(signal.SIGINT)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole foreground group
         proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
     text = out2.read_text()
     assert proc.returncode == 130, text[-3000:]
+    wait_for(lambda: not [p for p in os.listdir("/proc") if p.isdigit() and _in_group(int(p), proc.pid)],
+             "every process of the loop's group to end", 60)
     assert "interrupted" in text
     assert (repo / "results.tsv").read_bytes() == before
     assert_clean(repo)
