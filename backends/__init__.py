@@ -259,7 +259,9 @@ def _info_for(backend: str, p: Probe, reason: str) -> HostInfo:
             memory_gb=p.unified_memory_gb if metal else p.ram_gb,
             bf16=metal,
             attention=("mlx_sdpa",),
-            compile=True,
+            # mx.compile on MLX's CPU build JIT-compiles C++ at the first step (~50 s on a 2-core machine)
+            # and then ran no faster than eager (0.91x, bench/bench_mlx_vs_torch.py): Metal only.
+            compile=metal,
             peak_flops=None,  # no published dense bf16 peak for Apple GPUs: MFU is n/a
             trainer=TRAINERS["mlx"],
             reason=reason,
