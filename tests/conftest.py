@@ -12,13 +12,15 @@ It is first on sys.path, so `import train_cuda` in a test imports that copy.
 
 The user's machine does not leak in: before any test, git reads no global or system config (a global
 commit.gpgsign=true, hooks path or template would break every temporary repository) and commits under a
-fixed identity (in the global config file the tests give it), and no proxy variable is set (a test's requests to a local server on 127.0.0.1 would go
-to the proxy); the tests use no network.
+fixed identity (in the global config file the tests give it), and no proxy variable is set (a test's
+requests to a local server on 127.0.0.1 would go to the proxy); the tests use no network.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -39,6 +41,7 @@ def isolate_environment(environ=os.environ) -> None:
     """Git without the user's global or system config, under a fixed identity; no proxy. Set in this
     process's environment, so every subprocess a test starts (git, loop.py, a trainer) inherits it."""
     config = Path(tempfile.mkdtemp(prefix="autoresearch-gitconfig-")) / "config"
+    atexit.register(shutil.rmtree, config.parent, True)
     config.write_text("[user]\n\tname = test\n\temail = test@localhost\n")  # nothing else: no signing, hooks
     environ.update(GIT_CONFIG_GLOBAL=str(config), GIT_CONFIG_NOSYSTEM="1", GIT_TERMINAL_PROMPT="0",
                    NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")

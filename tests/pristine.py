@@ -29,7 +29,10 @@ RESEARCH_PREFIX = "autoresearch/"
 
 
 def _git(repo: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True)
+    try:
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True)
+    except FileNotFoundError:  # no git on this machine: not a checkout as far as the tests can tell
+        return subprocess.CompletedProcess(args, 127, "", "git not found")
 
 
 def fork_point(repo: Path = PROJECT) -> str | None:

@@ -464,7 +464,7 @@ def test_ctrl_c_again_during_the_clean_up_does_not_cut_it_short(tiny_cache, tmp_
             break
     assert loop.wait(timeout=60) == 130
     out = (tmp_path / "first.log").read_text()
-    assert sent > 3, sent  # the clean-up really was under fire
+    assert sent >= 2, sent  # at least one more Ctrl-C reached it after the first, while it was cleaning up
     assert "interrupted" in out and "Run the same command again to resume" in out and "Traceback" not in out, out
     assert_gone(running, workspace)
     check_after(prior, [])
