@@ -131,12 +131,15 @@ def bench(trainer: str, args, cache_env: dict) -> list[dict[str, float]]:
             if (repo / "runs").is_dir() else []
         got = [p for p in (phases(d, warmup) for d in runs) if p]
         if not got:
-            sys.exit(f"{trainer}: no scored run (loop exit {proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-2000:]}")
-        print(f"{trainer}: {len(got)} scored runs of {filename} in {total:.0f} s of loop wall")
+            print(f"{trainer}: no scored run (loop exit {proc.returncode}): {proc.stdout[-1500:]}{proc.stderr[-1000:]}")
+        else:
+            print(f"{trainer}: {len(got)} scored runs of {filename} in {total:.0f} s of loop wall")
         return got
 
 
 def fmt(values: list[float]) -> str:
+    if not values:
+        return "-"
     med = statistics.median(values)
     return f"{med:8.2f} ({min(values):.1f}-{max(values):.1f})" if len(values) > 1 else f"{med:8.2f}"
 
@@ -172,10 +175,11 @@ def main() -> int:
     for ph in PHASES + ["wall"]:
         print(f"{ph:<16}" + "".join(f"{fmt([r[ph] for r in results[c]]):>22}" for c in cols))
     print(f"{'outside training':<16}" + "".join(
-        f"{100 * statistics.median(1 - r['training'] / r['wall'] for r in results[c]):20.1f} %" for c in cols))
+        (f"{100 * statistics.median(1 - r['training'] / r['wall'] for r in results[c]):20.1f} %" if results[c]
+         else f"{'-':>22}") for c in cols))
     print(f"{'tokens/s':<16}" + "".join(f"{fmt([r['tok_s'] for r in results[c]]):>22}" for c in cols))
     print(f"{'val_bpb':<16}" + "".join(f"{fmt([r['val_bpb'] for r in results[c]]):>22}" for c in cols))
-    return 0
+    return 0 if all(results.values()) else 1
 
 
 if __name__ == "__main__":

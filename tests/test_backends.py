@@ -88,6 +88,7 @@ def test_cpu_and_mlx_cpu():
     assert info.peak_flops is None
     assert detect(probe=MLX_ONLY).backend == "mlx"
     assert not detect(probe=MLX_ONLY).bf16  # MLX CPU runs fp32
+    assert not detect(probe=MLX_ONLY).compile  # and eager: mx.compile is slower there, counting its JIT
 
 
 def test_env_override_and_argument_precedence(monkeypatch):
