@@ -516,7 +516,12 @@ class Driver:
         total = max(1, s.settings.baseline_runs)
         if len(done) >= total:
             return
-        s.console.event(baseline_plan(s, total, len(done)) + f"; up to {len(self.pool.slots)} at once")
+        n = len(self.pool.slots)
+        left = -(-(total - len(done)) // n) * n  # whole rounds: each baseline runs beside as many others
+        more = f", {left - total + len(done)} more than asked so that every round keeps all {n} workers busy " \
+               "(a run alone on shared cores is faster than one beside others)" if left > total - len(done) else ""
+        total = len(done) + left
+        s.console.event(baseline_plan(s, total, len(done)) + f"; {n} at once{more}")
         text = s.trainer_text()
         for k in range(len(done) + 1, total + 1):
             run_no, run_dir = s.new_run_dir()
