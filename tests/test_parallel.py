@@ -86,6 +86,21 @@ def test_bad_worker_counts_and_mixed_hardware_are_refused(tmp_path, tiny_cache):
         check_hellos(s, [{**hello, "budget": 30.0}])
 
 
+def test_ray_is_imported_only_for_parallel_runs(monkeypatch):
+    """The single-worker path never imports Ray (loop.py imports research.parallel for its flags only);
+    without Ray installed, a parallel run says how to get it."""
+    from research import parallel
+    from research.session import SessionError
+
+    code = "import sys, loop, research.parallel; assert 'ray' not in sys.modules, 'ray imported'"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(parallel.__file__).parents[1], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
+    with pytest.raises(SessionError, match="run on Ray, which is not installed here"):
+        parallel._import_ray()
+
+
 def test_merge_of_a_stale_change(tmp_path):
     from research.gitrepo import merge_text
 
