@@ -372,17 +372,20 @@ def in_process(tiny_cache, monkeypatch, capsys):
 def stub_runs(monkeypatch):
     """For in-process loops about what the loop does with measurements: replace each run of the trainer and
     the harness (research.experiment._run_once) by a scripted outcome. `install({description: [val_bpb, ...]})`
-    gives each experiment's runs in order (the first run, then a confirming rerun); None is a crash. Returns
-    the list of (description, log prefix, value) the loop asked for."""
+    gives each experiment's runs in order (the first run, then a confirming rerun); None is a crash; `best`
+    gives, in order, the runs of the best the loop makes between a promising change's two. Returns the list
+    of (description, log prefix, value) the loop asked for."""
     import research.experiment as E
     from research.runner import TrainerRun
 
-    def install(plan: dict[str, list[float | None]]) -> list[tuple[str, str, float | None]]:
+    def install(plan: dict[str, list[float | None]], best: list[float | None] = ()
+                ) -> list[tuple[str, str, float | None]]:
         plan = {k: list(v) for k, v in plan.items()}
+        bests = list(best)
         calls: list[tuple[str, str, float | None]] = []
 
         def run_once(s, run_dir, label, description, prefix="", **_):
-            val = plan[description].pop(0)
+            val = bests.pop(0) if description.startswith("the best next to run") else plan[description].pop(0)
             calls.append((description, prefix, val))
             (run_dir / f"{prefix}log.txt").write_text(f"stub run of {description!r}: val_bpb {val}\n")
             run = TrainerRun(returncode=0 if val is not None else 1, wall_seconds=1.5, timed_out=False,
@@ -477,13 +480,14 @@ def test_confirm_keeps_only_wins_that_hold(tmp_path, in_process, stub_runs):
     """Confirm runs (on by default), driven in-process with scripted measurements: a run that passes the
     screen is run again, and only the mean of both runs decides; the confirm run is recorded as a `rerun`
     row after the experiment's. A win that holds is kept; a promising run whose rerun does worse is
-    discarded; a run with no gain gets no rerun; a confirm run that crashes discards the change.
+    discarded; a run with no gain gets no rerun; a confirm run that crashes discards the change. Between a
+    change's two runs the best runs once more (a `rerun` row: "the best, run next to run N").
     (The statistics of the rule itself: tests/test_decisions.py.)"""
     repo = make_repo(tmp_path)
     prior = seed(repo, "cf", 3.0)
     plans = {"a win that holds": [2.90, 2.90], "a promising change that does not hold": [2.885, 2.92],
              "a change with no gain": [2.95], "a win whose confirm run crashes": [2.70, None]}
-    calls = stub_runs(plans)
+    calls = stub_runs(plans, best=[3.0, 2.9, 2.9])
     script = write_script(tmp_path, [edit("VAL_BPB = 2.0", "VAL_BPB = 1.9", "a win that holds"),
                                      edit("VAL_BPB = 1.9", "VAL_BPB = 1.8", "a promising change that does not hold"),
                                      edit("VAL_BPB = 1.9", "VAL_BPB = 1.7", "a change with no gain"),
@@ -491,18 +495,25 @@ def test_confirm_keeps_only_wins_that_hold(tmp_path, in_process, stub_runs):
     code, out, err = in_process(repo, ["run", "--agent", "scripted", "--script", script, "--tag", "cf",
                                        "--baseline-runs", "1", "--max-experiments", "4", "--min-noise", "0.01"])
     assert code == 0, out + err
-    assert [(d, p) for d, p, _ in calls] == [(d, p) for d, runs in plans.items()
-                                             for p in ["", "confirm_"][:len(runs)]]
     rows = read_rows(repo)[prior.rows:]
-    assert [r.status for r in rows] == ["keep", "rerun", "discard", "rerun", "discard", "discard"]
-    held, held2, fell, fell2, flat, crashed = rows
+    assert [r.status for r in rows] == ["keep", "rerun", "rerun", "discard", "rerun", "rerun", "discard", "discard",
+                                        "rerun"]
+    held, held2, best1, fell, fell2, best2, flat, crashed, best4 = rows
+    # the best runs between a promising change's two runs (a screen that passes), never for one without gain
+    assert [(d, p) for d, p, _ in calls] == [
+        (d, p) for (d, runs), first in zip(plans.items(), (held, fell, flat, crashed))
+        for p, d in ([("", d), ("best_", f"the best next to run {first.run}"), ("confirm_", d)] if len(runs) == 2
+                     else [("", d)])]
+    for best, change, val in ((best1, held, 3.0), (best2, fell, 2.9), (best4, crashed, 2.9)):
+        assert best.note == f"the best, run next to run {change.run}" and best.val_bpb == val
     assert held.note.startswith("confirmed by a rerun, mean of 2.900000 and 2.900000: win: ") and held.val_bpb == 2.9
+    assert "vs best 3.000000 (mean of 2 runs)" in held.note  # the seeded baseline and the best's fresh run
     assert held2.note == f"confirm run of run {held.run}" and held2.val_bpb == 2.9 and held2.commit == held.commit
     assert fell.note.startswith("not confirmed by a rerun, mean of 2.885000 and 2.920000: no gain: ")
     assert fell.val_bpb == 2.885 and fell2.val_bpb == 2.92 and fell2.note == f"confirm run of run {fell.run}"
     assert flat.note.startswith("no gain: ")
     assert crashed.note.startswith("confirm run failed (exit code 1; RuntimeError: stub crash); first run 2.700000: ")
-    assert out.count("confirming with a second run") == 3
+    assert out.count("; running the best, then the change again") == 3
     assert git(repo, "rev-list", "--count", f"{prior.kept}..HEAD") == "1"
     assert "VAL_BPB = 1.9" in (repo / "train_cuda.py").read_text()
     assert_clean(repo)
