@@ -71,7 +71,9 @@ def main() -> None:
     print(f"step_ms:         {1000 * seconds / args.steps:.1f}")
     print(f"tokens_per_sec:  {tok_per_sec:,.0f}")
     print(f"mfu_percent:     {f'{mfu:.2f}' if mfu is not None else 'n/a'}")
-    print(f"peak_memory_mb:  {torch_rt.peak_memory_mb(host):.1f}")
+    what = {"cuda": "allocator peak", "rocm": "allocator peak", "mps": "driver-allocated at the end"}.get(
+        host.backend, "this process's max RSS: Python, libraries and data included; one process, not a best of N")
+    print(f"peak_memory_mb:  {torch_rt.peak_memory_mb(host):.1f} ({what})")
 
 
 if __name__ == "__main__":
