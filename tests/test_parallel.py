@@ -3,7 +3,7 @@
 The end-to-end tests start a local Ray (2 CPUs) in a loop subprocess on a temporary repository with the
 stand-in trainer of tests/test_loop.py and the scripted agent; every run is sandboxed and scored by the
 harness as in the single-worker loop. About 70 s for the default ones on a 2-core machine (Ray's start
-takes ~12 s of it); the killed-worker and Ctrl-C test is marked slow.
+takes ~12 s of it); the killed-worker and Ctrl-C test (about 80 s) is marked slow.
 
 Run: `uv run pytest tests/test_parallel.py` (add `-m slow` for the killed worker).
 """
