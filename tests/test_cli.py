@@ -12,7 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_loop import git, loop_env, make_repo, read_rows, run_loop  # noqa: E402
 
-from research.agents import DEFAULT_MODEL  # noqa: E402
+from research.claude_agent import DEFAULT_MODEL  # noqa: E402
 from research.session import default_tag  # noqa: E402
 
 

@@ -34,7 +34,8 @@ import pytest
 
 import pristine
 from research import results as R
-from research.agents import AgentContext, ClaudeAgent, CrashInfo, LocalAgent, cost_usd
+from research.agents import AgentContext, CrashInfo, LocalAgent
+from research.claude_agent import ClaudeAgent, cost_usd
 from research.guards import RepoLock, LockError, child_env, text_hash
 from research.hparams import in_effect, parse_block, set_values
 
