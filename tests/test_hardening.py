@@ -253,7 +253,7 @@ def decided(repo: Path, prior) -> list[R.Row]:
 
 def test_try_drops_a_commit_a_killed_experiment_left(tiny_cache, tmp_path):
     repo = make_repo(tmp_path)
-    prior = seed(repo, "tk", val=100.0)  # any measurement of the stand-in beats it
+    prior = seed(repo, "tk")  # the stand-in at VAL_BPB 2.0, as the best runs again next to a promising change
     trainer = repo / "train_cuda.py"
     trainer.write_text(FAKE_TRAINER.replace("VAL_BPB = 2.0", "VAL_BPB = 1.5"))
     git(repo, *IDENT, "commit", "-qam", "lower it")  # committed by a `try` that was then killed
@@ -449,7 +449,7 @@ def test_trainer_finds_no_key_and_no_file_holds_it(tiny_cache, tmp_path):
     key = f"sk-ant-dummy-{uuid.uuid4().hex}"
     other = f"hf_{uuid.uuid4().hex}"
     repo = make_repo(tmp_path, THIEF)
-    prior = seed(repo, "thief", val=100.0)
+    prior = seed(repo, "thief")
     (repo / "train_cuda.py").write_text(THIEF.replace("VAL_BPB = 2.0", "VAL_BPB = 1.5"))
     env = loop_env(tiny_cache, ANTHROPIC_API_KEY=key, HF_TOKEN=other)
     proc = _run_thief(repo, ["try", "--no-sandbox", f"lower it; the key is {key}"], env, tmp_path, key)
@@ -466,7 +466,7 @@ def test_trainer_finds_no_key_and_no_file_holds_it(tiny_cache, tmp_path):
 def test_claude_agent_gets_the_key_privately(tiny_cache, tmp_path):
     key = f"sk-ant-dummy-{uuid.uuid4().hex}"
     repo = make_repo(tmp_path, THIEF)
-    prior = seed(repo, "claude", val=100.0)
+    prior = seed(repo, "claude")
     replies = [message(tool("edit_trainer", old_string="VAL_BPB = 2.0", new_string="VAL_BPB = 1.8")),
                message(tool("finish", description="smaller fake loss"))]
     with FakeMessagesAPI(replies) as api:
