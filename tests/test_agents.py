@@ -473,6 +473,7 @@ def test_hybrid_alternates_and_says_who_proposed(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a long end-to-end loop run: `uv run pytest -m slow` (CI runs it)
 def test_loop_without_a_key_runs_the_optuna_agent(tiny_cache, tmp_path):
     """`loop.py run` with no API key and no --agent: the baseline, then 3 experiments the optuna agent proposed."""
     repo = make_repo(tmp_path)

@@ -377,6 +377,7 @@ def loop_tools():
 from test_loop import in_process  # noqa: E402,F401  (a fixture: loop.main() in this process)
 
 
+@pytest.mark.slow  # a long end-to-end loop run: `uv run pytest -m slow` (CI runs it)
 def test_early_abort_stops_a_trainer_made_worse_and_a_faked_stream_wins_nothing(tiny_cache, tmp_path, loop_tools):
     t = loop_tools
     repo = t.make_repo(tmp_path, trainer=standin())
@@ -417,6 +418,7 @@ def test_early_abort_stops_a_trainer_made_worse_and_a_faked_stream_wins_nothing(
     assert all(r.budget_s == 2.0 for r in rows)
 
 
+@pytest.mark.slow  # a long end-to-end loop run: `uv run pytest -m slow` (CI runs it)
 def test_try_under_another_budget_is_refused_and_the_edit_stays(tiny_cache, tmp_path, loop_tools):
     t = loop_tools
     repo = t.make_repo(tmp_path, trainer=standin())

@@ -589,6 +589,7 @@ FAKE_SUMMARY = "".join(f"{k + ':':<18}{v}\\n" for k, v in [
     ("mfu_percent", "n/a"), ("total_tokens_M", "0.1"), ("num_steps", "10"), ("num_params_M", "1.2"), ("depth", "2")])
 
 
+@pytest.mark.slow  # a long end-to-end loop run: `uv run pytest -m slow` (CI runs it)
 def test_results_that_are_not_measurements(tiny_cache, tmp_path):
     """Only the harness's score counts. A trainer that prints a great number and leaves forged results (in
     its hand-over, and in its workspace's judge/) while its model peeks at the next token is invalid; one

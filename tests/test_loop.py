@@ -407,6 +407,7 @@ def stub_runs(monkeypatch):
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a long end-to-end loop run: `uv run pytest -m slow` (CI runs it)
 def test_keep_discard_and_records(tiny_cache, tmp_path):
     """Two baselines, then a clear win, a loss and a gain inside the noise, each decided on its single run
     (--no-confirm); each value is the harness's measurement of what the trainer handed over. (Confirm
@@ -625,6 +626,7 @@ def test_dirty_tree_refuses(tiny_cache, tmp_path):
     assert "Traceback" not in proc.stderr and not (repo / ".autoresearch.lock").exists()
 
 
+@pytest.mark.slow  # a long end-to-end loop run: `uv run pytest -m slow` (CI runs it)
 def test_try_command(tiny_cache, tmp_path):
     repo = make_repo(tmp_path)
     env = loop_env(tiny_cache)

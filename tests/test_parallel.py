@@ -116,6 +116,7 @@ def test_merge_of_a_stale_change(tmp_path):
 # local Ray, two CPU workers
 
 
+@pytest.mark.slow  # a long end-to-end loop run: `uv run pytest -m slow` (CI runs it)
 def test_two_workers_one_record_and_the_stale_base_rule(tmp_path, tiny_cache):
     """Two changes proposed from the same best at once: the quick one is kept; the slow one wins against
     the old best, comes back stale, is merged onto the new best and re-run there, and kept. Rows from both

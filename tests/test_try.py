@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_loop import FAKE_TRAINER, git, loop_env, make_repo, read_rows, run_loop  # noqa: E402
 
@@ -50,6 +52,7 @@ def test_a_rejected_try_keeps_the_edit_and_says_how_to_get_the_rest_back(tiny_ca
     assert (repo / "train_cuda.py").read_text() == edited
 
 
+@pytest.mark.slow  # a long end-to-end loop run: `uv run pytest -m slow` (CI runs it)
 def test_the_default_cache_under_home_reaches_the_sandboxed_trainer(tiny_cache_root, tmp_path):
     """No AUTORESEARCH_CACHE set: the data lives under ~/.cache/autoresearch, and the trainer (whose HOME
     is its private workspace) and the harness must still find it."""
