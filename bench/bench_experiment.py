@@ -49,8 +49,10 @@ PHASES = ["start-up + exit", "set-up", "warm-up", "training", "export", "harness
 
 
 def copy_tree(dst: Path) -> None:
-    """This working tree's files (tracked and untracked, not ignored; as they are now) into a fresh git repository at dst."""
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO, capture_output=True, check=True).stdout
+    """This working tree's files (tracked and untracked, not ignored; as they are now) into a fresh git
+    repository at dst."""
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, check=True).stdout
     for name in filter(None, files.decode().split("\0")):
         src = REPO / name
         if src.is_file():
@@ -131,7 +133,8 @@ def bench(trainer: str, args, cache_env: dict) -> list[dict[str, float]]:
             if (repo / "runs").is_dir() else []
         got = [p for p in (phases(d, warmup) for d in runs) if p]
         if not got:
-            print(f"{trainer}: no scored run (loop exit {proc.returncode}): {proc.stdout[-1500:]}{proc.stderr[-1000:]}")
+            print(f"{trainer}: no scored run (loop exit {proc.returncode}): "
+                  f"{proc.stdout[-1500:]}{proc.stderr[-1000:]}")
         else:
             print(f"{trainer}: {len(got)} scored runs of {filename} in {total:.0f} s of loop wall")
         return got

@@ -125,8 +125,8 @@ def _num(d: dict, key: str, cast=float):
     return v if not isinstance(v, float) or math.isfinite(v) else None
 
 
-_FACT_KEYS = ("training_seconds", "startup_seconds", "total_seconds", "export_seconds", "peak_vram_mb", "mfu_percent", "total_tokens",
-              "num_steps", "num_params", "depth", "backend", "device", "hyperparams")
+_FACT_KEYS = ("training_seconds", "startup_seconds", "total_seconds", "export_seconds", "peak_vram_mb", "mfu_percent",
+              "total_tokens", "num_steps", "num_params", "depth", "backend", "device", "hyperparams")
 
 
 def trainer_facts(facts: dict) -> dict:
