@@ -554,6 +554,7 @@ def main():
         mfu_percent=backends.mfu_percent(num_flops_per_token, steady_tok_per_sec, HOST),
         total_tokens=step * TOTAL_BATCH_SIZE,
         num_steps=step,
+        warmup_steps=WARMUP_STEPS_UNCOUNTED,
         num_params=counts["total"],
         depth=DEPTH,
         backend=BACKEND,

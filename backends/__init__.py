@@ -32,13 +32,6 @@ __all__ = [
     "require_environment",
 ]
 
-# OpenMP worker threads that wait by spinning (the default of the libgomp PyTorch ships with) fight
-# every other process for the cores: on a 2-core machine at load 3, a training step of the CPU
-# baseline took 2.6x as long and the harness's scoring 4.5x as long as with waiting threads that
-# sleep. Set before torch is imported (the trainers import this package first); a value the user
-# set stays. bench/bench_experiment.py measures both ways (--omp-wait).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 BACKENDS = ("cuda", "rocm", "mps", "mlx", "cpu")
 TRAINERS = {"torch": "train_cuda.py", "mlx": "train_mlx.py"}
 

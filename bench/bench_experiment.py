@@ -24,7 +24,7 @@ tokens per step: `--set DEVICE_BATCH_SIZE=16 --set TOTAL_BATCH_SIZE=4096`).
 
 Run: .venv/bin/python bench/bench_experiment.py [--trainers torch,mlx] [--runs 3] [--budget 60]
                                                 [--protocol tiny] [--set NAME=VALUE ...]
-                                                [--omp-wait PASSIVE|ACTIVE|both]
+                                                [--omp-wait ACTIVE|PASSIVE|both]
 The protocol must be prepared (`uv run prepare.py --protocol tiny`); AUTORESEARCH_CACHE is honoured.
 """
 
@@ -87,7 +87,7 @@ def phases(run_dir: Path, warmup_steps: int) -> dict[str, float] | None:
         return None
     harness_wall = meta["timings"]["trainer"] - trainer_wall  # _run_once: the trainer, then the harness
     own = facts["total_seconds"] + facts.get("export_seconds", 0.0)
-    counted = max(facts["num_steps"] - warmup_steps, 0)
+    counted = max(facts["num_steps"] - facts.get("warmup_steps", warmup_steps), 0)
     per_step = facts["total_tokens"] / facts["num_steps"] if facts.get("num_steps") else 0
     out = {
         "start-up + exit": trainer_wall - own,
@@ -156,9 +156,10 @@ def main() -> int:
     parser.add_argument("--protocol", default=None)
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="edit a hyperparameter of the copied trainer (repeatable)")
-    parser.add_argument("--omp-wait", default="PASSIVE", choices=("PASSIVE", "ACTIVE", "both"),
-                        help="OMP_WAIT_POLICY of the trainer and harness (default PASSIVE, as the loop sets it; "
-                             "both: one set of runs each, ACTIVE first)")
+    parser.add_argument("--omp-wait", default=None, choices=("PASSIVE", "ACTIVE", "both"),
+                        help="OMP_WAIT_POLICY for the trainer and the harness (default: as the loop runs them, "
+                             "the trainer with OpenMP's default, the harness PASSIVE; both: a set of runs with "
+                             "each policy, ACTIVE first)")
     args = parser.parse_args()
     trainers = [t.strip() for t in args.trainers.split(",") if t.strip()]
     if bad := [t for t in trainers if t not in TRAINERS]:
@@ -168,12 +169,16 @@ def main() -> int:
     policies = ["ACTIVE", "PASSIVE"] if args.omp_wait == "both" else [args.omp_wait]
     results = {}
     for policy in policies:
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        if policy:
+            env["OMP_WAIT_POLICY"] = policy
         for t in trainers:
             name = f"{t} {policy.lower()}" if len(policies) > 1 else t
-            results[name] = bench(t, args, dict(os.environ, OMP_WAIT_POLICY=policy))
+            results[name] = bench(t, args, env)
     cols = list(results)
-    print(f"\nseconds per experiment, median (min-max) of each trainer's runs (OMP_WAIT_POLICY "
-          f"{' / '.join(policies)}); load average now {os.getloadavg()[0]:.1f}")
+    said = " / ".join(p or "as the loop sets it" for p in policies)
+    print(f"\nseconds per experiment, median (min-max) of each trainer's runs (OMP_WAIT_POLICY {said}); "
+          f"load average now {os.getloadavg()[0]:.1f}")
     print(f"{'phase':<16}" + "".join(f"{c:>22}" for c in cols))
     for ph in PHASES + ["wall"]:
         print(f"{ph:<16}" + "".join(f"{fmt([r[ph] for r in results[c]]):>22}" for c in cols))

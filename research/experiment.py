@@ -126,7 +126,8 @@ def _num(d: dict, key: str, cast=float):
 
 
 _FACT_KEYS = ("training_seconds", "startup_seconds", "total_seconds", "export_seconds", "peak_vram_mb", "mfu_percent",
-              "total_tokens", "num_steps", "num_params", "depth", "backend", "device", "hyperparams")
+              "total_tokens", "num_steps", "warmup_steps", "num_params", "depth", "backend", "device",
+              "hyperparams")
 
 
 def trainer_facts(facts: dict) -> dict:

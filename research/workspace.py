@@ -98,7 +98,6 @@ def _private_env(home: Path, tmp: Path, cache: Path, **extra: str) -> dict[str, 
         MPLCONFIGDIR=str(cache / "matplotlib"),
         PYTHONUNBUFFERED="1",
         PYTHONDONTWRITEBYTECODE="1",
-        OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY") or "PASSIVE",  # see backends/__init__.py
         **extra,
     )
     for key in ("AUTORESEARCH_RESULT_JSON", "PYTHONPATH", "PYTHONSTARTUP", "PYTHONHOME", "PYTHONUSERBASE"):
@@ -154,8 +153,8 @@ class Confinement:
                 *prepare.eval_data_paths(p, "val"), *prepare.eval_data_paths(p, "holdout")]
         judge = ws.fresh_judge()
         argv = prepare.harness_command(ws.handover, p.name, judge / "result.json")
-        env = _private_env(judge / "home", judge / "tmp", judge / "cache", AUTORESEARCH_PROTOCOL=p.name,
-                           AUTORESEARCH_BACKEND=self.backend)
+        env = prepare.harness_env(_private_env(judge / "home", judge / "tmp", judge / "cache",
+                                               AUTORESEARCH_PROTOCOL=p.name, AUTORESEARCH_BACKEND=self.backend))
         read = [*self._code(HARNESS_CODE), ws.handover, *[d for d in data if d.exists()]]
         argv, preexec = self._wrap(argv, read, [judge], judge)
         return argv, preexec, env
