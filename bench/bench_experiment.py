@@ -75,7 +75,7 @@ def set_hyperparameters(path: Path, settings: list[str]) -> None:
     path.write_text(text)
 
 
-def phases(run_dir: Path, warmup_steps: int) -> dict[str, float] | None:
+def phases(run_dir: Path) -> dict[str, float] | None:
     """One run's wall time split into PHASES (seconds), plus its counted tokens/s; None if it did not score."""
     try:
         meta = json.loads((run_dir / "meta.json").read_text())
@@ -87,7 +87,8 @@ def phases(run_dir: Path, warmup_steps: int) -> dict[str, float] | None:
         return None
     harness_wall = meta["timings"]["trainer"] - trainer_wall  # _run_once: the trainer, then the harness
     own = facts["total_seconds"] + facts.get("export_seconds", 0.0)
-    counted = max(facts["num_steps"] - facts.get("warmup_steps", warmup_steps), 0)
+    warmup = facts.get("warmup_steps")  # the trainer's own count of uncounted steps (nan tokens/s without it)
+    counted = max(facts["num_steps"] - warmup, 0) if warmup is not None else float("nan")
     per_step = facts["total_tokens"] / facts["num_steps"] if facts.get("num_steps") else 0
     out = {
         "start-up + exit": trainer_wall - own,
@@ -116,7 +117,6 @@ def bench(trainer: str, args, cache_env: dict) -> list[dict[str, float]]:
             set_hyperparameters(repo / filename, args.set)
             subprocess.run(["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "-c",
                             "commit.gpgsign=false", "commit", "-q", "-am", "settings"], cwd=repo, check=True)
-        warmup = int(re.search(r"^WARMUP_STEPS_UNCOUNTED = (\d+)", (repo / filename).read_text(), re.M).group(1))
         env = dict(cache_env, AUTORESEARCH_BACKEND=backend, PYTHONDONTWRITEBYTECODE="1")
         env.pop("ANTHROPIC_API_KEY", None)
         if args.budget:
@@ -131,7 +131,7 @@ def bench(trainer: str, args, cache_env: dict) -> list[dict[str, float]]:
         total = time.perf_counter() - t0
         runs = sorted((d for d in (repo / "runs").iterdir() if d.name.isdigit()), key=lambda d: int(d.name)) \
             if (repo / "runs").is_dir() else []
-        got = [p for p in (phases(d, warmup) for d in runs) if p]
+        got = [p for p in (phases(d) for d in runs) if p]
         if not got:
             print(f"{trainer}: no scored run (loop exit {proc.returncode}): "
                   f"{proc.stdout[-1500:]}{proc.stderr[-1000:]}")
