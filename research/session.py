@@ -21,11 +21,21 @@ from research.guards import LOCK_FILE, LOCKED_PATHS, RepoLock, hash_locked, lock
 from research.decisions import NoiseModel, pooled_noise
 from research.results import Row, append_row, ensure_results_file, read_results
 
-__all__ = ["Settings", "Session", "SessionError", "TamperError", "BASELINE", "default_tag", "replay"]
+__all__ = ["Settings", "Session", "SessionError", "TamperError", "BASELINE", "allowance_from_baselines",
+           "default_tag", "replay"]
 
 BASELINE = "baseline"  # description and note prefix of baseline rows
 RERUN = "rerun of the best"  # description prefix of re-measurements of the best
 BEST_NEXT = "the best, run next to run"  # note prefix of the best's run between a promising change's two
+
+
+def allowance_from_baselines(baselines: list[Row], budget: float) -> float | None:
+    """The measured start-up allowance: 1.5 x the slowest good baseline's seconds past the budget, plus
+    10 s; None when no baseline has run."""
+    overheads = [r.wall_seconds - budget for r in baselines if r.ok and r.wall_seconds is not None]
+    if not overheads:
+        return None
+    return 1.5 * max(0.0, max(overheads)) + 10.0
 
 
 class SessionError(RuntimeError):
@@ -487,11 +497,7 @@ class Session:
         has run. Baselines themselves are never rejected for it. --startup-allowance fixes it instead."""
         if self.settings.startup_allowance is not None:
             return self.settings.startup_allowance
-        overheads = [r.wall_seconds - self.budget for r in self.baselines_done()
-                     if r.ok and r.wall_seconds is not None]
-        if not overheads:
-            return None
-        return 1.5 * max(0.0, max(overheads)) + 10.0
+        return allowance_from_baselines(self.baselines_done(), self.budget)
 
     def overtime_limit(self) -> float | None:
         """Wall seconds from trainer start to hand-over past which a run is rejected (overtime)."""

@@ -62,6 +62,7 @@ from test_loop import FAKE_TRAINER, loop_env, make_repo, read_rows  # noqa: E402
 
 from judge import sandbox  # noqa: E402
 from research.runner import LOG_HEAD_BYTES, LOG_TAIL_BYTES  # noqa: E402
+from research.session import BASELINE, allowance_from_baselines  # noqa: E402
 
 LINUX_KINDS = [pytest.param(k, marks=pytest.mark.skipif(not sandbox._available(k), reason=f"no {k} here"))
                for k in ("bwrap", "landlock")]
@@ -1489,9 +1490,10 @@ def before_handover(p, model, facts):
 @pytest.mark.slow
 def test_5_training_outside_the_budget_is_rejected(labs):
     lab = labs("bwrap")
-    base = read_rows(lab.repo)[0]
-    allowance = 1.25 * max(0.0, base.wall_seconds - 2.0) + 5.0
-    sleep = 2.0 + allowance + 2.0
+    baselines = [r for r in read_rows(lab.repo) if r.note.startswith(BASELINE)]
+    allowance = allowance_from_baselines(baselines, 2.0)  # what the loop measured, by its own rule
+    assert allowance is not None, "the lab has no baseline"
+    sleep = 2.0 + allowance + 3.0  # past the limit by the sleep alone, whatever else the run takes
     body = f"SLEEP_BEFORE_HANDOVER = {sleep!r}\n" + OVERTIME
     at = lab.try_(attack_trainer(lab, body, "overtime", val_bpb=1.5), "train longer than the budget, facts say 1 s")
     assert at.row.status == "rejected" and "overtime" in at.row.note, f"{at.row.status}: {at.row.note}"
