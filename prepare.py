@@ -93,10 +93,11 @@ def evaluator_hash() -> str:
     return hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()[:12]
 
 
-def harness_command(handover: Path, protocol: str, out: Path) -> list[str]:
-    """The command that scores a handed-over model: the locked harness, in isolated mode."""
+def harness_command(handover: Path, protocol: str, out: Path, wait: bool = False) -> list[str]:
+    """The command that scores a handed-over model: the locked harness, in isolated mode (`wait`: started
+    ahead of the hand-over, it scores once a `go` line comes on its stdin; see judge/harness.py)."""
     return [sys.executable, "-I", str(_REPO / "judge" / "harness.py"), "--handover", str(handover),
-            "--protocol", protocol, "--out", str(out)]
+            "--protocol", protocol, "--out", str(out), *(["--wait"] if wait else [])]
 
 
 def harness_env(env: dict[str, str]) -> dict[str, str]:

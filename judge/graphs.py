@@ -31,7 +31,7 @@ from typing import Any, Callable
 import numpy as np
 
 __all__ = ["GraphError", "LoadedGraph", "GRAPH_FILES", "FACTS_FILE", "load_graph", "read_facts", "plain_file",
-           "torch_op_problem"]
+           "torch_op_problem", "warm_imports"]
 
 GRAPH_FILES = {"torch": "model.pt2", "mlx": "model.mlxfn"}
 FACTS_FILE = "facts.json"
@@ -222,6 +222,21 @@ def _load_mlx(path: Path, expect_T: int, facts: dict) -> LoadedGraph:
         return out[0] if isinstance(out, (list, tuple)) else out
 
     return LoadedGraph("mlx", forward, mlx_rt.eval_adapter(), B, expect_T, len(data))
+
+
+def warm_imports(backend: str) -> None:
+    """Import what loading a graph of `backend`'s framework needs (a second or two for torch.export's
+    deserializer), so a harness started ahead of the hand-over has it ready. Loads nothing."""
+    if backend == "mlx":
+        import mlx.core  # noqa: F401
+
+        from backends import mlx_rt  # noqa: F401
+    else:
+        import torch  # noqa: F401
+        from torch._export.serde import serialize  # noqa: F401
+        from torch.export.pt2_archive import _package  # noqa: F401
+
+        from backends import torch_rt  # noqa: F401
 
 
 def load_graph(handover: Path, seq_len: int, vocab_size: int) -> LoadedGraph:

@@ -1,13 +1,18 @@
 """The evaluation harness: the only process whose numbers are scores (locked).
 
-    python -I judge/harness.py --handover DIR --protocol NAME --out RESULT.json
+    python -I judge/harness.py --handover DIR --protocol NAME --out RESULT.json [--wait]
 
-It loads the graph a trainer handed over (judge.graphs; the trainer's Python is never imported),
-checks the validation and holdout data against the hashes recorded at prepare time, runs the
-model twice on one batch (a graph with hidden state gives different logits), scores validation
-with a causality probe drawn from a seed it makes itself and never writes down, scores the holdout
-split, and writes the result JSON atomically to --out. Started by the loop after the trainer has
-exited (and, for a run by hand, by prepare.hand_over).
+It checks the validation and holdout data against the hashes recorded at prepare time, loads the
+graph a trainer handed over (judge.graphs; the trainer's Python is never imported), runs the model
+twice on one batch (a graph with hidden state gives different logits), scores validation with a
+causality probe drawn from a seed it makes itself and never writes down, scores the holdout split,
+and writes the result JSON atomically to --out.
+
+The loop starts it beside the trainer with --wait, in a sandbox of its own: imports and data checks
+run at the lowest CPU priority while the trainer trains, then it waits for a `go` line on stdin,
+which the loop writes only once the trainer and everything it started have ended (end of input
+instead: it exits without a score). Nothing of the hand-over is read before `go`, and the probe's
+seed is drawn after it. A run by hand (prepare.hand_over) starts it after the trainer, without --wait.
 
 Exit status: 0 scored; 2 the graph cannot be scored (a crash of the run); 3 the prepared data is
 damaged (nothing is the trainer's fault; re-run prepare); 4 the model is not causal (invalid).
@@ -27,12 +32,16 @@ if __name__ == "__main__":
 import argparse  # noqa: E402
 import json  # noqa: E402
 import secrets  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 EXIT_GRAPH, EXIT_DATA, EXIT_NONCAUSAL = 2, 3, 4
+GO = b"go"  # the line a pre-started harness (--wait) waits for: the trainer has ended, score the hand-over
 
 
 def _write(path: Path, data: dict) -> None:
@@ -56,11 +65,24 @@ def _same_twice(g) -> str | None:
     return None
 
 
-def evaluate(handover: Path, protocol_name: str) -> tuple[int, dict]:
-    """(exit status, result) for the graph in `handover` under the named protocol."""
+@dataclass
+class Ready:
+    """What scoring needs before any graph exists: the protocol, its checked data, the modules."""
+
+    base: dict
+    problem: tuple[int, dict] | None = None  # (exit status, result) when the data is damaged
+    protocol: Any = None
+    token_bytes: Any = None
+    val: Any = None
+    holdout: Any = None
+
+
+def prepare_scoring(protocol_name: str) -> Ready:
+    """Everything that does not need the hand-over: imports, the data checked against its recorded
+    hashes and read. A pre-started harness (--wait) does this while the trainer still trains."""
     import prepare
-    from judge.evaluate import NonCausalModelError, load_rows, score_split
-    from judge.graphs import GraphError, load_graph
+    from judge.evaluate import load_rows
+    from judge.graphs import warm_imports
 
     p = prepare.get_protocol(protocol_name)
     base = {"protocol": p.name, "protocol_version": p.version, "evaluator_hash": prepare.evaluator_hash(),
@@ -69,7 +91,21 @@ def evaluate(handover: Path, protocol_name: str) -> tuple[int, dict]:
         prepare.verify_eval_data(p)
         token_bytes = prepare.load_token_bytes(p)
     except prepare.PrepareError as e:
-        return EXIT_DATA, {**base, "valid": False, "kind": "data", "reason": str(e)}
+        return Ready(base, (EXIT_DATA, {**base, "valid": False, "kind": "data", "reason": str(e)}))
+    warm_imports(os.environ.get("AUTORESEARCH_BACKEND", ""))
+    return Ready(base, None, p, token_bytes, load_rows(p, "val", p.eval_tokens),
+                 load_rows(p, "holdout", p.holdout_tokens))
+
+
+def evaluate(handover: Path, protocol_name: str, ready: Ready | None = None) -> tuple[int, dict]:
+    """(exit status, result) for the graph in `handover` under the named protocol."""
+    from judge.evaluate import NonCausalModelError, score_split
+    from judge.graphs import GraphError, load_graph
+
+    ready = ready or prepare_scoring(protocol_name)
+    if ready.problem is not None:
+        return ready.problem
+    p, base, token_bytes = ready.protocol, ready.base, ready.token_bytes
     t0 = time.perf_counter()
     try:
         g = load_graph(handover, p.max_seq_len, p.vocab_size)
@@ -81,12 +117,10 @@ def evaluate(handover: Path, protocol_name: str) -> tuple[int, dict]:
     load_seconds = time.perf_counter() - t0
     rng = np.random.default_rng(secrets.randbits(128))  # the probe's plan: made here, written nowhere
     try:
-        val = score_split(g.forward, g.adapter, g.batch_size, load_rows(p, "val", p.eval_tokens), token_bytes,
-                          p.vocab_size, rng)
+        val = score_split(g.forward, g.adapter, g.batch_size, ready.val, token_bytes, p.vocab_size, rng)
     except NonCausalModelError as e:
         return EXIT_NONCAUSAL, {**base, "valid": False, "kind": "causality", "reason": str(e)}
-    hold = score_split(g.forward, g.adapter, g.batch_size, load_rows(p, "holdout", p.holdout_tokens), token_bytes,
-                       p.vocab_size)
+    hold = score_split(g.forward, g.adapter, g.batch_size, ready.holdout, token_bytes, p.vocab_size)
     return 0, {**base, "valid": True, "val_bpb": val["bpb"], "nats": val["nats"], "bytes": val["bytes"],
                "tokens": val["tokens"], "rows": val["rows"], "probed_rows": val["probed_rows"],
                "eval_seconds": val["seconds"], "holdout_bpb": hold["bpb"], "holdout_tokens": hold["tokens"],
@@ -94,14 +128,46 @@ def evaluate(handover: Path, protocol_name: str) -> tuple[int, dict]:
                "framework": g.framework, "graph_bytes": g.nbytes}
 
 
+def _prepare_quietly(protocol_name: str) -> Ready:
+    """prepare_scoring in a thread at the lowest CPU priority (Linux: nice is per thread), so a harness
+    started beside a training run takes only the time the trainer leaves idle; the thread that later
+    scores keeps normal priority. Where a thread cannot be reniced it simply runs at normal priority."""
+    out: list = []
+
+    def work() -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except (AttributeError, OSError):
+            pass
+        try:
+            out.append(prepare_scoring(protocol_name))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+            out.append(e)
+
+    t = threading.Thread(target=work, name="prepare-scoring")
+    t.start()
+    t.join()
+    if isinstance(out[0], BaseException):
+        raise out[0]
+    return out[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="judge/harness.py", description=__doc__.split("\n")[0])
     parser.add_argument("--handover", required=True, help="directory the trainer handed over")
     parser.add_argument("--protocol", required=True, help="protocol name")
     parser.add_argument("--out", required=True, help="where to write the result JSON")
+    parser.add_argument("--wait", action="store_true",
+                        help=f"prepare (imports, data checks) at low priority, then wait for a {GO!r} line on stdin "
+                             "before reading the hand-over; end of input instead: exit unscored, writing nothing")
     args = parser.parse_args(argv)
+    ready = None
+    if args.wait:
+        ready = _prepare_quietly(args.protocol)
+        if sys.stdin.buffer.readline().strip() != GO:
+            return 0  # the loop needs no score (the run crashed or was rejected, or the loop ended)
     t0 = time.perf_counter()
-    status, result = evaluate(Path(args.handover), args.protocol)
+    status, result = evaluate(Path(args.handover), args.protocol, ready)
     result["harness_seconds"] = time.perf_counter() - t0
     _write(Path(args.out), result)
     if result.get("valid"):

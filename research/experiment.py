@@ -25,7 +25,8 @@ from research.decisions import AbortMonitor, LossCurve, NoiseModel, Verdict, dec
 from research.results import MEASURED, NO_COMMIT, Row, sanitize
 from research.secrets import redact
 from judge.graphs import plain_file, read_facts
-from research.runner import run_trainer
+from judge.harness import GO
+from research.runner import end, run_trainer, spawn, wait_child
 from research.session import ABORT_AUDIT, ABORT_OFF, BASELINE, BEST_NEXT, RERUN, Session, TamperError, replay
 from research.workspace import Workspace
 
@@ -257,10 +258,15 @@ def _run_once(s: Session, run_dir: Path, label: str, description: str, prefix: s
                          f"killed at {clock(s.timeout_s)}{at} | best {best}")
 
     ws = Workspace.create(int(run_dir.name) if run_dir.name.isdigit() else 0)
+    judge = None
     try:
+        # The harness starts first, in its own sandbox, and prepares (imports, data checks) at the lowest
+        # priority while the trainer trains; it reads nothing of the hand-over before the go-ahead.
+        h_argv, h_preexec, h_env = s.confine.harness_run(ws, wait=True)
+        judge = spawn(h_argv, cwd=ws.judge, env=h_env, log_path=log_path, preexec_fn=h_preexec, stdin_pipe=True)
         argv, preexec, env = s.confine.trainer_run(ws)
         run = run_trainer(argv, cwd=ws.root, env=env, log_path=log_path, timeout_s=s.timeout_s, on_tick=tick,
-                          tick_s=s.settings.tick_s, preexec_fn=preexec, reap=s.reap,
+                          tick_s=s.settings.tick_s, preexec_fn=preexec, reap=lambda: s.reap(keep={judge.proc.pid}),
                           on_spawn=lambda pgid: s.lock.note_trainer(pgid, s.trainer), on_output=curve.feed,
                           should_stop=monitor.check if monitor is not None else None)
         write_curve(run_dir / f"{prefix}loss.json", curve.snapshot(), wall_seconds=run.wall_seconds,
@@ -282,10 +288,15 @@ def _run_once(s: Session, run_dir: Path, label: str, description: str, prefix: s
                                            f"{budget:g} s budget + {limit - budget:.1f} s start-up allowance")
         facts = trainer_facts(read_facts(ws.handover))
         _append(log_path, "\n--- evaluation (judge/harness.py) ---\n")
-        h_argv, h_preexec, h_env = s.confine.harness_run(ws)
         s.console.status(f"[{label}] {short} | scoring the hand-over")
-        harness = run_trainer(h_argv, cwd=ws.judge, env=h_env, log_path=log_path, timeout_s=s.harness_timeout_s,
-                              tick_s=s.settings.tick_s, preexec_fn=h_preexec, reap=s.reap)
+        written = ws.judge_written()
+        if written:  # only reachable without a sandbox: the harness's directory must hold only its own output
+            return run, "rejected", None, (f"the harness's directory was written to during the run "
+                                           f"({', '.join(written)}); nothing but the harness may write there")
+        go = time.perf_counter()
+        judge.release(GO + b"\n")  # the trainer and everything it started are gone: score the hand-over
+        harness = wait_child(judge, timeout_s=s.harness_timeout_s, tick_s=s.settings.tick_s, reap=s.reap, since=go)
+        judge = None
         out = ws.judge / "result.json"
         try:
             result = json.loads(out.read_text(encoding="utf-8")) if plain_file(out) else None
@@ -307,6 +318,8 @@ def _run_once(s: Session, run_dir: Path, label: str, description: str, prefix: s
             _append(log_path, prepare.format_summary(result, facts))
         return run, status, m, reason
     finally:
+        if judge is not None:  # not needed (the run crashed, was rejected or stopped) or Ctrl-C: no score
+            end(judge, reap=s.reap)
         ws.remove()
         _redact_file(log_path)
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["TrainerRun", "run_trainer", "kill_group", "LOG_HEAD_BYTES", "LOG_TAIL_BYTES"]
+__all__ = ["Child", "TrainerRun", "end", "run_trainer", "spawn", "wait_child", "kill_group", "LOG_HEAD_BYTES",
+           "LOG_TAIL_BYTES"]
 
 TERM_GRACE_S = 5.0  # after SIGTERM, how long the group gets before SIGKILL
 LOG_HEAD_BYTES = 2 << 20  # a run's log keeps its first 2 MiB ...
@@ -87,6 +88,49 @@ class _CappedLog(threading.Thread):
             out.write(bytes(ring))
 
 
+@dataclass
+class Child:
+    """A started child (see `spawn`): its process, the thread copying its output, when it started."""
+
+    proc: subprocess.Popen
+    log: _CappedLog
+    log_path: Path
+    started: float  # time.time() at spawn
+    t0: float  # time.perf_counter() at spawn
+    on_spawn: Callable[[int | None], None] | None = None
+
+    def release(self, line: bytes | None) -> None:
+        """Write `line` to a child started with `stdin_pipe` (e.g. the harness's go-ahead), then close its
+        stdin (end of file: a waiting harness then exits unscored). Never raises: a child already gone
+        just does not read it."""
+        if self.proc.stdin is None:
+            return
+        try:
+            if line:
+                self.proc.stdin.write(line)
+            self.proc.stdin.close()
+        except OSError:
+            pass
+
+
+def spawn(argv: list[str], *, cwd: Path, env: dict[str, str], log_path: Path,
+          on_spawn: Callable[[int | None], None] | None = None, preexec_fn: Callable[[], None] | None = None,
+          on_output: Callable[[bytes], None] | None = None, stdin_pipe: bool = False) -> Child:
+    """Start `argv` (already wrapped in its sandbox) in `cwd` with `env` in a process group of its own,
+    output appended to `log_path` (capped) as it comes. With `stdin_pipe` its stdin is a pipe the loop
+    writes to (Child.release); otherwise /dev/null. `on_spawn(pgid)` is called once it runs."""
+    started = time.time()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=preexec_fn)
+    log = _CappedLog(proc.stdout, log_path, LOG_HEAD_BYTES, LOG_TAIL_BYTES, on_output)
+    log.start()
+    if on_spawn is not None:
+        on_spawn(proc.pid)
+    return Child(proc, log, log_path, started, t0, on_spawn)
+
+
 def run_trainer(
     argv: list[str],
     *,
@@ -110,14 +154,20 @@ def run_trainer(
     An exception in the caller's thread (Ctrl-C) ends the child's group before propagating.
     `on_spawn(pgid)` is called once the child runs, `on_spawn(None)` once its group is gone.
     """
-    started = time.time()
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=preexec_fn)
-    log = _CappedLog(proc.stdout, log_path, LOG_HEAD_BYTES, LOG_TAIL_BYTES, on_output)
-    log.start()
-    if on_spawn is not None:
-        on_spawn(proc.pid)
+    child = spawn(argv, cwd=cwd, env=env, log_path=log_path, on_spawn=on_spawn, preexec_fn=preexec_fn,
+                  on_output=on_output)
+    return wait_child(child, timeout_s=timeout_s, on_tick=on_tick, tick_s=tick_s, reap=reap,
+                      should_stop=should_stop)
+
+
+def wait_child(child: Child, *, timeout_s: float, on_tick: Callable[[float], None] | None = None,
+               tick_s: float = 0.5, reap: Callable[[], None] | None = None,
+               should_stop: Callable[[], bool] | None = None, since: float | None = None) -> TrainerRun:
+    """Wait for a spawned child as `run_trainer` describes; its wall time and `timeout_s` count from
+    `since` (a time.perf_counter() value: e.g. when a pre-started harness was given the go-ahead),
+    by default from its start."""
+    proc, log, log_path = child.proc, child.log, child.log_path
+    t0 = child.t0 if since is None else since
     timed_out = stopped = False
     try:
         while True:
@@ -137,16 +187,23 @@ def run_trainer(
                 if on_tick is not None:
                     on_tick(elapsed)
     except BaseException:
-        kill_group(proc, grace=1.0)
-        _finish(proc, log, reap, on_spawn)
+        end(child, reap)
         raise
     wall = time.perf_counter() - t0
-    _finish(proc, log, reap, on_spawn)
+    _finish(proc, log, reap, child.on_spawn)
     if timed_out:
         with open(log_path, "a", encoding="utf-8") as f:
             f.write(f"\n[loop] killed after {wall:.1f} s: past the {timeout_s:.0f} s limit\n")
     return TrainerRun(returncode=None if timed_out or stopped else proc.returncode, wall_seconds=wall,
-                      timed_out=timed_out, started=started, log_bytes=log.total, stopped=stopped)
+                      timed_out=timed_out, started=child.started, log_bytes=log.total, stopped=stopped)
+
+
+def end(child: Child, reap: Callable[[], None] | None = None) -> None:
+    """End a child that is not needed (or on Ctrl-C): its stdin closed, its group killed, its output
+    copied, what it left reaped."""
+    child.release(None)
+    kill_group(child.proc, grace=1.0)
+    _finish(child.proc, child.log, reap, child.on_spawn)
 
 
 def _finish(proc: subprocess.Popen, log: _CappedLog, reap: Callable[[], None] | None,
@@ -160,5 +217,10 @@ def _finish(proc: subprocess.Popen, log: _CappedLog, reap: Callable[[], None] | 
         reap()
     log.join(timeout=10)  # the pipe closes once every process holding it is gone
     proc.stdout.close()
+    if proc.stdin is not None:
+        try:
+            proc.stdin.close()
+        except OSError:
+            pass
     if on_spawn is not None:
         on_spawn(None)

@@ -537,11 +537,12 @@ class Session:
         sandbox.become_subreaper()
         self.confine = Confinement(self.repo, self.trainer, self.protocol, self.host, self.sandbox)
 
-    def reap(self) -> None:
-        """End every process a finished run left behind (they were re-parented to this loop)."""
+    def reap(self, keep: set[int] = frozenset()) -> None:
+        """End every process a finished run left behind (they were re-parented to this loop), but for
+        `keep` (the run's pre-started harness, still to score it)."""
         from judge import sandbox
 
-        sandbox.kill_orphans(exclude=set())
+        sandbox.kill_orphans(exclude=set(keep))
 
     def changes(self) -> dict[str, str]:
         """Paths that differ from HEAD (kind M/A/D/U, see gitrepo.changed_paths), leaving out the loop's

@@ -130,8 +130,8 @@ class _SplitConfinement:
     def trainer_run(self, ws):
         return self.trainer_side.trainer_run(ws)
 
-    def harness_run(self, ws):
-        return self.harness_side.harness_run(ws)
+    def harness_run(self, ws, wait=False):
+        return self.harness_side.harness_run(ws, wait=wait)
 
 
 class _RunContext:
@@ -160,8 +160,8 @@ class _RunContext:
     def overtime_limit(self):
         return self._overtime
 
-    def reap(self) -> None:
-        self._worker.reap()
+    def reap(self, keep: set[int] = frozenset()) -> None:
+        self._worker.reap(keep)
 
 
 class TrialWorker:
@@ -205,10 +205,11 @@ class TrialWorker:
         """Stop the job in progress (its trainer or harness is ended; the job returns as a crash)."""
         self._stop.set()
 
-    def reap(self) -> None:
+    def reap(self, keep: set[int] = frozenset()) -> None:
+        """End every process a job left behind, but for `keep` (e.g. its pre-started harness)."""
         from judge import sandbox as sb
 
-        sb.kill_orphans(exclude=self._own_children)
+        sb.kill_orphans(exclude=self._own_children | set(keep))
 
     def _tree(self, job: Job) -> Path:
         """The tree this job's trainer runs from: the driver's worktree when this worker is on the

@@ -26,13 +26,15 @@ __all__ = ["Workspace", "CODE_PATHS", "Confinement"]
 
 CODE_PATHS = ("prepare.py", "backends", "model", "data")  # locked code a trainer may import (data/ if present)
 HARNESS_CODE = ("judge", "research/pyexec.py")  # the harness bootstraps its imports through pyexec
+_JUDGE_DIRS = ("home", "tmp", "cache")  # the harness's private directories inside its own
 
 
 @dataclass
 class Workspace:
     """A run's private directories, outside the repository: `root` is the trainer's to write; the
-    harness's output directory is made only once the trainer and everything it started are gone, and
-    lies outside `root`, so nothing the trainer left can pass for the harness's result."""
+    harness's directory lies outside `root` and outside the trainer's sandbox, and must hold nothing
+    but the harness's own directories when it is told to score, so nothing the trainer left can pass
+    for the harness's result."""
 
     root: Path
     judge_dir: Path | None = None
@@ -62,12 +64,20 @@ class Workspace:
         return self.root / "cache"
 
     def fresh_judge(self) -> Path:
-        """A new directory for the harness (with its own home, tmp and cache), made now, after the trainer
-        and everything it started have ended."""
+        """A new directory for the harness (with its own home, tmp and cache), outside the trainer's
+        sandbox (see judge_written)."""
         self.judge_dir = Path(tempfile.mkdtemp(prefix=f"{self.root.name}-judge-"))
-        for sub in ("home", "tmp", "cache"):
+        for sub in _JUDGE_DIRS:
             (self.judge_dir / sub).mkdir()
         return self.judge_dir
+
+    def judge_written(self) -> list[str]:
+        """Names in the harness's directory besides its home, tmp and cache, before it was told to score:
+        a sandboxed trainer cannot write there, so anything found means the run had no sandbox."""
+        try:
+            return sorted(n for n in os.listdir(self.judge) if n not in _JUDGE_DIRS)
+        except OSError as e:
+            return [f"unreadable: {e.strerror}"]
 
     @property
     def judge(self) -> Path:
@@ -144,15 +154,17 @@ class Confinement:
         argv, preexec = self._wrap(argv, [*self._code(), self.repo / self.trainer, *data], [ws.root], ws.root)
         return argv, preexec, env
 
-    def harness_run(self, ws: Workspace) -> tuple[list[str], Callable[[], None] | None, dict[str, str]]:
-        """(argv, preexec_fn, env) of the harness scoring what `ws` holds; its result lands in ws.judge."""
+    def harness_run(self, ws: Workspace, wait: bool = False) -> tuple[list[str], Callable[[], None] | None,
+                                                                      dict[str, str]]:
+        """(argv, preexec_fn, env) of the harness scoring what `ws` holds; its result lands in ws.judge.
+        With `wait` it is started beside the trainer and scores once told to (judge/harness.py --wait)."""
         import prepare
 
         p = self.protocol
         data = [*prepare.tokenizer_paths(p), prepare.cache_root() / p.name / "prepared.json",
                 *prepare.eval_data_paths(p, "val"), *prepare.eval_data_paths(p, "holdout")]
         judge = ws.fresh_judge()
-        argv = prepare.harness_command(ws.handover, p.name, judge / "result.json")
+        argv = prepare.harness_command(ws.handover, p.name, judge / "result.json", wait=wait)
         env = prepare.harness_env(_private_env(judge / "home", judge / "tmp", judge / "cache",
                                                AUTORESEARCH_PROTOCOL=p.name, AUTORESEARCH_BACKEND=self.backend))
         read = [*self._code(HARNESS_CODE), ws.handover, *[d for d in data if d.exists()]]

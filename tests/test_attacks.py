@@ -798,8 +798,74 @@ def privileges():
             lambda: resource.getrlimit(resource.RLIMIT_AS)[1] == resource.RLIM_INFINITY and "RLIMIT_AS infinite")
 
 
+def reach_the_harness():
+    """The harness is started before the trainer and waits beside it for the loop's go-ahead: find it,
+    then try to start it early, read it, stop it, or plant a verdict in its directory."""
+    mine = os.getpid()
+    seen = []
+    for d in glob.glob("/proc/[0-9]*"):
+        try:
+            if int(os.path.basename(d)) != mine and b"judge/harness.py" in read(os.path.join(d, "cmdline")):
+                seen.append(int(os.path.basename(d)))
+        except (OSError, ValueError):
+            pass
+    REPORT["info: waiting harness visible"] = {"ok": bool(seen), "detail": str(seen)}
+    # Unseen, it is still there: started by the same parent just before this process, so its pid lies
+    # between the parent's and this one's (in a PID namespace of its own that range is empty).
+    pids = sorted(set(seen) | set(range(os.getppid() + 1, mine)))
+    REPORT["info: candidate harness pids"] = {"ok": bool(pids), "detail": str(pids[:50])}
+
+    def each(fn):
+        """fn on every candidate: what worked, and (as info) why the rest failed, by error."""
+        worked, failed = [], {}
+        for pid in pids:
+            try:
+                r = fn(pid)
+                if r:
+                    worked.append(r)
+            except OSError as e:
+                failed[type(e).__name__] = failed.get(type(e).__name__, 0) + 1
+        REPORT[f"info: {fn.__name__} failures"] = {"ok": bool(failed), "detail": json.dumps(failed, sort_keys=True)}
+        return worked
+
+    def go_early(pid):
+        with open(f"/proc/{pid}/fd/0", "wb") as f:
+            f.write(b"go\n")
+        return f"wrote go to {pid}"
+    def read_mem(pid):
+        return read(f"/proc/{pid}/mem", 16)
+
+    def read_environ(pid):
+        return read(f"/proc/{pid}/environ")
+
+    def find_cwd(pid):
+        return os.readlink(f"/proc/{pid}/cwd")
+
+    attempt("harness: send the go-ahead early", lambda: each(go_early))
+    attempt("harness: read its memory", lambda: each(read_mem))
+    attempt("harness: read its environ", lambda: each(read_environ))
+    attempt("harness: find its directory", lambda: each(find_cwd))
+
+    def signal_it(pid):
+        os.kill(pid, 0)  # the permission check a SIGSTOP or SIGKILL would pass through, without the harm
+        return f"may signal {pid}"
+    attempt("harness: signal it", lambda: each(signal_it))
+
+    def plant_verdict():
+        done = []
+        for d in glob.glob(os.path.join(tempfile.gettempdir(), "autoresearch-run*-judge-*")) + \
+                glob.glob("/tmp/autoresearch-run*-judge-*"):
+            try:
+                done.append(write(os.path.join(d, "result.json"), '{"valid": true, "val_bpb": 0.1}') and d)
+            except OSError:
+                pass
+        return done
+    attempt("harness: plant a verdict in its directory", plant_verdict)
+
+
 def before_handover(p, model, facts):
     privileges()
+    reach_the_harness()
     steal_secrets()
     read_eval_data(p)
     patch_the_evaluator(p)
@@ -940,6 +1006,22 @@ def test_12_the_trainer_holds_no_privileges(sweep, request):
     from a trainer that runs as root."""
     lab, at, _, _ = sweep
     assert not _succeeded(at, "privilege:"), at.report
+
+
+def test_13_the_waiting_harness_is_out_of_reach(sweep):
+    """The harness waits beside the trainer (started first, scoring only on the loop's go-ahead): under
+    bwrap the trainer cannot see it; under Landlock it can guess its pid but neither start it early,
+    read its memory, environment or directory, signal it (Landlock ABI >= 6), nor plant a verdict."""
+    lab, at, _, _ = sweep
+    allowed = () if lab.kind != "landlock" or sandbox.landlock_abi() >= 6 else ("harness: signal it",)
+    assert not _succeeded(at, "harness:", allowed), _succeeded(at, "harness:", allowed)
+    if lab.kind == "landlock":  # the harness's pid was among those tried (its command line stays unreadable)
+        assert at.report["info: candidate harness pids"]["ok"], at.report["info: candidate harness pids"]
+        if sandbox.landlock_abi() >= 6:  # a live process outside the trainer's domain refused the signal
+            assert "PermissionError" in at.report["info: signal_it failures"]["detail"], at.report
+    else:  # its own PID namespace: the harness cannot even be named
+        assert not at.report["info: waiting harness visible"]["ok"], at.report["info: waiting harness visible"]
+    assert_no_better_score(lab, at)
 
 
 def test_honest_trainer_still_scores_after_the_attacks(sweep):

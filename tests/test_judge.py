@@ -10,6 +10,7 @@ import json
 import math
 import shutil
 import subprocess
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -190,6 +191,37 @@ def test_harness_scores_an_exported_torch_graph_like_the_model_itself(tiny_cache
     assert result["evaluator_hash"] == prepare.evaluator_hash() and result["probed_rows"] >= E.PROBE_ROWS
     assert result["batch_size"] == 8 and result["framework"] == "torch"
     assert "val_bpb:" not in out  # the summary block, printed once by whoever shows the run, holds the only one
+
+
+def test_a_waiting_harness_reads_the_hand_over_only_after_go(tiny_cache, tmp_path):
+    """--wait (how the loop starts it, beside the trainer): it prepares, then waits. End of input: it exits
+    without a result or a word. `go`: it scores what the hand-over holds then, not what it held at start."""
+    import os
+
+    p = prepare.get_protocol()
+    env = {**os.environ, "AUTORESEARCH_BACKEND": "cpu"}
+    handover = tmp_path / "h"
+    handover.mkdir()
+    out = tmp_path / "result.json"
+    cmd = prepare.harness_command(handover, "tiny", out, wait=True)
+    proc = subprocess.run(cmd, input=b"", capture_output=True, timeout=300, env=env)
+    assert proc.returncode == 0 and not out.exists() and proc.stdout == proc.stderr == b"", proc
+
+    waiting = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    try:
+        time.sleep(1.0)
+        assert waiting.poll() is None and not out.exists()  # an empty hand-over is not scored: it waits
+        model = Bigram(p.vocab_size)
+        hand_over_torch(handover, model)  # handed over while it waits
+        stdout, _ = waiting.communicate(b"go\n", timeout=300)
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+    result = json.loads(out.read_text())
+    assert waiting.returncode == 0 and result["valid"], stdout
+    table = model.table.detach().numpy()
+    assert result["val_bpb"] == pytest.approx(score(p, lambda x: table[x], 8)["bpb"], rel=1e-6)
+    assert result["load_seconds"] < result["harness_seconds"]  # timed from the go-ahead
 
 
 class Stateful(torch.nn.Module):
