@@ -12,7 +12,8 @@ the figures the run left behind (runs/<n>/meta.json, result.json):
   warm-up            the uncounted first steps (compilation) and per-step time outside the counted steps
   training           the counted training seconds (the budget)
   export             torch.export / mx.export_function of the trained model (hand-over)
-  harness start      the harness process: interpreter, imports, data hash checks, graph load and checks
+  harness start      the harness after the loop's go-ahead: graph load and checks, process exit (its
+                     interpreter, imports and data hash checks ran beside the trainer, at low priority)
   val eval           scoring the validation tokens (with the causality probe)
   holdout eval       scoring the holdout tokens
   loop               everything else the loop does per run (workspace, records, git)

@@ -161,8 +161,11 @@ class Confinement:
         import prepare
 
         p = self.protocol
-        data = [*prepare.tokenizer_paths(p), prepare.cache_root() / p.name / "prepared.json",
-                *prepare.eval_data_paths(p, "val"), *prepare.eval_data_paths(p, "holdout")]
+        data = [*prepare.tokenizer_paths(p), prepare.cache_root() / p.name / "prepared.json"]
+        try:
+            data += [*prepare.eval_data_paths(p, "val"), *prepare.eval_data_paths(p, "holdout")]
+        except prepare.PrepareError:  # e.g. the tokenizer went missing mid-session: the harness finds its data
+            pass  # damaged and says so, and the loop stops with prepare's advice (check_data)
         judge = ws.fresh_judge()
         argv = prepare.harness_command(ws.handover, p.name, judge / "result.json", wait=wait)
         env = prepare.harness_env(_private_env(judge / "home", judge / "tmp", judge / "cache",
