@@ -328,7 +328,7 @@ def build_optimizer(model, *, unembedding_lr=None, embedding_lr=None, matrix_lr=
     scalar_lr = SCALAR_LR if scalar_lr is None else scalar_lr
     adam_betas = ADAM_BETAS if adam_betas is None else adam_betas
     weight_decay = WEIGHT_DECAY if weight_decay is None else weight_decay
-    ortho_dtype = ortho_dtype or COMPUTE_DTYPE or torch.float32  # bf16 on GPUs, fp32 on CPU
+    ortho_dtype = ortho_dtype or COMPUTE_DTYPE or torch.float32  # the compute dtype: bf16 on GPUs and native-bf16 CPUs
     model = _unwrap(model)
     scale = (model.config.n_embd / 768) ** -0.5  # AdamW lrs were tuned at width 768
     print(f"Scaling AdamW LRs by 1/sqrt({model.config.n_embd}/768) = {scale:.6f}")

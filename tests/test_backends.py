@@ -5,6 +5,7 @@ Run: uv run pytest tests/test_backends.py
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 
 import backends
 import pristine
-from backends import BackendError, Probe, detect, mfu_percent, peak_bf16_flops
+from backends import BackendError, Probe, describe, detect, mfu_percent, peak_bf16_flops
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,6 +90,31 @@ def test_cpu_and_mlx_cpu():
     assert detect(probe=MLX_ONLY).backend == "mlx"
     assert not detect(probe=MLX_ONLY).bf16  # MLX CPU runs fp32
     assert not detect(probe=MLX_ONLY).compile  # and eager: mx.compile is slower there, counting its JIT
+
+
+def test_cpu_bf16_where_the_cpu_has_it_natively(monkeypatch):
+    """bf16 autocast on CPUs with native bf16 (AVX512-BF16 / AMX), fp32 elsewhere; AUTORESEARCH_CPU_BF16
+    decides instead, on the CPU backend only."""
+    from backends import torch_rt
+
+    monkeypatch.delenv("AUTORESEARCH_CPU_BF16", raising=False)
+    native = dataclasses.replace(CPU_ONLY, cpu_bf16=True)
+    assert detect(probe=native).bf16 and torch_rt.compute_dtype(detect(probe=native)) == torch.bfloat16
+    assert not detect(probe=CPU_ONLY).bf16 and torch_rt.compute_dtype(detect(probe=CPU_ONLY)) is None
+    assert "bf16 compute" in describe(detect(probe=native)) and "fp32 compute" in describe(detect(probe=CPU_ONLY))
+    monkeypatch.setenv("AUTORESEARCH_CPU_BF16", "0")
+    assert not detect(probe=native).bf16
+    monkeypatch.setenv("AUTORESEARCH_CPU_BF16", "1")
+    assert detect(probe=CPU_ONLY).bf16
+    assert not detect(probe=MLX_ONLY).bf16  # the MLX trainer on CPU is not the CPU backend
+
+
+def test_the_probe_reads_native_bf16_from_the_cpu_flags():
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":", 1)[1].split()
+    except (OSError, StopIteration):
+        pytest.skip("no /proc/cpuinfo flags on this host")
+    assert backends.probe_host("cpu").cpu_bf16 == bool({"avx512_bf16", "amx_bf16"} & set(flags))
 
 
 def test_env_override_and_argument_precedence(monkeypatch):
@@ -189,7 +215,8 @@ def test_torch_helpers_on_cpu():
     from backends import torch_rt
 
     info = detect("cpu")
-    assert torch_rt.device(info).type == "cpu" and torch_rt.compute_dtype(info) is None
+    assert torch_rt.device(info).type == "cpu"
+    assert torch_rt.compute_dtype(info) == (torch.bfloat16 if info.bf16 else None)
     assert torch_rt.peak_memory_mb(info) > 1.0
     torch_rt.seed_all(3)
     a = torch.rand(3)

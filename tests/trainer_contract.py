@@ -84,21 +84,24 @@ BAD_BATCH_PATTERN = r"^FAIL: TOTAL_BATCH_SIZE .* must be a multiple of DEVICE_BA
 
 def torch_trainer_on_cpu():
     """The pristine train_cuda (tests/conftest.py puts its directory first on sys.path) imported (or
-    re-imported) with the CPU backend, so its numerics are fp32 on any host.
+    re-imported) with the CPU backend and bf16 off (AUTORESEARCH_CPU_BF16=0), so its numerics are fp32 on
+    any host.
 
     Importing the trainer decides its backend and baseline sizes once; a copy imported earlier for
     another backend is reloaded.
     """
     import importlib
 
-    previous = os.environ.get("AUTORESEARCH_BACKEND")
-    os.environ["AUTORESEARCH_BACKEND"] = "cpu"
+    previous = {name: os.environ.get(name) for name in ("AUTORESEARCH_BACKEND", "AUTORESEARCH_CPU_BF16")}
+    os.environ.update(AUTORESEARCH_BACKEND="cpu", AUTORESEARCH_CPU_BF16="0")
     try:
         import train_cuda
 
-        return train_cuda if train_cuda.BACKEND == "cpu" else importlib.reload(train_cuda)
+        fp32_cpu = train_cuda.BACKEND == "cpu" and train_cuda.COMPUTE_DTYPE is None
+        return train_cuda if fp32_cpu else importlib.reload(train_cuda)
     finally:
-        if previous is None:
-            os.environ.pop("AUTORESEARCH_BACKEND", None)
-        else:
-            os.environ["AUTORESEARCH_BACKEND"] = previous
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
