@@ -4,7 +4,16 @@ Times whole optimizer steps (forward, backward, MuonAdamW) of the trainer's own 
 optimizer on random tokens, so the figure is the model's, not the dataloader's. MFU is
 n/a where the device's peak FLOP/s is unknown (CPU, Apple GPUs).
 
+`--profile N` then profiles N more steps with torch.profiler and prints where a step's time goes:
+forward, backward and optimizer (wall, per step), and the operators with the most self time. On CPU,
+AUTORESEARCH_CPU_BF16=0|1 compares fp32 with bf16 autocast. The comparison config of
+bench_experiment.py (depth 2, width 128, 4,096 tokens per step, tiny's vocabulary):
+
+  .venv/bin/python bench/bench_train_cuda.py --depth 2 --head-dim 32 --seq-len 256 --batch-size 16 \
+      --vocab-size 2048 --steps 20 --profile 10
+
 Run: .venv/bin/python bench/bench_train_cuda.py [--depth 4] [--seq-len 512] [--batch-size 8] [--steps 10]
+                                                [--profile N]
 """
 
 import argparse
@@ -32,6 +41,7 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default: 3, or 10 when compiling)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="then profile N steps (torch.profiler)")
     args = parser.parse_args()
 
     host = tc.HOST
@@ -45,11 +55,13 @@ def main() -> None:
     x, y = tokens[:, :-1], tokens[:, 1:]
 
     def train_step():
-        with torch_rt.autocast(host):
+        with torch.profiler.record_function("## forward"), torch_rt.autocast(host):
             loss = step_model(x, y)
-        loss.backward()
-        optimizer.step()
-        model.zero_grad(set_to_none=True)
+        with torch.profiler.record_function("## backward"):
+            loss.backward()
+        with torch.profiler.record_function("## optimizer"):
+            optimizer.step()
+            model.zero_grad(set_to_none=True)
 
     warmup = args.warmup if args.warmup is not None else (10 if host.compile else 3)
     for _ in range(warmup):
@@ -74,6 +86,26 @@ def main() -> None:
     what = {"cuda": "allocator peak", "rocm": "allocator peak", "mps": "driver-allocated at the end"}.get(
         host.backend, "this process's max RSS: Python, libraries and data included; one process, not a best of N")
     print(f"peak_memory_mb:  {torch_rt.peak_memory_mb(host):.1f} ({what})")
+    if args.profile:
+        profile(train_step, args.profile, host)
+
+
+def profile(train_step, steps: int, host) -> None:
+    """Where `steps` steps spend their time: the phases (the record_function labels) and the top operators."""
+    from torch.profiler import ProfilerActivity
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if host.backend in ("cuda", "rocm") else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            train_step()
+        torch_rt.synchronize(host)
+    events = prof.key_averages()
+    print(f"\nprofile of {steps} steps ({'bf16 autocast' if torch_rt.compute_dtype(host) else 'fp32'}):")
+    for e in events:
+        if e.key.startswith("## "):
+            print(f"  {e.key[3:]:<10} {e.cpu_time_total / 1000 / steps:8.1f} ms per step (wall, CPU side)")
+    sort = "self_cuda_time_total" if host.backend in ("cuda", "rocm") else "self_cpu_time_total"
+    print(events.table(sort_by=sort, row_limit=15, max_name_column_width=40))
 
 
 if __name__ == "__main__":
