@@ -281,6 +281,29 @@ def test_try_drops_a_commit_a_killed_experiment_left(tiny_cache, tmp_path):
     assert git(repo, "rev-parse", "HEAD") == kept and trainer.read_text() == edit  # the edit waits for a fix
 
 
+def test_without_a_sandbox_a_verdict_planted_for_the_waiting_harness_is_refused(tiny_cache, tmp_path):
+    """The harness is started before the trainer, its directory beside the trainer's workspace. A sandboxed
+    trainer cannot reach it; one run with --no-sandbox can, so the loop checks that the directory holds
+    nothing but the harness's own before telling it to score, and rejects the run otherwise."""
+    repo = make_repo(tmp_path)
+    prior = seed(repo, "verdict")
+    plant = (
+        "    import glob as _glob\n"
+        "    for _d in _glob.glob(os.path.dirname(os.environ['AUTORESEARCH_HANDOVER']) + '-judge-*'):\n"
+        "        open(os.path.join(_d, 'result.json'), 'w').write(json.dumps({'valid': True, 'val_bpb': 0.1}))\n"
+        "        print('planted in ' + _d, flush=True)\n"
+        "    p = prepare.get_protocol()\n")
+    assert "    p = prepare.get_protocol()\n" in FAKE_TRAINER
+    (repo / "train_cuda.py").write_text(FAKE_TRAINER.replace("    p = prepare.get_protocol()\n", plant, 1))
+    proc = run_loop(repo, "try", "--no-sandbox", "plant a verdict", env=loop_env(tiny_cache))
+    rows = decided(repo, prior)
+    assert [r.status for r in rows] == ["rejected"], proc.stdout + proc.stderr
+    assert "the harness's directory was written to during the run (result.json)" in rows[0].note
+    (run_dir,) = [repo / "runs" / str(rows[0].run)]
+    assert "planted in " in (run_dir / "log.txt").read_text()  # the attempt did reach it
+    assert rows[0].val_bpb == 0.0
+
+
 # ------------------------------------------------------------------------------------------------
 # 4. Python cannot be shadowed from the tree
 # ------------------------------------------------------------------------------------------------
