@@ -401,9 +401,9 @@ class Session:
         return self.state
 
     def check_comparable(self, branch: str) -> None:
-        """Refuse (SessionError, one sentence) to work on `branch` under another protocol or time budget
-        than its rows were measured with: val_bpb after 20 s of training says nothing about a best found
-        with 60 s. Rows written before the budget was recorded count by their median training_seconds
+        """Refuse (SessionError, one sentence) to work on `branch` under another protocol, evaluator or time
+        budget than its rows were measured with: val_bpb after 20 s of training says nothing about a best
+        found with 60 s. Rows written before the budget was recorded count by their median training_seconds
         (off by more than 25% and 2 s: another budget)."""
         rows = [r for r in self.rows if r.branch == branch and r.status in ("keep", "discard", "rerun", "abort")]
         if not rows:
@@ -415,6 +415,15 @@ class Session:
                 f"Branch {branch} was measured under protocol {protocols[0]}, not {p.name}, and results of "
                 f"different protocols are never compared: run with --protocol {protocols[0]}, or start another "
                 f"branch for {p.name} (loop.py run --tag <new>, or git checkout -b autoresearch/<new> for try).")
+        evaluators = sorted({r.evaluator_hash for r in rows
+                             if r.evaluator_hash and r.evaluator_hash != self.evaluator_hash})
+        if evaluators:
+            raise SessionError(
+                f"Branch {branch} was scored by evaluator {evaluators[0]} and this checkout's evaluator is "
+                f"{self.evaluator_hash} (judge/, an evaluation adapter or the validation stream changed), and "
+                f"scores of different evaluators are never compared: start another branch (loop.py run --tag "
+                f"<new>, or git checkout -b autoresearch/<new> for try), or check out the commit its evaluator "
+                f"came from.")
         budgets = [r.budget_s for r in rows if r.budget_s]
         if budgets:
             theirs = budgets[-1]

@@ -576,6 +576,31 @@ def test_locked_file_changed_by_a_run_stops_the_loop(tiny_cache, tmp_path):
     assert_clean(repo)
 
 
+def test_a_branch_scored_by_another_evaluator_is_refused():
+    """Scores of different evaluators are never compared: a branch whose rows another evaluator scored is
+    refused in one sentence (rows without a recorded evaluator, and other branches, do not count)."""
+    import prepare
+    from research.console import Console
+    from research.session import Session, SessionError, Settings
+
+    here = prepare.evaluator_hash()
+    s = Session(PROJECT, SimpleNamespace(trainer="train_cuda.py", backend="cpu", device_name="cpu"),
+                SimpleNamespace(name="tiny", time_budget=10), here, Settings(), Console())
+
+    def row(evaluator, branch="autoresearch/a"):
+        return R.Row(commit="abc1234", val_bpb=3.0, memory_gb=0.0, status="keep", description="baseline",
+                     branch=branch, note="baseline 1/1", protocol="tiny", evaluator_hash=evaluator, budget_s=10.0)
+
+    s.rows = [row(here), row(""), row("0123456789ab", branch="autoresearch/b")]
+    s.check_comparable("autoresearch/a")
+    s.rows.append(row("0123456789ab"))
+    with pytest.raises(SessionError) as e:
+        s.check_comparable("autoresearch/a")
+    msg = str(e.value)
+    assert msg.startswith(f"Branch autoresearch/a was scored by evaluator 0123456789ab and this checkout's evaluator "
+                          f"is {here}") and "start another branch" in msg and msg.count(". ") == 0, msg
+
+
 def test_startup_allowance_and_kill_limits():
     """The overtime limit and the kill limit: before any baseline a run is killed after factor x budget +
     margin and nothing is overtime; after, the allowance is measured from the slowest of this branch's
