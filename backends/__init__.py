@@ -120,29 +120,26 @@ def _ram_gb() -> float | None:
         return None
 
 
-def _cpu_name() -> str:
+def _cpuinfo(key: str) -> str | None:
+    """The value of the first `key` line of /proc/cpuinfo (Linux); None where there is none."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith(key):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "CPU"
+    return None
+
+
+def _cpu_name() -> str:
+    return _cpuinfo("model name") or platform.processor() or platform.machine() or "CPU"
 
 
 def _cpu_bf16() -> bool:
     """Whether the CPU has native bf16 arithmetic (Linux x86: the avx512_bf16 or amx_bf16 flag). Elsewhere
     False: on CPUs without it PyTorch emulates bf16 and runs slower than fp32."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
+    return bool(set((_cpuinfo("flags") or "").split()) & {"avx512_bf16", "amx_bf16"})
 
 
 def _has_module(name: str) -> bool:

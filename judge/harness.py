@@ -34,6 +34,7 @@ import json  # noqa: E402
 import secrets  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -132,24 +133,15 @@ def _prepare_quietly(protocol_name: str) -> Ready:
     """prepare_scoring in a thread at the lowest CPU priority (Linux: nice is per thread), so a harness
     started beside a training run takes only the time the trainer leaves idle; the thread that later
     scores keeps normal priority. Where a thread cannot be reniced it simply runs at normal priority."""
-    out: list = []
-
-    def work() -> None:
+    def work() -> Ready:
         try:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         except (AttributeError, OSError):
             pass
-        try:
-            out.append(prepare_scoring(protocol_name))
-        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
-            out.append(e)
+        return prepare_scoring(protocol_name)
 
-    t = threading.Thread(target=work, name="prepare-scoring")
-    t.start()
-    t.join()
-    if isinstance(out[0], BaseException):
-        raise out[0]
-    return out[0]
+    with ThreadPoolExecutor(1, thread_name_prefix="prepare-scoring") as pool:
+        return pool.submit(work).result()  # its exception, if any, is raised here
 
 
 def main(argv: list[str] | None = None) -> int:

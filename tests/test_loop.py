@@ -264,8 +264,12 @@ ALLOWANCE = (1.5, 10.0)  # Session.startup_allowance: 1.5 x the slowest baseline
 
 
 def allowance(wall: float, budget: float) -> float:
-    """The start-up allowance the loop measures from a baseline that took `wall` seconds under `budget`."""
-    return ALLOWANCE[0] * max(0.0, wall - budget) + ALLOWANCE[1]
+    """The start-up allowance the loop measures from a baseline that took `wall` seconds under `budget`
+    (the loop's own rule; test_startup_allowance_and_kill_limits holds it to ALLOWANCE)."""
+    from research.session import allowance_from_baselines
+
+    return allowance_from_baselines([R.Row(commit="abc1234", val_bpb=3.0, memory_gb=0.0, status="keep",
+                                           description="baseline", wall_seconds=wall)], budget)
 
 
 def seed(repo: Path, tag: str, val: float | None = None, *, wall: float = 30.0) -> Prior:
