@@ -70,7 +70,7 @@ __all__ = [
 
 HANDOVER_ENV = "AUTORESEARCH_HANDOVER"  # set by the loop: the directory the trainer hands over into
 _REPO = Path(__file__).resolve().parent
-_JUDGE_FILES = ("judge/evaluate.py", "judge/graphs.py", "judge/harness.py")
+_JUDGE_FILES = ("judge/evaluate.py", "judge/graphs.py", "judge/harness.py", "judge/pt2.py")
 _ADAPTERS = (("backends/torch_rt.py", "TorchEvalAdapter"), ("backends/mlx_rt.py", "MLXEvalAdapter"))
 # the code that builds the validation rows and counts their bytes (data/loader.py, tokens.py, tokenizer.py)
 _STREAM_CODE = (make_dataloader, BestFitPacker, _doc_blocks, _shard_blocks, _tokenized_blocks, _tokenize_texts,

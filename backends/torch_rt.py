@@ -326,11 +326,13 @@ def export_for_eval(model: torch.nn.Module, directory, batch_size: int, seq_len:
     example = torch.zeros((batch_size, seq_len), dtype=torch.int32, device=device(info))
     _EXPORT_SDPA = SDPAAttention(native_gqa=info.backend != "mps")
     _EXPORTING = True
+    sliding_window_mask.cache_clear()  # the masks are traced into the graph, never cached from a trace
     try:
         with torch.no_grad():
             program = torch.export.export(_Logits(model, info), (example,))
     finally:
         _EXPORTING = False
+        sliding_window_mask.cache_clear()
     path = Path(directory) / "model.pt2"
     torch.export.save(program, str(path))
     return {"format": "pt2", "batch_size": batch_size, "seq_len": seq_len}

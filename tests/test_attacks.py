@@ -24,6 +24,7 @@ Attack classes:
  1b it leaves the harness's verdict in the workspace and makes the harness's own write fail
  2b its model.pt2 runs code in the harness when loaded (torch.export.load unpickles sample inputs,
     falling back to weights_only=False, and pickled weights; sympify()s shape expressions; loads AOTI)
+ 2c its model.pt2's names are Python statements (torch.fx once wrote them into the forward it exec'd)
  4b its graph widens the probe's tolerance (a token at -1e30, a constant on every logit) and looks
     ahead under it, or looks ahead by just less than the tolerance
  4c an MLX graph whose logits sit near 2**27, where float32 logsumexp loses the partition function
@@ -1083,6 +1084,65 @@ def test_2b_hand_over_cannot_run_code_in_the_harness(labs):
     assert "payload: running inside the harness" not in at.log, f"the harness ran the trainer's code{at.where()}"
     assert_no_better_score(lab, at)
     assert at.row.status == "crash", at.row.note
+    assert_run_contained(lab, at)
+
+
+NAMES_HANDOVER = r"""
+def after_handover(p):
+    # The attack that once ran code in the harness: torch.fx wrote graph names into the Python source it
+    # generated for forward() and exec'd it. Every name becomes a statement that leaves proof and forges
+    # the harness's sums.
+    import zipfile
+    path = os.path.join(os.environ["AUTORESEARCH_HANDOVER"], "model.pt2")
+    with zipfile.ZipFile(path) as z:
+        entries = [(i.filename, z.read(i.filename)) for i in z.infolist()]
+    code = planted("names").replace("\n", "; ")
+    names = {}
+
+    def collect(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("as_tensor"), dict):
+                names.setdefault(node["as_tensor"]["name"], 'n%d"); %s; ("' % (len(names), code))
+            if isinstance(node.get("as_graph"), dict):
+                node["as_graph"]["name"] = 'g"); %s; ("' % code
+            for v in node.values():
+                collect(v)
+        elif isinstance(node, list):
+            for v in node:
+                collect(v)
+
+    def swap(node, keys=False):
+        if isinstance(node, dict):
+            return {(names.get(k, k) if keys else k): (names.get(v, v) if k == "name" and isinstance(v, str)
+                                                      else swap(v, k == "tensor_values")) for k, v in node.items()}
+        return [swap(v) for v in node] if isinstance(node, list) else node
+
+    out = []
+    for name, data in entries:
+        if name.endswith(".json") and "/models/" in name:
+            doc = json.loads(data)
+            collect(doc)
+            data = json.dumps(swap(doc)).encode()
+        out.append((name, data))
+    with zipfile.ZipFile(path + ".new", "w", zipfile.ZIP_STORED) as z:
+        for name, data in out:
+            z.writestr(name, data)
+    os.replace(path + ".new", path)
+    print("hand-over names rewritten into Python", flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", LINUX_KINDS)
+def test_2c_names_in_the_hand_over_never_become_code(labs, kind):
+    """Graph names rewritten into Python statements: the harness reads them as data (judge/pt2.py), so the
+    graph scores as the plain graph it is and no statement runs, under either sandbox."""
+    lab = labs(kind)
+    at = lab.try_(attack_trainer(lab, NAMES_HANDOVER, "names"), "a hand-over whose names are Python")
+    assert "hand-over names rewritten into Python" in at.log, at.where()
+    assert_no_better_score(lab, at)
+    assert at.row.status in ("keep", "discard"), at.row.note  # scored, as the graph it really is
+    assert at.row.val_bpb == pytest.approx(lab.honest, abs=1e-6), at.where()
     assert_run_contained(lab, at)
 
 
