@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         except prepare.PrepareError as e:
             raise SessionError(str(e)) from None
         console.event(session.describe())
+        console.event(session.confine.limits_line())
         if args.command == "try":
             session.use_current_branch(research_only=True)
             console.event(session.allowance_line())

@@ -22,9 +22,10 @@ with a Landlock ruleset at the best ABI the kernel offers (filesystem rules; ABI
 denies every TCP bind and connect; ABI >= 6 also keeps signals and abstract unix sockets inside
 the domain); installs a seccomp filter that refuses socket(2) for every address family (UDP and
 pathname unix sockets, such as an ssh-agent or a docker socket, are outside what Landlock
-covers), io_uring (it can open sockets without socket(2)) and the kernel keyring calls (the
-keyring is the user's, shared with the session); changes directory; and execs the program.
-Anything that fails ends the launcher with status 126 before the program starts: a run never
+covers), io_uring (it can open sockets without socket(2)), the kernel keyring calls (the
+keyring is the user's, shared with the session) and System V IPC objects (shmget, msgget, semget:
+without an IPC namespace they outlive the run, holding RAM no limit of the run counts); changes
+directory; and execs the program. Anything that fails ends the launcher with status 126 before the program starts: a run never
 goes ahead half-confined.
 
 Landlock also forbids ptrace, and so reading /proc/<pid>/environ or /mem, of any process outside
@@ -167,10 +168,11 @@ def _prctl(option: int, arg: int) -> None:
 
 # --- seccomp: classic BPF, assembled from (op, k, true-label, false-label) with named jumps ---
 
-# Per machine: audit arch id, socket(2), and add_key/request_key/keyctl (the kernel keyring is
-# shared with the user's session and may hold credentials).
-_AUDIT_ARCH = {"x86_64": (0xC000003E, 41, (248, 249, 250)),
-               "aarch64": (0xC00000B7, 198, (217, 218, 219))}
+# Per machine: audit arch id, socket(2), add_key/request_key/keyctl (the kernel keyring is shared
+# with the user's session and may hold credentials), and shmget/semget/msgget (System V objects
+# outlive the process that made them: a segment would keep its RAM after the run).
+_AUDIT_ARCH = {"x86_64": (0xC000003E, 41, (248, 249, 250), (29, 64, 68)),
+               "aarch64": (0xC00000B7, 198, (217, 218, 219), (194, 190, 186))}
 _IO_URING = (425, 426, 427)  # setup, enter, register: one number on every arch
 _X32_BIT = 0x40000000
 _RET_ALLOW, _RET_ERRNO = 0x7FFF0000, 0x00050000
@@ -181,7 +183,7 @@ def seccomp_program(machine: str) -> list[tuple[int, int, int, int]]:
     """The filter as (code, jt, jf, k) instructions; raises LaunchError on an unknown machine."""
     if machine not in _AUDIT_ARCH:
         raise LaunchError(f"no seccomp filter for {machine}")
-    arch, socket_nr, keyring = _AUDIT_ARCH[machine]
+    arch, socket_nr, keyring, sysv_ipc = _AUDIT_ARCH[machine]
     errno_eacces, errno_enosys, errno_eperm = 13, 38, 1
     src: list[tuple] = [
         (_LD_ABS, 4), (_JEQ, arch, "native", "foreign"),
@@ -189,9 +191,9 @@ def seccomp_program(machine: str) -> list[tuple[int, int, int, int]]:
         *([(_JGE, _X32_BIT, "foreign", None)] if machine == "x86_64" else []),
         (_JEQ, socket_nr, "no_socket", None),
         *[(_JEQ, nr, "no_uring", None) for nr in _IO_URING],
-        *[(_JEQ, nr, "foreign", None) for nr in keyring],
+        *[(_JEQ, nr, "foreign", None) for nr in (*keyring, *sysv_ipc)],
         (_RET, _RET_ALLOW),
-        ("foreign",), (_RET, _RET_ERRNO | errno_eperm),  # also the keyring calls
+        ("foreign",), (_RET, _RET_ERRNO | errno_eperm),  # also the keyring and System V IPC calls
         ("no_socket",), (_RET, _RET_ERRNO | errno_eacces),
         ("no_uring",), (_RET, _RET_ERRNO | errno_enosys),
     ]

@@ -9,8 +9,9 @@ a `preexec_fn`, and starts that with its own scrubbed `env`, `cwd=policy.cwd` an
   `--new-session`. The child's root is an empty tmpfs onto which only the allowed paths are
   bound (read-only, or read-write for `write_paths`), so everything else, the repository's
   `.git`, `runs/`, `results.tsv` and the cache's other files included, does not exist there.
-  It gets a fresh /proc showing only its own processes, a minimal /dev, private tmpfs on /tmp
-  and /dev/shm, and no network but its own loopback. When the trainer exits, bwrap exits and
+  It gets a fresh /proc showing only its own processes, a minimal read-only /dev, private tmpfs
+  on /tmp and /dev/shm of a set size (`tmp_bytes`, `shm_bytes`: their pages are RAM, which
+  RLIMIT_AS does not count), and no network but its own loopback. When the trainer exits, bwrap exits and
   its PID 1 is killed, which kills every process left in the namespace, `setsid` or not.
 - "landlock" (Linux fallback, unprivileged): judge/landlock.py confines itself with Landlock and
   seccomp and execs the program. Files outside the policy cannot be opened, listed, written or
@@ -20,7 +21,8 @@ a `preexec_fn`, and starts that with its own scrubbed `env`, `cwd=policy.cwd` an
   processes' environ and memory closed regardless. It cannot hide that a path exists, cannot
   hide the names in a directory that holds an allowed file (Python must list the directory a
   module is imported from), and cannot end processes: the caller calls `become_subreaper()`
-  once and `kill_orphans(...)` after each run. /dev/shm is not available.
+  once and `kill_orphans(...)` after each run. /dev/shm and the host's /tmp are not writable
+  (the trainer's TMPDIR is in its workspace, whose size the runner watches).
 - "seatbelt" (macOS `sandbox-exec`): see judge/seatbelt.py; untested on hardware.
 
 Set AUTORESEARCH_SANDBOX=bwrap|landlock|seatbelt|none to force one (tests, users).
@@ -32,9 +34,17 @@ and TMPDIR to the private tmp (the host's /tmp is not writable under Landlock) a
 the same thread: "die with parent" fires when the spawning thread ends. Treat what a run wrote as
 hostile: its directories may hold symlinks pointing anywhere and FIFOs that block a reader.
 
-Rlimits: RLIMIT_CORE 0 always; RLIMIT_AS when `max_memory_bytes`; RLIMIT_NPROC is per real uid
-and counts threads, so it is set to the tasks the user already runs plus `max_processes`; the
-kernel ignores it for root, so for root it is not set.
+Rlimits: RLIMIT_CORE 0 always; RLIMIT_AS when `max_memory_bytes`; RLIMIT_FSIZE when
+`max_file_bytes` (a write past it fails with EFBIG, or SIGXFSZ for programs that do not ignore it);
+RLIMIT_NPROC is per real uid and counts threads, so it is set to the tasks the user already runs
+plus `max_processes`; the kernel ignores it for root, so for root it is not set.
+
+Memory: with `memory_cap_bytes`, every run joins a cgroup of its own (judge/cgroup.py: memory.max,
+no swap, the whole run ended on OOM) where this host lets the loop make one; it counts what RLIMIT_AS
+cannot (tmpfs files, memfd and shared memory pages). The `preexec_fn` that `wrap` returns is a
+`Confined`: its `group` (or None) and `watch` (the write paths and `disk_bytes`, their allowed size
+together, or None) are for the runner, which watches the size, ends a run past it, and removes the
+group after the run (`Confined.finish`).
 """
 
 from __future__ import annotations
@@ -55,7 +65,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["KINDS", "SandboxError", "SandboxPolicy", "become_subreaper", "describe", "detect",
+from judge import cgroup
+
+__all__ = ["KINDS", "Confined", "size_text", "SandboxError", "SandboxPolicy", "become_subreaper", "describe", "detect",
            "kill_orphans", "wrap"]
 
 KINDS = ("bwrap", "landlock", "seatbelt")
@@ -96,6 +108,11 @@ class SandboxPolicy:
     gpu: bool = False  # also GPU device nodes (and /proc/driver, /opt/rocm)
     max_processes: int | None = 512
     max_memory_bytes: int | None = None  # RLIMIT_AS
+    memory_cap_bytes: int | None = None  # memory.max of the run's own cgroup, where one can be made
+    max_file_bytes: int | None = None  # RLIMIT_FSIZE: the largest file the run may write
+    disk_bytes: int | None = None  # what the write paths may hold together (watched by the runner)
+    tmp_bytes: int | None = None  # size of the private /tmp tmpfs (bwrap; None: unsized)
+    shm_bytes: int | None = None  # size of the private /dev/shm tmpfs (bwrap; None: unsized)
 
 
 # --- what this host can enforce -------------------------------------------------------------
@@ -249,6 +266,8 @@ def _rlimits(policy: SandboxPolicy) -> dict[str, int]:
     limits = {"CORE": 0}
     if policy.max_memory_bytes:
         limits["AS"] = int(policy.max_memory_bytes)
+    if policy.max_file_bytes:
+        limits["FSIZE"] = int(policy.max_file_bytes)
     if policy.max_processes and os.geteuid() != 0 and sys.platform.startswith("linux"):
         limits["NPROC"] = _user_tasks(os.getuid()) + int(policy.max_processes)
     return limits
@@ -294,22 +313,47 @@ def _remove_group(group: Path) -> None:
         pass
 
 
-def _preexec(limits: dict[str, int], group: Path | None = None) -> Callable[[], None]:
-    """Sets `limits` in the forked child before exec (and joins the pids `group`); touches nothing that
-    could hold a lock."""
-    resolved = [(getattr(resource, f"RLIMIT_{name}"), value) for name, value in limits.items()]
-    procs = str(group / "cgroup.procs") if group is not None else None
+class Confined:
+    """The `preexec_fn` of a sandboxed run: in the forked child before exec it joins the run's cgroups
+    (the pids group, then its memory group) and sets `limits`; it touches nothing that could hold a
+    lock. For the runner: `group` (the run's memory cgroup, or None), `watch` ((write paths, the bytes
+    they may hold together), or None), and `finish()` once the run's processes are gone."""
 
-    def apply() -> None:
-        if procs is not None:
+    def __init__(self, limits: dict[str, int], groups: Iterable[Path] = (), group: cgroup.RunGroup | None = None,
+                 watch: tuple[list[Path], int] | None = None) -> None:
+        self.resolved = [(getattr(resource, f"RLIMIT_{name}"), value) for name, value in limits.items()]
+        self.group, self.watch = group, watch
+        self.procs = [str(g / "cgroup.procs") for g in groups] + ([str(group.procs)] if group is not None else [])
+
+    def __call__(self) -> None:
+        for procs in self.procs:
             with open(procs, "w") as f:
-                f.write("0\n")  # this process, and every task it starts, counts against pids.max
-        for which, value in resolved:
+                f.write("0\n")  # this process, and every task it starts, counts against the group's limits
+        for which, value in self.resolved:
             hard = resource.getrlimit(which)[1]
             value = value if hard == resource.RLIM_INFINITY else min(value, hard)
             resource.setrlimit(which, (value, value))
 
-    return apply
+    def finish(self) -> str | None:
+        """After the run: one sentence when the kernel ended it for its memory cap, else None; the run's
+        cgroup is removed (or left to a later sweep while a process of it is still exiting)."""
+        if self.group is None:
+            return None
+        kills = self.group.oom_kills()
+        self.group.remove()
+        cgroup.sweep()
+        if kills:
+            return (f"ended by the kernel for going past its memory cap of {size_text(self.group.memory_bytes)} "
+                    f"(memory cgroup: RAM, /tmp and /dev/shm files together)")
+        return None
+
+
+def size_text(n: int) -> str:
+    """Bytes as the README and the settings write them: 1.5 GiB, 256 MiB."""
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f}".removesuffix(".0") + f" {unit}"
+    return f"{n} bytes"
 
 
 # --- the three kinds -------------------------------------------------------------------------
@@ -339,8 +383,12 @@ def _bwrap_command(argv: list[str], policy: SandboxPolicy) -> list[str]:
     for path in _python_dirs():
         bind("--ro-bind", path)
     bind("--ro-bind", "/sys")
+
+    def tmpfs(dest: str, size: int | None) -> tuple[str, list[str]]:
+        return dest, [*(["--size", str(int(size))] if size else []), "--tmpfs", dest]
+
     mounts += [("/proc", ["--proc", "/proc"]), ("/dev", ["--dev", "/dev"]),
-               ("/dev/shm", ["--tmpfs", "/dev/shm"]), ("/tmp", ["--tmpfs", "/tmp"])]
+               tmpfs("/dev/shm", policy.shm_bytes), tmpfs("/tmp", policy.tmp_bytes)]
     if policy.gpu:
         for path in _gpu_paths():
             mounts.append((str(path), ["--dev-bind-try", str(path), str(path)]))
@@ -360,7 +408,8 @@ def _bwrap_command(argv: list[str], policy: SandboxPolicy) -> list[str]:
     # read-only tree, a read path under /tmp's tmpfs).
     for _, args in sorted(mounts, key=lambda m: len(Path(m[0]).parts)):
         cmd += args
-    for holder in ["/", *map(str, holders)]:
+    # /dev is a tmpfs of its own, unsized: read-only too, once its nodes and /dev/shm are mounted.
+    for holder in ["/", "/dev", *map(str, holders)]:
         cmd += ["--remount-ro", holder]
     return [*cmd, "--chdir", str(cwd), "--", *argv]
 
@@ -417,11 +466,15 @@ def wrap(kind: str, argv: list[str], policy: SandboxPolicy
     if not _available(kind):
         raise SandboxError(f"this host cannot provide the {kind} sandbox.")
     argv = [str(a) for a in argv]
-    group = pids_cgroup(policy.max_processes)
-    if kind == "landlock":  # the launcher sets the rlimits itself
-        return _landlock_command(argv, policy), (_preexec({}, group) if group is not None else None)
-    command = _bwrap_command(argv, policy) if kind == "bwrap" else _seatbelt_command(argv, policy)
-    return command, _preexec(_rlimits(policy), group)
+    command = (_landlock_command(argv, policy) if kind == "landlock" else
+               _bwrap_command(argv, policy) if kind == "bwrap" else _seatbelt_command(argv, policy))
+    pids = pids_cgroup(policy.max_processes)
+    group = cgroup.make(policy.memory_cap_bytes, policy.max_processes) if policy.memory_cap_bytes else None
+    if pids is not None and group is not None and (pids / "cgroup.controllers").exists():
+        pids = None  # a v2 pids group: a process is in one v2 group, and the run's group has pids.max
+    watch = ([Path(p) for p in policy.write_paths], int(policy.disk_bytes)) if policy.disk_bytes else None
+    limits = {} if kind == "landlock" else _rlimits(policy)  # the launcher sets the rlimits itself
+    return command, Confined(limits, [pids] if pids is not None else [], group, watch)
 
 
 # --- ending what a run left behind (the caller's part on the Landlock path) --------------------

@@ -276,6 +276,8 @@ def _run_once(s: Session, run_dir: Path, label: str, description: str, prefix: s
             return run, "abort", None, monitor.fired
         if run.timed_out:
             return run, "crash", None, f"killed after {run.wall_seconds:.0f} s (limit {s.timeout_s:.0f} s)"
+        if run.limit:  # past its workspace or memory cap (research/runner.py says which)
+            return run, "crash", None, run.limit
         if run.returncode != 0:
             fail = failure_line(log_tail(log_path, 200, 20000))
             code = run.returncode

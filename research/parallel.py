@@ -38,6 +38,7 @@ from research.results import NO_COMMIT, Row, sanitize
 from research.secrets import redact
 from research.session import ABORT_AUDIT, ABORT_OFF, BASELINE, BEST_NEXT, RERUN, Session, SessionError, replay
 from research.trial_worker import Job, JobResult, RunResult, RunSpec, TrialWorker, hardware_class
+from research.workspace import RESOURCE_ENV
 
 __all__ = ["MAX_REBASES", "check_hellos", "check_workers", "default_workers", "research_parallel"]
 
@@ -167,7 +168,7 @@ class Pool:
         self.root.mkdir(parents=True)
         env = {k: v for k, v in os.environ.items()
                if k in ("AUTORESEARCH_PROTOCOL", "AUTORESEARCH_TIME_BUDGET", "AUTORESEARCH_BACKEND",
-                        "AUTORESEARCH_CACHE", "AUTORESEARCH_SANDBOX")}
+                        "AUTORESEARCH_CACHE", "AUTORESEARCH_SANDBOX", *RESOURCE_ENV)}
         env["AUTORESEARCH_PROTOCOL"] = s.protocol.name
         runtime_env = {"working_dir": str(s.repo), "excludes": EXCLUDES, "env_vars": env}
         gpu = s.host.backend in ("cuda", "rocm")

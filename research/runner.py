@@ -1,6 +1,11 @@
 """Run one child process of an experiment (the trainer, then the harness): sandboxed, in its own
 process group, timed from outside, its output captured to a capped log, everything it started
-ended afterwards."""
+ended afterwards.
+
+A sandboxed child's `preexec_fn` is a `judge.sandbox.Confined`: while the child runs, the size of its
+write paths is checked about every second (`DISK_CHECK_S`) and once more when it ends, and a child
+whose paths hold more than their cap is ended; the kernel may end it for its memory cgroup's cap.
+Either way the run's `limit` says so in one sentence, and its log too."""
 
 from __future__ import annotations
 
@@ -17,6 +22,8 @@ __all__ = ["Child", "TrainerRun", "end", "run_trainer", "spawn", "wait_child", "
            "LOG_TAIL_BYTES"]
 
 TERM_GRACE_S = 5.0  # after SIGTERM, how long the group gets before SIGKILL
+DISK_CHECK_S = 1.0  # how often a run's write paths are measured (less often when measuring takes long)
+ENTRY_BYTES = 4096  # every file, directory or link counts as at least this much (an inode, a block)
 LOG_HEAD_BYTES = 2 << 20  # a run's log keeps its first 2 MiB ...
 LOG_TAIL_BYTES = 2 << 20  # ... and its last 2 MiB; what lies between is cut, and the cut is marked
 
@@ -29,6 +36,7 @@ class TrainerRun:
     started: float  # time.time() at spawn
     log_bytes: int = 0  # bytes the process wrote (the log may hold fewer: see LOG_HEAD_BYTES)
     stopped: bool = False  # ended by the loop because `should_stop()` said so (early abort)
+    limit: str | None = None  # the resource cap it went past and was ended for, in one sentence
 
 
 def kill_group(proc: subprocess.Popen, grace: float = TERM_GRACE_S) -> None:
@@ -98,6 +106,7 @@ class Child:
     started: float  # time.time() at spawn
     t0: float  # time.perf_counter() at spawn
     on_spawn: Callable[[int | None], None] | None = None
+    confined: object | None = None  # the judge.sandbox.Confined it was started with (its cgroup, its caps)
 
     def release(self, line: bytes | None) -> None:
         """Write `line` to a child started with `stdin_pipe` (e.g. the harness's go-ahead), then close its
@@ -128,7 +137,8 @@ def spawn(argv: list[str], *, cwd: Path, env: dict[str, str], log_path: Path,
     log.start()
     if on_spawn is not None:
         on_spawn(proc.pid)
-    return Child(proc, log, log_path, started, t0, on_spawn)
+    confined = preexec_fn if hasattr(preexec_fn, "finish") else None
+    return Child(proc, log, log_path, started, t0, on_spawn, confined)
 
 
 def run_trainer(
@@ -169,6 +179,8 @@ def wait_child(child: Child, *, timeout_s: float, on_tick: Callable[[float], Non
     proc, log, log_path = child.proc, child.log, child.log_path
     t0 = child.t0 if since is None else since
     timed_out = stopped = False
+    disk = _DiskWatch(getattr(child.confined, "watch", None))
+    limit = None  # the cap it went past, in one sentence
     try:
         while True:
             try:
@@ -184,18 +196,80 @@ def wait_child(child: Child, *, timeout_s: float, on_tick: Callable[[float], Non
                     stopped = True
                     kill_group(proc, grace=1.0)
                     break
+                limit = disk.check()
+                if limit is not None:  # ended by the loop, like a timeout: no exit code
+                    limit += "; ended by the loop"
+                    kill_group(proc, grace=1.0)
+                    break
                 if on_tick is not None:
                     on_tick(elapsed)
     except BaseException:
         end(child, reap)
         raise
     wall = time.perf_counter() - t0
-    _finish(proc, log, reap, child.on_spawn)
+    ended = timed_out or stopped or limit is not None
+    memory = _finish(proc, log, reap, child.on_spawn, child.confined)
+    limit = limit or memory or (None if ended else disk.check(force=True))
     if timed_out:
         with open(log_path, "a", encoding="utf-8") as f:
             f.write(f"\n[loop] killed after {wall:.1f} s: past the {timeout_s:.0f} s limit\n")
-    return TrainerRun(returncode=None if timed_out or stopped else proc.returncode, wall_seconds=wall,
-                      timed_out=timed_out, started=child.started, log_bytes=log.total, stopped=stopped)
+    elif limit is not None:
+        with open(log_path, "a", encoding="utf-8") as f:
+            f.write(f"\n[loop] {limit}\n")
+    return TrainerRun(returncode=None if ended else proc.returncode, wall_seconds=wall, timed_out=timed_out,
+                      started=child.started, log_bytes=log.total, stopped=stopped, limit=limit)
+
+
+class _DiskWatch:
+    """Measures a run's write paths (the sandbox's `watch`: paths and the bytes they may hold together)
+    about every DISK_CHECK_S, or less often when measuring takes long."""
+
+    def __init__(self, watch: tuple[list[Path], int] | None) -> None:
+        self.paths, self.cap = watch if watch else ([], 0)
+        self.next = time.monotonic() + DISK_CHECK_S
+
+    def check(self, force: bool = False) -> str | None:
+        """One sentence when the paths hold more than the cap, else None."""
+        if not self.cap or (not force and time.monotonic() < self.next):
+            return None
+        t = time.monotonic()
+        used = used_bytes(self.paths, stop_at=self.cap)
+        self.next = time.monotonic() + max(DISK_CHECK_S, 5 * (time.monotonic() - t))
+        if used <= self.cap:
+            return None
+        from judge.sandbox import size_text
+
+        return (f"wrote more than {size_text(self.cap)} into its workspace, past the cap "
+                f"(AUTORESEARCH_WORKSPACE_CAP)")
+
+
+def used_bytes(paths: list[Path], stop_at: int | None = None) -> int:
+    """Disk space the files under `paths` take (allocated blocks, each entry at least ENTRY_BYTES, hard
+    links once), symlinks not followed; stops counting once past `stop_at`. Never raises: what cannot
+    be read (a file removed meanwhile) does not count."""
+    seen: set[tuple[int, int]] = set()
+    total, stack = 0, [os.fspath(p) for p in paths]
+    while stack:
+        try:
+            entries = os.scandir(stack.pop())
+        except OSError:
+            continue
+        with entries:
+            for entry in entries:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if st.st_nlink > 1 and not entry.is_dir(follow_symlinks=False):
+                    if (st.st_dev, st.st_ino) in seen:
+                        continue
+                    seen.add((st.st_dev, st.st_ino))
+                total += max(st.st_blocks * 512, ENTRY_BYTES)
+                if stop_at is not None and total > stop_at:
+                    return total
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+    return total
 
 
 def end(child: Child, reap: Callable[[], None] | None = None) -> None:
@@ -203,18 +277,20 @@ def end(child: Child, reap: Callable[[], None] | None = None) -> None:
     copied, what it left reaped."""
     child.release(None)
     kill_group(child.proc, grace=1.0)
-    _finish(child.proc, child.log, reap, child.on_spawn)
+    _finish(child.proc, child.log, reap, child.on_spawn, child.confined)
 
 
 def _finish(proc: subprocess.Popen, log: _CappedLog, reap: Callable[[], None] | None,
-            on_spawn: Callable[[int | None], None] | None) -> None:
-    """Nothing the run started outlives it: its group, then (through `reap`) whatever left the group."""
+            on_spawn: Callable[[int | None], None] | None, confined=None) -> str | None:
+    """Nothing the run started outlives it: its group, then (through `reap`) whatever left the group; then
+    its cgroup is removed. Returns the sentence saying the kernel ended it for its memory cap, or None."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
     if reap is not None:
         reap()
+    memory = confined.finish() if confined is not None else None
     log.join(timeout=10)  # the pipe closes once every process holding it is gone
     proc.stdout.close()
     if proc.stdin is not None:
@@ -224,3 +300,4 @@ def _finish(proc: subprocess.Popen, log: _CappedLog, reap: Callable[[], None] | 
             pass
     if on_spawn is not None:
         on_spawn(None)
+    return memory

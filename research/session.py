@@ -648,7 +648,11 @@ class Session:
         self.rows.append(row)
 
     def new_run_dir(self) -> tuple[int, Path]:
-        """Create runs/<n>/ with the next free number."""
+        """Create runs/<n>/ with the next free number, once the disks have room for a run (else SessionError)."""
+        from research.workspace import free_space_problem
+
+        if (short := free_space_problem(self.results_path, getattr(self.confine, "resources", None))) is not None:
+            raise SessionError(short)
         self.runs_dir.mkdir(exist_ok=True)
         existing = [int(p.name) for p in self.runs_dir.iterdir() if p.name.isdigit()]
         n = max(existing, default=0) + 1

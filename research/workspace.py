@@ -7,6 +7,12 @@ caches: fresh for every run and removed after it, so nothing, a model included, 
 to the next). It never sees the validation or holdout data, `.git`, `runs/`, results.tsv or the
 loop's secrets. The harness (locked) reads the code, the tokenizer, the evaluation splits and the
 hand-over, and writes only `judge/`, from which the loop takes its result. Neither writes the repo.
+
+What a run may use (`Resources`, from AUTORESEARCH_* settings): its workspace's size on disk (watched
+by the runner; also the largest file it may write), its memory (a cgroup per run where the host gives
+one, else RLIMIT_AS on CPU runs), and the sizes of its private /tmp and /dev/shm (bwrap). Before every
+run the loop checks that the disks holding results.tsv and the workspaces have room for a full
+workspace and a margin (`free_space_problem`).
 """
 
 from __future__ import annotations
@@ -22,11 +28,122 @@ from typing import Callable
 
 from research.guards import child_env
 
-__all__ = ["Workspace", "CODE_PATHS", "Confinement"]
+__all__ = ["Workspace", "CODE_PATHS", "Confinement", "RESOURCE_ENV", "Resources", "free_space_problem",
+           "parse_size"]
 
 CODE_PATHS = ("prepare.py", "backends", "model", "data")  # locked code a trainer may import (data/ if present)
 HARNESS_CODE = ("judge", "research/pyexec.py")  # the harness bootstraps its imports through pyexec
 _JUDGE_DIRS = ("home", "tmp", "cache")  # the harness's private directories inside its own
+MiB, GiB = 1 << 20, 1 << 30
+# The settings of what a run may use (README: Security, Environment variables), passed on to workers too.
+RESOURCE_ENV = ("AUTORESEARCH_WORKSPACE_CAP", "AUTORESEARCH_MEMORY_CAP", "AUTORESEARCH_TMP_SIZE",
+                "AUTORESEARCH_SHM_SIZE", "AUTORESEARCH_MIN_FREE", "AUTORESEARCH_CGROUP")
+MEMORY_SHARE = 0.8  # the default memory cap: this share of the machine's RAM
+
+
+def parse_size(text: str) -> int:
+    """Bytes from `4G`, `1.5GiB`, `512M`, `64MB`, `1073741824` (K, M, G, T are powers of 1024)."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    shift = {"K": 10, "M": 20, "G": 30, "T": 40}.get(t[-1:], 0)
+    number = float(t[:-1] if shift else t)
+    if not number > 0 or number != number or number == float("inf"):
+        raise ValueError(text)
+    return int(number * (1 << shift))
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one sandboxed run (trainer or harness) may use."""
+
+    workspace_bytes: int = 4 * GiB  # its workspace on disk together, and so also any one file in it
+    memory_bytes: int | None = None  # memory cgroup cap (and RLIMIT_AS of CPU runs); None: no cap
+    tmp_bytes: int = 1 * GiB  # the private /tmp (bwrap: a tmpfs, that is RAM)
+    shm_bytes: int = 512 * MiB  # the private /dev/shm (bwrap: a tmpfs, that is RAM)
+    min_free_bytes: int = 1 * GiB  # free disk kept beyond a full workspace before each run
+
+    @classmethod
+    def from_env(cls, environ=None) -> Resources:
+        """The settings, or their defaults; raises PrepareError (one sentence) for a value that is not a size."""
+        from data import PrepareError
+
+        environ = os.environ if environ is None else environ
+        memory = _physical_memory()
+        values = {"workspace_bytes": cls.workspace_bytes, "tmp_bytes": cls.tmp_bytes, "shm_bytes": cls.shm_bytes,
+                  "memory_bytes": int(memory * MEMORY_SHARE) if memory else None,
+                  "min_free_bytes": cls.min_free_bytes}
+        names = dict(zip(values, ("AUTORESEARCH_WORKSPACE_CAP", "AUTORESEARCH_TMP_SIZE", "AUTORESEARCH_SHM_SIZE",
+                                  "AUTORESEARCH_MEMORY_CAP", "AUTORESEARCH_MIN_FREE")))
+        for field, name in names.items():
+            text = environ.get(name, "").strip()
+            if text:
+                try:
+                    values[field] = parse_size(text)
+                except (ValueError, IndexError):
+                    raise PrepareError(f"{name} must be a size such as 4G, 512M or a number of bytes, not "
+                                       f"'{text}'; fix or unset it.") from None
+        return cls(**values)
+
+    def line(self, kind: str | None, gpu: bool) -> str:
+        """What bounds a run here, in one line for the start of a session."""
+        from judge import cgroup
+        from judge.sandbox import size_text as sz
+
+        if kind is None:
+            return "resources: no sandbox, no bounds on a run's memory or disk"
+        disk = f"workspace {sz(self.workspace_bytes)} (also the largest file)"
+        tmp = f"/tmp {sz(self.tmp_bytes)}, /dev/shm {sz(self.shm_bytes)}" if kind == "bwrap" else \
+            "/tmp and /dev/shm not writable" if kind == "landlock" else "no /tmp outside the workspace"
+        if self.memory_bytes is None:
+            return f"resources: {disk}; {tmp}; memory not capped"
+        root, why = cgroup.parent()
+        if root is not None:
+            memory = f"memory {sz(self.memory_bytes)} per run, RAM and tmpfs together (a cgroup under {root})"
+        else:
+            memory = (f"no memory cgroup ({why}), so memory {sz(self.memory_bytes)} of address space per run "
+                      f"(RLIMIT_AS)" if not gpu else
+                      f"no memory cgroup ({why}) and no RLIMIT_AS for a GPU run: its memory is NOT capped")
+            if kind == "bwrap":
+                memory += "; /tmp and /dev/shm bounded by their sizes only"
+        return f"resources: {disk}; {tmp}; {memory}"
+
+
+def free_space_problem(results: Path, res: Resources | None = None, workspaces: Path | None = None) -> str | None:
+    """One sentence when a disk the next run writes has too little free space, else None: the one holding
+    `results` (results.tsv, runs/) needs the margin (AUTORESEARCH_MIN_FREE), the one the workspaces are
+    made on (`workspaces`, default the temporary directory) a full workspace besides; one disk, both."""
+    from judge.sandbox import size_text as sz
+
+    res = res or Resources.from_env()
+    results = Path(results).resolve()
+    workspaces = Path(workspaces or tempfile.gettempdir()).resolve()
+    disks: dict[int, tuple[Path, int, list[str]]] = {}  # st_dev -> (a path on it, bytes it needs, what it holds)
+    for path, extra, what in ((results.parent, 0, f"where {results.name} lives"),
+                              (workspaces, res.workspace_bytes, "where the runs' workspaces are made")):
+        try:
+            dev = os.stat(path).st_dev
+        except OSError:
+            continue
+        where, need, whats = disks.get(dev, (path, res.min_free_bytes, []))
+        disks[dev] = (where, need + extra, [*whats, what])
+    for where, need, whats in disks.values():
+        try:
+            free = shutil.disk_usage(where).free
+        except OSError:
+            continue
+        if free < need:
+            cap = (f"the {sz(res.workspace_bytes)} workspace cap, AUTORESEARCH_WORKSPACE_CAP, plus "
+                   if need > res.min_free_bytes else "")
+            return (f"only {sz(free)} free on {_mount_point(where)} ({' and '.join(whats)}); the next run needs "
+                    f"{sz(need)} there ({cap}{sz(res.min_free_bytes)} kept free, AUTORESEARCH_MIN_FREE): free some "
+                    f"space or lower the cap, and run again; every recorded run is kept.")
+    return None
+
+
+def _mount_point(path: Path) -> Path:
+    path = path.resolve()
+    while path != path.parent and not os.path.ismount(path):
+        path = path.parent
+    return path
 
 
 @dataclass
@@ -122,6 +239,11 @@ class Confinement:
     def __init__(self, repo: Path, trainer: str, protocol, host, kind: str | None) -> None:
         self.repo, self.trainer, self.protocol, self.kind = Path(repo), trainer, protocol, kind
         self.backend, self.reason = host.backend, host.reason
+        self.resources = Resources.from_env()
+
+    def limits_line(self) -> str:
+        """What bounds a run's memory and disk here, in one line (printed when the loop starts)."""
+        return self.resources.line(self.kind, self.backend in ("cuda", "rocm", "mps"))
 
     def _code(self, extra: tuple[str, ...] = ()) -> list[Path]:
         return [self.repo / p for p in (*CODE_PATHS, *extra) if (self.repo / p).exists()]
@@ -133,8 +255,11 @@ class Confinement:
         from judge.sandbox import SandboxPolicy, wrap
 
         gpu = self.backend in ("cuda", "rocm", "mps")
-        memory = None if gpu else _physical_memory()
-        policy = SandboxPolicy(cwd=cwd, read_paths=read, write_paths=write, gpu=gpu, max_memory_bytes=memory)
+        res = self.resources
+        policy = SandboxPolicy(cwd=cwd, read_paths=read, write_paths=write, gpu=gpu,
+                               max_memory_bytes=None if gpu else res.memory_bytes, memory_cap_bytes=res.memory_bytes,
+                               max_file_bytes=res.workspace_bytes, disk_bytes=res.workspace_bytes,
+                               tmp_bytes=res.tmp_bytes, shm_bytes=res.shm_bytes)
         return wrap(self.kind, argv, policy)
 
     def trainer_run(self, ws: Workspace) -> tuple[list[str], Callable[[], None] | None, dict[str, str]]:
@@ -179,6 +304,7 @@ class Confinement:
         """Run `python args` (agent code: e.g. importing the trainer to read its settings) once in the
         trainer's sandbox, in a throwaway workspace, output captured as text."""
         ws = Workspace.create(0)
+        preexec = None
         try:
             env = _private_env(ws.home, ws.tmp, ws.cache, AUTORESEARCH_PROTOCOL=self.protocol.name,
                                AUTORESEARCH_BACKEND=self.backend,
@@ -188,11 +314,13 @@ class Confinement:
             return subprocess.run(argv, cwd=ws.root, env=env, capture_output=True, text=True, timeout=timeout_s,
                                   stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=preexec)
         finally:
+            if hasattr(preexec, "finish"):
+                preexec.finish()  # its memory cgroup, if it had one
             ws.remove()
 
 
 def _physical_memory() -> int | None:
-    """Bytes of RAM (the address-space cap of CPU runs); None where it cannot be read."""
+    """Bytes of RAM (the default memory cap is a share of it: MEMORY_SHARE); None where it cannot be read."""
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
