@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     report.add_subparsers(sub, parents=[common])  # report, compare, transfer
     live.add_subparser(sub)  # serve: the live page
+    from research import check
+
+    check.add_subparser(sub)  # check: a self-test of this host
     return parser
 
 
@@ -206,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         if session is not None:
             session.abort()
         console.event("")
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        hint = "" if session else "\n(uv run loop.py check tests this host stage by stage)"  # it failed at start
+        print(f"error: {e}{hint}", file=sys.stderr, flush=True)
         return 1
     except OSError as e:  # a full disk, a path that cannot be written: say which, leave the tree as it was
         _abort_quietly(session)
