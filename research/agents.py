@@ -17,8 +17,8 @@ from pathlib import Path
 from research.console import Console
 from research.experiment import Usage
 from research.guards import text_hash
-from research.hparams import (HyperparamError, conditions, effective_values, parse_block, probe_conditions,
-                              set_values)
+from research.hparams import (HyperparamError, conditions, effective_values, layout_key, parse_block,
+                              probe_conditions, set_values, static_truth)
 from research.results import Row
 
 __all__ = [
@@ -213,23 +213,16 @@ class LocalAgent(Agent):
         return host_truth(ctx, text, settings, self._truth_cache, self.console, "local agent")
 
 
-def layout_key(text: str, settings) -> str:
-    """Hash of the trainer with every editable value blanked: versions that differ only in values share it."""
-    layout = text
-    for s in sorted((sp for st in settings.values() for sp in st.spots), key=lambda sp: (-sp.line, -sp.start)):
-        lines = layout.split("\n")
-        lines[s.line] = lines[s.line][: s.start] + "_" + lines[s.line][s.end :]
-        layout = "\n".join(lines)
-    return text_hash(layout)
-
-
 def host_truth(ctx: AgentContext, text: str, settings, cache: dict, console: Console, who: str) -> dict[str, bool]:
     """Truth of the block's hardware conditions on this host, probed once per trainer layout (`cache`
-    maps layouts to answers) by importing the trainer inside its sandbox, never in this process."""
+    maps layouts to answers) by importing the trainer inside its sandbox, never in this process; conditions on
+    names the source fixes to constants are read from it instead (hparams.static_truth)."""
     conds = conditions(settings)
     if not conds:
         return {}
     key = layout_key(text, settings)
+    if key not in cache and len(known := static_truth(text, conds)) == len(conds):
+        cache[key] = known
     if key not in cache:
         try:
             if ctx.confine is None:

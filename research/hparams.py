@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-__all__ = ["HyperparamError", "Setting", "Spot", "parse_block", "conditions", "in_effect", "effective_values",
-           "set_values", "format_value", "probe_conditions", "static_values"]
+__all__ = ["HyperparamError", "Setting", "Spot", "SourceValues", "parse_block", "conditions", "in_effect",
+           "effective_values", "layout_key", "set_values", "format_value", "probe_conditions", "static_truth",
+           "static_values"]
 
 _START = re.compile(r"^#\s*-+\s*hyperparameters\s*-+\s*$", re.IGNORECASE)
 _END = re.compile(r"^#\s*-+\s*end hyperparameters\s*-+\s*$", re.IGNORECASE)
@@ -242,3 +243,159 @@ def probe_conditions(trainer_path: Path, conds: list[str], run_python, timeout_s
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         raise HyperparamError(f"importing {trainer_path.name} to read its hardware conditions failed: {tail[0]}")
     return json.loads(proc.stdout[marker + len("@@PROBE@@"):].strip().splitlines()[0])
+
+
+def layout_key(text: str, settings: dict[str, Setting]) -> str:
+    """Hash of the trainer with every editable value blanked: versions that differ only in values share it
+    (and so share the truth of their hardware conditions)."""
+    import hashlib
+
+    layout = text
+    for s in sorted((sp for st in settings.values() for sp in st.spots), key=lambda sp: (-sp.line, -sp.start)):
+        lines = layout.split("\n")
+        lines[s.line] = lines[s.line][: s.start] + "_" + lines[s.line][s.end :]
+        layout = "\n".join(lines)
+    return hashlib.sha256(layout.encode("utf-8")).hexdigest()[:12]
+
+
+# Anything that can rebind a module's names behind the back of its assignments: a trainer that uses one
+# has its conditions probed instead of read.
+_DYNAMIC = {"globals", "vars", "locals", "exec", "eval", "setattr", "delattr", "__import__", "compile"}
+_CMPOPS = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
+           ast.Gt: operator.gt, ast.GtE: operator.ge, ast.In: lambda a, b: a in b,
+           ast.NotIn: lambda a, b: a not in b, ast.Is: operator.is_, ast.IsNot: operator.is_not}
+
+
+def _fixed_names(tree: ast.Module, before_line: int) -> dict[str, object] | None:
+    """Names the module binds exactly once, by a top-level `NAME = <constant>` above `before_line` (1-based),
+    with their values; None when the module could rebind names dynamically (globals(), exec, a star import...)."""
+    bindings: dict[str, int] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _DYNAMIC:
+            return None
+        if isinstance(node, ast.Attribute) and node.attr == "__dict__":
+            return None
+        if isinstance(node, ast.ImportFrom) and any(a.name == "*" for a in node.names):
+            return None
+        names: list[str] = []
+        if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
+            names = [node.id]
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names = [node.name]
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [(a.asname or a.name).split(".")[0] for a in node.names]
+        elif isinstance(node, (ast.Global, ast.Nonlocal)):
+            names = list(node.names) * 2  # a function rebinding a module name: never fixed
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            names = [node.name]
+        for n in names:
+            bindings[n] = bindings.get(n, 0) + 1
+    out: dict[str, object] = {}
+    for node in tree.body:
+        if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                and node.lineno < before_line and bindings.get(node.targets[0].id) == 1):
+            try:
+                out[node.targets[0].id] = _const(node.value)
+            except (ValueError, ArithmeticError):
+                pass
+    return out
+
+
+def _eval_condition(node: ast.AST, names: dict[str, object]) -> object:
+    """Value of a condition made of fixed names, constants, comparisons, `and`/`or`/`not`; ValueError otherwise."""
+    if isinstance(node, ast.Name):
+        if node.id in names:
+            return names[node.id]
+        raise ValueError(f"{node.id} is not fixed")
+    if isinstance(node, ast.BoolOp):
+        values = [_eval_condition(v, names) for v in node.values]
+        if isinstance(node.op, ast.And):
+            return all(values)
+        return any(values)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+        return not _eval_condition(node.operand, names)
+    if isinstance(node, ast.Compare) and all(type(op) in _CMPOPS for op in node.ops):
+        left = _eval_condition(node.left, names)
+        for op, right_node in zip(node.ops, node.comparators):
+            right = _eval_condition(right_node, names)
+            if not _CMPOPS[type(op)](left, right):
+                return False
+            left = right
+        return True
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        return tuple(_eval_condition(e, names) for e in node.elts)
+    return _const(node)
+
+
+def static_truth(text: str, conds: list[str]) -> dict[str, bool]:
+    """The conditions that can be read from the source alone: those made only of names the trainer binds once,
+    to a constant, above its hyperparameter block (`HARDWARE = "cpu"` ... `if HARDWARE == "cpu":`). The
+    others (a name set from the detected hardware, say) are left out: probe_conditions decides them."""
+    if not conds:
+        return {}
+    try:
+        tree = ast.parse(text)
+        start, _ = _block_lines(text)
+    except (SyntaxError, HyperparamError):
+        return {}
+    fixed = _fixed_names(tree, start + 1)
+    if fixed is None:
+        return {}
+    out = {}
+    for c in conds:
+        try:
+            out[c] = bool(_eval_condition(ast.parse(c, mode="eval").body, fixed))
+        except (SyntaxError, ValueError, TypeError, ArithmeticError):
+            continue
+    return out
+
+
+class SourceValues:
+    """The hyperparameters a trainer's source sets on this host: its block's values, on the lines whose hardware
+    conditions hold here. The loop records these for every run (never what the trainer says it ran with).
+
+    The truth of the conditions is read from the source where it can be (static_truth), else probed once per
+    trainer layout (layout_key: versions that differ only in values share it) by importing the trainer inside
+    its sandbox (probe_conditions). A probe needs the trainer's file: `values(text, confine)` probes when
+    `confine`'s trainer file holds exactly `text`; without a probe, names set under an undecided condition
+    are left out."""
+
+    def __init__(self, timeout_s: float = 120.0) -> None:
+        self._truth: dict[str, dict[str, bool]] = {}
+        self.timeout_s = timeout_s
+        self.failures: list[str] = []  # why a probe failed (one line each), for whoever wants to say so
+
+    def values(self, text: str, confine=None) -> dict[str, object]:
+        """NAME -> value in effect on this host, from the trainer source `text` ({} when it has no block)."""
+        try:
+            settings = parse_block(text)
+        except HyperparamError:
+            return {}
+        return effective_values(settings, self.truth(text, settings, confine))
+
+    def truth(self, text: str, settings: dict[str, Setting], confine=None) -> dict[str, bool]:
+        conds = conditions(settings)
+        if not conds:
+            return {}
+        key = layout_key(text, settings)
+        known = self._truth.get(key)
+        if known is not None:
+            return known
+        truth = static_truth(text, conds)
+        if len(truth) < len(conds) and confine is not None:
+            path = Path(confine.repo) / confine.trainer
+            try:
+                same = path.read_text(encoding="utf-8") == text
+            except (OSError, UnicodeDecodeError):
+                same = False
+            if not same:
+                return truth  # not this text in the file (yet): decide later, nothing cached
+            try:
+                truth = {**probe_conditions(path, [c for c in conds if c not in truth], confine.run_python,
+                                            self.timeout_s), **truth}
+            except HyperparamError as e:
+                self.failures.append(str(e))
+        elif len(truth) < len(conds):
+            return truth  # no probe possible now: not cached, a later call with a confinement may decide
+        self._truth[key] = truth
+        return truth

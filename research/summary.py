@@ -177,7 +177,8 @@ def _row_from_run(run_dir: Path) -> Row | None:
     data = _read_json(run_dir / "result.json")
     if not data:
         return None
-    ev, sm = data.get("eval") or {}, data.get("summary") or {}
+    ev, sm = data.get("eval") or {}, _claims(data)
+    own = data.get("loop") if isinstance(data.get("loop"), dict) else sm  # older records: the trainer's word
     val = num(ev.get("val_bpb", sm.get("val_bpb"))) or 0.0
     status = "invalid" if ev.get("valid") is False else "discard" if val > 0 else "crash"
     vram = num(sm.get("peak_vram_mb"))
@@ -188,17 +189,17 @@ def _row_from_run(run_dir: Path) -> Row | None:
         memory_gb=round(vram / 1024, 1) if vram else 0.0,
         status=status,
         description=f"run {run_dir.name}",
-        backend=str(sm.get("backend", "")),
-        device=str(sm.get("device", "")),
+        backend=str(own.get("backend", "")),
+        device=str(own.get("device", "")),
         protocol=str(ev.get("protocol", sm.get("protocol", ""))),
         evaluator_hash=str(ev.get("evaluator_hash", "")),
         training_seconds=num(sm.get("training_seconds")),
         num_steps=int(steps) if steps is not None else None,
         mfu_percent=num(sm.get("mfu_percent")),
         num_params_M=num(sm.get("num_params_M")),
-        wall_seconds=num(sm.get("total_seconds")),
+        wall_seconds=num(own.get("wall_seconds", sm.get("total_seconds"))),
         holdout_bpb=num(ev.get("holdout_bpb")),
-        hyperparams=sm.get("hyperparams") if isinstance(sm.get("hyperparams"), dict) else {},
+        hyperparams=own.get("hyperparams") if isinstance(own.get("hyperparams"), dict) else {},
         run=int(run_dir.name) if run_dir.name.isdigit() else None,
     )
 
@@ -235,11 +236,17 @@ def _keep_one_run(source: Source, branch: str | None = None) -> None:
     source.rows = [r for r, k in zip(source.rows, keep) if k]
 
 
+def _claims(record: dict) -> dict:
+    """The trainer's own account of its run in a runs/<n>/result.json ("claims"; "summary" in older ones)."""
+    sm = record.get("claims", record.get("summary"))
+    return sm if isinstance(sm, dict) else {}
+
+
 def run_summary(source: Source, row: Row) -> dict:
-    """The summary block of the row's runs/<n>/result.json, or {} when there is none."""
+    """The trainer's claims in the row's runs/<n>/result.json (its facts.json), or {} when there are none."""
     if source.runs_dir is None or row.run is None:
         return {}
-    return _read_json(source.runs_dir / str(row.run) / "result.json").get("summary") or {}
+    return _claims(_read_json(source.runs_dir / str(row.run) / "result.json"))
 
 
 # ---------------------------------------------------------------------------

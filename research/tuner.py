@@ -122,12 +122,11 @@ class OptunaAgent(Agent):
                            f"{self.space.describe()}")
 
     def _row_values(self, row: Row, ctx: AgentContext, truth: dict) -> dict:
-        """A row's hyperparameter values: those it recorded, and for names it lacks the values in effect in
-        the trainer it ran (read from git at its commit)."""
+        """A row's hyperparameter values: those in effect in the trainer it ran, read from git at its commit
+        where this agent can tell them, else those it recorded (the loop reads them from the committed source;
+        rows written before that recorded the trainer's own claim, which the source overrides here)."""
         values = dict(row.hyperparams or {})
-        names = self.space.dims if self.space is not None else None
-        missing = names is None or any(n not in values for n in names)
-        if missing and row.commit and row.commit != NO_COMMIT and ctx.repo is not None:
+        if row.commit and row.commit != NO_COMMIT and ctx.repo is not None:
             if row.commit not in self._git_cache:
                 from research import gitrepo
 
@@ -144,8 +143,7 @@ class OptunaAgent(Agent):
                     except HyperparamError:
                         found = {}
                 self._git_cache[row.commit] = found
-            for k, v in self._git_cache[row.commit].items():
-                values.setdefault(k, v)
+            values.update(self._git_cache[row.commit])
         return values
 
     def _sync(self, ctx: AgentContext, truth: dict) -> None:

@@ -1,0 +1,97 @@
+"""The loop's own gauge of the machine's speed: a fixed piece of work, timed by the loop.
+
+`gauge()` runs the same CPU workload every time and returns the seconds it took: more seconds, a
+slower machine (other jobs on it, a lower clock). The work is split over one thread per core the
+process may use (OMP_NUM_THREADS when set, as Ray sets it for each worker), each doing the same
+fixed NumPy element-wise operations on a small array (NumPy releases the GIL in them), and the
+reading is the wall time until the last thread is done: like a trainer's step, it waits for the
+slowest core, so it slows down when other jobs take cores from the trainer. About 0.1 s on a quiet
+2-core machine.
+
+The loop reads it just before and just after every run, in the process that starts the trainer (the
+loop itself, or the Ray worker that runs it), so each row carries two readings taken on the machine
+the trainer ran on, under the load it ran under. Nothing the trainer writes goes into it: it
+replaces the trainer's own steps per second as the machine's speed (the drift rule of
+research/session.py) and is the covariate a noise model can build on. bench/bench_gauge.py measures
+how well it repeats and how it follows a training workload's speed.
+
+On CUDA and ROCm hosts it measures the host's CPU, not the GPU. AUTORESEARCH_GAUGE_REPS sets the work per
+reading (REPS rounds by default; 0 turns the gauge off: no readings, so the drift rule has nothing to go on).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+
+__all__ = ["REPS", "REPS_ENV", "gauge", "gauge_reps", "gauge_threads", "speed_of"]
+
+SIZE = 1 << 16  # float32 elements per thread: 256 KiB, inside any core's L2 cache
+REPS = 600  # rounds of (sin, multiply, add) per thread: ~0.1 s on the 2-core Xeon the project is tested on
+REPS_ENV = "AUTORESEARCH_GAUGE_REPS"
+
+
+def gauge_reps() -> int:
+    """Rounds per reading: AUTORESEARCH_GAUGE_REPS when it is a whole number >= 0, else REPS."""
+    try:
+        n = int(os.environ.get(REPS_ENV, ""))
+    except ValueError:
+        return REPS
+    return n if n >= 0 else REPS
+
+
+def gauge_threads() -> int:
+    """Threads the gauge uses: OMP_NUM_THREADS when set (a Ray worker's share of the cores), else the
+    cores this process may run on (what a trainer's thread pool takes)."""
+    try:
+        n = int(os.environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:
+        n = 0
+    if n > 0:
+        return n
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def gauge(reps: int | None = None, threads: int | None = None) -> float | None:
+    """Seconds the fixed workload took now (wall time, until the slowest thread is done): on each of
+    `threads` threads (default gauge_threads()), `reps` rounds (default gauge_reps()) of sin, multiply and
+    add over the same fixed array. Only the machine changes the reading. None when the gauge is off."""
+    import numpy as np
+
+    reps = gauge_reps() if reps is None else reps
+    if reps <= 0:
+        return None
+    n = threads or gauge_threads()
+    x = np.linspace(-1.0, 1.0, SIZE, dtype=np.float32)
+    outs = [np.empty_like(x) for _ in range(n)]
+    for y in outs:
+        np.sin(x, out=y)  # page the buffers in before the clock starts
+    start = threading.Barrier(n + 1)
+
+    def work(y) -> None:
+        start.wait()
+        for _ in range(reps):
+            np.sin(x, out=y)
+            np.multiply(y, x, out=y)
+            np.add(y, x, out=y)
+
+    pool = [threading.Thread(target=work, args=(y,), daemon=True) for y in outs]
+    for t in pool:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in pool:
+        t.join()
+    return time.perf_counter() - t0
+
+
+def speed_of(*readings: float | None) -> float | None:
+    """The machine's speed from gauge readings: the fixed work per second, 1 / (mean seconds); None when
+    there is no usable reading."""
+    xs = [x for x in readings if x is not None and math.isfinite(x) and x > 0]
+    return len(xs) / math.fsum(xs) if xs else None
