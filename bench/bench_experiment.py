@@ -83,7 +83,8 @@ def phases(run_dir: Path) -> dict[str, float] | None:
         rec = json.loads((run_dir / "result.json").read_text())
     except (OSError, ValueError):
         return None
-    ev, facts, trainer_wall = rec.get("eval") or {}, rec.get("summary") or {}, rec["trainer"]["wall_seconds"]
+    ev, trainer_wall = rec.get("eval") or {}, rec["trainer"]["wall_seconds"]
+    facts = rec.get("claims") or rec.get("summary") or {}  # the trainer's own account (older records: "summary")
     if not ev.get("valid"):
         return None
     harness_wall = meta["timings"]["trainer"] - trainer_wall  # _run_once: the trainer, then the harness

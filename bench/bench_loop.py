@@ -46,7 +46,7 @@ PHASES = ("agent", "commit", "spawn/export", "setup", "train", "harness", "bookk
 def phases(run_dir: Path, previous_end: float | None) -> dict[str, float]:
     meta = json.loads((run_dir / "meta.json").read_text())
     result = json.loads((run_dir / "result.json").read_text())
-    t, summary = meta["timings"], result.get("summary", {})
+    t, summary = meta["timings"], result.get("claims", result.get("summary", {}))
     wall = result.get("trainer", {}).get("wall_seconds") or meta["row"]["wall_seconds"]
     total = summary.get("total_seconds") or wall
     train = summary.get("training_seconds") or 0.0
