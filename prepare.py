@@ -140,10 +140,14 @@ def hand_over(export: Callable[[Path], dict], facts: dict) -> dict | None:
         return None
     import subprocess
 
+    from research.secrets import allowed_env  # the harness inherits the allow-list it gets under the loop
+
     out = directory / "result.json"
     sys.stdout.flush()
+    own = {k: os.environ[k] for k in ("HOME", "TMPDIR") if k in os.environ}  # run by hand: the user's own
+    env = harness_env(allowed_env(os.environ, AUTORESEARCH_CACHE=str(cache_root().resolve()), **own))
     proc = subprocess.run(harness_command(directory, get_protocol().name, out), stdin=subprocess.DEVNULL,
-                          env=harness_env(dict(os.environ))).returncode
+                          env=env).returncode
     try:
         result = json.loads(out.read_text(encoding="utf-8"))
     except (OSError, ValueError):

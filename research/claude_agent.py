@@ -18,6 +18,7 @@ from research.hparams import HyperparamError, effective_values, parse_block
 from research.memory import compact_history, duplicate_of, journal_path, look_back, read_journal, write_journal
 from research.results import sanitize
 from research.space import same_value
+from research.untrusted import untrusted
 
 __all__ = ["ClaudeAgent", "DEFAULT_MODEL", "PRICES", "cost_usd", "price_of"]
 
@@ -270,11 +271,12 @@ class ClaudeAgent(Agent):
         c = ctx.crash
         if c is not None:
             lines += [
-                f"\nYour last change ({c.description}) crashed: {c.reason}. This is fix attempt {c.attempt} of "
-                f"{c.max_attempts}. The file above is the crashed version. Fix the bug with edit_trainer and "
-                "finish with a description (say it is a fix), or finish with give_up=true to drop the idea.",
+                f"\nYour last change ({c.description}) crashed: {untrusted(c.reason, inline=True)}. This is fix "
+                f"attempt {c.attempt} of {c.max_attempts}. The file above is the crashed version. Fix the bug with "
+                "edit_trainer and finish with a description (say it is a fix), or finish with give_up=true to drop "
+                "the idea.",
                 f"\nDiff of the crashed change:\n```diff\n{c.diff[-6000:]}```",
-                f"\nLast lines of the log:\n```\n{c.log_tail}\n```",
+                "\n" + untrusted(c.log_tail, "the last lines of the crashed run's log"),
             ]
         else:
             lines.append(f"\nPropose the next experiment: edit {ctx.trainer}, then call finish.")

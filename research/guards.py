@@ -1,5 +1,5 @@
 """What keeps an experiment honest: locked-file hashes, the one-file scope rule, the repo lock,
-and the scrubbed environment the trainer runs in."""
+and the allow-listed environment the trainer runs in."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 from research.gitrepo import git_bytes
-from research.secrets import SECRET_NAME
+from research.secrets import allowed_env
 
 __all__ = [
     "LOCKED_PATHS",
@@ -28,9 +28,6 @@ __all__ = [
 # The agent may never change these; they are hashed at start and checked before every record.
 LOCKED_PATHS = ("prepare.py", "data", "backends", "model", "judge", "research", "loop.py")
 LOCK_FILE = ".autoresearch.lock"
-
-_SECRET = SECRET_NAME  # names of credentials (research/secrets.py)
-
 
 def text_hash(data: str | bytes) -> str:
     """Short content hash used for trainers and locked files (sha256, 12 hex digits)."""
@@ -76,10 +73,9 @@ def locked_changes(repo: Path, expected: dict[str, str]) -> list[str]:
 
 
 def child_env(base: dict[str, str] | None = None, **extra: str) -> dict[str, str]:
-    """The trainer's environment: the loop's, minus anything that looks like a credential, plus `extra`."""
-    env = {k: v for k, v in (os.environ if base is None else base).items() if not _SECRET.search(k)}
-    env.update(extra)
-    return env
+    """The environment of a trainer or harness run: of the loop's (or `base`), only the allow-listed names
+    (research.secrets.allowed_env), plus `extra`."""
+    return allowed_env(base, **extra)
 
 
 class LockError(RuntimeError):

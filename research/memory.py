@@ -2,7 +2,9 @@
 
 - The research journal: one Markdown file per branch (runs/journal/<branch>.md) that the agent
   writes with its `journal` tool (findings, hypotheses, what to try next) and reads at each turn.
-- Look-back: a past run's row, diff, log tail and loss trajectory (runs/<n>/), for `read_run`.
+- Look-back: a past run's row, diff, log tail and loss trajectory (runs/<n>/), for `read_run`. What a
+  run wrote (its log, the error line in a crashed run's note) is shown through
+  `research.untrusted.untrusted`: in a block with a random marker, labelled as the trainer's, untrusted.
 - The history compacted, not cut: every experiment of the branch appears, however many there are
   — the kept ones and the latest in full, the older ones grouped by the hyperparameters they moved
   (or as code changes) with their results — shortened step by step until it fits a token budget.
@@ -20,6 +22,7 @@ from pathlib import Path
 from research.results import MEASURED, Row, sanitize
 from research.secrets import redact
 from research.space import same_value
+from research.untrusted import untrusted
 
 __all__ = ["journal_path", "read_journal", "write_journal", "look_back", "compact_history", "duplicate_of",
            "MAX_JOURNAL_CHARS", "CHARS_PER_TOKEN"]
@@ -80,11 +83,18 @@ def write_journal(path: Path, text: str, mode: str = "append", run: int | None =
 # ---------------------------------------------------------------------------------------------
 
 
+def _note(r: Row, limit: int | None = None) -> str:
+    """A row's note for the agent: as the loop wrote it for a measured run; quoted as untrusted otherwise (a
+    crashed, rejected or invalid run's note may end with a line of its output: its FAIL or exception line)."""
+    note = sanitize(r.note, limit) if limit else r.note
+    return note if r.ok else untrusted(note, inline=True)
+
+
 def _row_line(r: Row) -> str:
     val = f"{r.val_bpb:.6f}" if r.status in MEASURED and r.val_bpb > 0 else "-"
     hold = f", holdout {r.holdout_bpb:.6f}" if r.holdout_bpb is not None else ""
     steps = f", {r.num_steps} steps" if r.num_steps else ""
-    note = f" [{r.note}]" if r.note else ""
+    note = f" [{_note(r)}]" if r.note else ""
     return f"run #{r.run}: {r.status} val_bpb {val}{hold}{steps}, commit {r.commit}: {r.description}{note}"
 
 
@@ -127,7 +137,8 @@ def look_back(runs_dir: Path, row: Row, parts: list[str] | None = None, log_line
             except OSError:
                 continue
             tail = "\n".join(lines[-log_lines:])[-6000:]
-            out.append(f"\nLast {min(log_lines, len(lines))} lines of {log.name}:\n```\n{tail}\n```")
+            n = min(log_lines, len(lines))
+            out.append("\n" + untrusted(tail, f"the last {n} lines of run #{row.run}'s {log.name}"))
         if not logs:
             out.append("\n(no log stored)")
     if "loss" in parts:
@@ -245,7 +256,7 @@ def _render(rows: list[Row], desc_len: int, n_recent: int, terse: bool) -> str:
         lines.append(f"\nLatest {len(recent_idx)} (oldest first; run, val_bpb, memory GB, status, description):")
         for i in sorted(recent_idx):
             r = rows[i]
-            note = f"  [{sanitize(r.note, 160)}]" if r.note and not r.ok else ""
+            note = f"  [{_note(r, 160)}]" if r.note and not r.ok else ""
             lines.append(f"#{r.run}\t{_val(r)}\t{r.memory_gb:.1f}\t{r.status}\t{r.description}{note}")
     return "\n".join(lines)
 

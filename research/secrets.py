@@ -13,11 +13,20 @@ How they travel:
    this module's memory only.
 3. The claude agent gets its key from `anthropic_credentials()` (passed to `anthropic.Anthropic(...)`
    explicitly); nothing reads it from os.environ.
-4. `redact(text)` replaces each known secret value and anything shaped like an Anthropic key with
-   `[redacted]`; rows, logs, run records and reports go through it before they are written.
+4. `redact(text)` replaces each known secret value, the user part of a URL (`https://user:token@host`
+   becomes `https://***@host`), webhook URLs and anything shaped like a token (Anthropic, OpenAI,
+   GitHub, GitLab, Slack, AWS, Hugging Face, Google, Stripe, npm, PyPI keys, JWTs, private key
+   blocks, what follows `Authorization:`, `Bearer`, `token=`, `key=`, `password=`...) with
+   `[redacted]`; rows, logs, run records, reports and everything shown to the agent go through it.
 
 A process that was never re-executed (a library caller, a test calling `loop.main`) also counts the
 secrets in its own environment (it cannot take them out of /proc/<pid>/environ anyway).
+
+What a trainer or the harness inherits is not the loop's environment minus what looks secret but an
+allow-list (`allowed_env`): PATH, locale, time zone, thread counts, device selection and the
+libraries' tuning knobs, the project's own settings, and what the loop sets for the run (a private
+HOME, TMPDIR and caches). A credential under a name nobody foresaw (`PIP_INDEX_URL=https://user:
+token@...`, `SLACK_WEBHOOK=...`) is dropped like any other name not on the list.
 """
 
 import json
@@ -25,10 +34,12 @@ import os
 import re
 import sys
 
-__all__ = ["SECRET_NAME", "HANDOFF_ENV", "REDACTED", "is_secret_name", "without_secrets", "isolate",
-           "reexec_without_secrets", "receive", "remember", "get", "anthropic_credentials", "redact"]
+__all__ = ["SECRET_NAME", "HANDOFF_ENV", "REDACTED", "ENV_NAMES", "ENV_PREFIXES", "is_secret_name", "without_secrets",
+           "allowed_env", "isolate", "reexec_without_secrets", "receive", "remember", "get", "anthropic_credentials",
+           "redact"]
 
-# Variable names that hold credentials (also what guards.child_env keeps from the trainer).
+# Variable names that hold credentials: taken out of the loop's own environment at start, and never passed
+# to a trainer or the harness even where the allow-list below would let them through.
 SECRET_NAME = re.compile(
     r"(_KEY$|_KEY_ID$|_TOKEN$|SECRET|PASSWORD|PASSWD|CREDENTIAL|API_?KEY|ACCESS_KEY|PRIVATE_KEY|_PAT$"
     r"|^SSH_AUTH_SOCK$|^ANTHROPIC_API_KEY$)", re.IGNORECASE)
@@ -36,6 +47,64 @@ HANDOFF_ENV = "AUTORESEARCH_SECRETS_FD"
 REDACTED = "[redacted]"
 MIN_REDACT_LEN = 8  # shorter values ("pw", "1") would blank out ordinary text; key-shaped strings are caught anyway
 _ANTHROPIC_KEY = re.compile(r"sk-ant-[A-Za-z0-9_\-]+")
+
+# The only variables of the loop's environment a trainer or the harness inherits (`allowed_env`).
+ENV_NAMES = frozenset({
+    "PATH", "LANG", "LANGUAGE", "TZ", "TERM", "NO_COLOR",
+    # thread counts and how idle threads wait (Ray sets OMP_NUM_THREADS per worker)
+    "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS",
+    "BLIS_NUM_THREADS", "GOTO_NUM_THREADS", "TBB_NUM_THREADS", "OMP_WAIT_POLICY",
+    # device selection (Ray sets CUDA_VISIBLE_DEVICES per worker); HSA_OVERRIDE_GFX_VERSION runs ROCm on
+    # consumer AMD cards
+    "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES",
+    "GPU_DEVICE_ORDINAL", "HSA_OVERRIDE_GFX_VERSION",
+    # where libraries and compilers are (README: OpenBLAS preloaded under MLX); Triton and Inductor call CC/CXX
+    "LD_LIBRARY_PATH", "LD_PRELOAD", "CC", "CXX",
+    # the project's settings a trainer or the harness reads (the loop sets protocol, backend, cache itself)
+    "AUTORESEARCH_PROTOCOL", "AUTORESEARCH_TIME_BUDGET", "AUTORESEARCH_BACKEND", "AUTORESEARCH_CACHE",
+    "AUTORESEARCH_CPU_BF16", "AUTORESEARCH_ATTENTION",
+})
+# ... and these families: locale; OpenMP, MKL and OpenBLAS settings (OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE are
+# needed on some CPUs); the tuning knobs of PyTorch, Inductor, Triton, MLX, CUDA and ROCm.
+ENV_PREFIXES = ("LC_", "OMP_", "KMP_", "GOMP_", "MKL_", "OPENBLAS_", "PYTORCH_", "TORCH_", "TORCHINDUCTOR_",
+                "TRITON_", "MLX_", "CUDA_", "HIP_", "HSA_", "ROCR_", "MIOPEN_")
+
+# Shapes of credentials, whoever's: (pattern, replacement, words one of which the text holds for the pattern
+# to be tried: a cheap test first, as logs run to megabytes). Known values are redacted before.
+_URL_USERINFO = re.compile(r"://[^\s/?#@\"'<>\\]+@")  # (starting at "://": the scheme stays, and it is fast)
+_WEBHOOK = re.compile(r"(https?://(?:hooks\.slack\.com/(?:services|workflows|triggers)/"
+                      r"|(?:[a-z]+\.)?discord(?:app)?\.com/api/webhooks/))[^\s\"'<>]+")
+_AUTH_HEADER = re.compile(r"(?i)\b((?:proxy-)?authorization[\"']?\s*[:=]\s*[\"']?(?:(?:bearer|basic|token|digest)\s+)?)"
+                          r"[^\s\"',;]+")
+_BEARER = re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/=-]{12,}")
+_KEY_WORDS = ("token", "key", "secret", "password", "passwd", "pwd", "auth", "sig", "credential")
+_KEY_VALUE = re.compile(  # `access_token=...`, `"api_key": "..."`, `password: ...`: the value, if 8+ characters
+    r"(?i)(?<![a-z0-9])((?:token|key|secret|password|passwd|pwd|apikey|auth|sig|signature|credentials?)"
+    r"(?![a-z0-9])[\"']?\s*[:=]\s*[\"']?)(?=[^\s\"'&,;()\[\]{}<>]*[a-z])[^\s\"'&,;()\[\]{}<>]{8,}")
+_TOKEN = re.compile(r"(?<![A-Za-z0-9_-])(?:" + "|".join([
+    r"sk-ant-[A-Za-z0-9_-]+",  # Anthropic
+    r"sk-[A-Za-z0-9_-]{20,}",  # OpenAI and others
+    r"gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,}",  # GitHub
+    r"glpat-[A-Za-z0-9_-]{20,}",  # GitLab
+    r"(?:xox[abposre]|xapp)-[A-Za-z0-9-]{10,}",  # Slack
+    r"(?:AKIA|ASIA)[0-9A-Z]{16}(?![A-Za-z0-9])",  # AWS access key ids
+    r"hf_[A-Za-z0-9]{20,}",  # Hugging Face
+    r"AIza[0-9A-Za-z_-]{35}",  # Google
+    r"[rsp]k_(?:live|test)_[A-Za-z0-9]{16,}",  # Stripe
+    r"npm_[A-Za-z0-9]{36}",  # npm
+    r"pypi-[A-Za-z0-9_-]{40,}",  # PyPI
+    r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}",  # JWT
+]) + ")")
+_PRIVATE_KEY = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----[\s\S]*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)")
+_SHAPES: tuple[tuple[re.Pattern, str, tuple[str, ...] | None], ...] = (  # words: looked for in the lower-cased text
+    (_URL_USERINFO, "://***@", ("://",)),
+    (_WEBHOOK, r"\1" + "[redacted]", ("hooks.slack.com", "discord")),
+    (_AUTH_HEADER, r"\1" + "[redacted]", ("authorization",)),
+    (_BEARER, r"\1" + "[redacted]", ("bearer",)),
+    (_PRIVATE_KEY, "[redacted]", ("private key-----",)),
+    (_TOKEN, "[redacted]", None),
+    (_KEY_VALUE, r"\1" + "[redacted]", _KEY_WORDS),
+)
 _PIPE_SAFE = 8192  # a payload this small fits a pipe's buffer on every platform (macOS starts at 16 KiB)
 
 _store: dict[str, str] = {}  # secrets handed over or remembered; in this process's memory only
@@ -51,6 +120,16 @@ def is_secret_name(name: str) -> bool:
 def without_secrets(env) -> dict[str, str]:
     """`env` (a mapping) without the variables whose names look like credentials."""
     return {k: v for k, v in env.items() if not is_secret_name(k)}
+
+
+def allowed_env(base=None, **extra: str) -> dict[str, str]:
+    """The environment of a run of agent code or of the harness: of `base` (default this process's environment)
+    only the names on the allow-list (ENV_NAMES, ENV_PREFIXES) that do not look like credentials, then
+    `extra` (what the loop sets for the run: a private HOME, TMPDIR, caches, the hand-over directory)."""
+    env = {k: v for k, v in (os.environ if base is None else base).items()
+           if (k in ENV_NAMES or k.startswith(ENV_PREFIXES)) and not is_secret_name(k)}
+    env.update(extra)
+    return env
 
 
 def _secrets_in(env) -> dict[str, str]:
@@ -168,8 +247,9 @@ def anthropic_credentials() -> dict[str, str]:
 
 
 def redact(text: str) -> str:
-    """`text` with every known secret value (at least MIN_REDACT_LEN characters long) and every string
-    shaped like an Anthropic key (`sk-ant-...`) replaced by `[redacted]`."""
+    """`text` with every known secret value (at least MIN_REDACT_LEN characters long), the user part of every
+    URL (`scheme://***@host`), webhook URLs and every string shaped like a token or a credential (see _SHAPES)
+    replaced."""
     global _cache
     if not text:
         return text
@@ -177,4 +257,9 @@ def redact(text: str) -> str:
     if values is not _cache[0]:
         known = sorted({v for v in values.values() if len(v) >= MIN_REDACT_LEN}, key=lambda v: (-len(v), v))
         _cache = (values, re.compile("|".join([*map(re.escape, known), _ANTHROPIC_KEY.pattern])))
-    return _cache[1].sub(REDACTED, text)
+    text = _cache[1].sub(REDACTED, text)
+    low = text.lower()
+    for pattern, replacement, words in _SHAPES:
+        if words is None or any(w in low for w in words):
+            text = pattern.sub(replacement, text)
+    return text

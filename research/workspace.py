@@ -210,9 +210,9 @@ class Workspace:
 
 
 def _private_env(home: Path, tmp: Path, cache: Path, **extra: str) -> dict[str, str]:
-    """The loop's environment without credentials, with home, temp and every per-user cache pointed at
-    the given private directories, and the data cache named explicitly (its default lives under the
-    real home, which the child no longer has)."""
+    """The allow-listed part of the loop's environment (research.secrets.allowed_env), with home, temp and
+    every per-user cache pointed at the given private directories, and the data cache named explicitly
+    (its default lives under the real home, which the child no longer has)."""
     import prepare
 
     env = child_env(

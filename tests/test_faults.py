@@ -21,8 +21,8 @@ itself (an exception mid-training, out of memory, a model that sees the future, 
 skips the hand-over) edit the real train_cuda.py; the others use the stand-in trainer of test_loop.py
 (whose helpers this file reuses). Faults that need the loop's own process (a full disk, a bug in the
 loop) drive `loop.main` in-process, with scripted measurements where the trainer does not matter.
-A test that needs a trainer to wait holds it with FAKE_HOLD and releases it with SIGUSR1 (the sandbox
-hides any file the test could make), finding its host pid through /proc.
+A test that needs a trainer to wait runs the stand-in with HOLD = True (HELD) and releases it with SIGUSR1
+(the sandbox hides any file the test could make), finding its host pid through /proc.
 """
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ from research import results as R  # noqa: E402
 from research.guards import LOCK_FILE, LockError, RepoLock  # noqa: E402
 
 WIN = edit("VAL_BPB = 2.0", "VAL_BPB = 1.5", "a clear win")  # the stand-in trainer's harmless, better change
+HELD = FAKE_TRAINER.replace("\nHOLD = False", "\nHOLD = True", 1)  # the stand-in, waiting for release(repo) first
+assert HELD != FAKE_TRAINER
 START = '    print("fake trainer starting " + json.dumps(info), flush=True)\n'  # where edits add a fault
 assert START in FAKE_TRAINER
 
@@ -165,7 +167,7 @@ def trainer_pids(repo: Path) -> list[int]:
 
 
 def release(repo: Path) -> None:
-    """Let the held trainer (FAKE_HOLD) of `repo` go on."""
+    """Let the held trainer (HELD) of `repo` go on."""
     pids = trainer_pids(repo)
     assert pids, "no held trainer to release"
     for pid in pids:
@@ -498,18 +500,18 @@ def test_loop_killed_mid_experiment_then_resumed(tiny_cache, tmp_path):
 def test_try_killed_during_its_baseline_keeps_the_edit(tiny_cache, tmp_path):
     """`loop.py try` on a branch without a baseline sets the user's edit aside to run the baseline; a
     SIGKILL then must not lose the edit: a copy waits under runs/, and the next `try` points to it."""
-    repo = make_repo(tmp_path)
+    repo = make_repo(tmp_path, HELD)
     git(repo, "checkout", "-q", "-b", "autoresearch/ext")
     trainer = repo / "train_cuda.py"
-    edited = FAKE_TRAINER.replace("VAL_BPB = 2.0", "VAL_BPB = 1.5")
+    edited = HELD.replace("VAL_BPB = 2.0", "VAL_BPB = 1.5")
     trainer.write_text(edited)  # the user's edit
-    loop = start_loop(repo, ["try", "lower it"], loop_env(tiny_cache, FAKE_HOLD="1"), tmp_path / "first.log")
+    loop = start_loop(repo, ["try", "lower it"], loop_env(tiny_cache), tmp_path / "first.log")
     wait_for(log_has(repo, "holding until SIGUSR1"), "the baseline's trainer to start", procs=(loop,))
     workspace = trainer_info(newest_log(repo))["cwd"]
     loop.kill()
     loop.wait()
     assert_gone([], workspace)
-    assert trainer.read_text() == FAKE_TRAINER  # set aside while the baseline ran
+    assert trainer.read_text() == HELD  # set aside while the baseline ran
     (copy,) = (repo / "runs").glob("set-aside-*-train_cuda.py")
     assert copy.read_text() == edited
 
@@ -948,9 +950,9 @@ def test_results_file_is_a_directory(tiny_cache, tmp_path):
 def test_concurrent_loops_one_runs_the_others_refuse(tiny_cache, tmp_path):
     """Three loops started at once: one runs, the other two refuse, whatever the timing. Another one started
     while the first one's trainer runs refuses too, naming it, and changes nothing."""
-    repo = make_repo(tmp_path)
+    repo = make_repo(tmp_path, HELD)  # the trainer waits for release(repo)
     prior = seed(repo, "race")
-    env = loop_env(tiny_cache, FAKE_HOLD="1")  # the trainer waits for release(repo)
+    env = loop_env(tiny_cache)
     script = write_script(tmp_path, [WIN])
     loops = [start_loop(repo, loop_args("race", script, "--max-experiments", "1"), env, tmp_path / f"{i}.log")
              for i in range(3)]

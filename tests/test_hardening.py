@@ -376,8 +376,9 @@ def test_python_argv_and_launcher(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 # The stand-in trainer, but first looking for a key everywhere it can: its environment, its parent's
-# and every other process's environment and command line. It reports what it saw (LOOT_FILE, its log),
-# names what it found in its run facts (so a row would carry it), and waits for RELEASE_FILE.
+# and every other process's environment and command line. It reports what it saw (`loot` in LOOT_DIR, its
+# log), names what it found in its run facts (so a row would carry it), and waits for `release` there. The
+# directory is written into its text (`thief`): its environment holds the loop's allow-list only.
 THIEF = FAKE_TRAINER.replace("def main():\n", '''def steal():
     import glob
     found, read = [], 0
@@ -398,15 +399,20 @@ THIEF = FAKE_TRAINER.replace("def main():\n", '''def steal():
 
 def main():
     found, read, parent = steal()
-    with open(os.environ["LOOT_FILE"], "w") as f:
+    with open(os.path.join(LOOT_DIR, "loot"), "w") as f:
         json.dump({"found": found, "read": read, "parent_seen": "AUTORESEARCH_" in parent}, f)
     print("loot:", found, flush=True)
-    with open(os.environ["STARTED_FILE"], "w") as f:
+    with open(os.path.join(LOOT_DIR, "started"), "w") as f:
         f.write(str(os.getpid()))
-    while not os.path.exists(os.environ["RELEASE_FILE"]):
+    while not os.path.exists(os.path.join(LOOT_DIR, "release")):
         time.sleep(0.05)
 ''', 1).replace('"device": "fake cpu"', '"device": "fake cpu " + " ".join(steal()[0])')
 assert "def steal()" in THIEF and "steal()[0]" in THIEF
+
+
+def thief(tmp_path: Path) -> str:
+    """THIEF reporting to (and released from) `tmp_path`."""
+    return THIEF.replace("def steal():\n", f"LOOT_DIR = {str(tmp_path)!r}\n\n\ndef steal():\n", 1)
 
 
 def _descendants(pid: int) -> list[int]:
@@ -437,7 +443,6 @@ def _files_with(root: Path, needle: bytes) -> list[str]:
 
 def _run_thief(repo: Path, args: list[str], env: dict, tmp_path: Path, key: str) -> subprocess.CompletedProcess:
     started, release = tmp_path / "started", tmp_path / "release"
-    env = {**env, "STARTED_FILE": str(started), "RELEASE_FILE": str(release), "LOOT_FILE": str(tmp_path / "loot")}
     out, err = open(tmp_path / "out.txt", "w+"), open(tmp_path / "err.txt", "w+")
     loop = subprocess.Popen([sys.executable, "loop.py", *args], cwd=repo, env=env, stdout=out, stderr=err,
                             stdin=subprocess.DEVNULL)
@@ -471,9 +476,9 @@ def _run_thief(repo: Path, args: list[str], env: dict, tmp_path: Path, key: str)
 def test_trainer_finds_no_key_and_no_file_holds_it(tiny_cache, tmp_path):
     key = f"sk-ant-dummy-{uuid.uuid4().hex}"
     other = f"hf_{uuid.uuid4().hex}"
-    repo = make_repo(tmp_path, THIEF)
+    repo = make_repo(tmp_path, thief(tmp_path))
     prior = seed(repo, "thief")
-    (repo / "train_cuda.py").write_text(THIEF.replace("VAL_BPB = 2.0", "VAL_BPB = 1.5"))
+    (repo / "train_cuda.py").write_text(thief(tmp_path).replace("VAL_BPB = 2.0", "VAL_BPB = 1.5"))
     env = loop_env(tiny_cache, ANTHROPIC_API_KEY=key, HF_TOKEN=other)
     proc = _run_thief(repo, ["try", "--no-sandbox", f"lower it; the key is {key}"], env, tmp_path, key)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -488,7 +493,7 @@ def test_trainer_finds_no_key_and_no_file_holds_it(tiny_cache, tmp_path):
 
 def test_claude_agent_gets_the_key_privately(tiny_cache, tmp_path):
     key = f"sk-ant-dummy-{uuid.uuid4().hex}"
-    repo = make_repo(tmp_path, THIEF)
+    repo = make_repo(tmp_path, thief(tmp_path))
     prior = seed(repo, "claude")
     replies = [message(tool("edit_trainer", old_string="VAL_BPB = 2.0", new_string="VAL_BPB = 1.8")),
                message(tool("finish", description="smaller fake loss"))]

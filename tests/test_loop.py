@@ -72,6 +72,8 @@ WINDOW_PATTERN = "SSSL"
 if HARDWARE == "cpu":
     DEPTH = 2
 # --- end hyperparameters ---
+HOLD = False  # True: wait for SIGUSR1 first (a test that needs a running trainer; its environment is the loop's
+#               allow-list, and the sandbox hides the test's files, so the trainer's own text says so)
 
 
 class Unigram(torch.nn.Module):
@@ -95,7 +97,7 @@ class Unigram(torch.nn.Module):
 def main():
     info = {"keys": sorted(os.environ), "pid": os.getpid(), "cwd": os.getcwd()}
     print("fake trainer starting " + json.dumps(info), flush=True)
-    if os.environ.get("FAKE_HOLD"):  # wait for the test's SIGUSR1: no file the test makes is visible in the sandbox
+    if HOLD:  # wait for the test's SIGUSR1
         import signal
         released = []
         signal.signal(signal.SIGUSR1, lambda *_: released.append(1))
@@ -230,7 +232,7 @@ def fake_result(val_bpb: float = 2.0, cache: Path | str | None = None) -> dict:
 
         src = FAKE_TRAINER.replace("VAL_BPB = 2.0\n", f"VAL_BPB = {float(val_bpb)!r}\n", 1)
         with tempfile.TemporaryDirectory(prefix="fake-bpb-") as d, pytest.MonkeyPatch.context() as mp:
-            for k in ("AUTORESEARCH_TIME_BUDGET", "FAKE_HOLD"):
+            for k in ("AUTORESEARCH_TIME_BUDGET",):
                 mp.delenv(k, raising=False)
             for k, v in {"AUTORESEARCH_CACHE": cache, "AUTORESEARCH_PROTOCOL": "tiny", "AUTORESEARCH_BACKEND": "cpu",
                          "AUTORESEARCH_HANDOVER": os.path.join(d, "handover")}.items():
@@ -809,9 +811,13 @@ def test_results_partial_write_is_cut_back(tmp_path, monkeypatch):
 
 
 def test_child_env_drops_credentials():
+    """An allow-list: credentials go whatever their name, and so does everything else not on it (the
+    loop sets HOME, TMPDIR and the caches of a run itself)."""
     env = child_env({"ANTHROPIC_API_KEY": "a", "OPENAI_API_KEY": "b", "GITHUB_TOKEN": "c", "AWS_SECRET_ACCESS_KEY": "d",
-                     "PGPASSWORD": "e", "PATH": "/bin", "AUTORESEARCH_CACHE": "/c", "HOME": "/h"}, EXTRA="1")
-    assert env == {"PATH": "/bin", "AUTORESEARCH_CACHE": "/c", "HOME": "/h", "EXTRA": "1"}
+                     "PGPASSWORD": "e", "PATH": "/bin", "AUTORESEARCH_CACHE": "/c", "HOME": "/h",
+                     "PIP_INDEX_URL": "https://u:p@x/simple", "OMP_NUM_THREADS": "2", "MKL_SECRET_KEY": "f"},
+                    EXTRA="1")
+    assert env == {"PATH": "/bin", "AUTORESEARCH_CACHE": "/c", "OMP_NUM_THREADS": "2", "EXTRA": "1"}
 
 
 def test_repo_lock(tmp_path):
