@@ -4,9 +4,9 @@
 
 It checks the validation and holdout data against the hashes recorded at prepare time, loads the
 graph a trainer handed over (judge.graphs; the trainer's Python is never imported), runs the model
-twice on one batch (a graph with hidden state gives different logits), scores validation with a
-causality probe drawn from a seed it makes itself and never writes down, scores the holdout split,
-and writes the result JSON atomically to --out.
+twice on one batch (a graph with hidden state gives different logits), scores validation and the
+holdout split, each with a causality probe drawn from a seed it makes itself and never writes down
+(judge/evaluate.py states their bounds), and writes the result JSON atomically to --out.
 
 The loop starts it beside the trainer with --wait, in a sandbox of its own: imports and data checks
 run at the lowest CPU priority while the trainer trains, then it waits for a `go` line on stdin,
@@ -100,7 +100,7 @@ def prepare_scoring(protocol_name: str) -> Ready:
 
 def evaluate(handover: Path, protocol_name: str, ready: Ready | None = None) -> tuple[int, dict]:
     """(exit status, result) for the graph in `handover` under the named protocol."""
-    from judge.evaluate import NonCausalModelError, score_split
+    from judge.evaluate import HOLDOUT_LOOKAHEAD_FRACTION, NonCausalModelError, score_split
     from judge.graphs import GraphError, load_graph
 
     ready = ready or prepare_scoring(protocol_name)
@@ -117,16 +117,24 @@ def evaluate(handover: Path, protocol_name: str, ready: Ready | None = None) -> 
         return EXIT_NONCAUSAL, {**base, "valid": False, "kind": "state", "reason": reason}
     load_seconds = time.perf_counter() - t0
     rng = np.random.default_rng(secrets.randbits(128))  # the probe's plan: made here, written nowhere
+    split = "val"
     try:
         val = score_split(g.forward, g.adapter, g.batch_size, ready.val, token_bytes, p.vocab_size, rng)
+        split = "holdout"  # probed too (a looser bound: it is reported, never decides), reported the same way
+        hold = score_split(g.forward, g.adapter, g.batch_size, ready.holdout, token_bytes, p.vocab_size, rng,
+                           lookahead_fraction=HOLDOUT_LOOKAHEAD_FRACTION)
     except NonCausalModelError as e:
-        return EXIT_NONCAUSAL, {**base, "valid": False, "kind": "causality", "reason": str(e)}
-    hold = score_split(g.forward, g.adapter, g.batch_size, ready.holdout, token_bytes, p.vocab_size)
+        return EXIT_NONCAUSAL, {**base, "valid": False, "kind": "causality", "probe_split": split,
+                                "reason": str(e) if split == "val" else f"on the holdout split: {e}"}
     return 0, {**base, "valid": True, "val_bpb": val["bpb"], "nats": val["nats"], "bytes": val["bytes"],
                "tokens": val["tokens"], "rows": val["rows"], "probed_rows": val["probed_rows"],
+               "probe_forwards": val["probe_forwards"], "probe_seconds": val["probe_seconds"],
+               "lookahead_fraction": val["lookahead_fraction"], "escape_bound": val["escape_bound"],
                "eval_seconds": val["seconds"], "holdout_bpb": hold["bpb"], "holdout_tokens": hold["tokens"],
-               "holdout_seconds": hold["seconds"], "load_seconds": load_seconds, "batch_size": g.batch_size,
-               "framework": g.framework, "graph_bytes": g.nbytes}
+               "holdout_probed_rows": hold["probed_rows"], "holdout_lookahead_fraction": hold["lookahead_fraction"],
+               "holdout_escape_bound": hold["escape_bound"], "holdout_seconds": hold["seconds"],
+               "load_seconds": load_seconds, "batch_size": g.batch_size, "framework": g.framework,
+               "graph_bytes": g.nbytes}
 
 
 def _prepare_quietly(protocol_name: str) -> Ready:
@@ -164,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     _write(Path(args.out), result)
     if result.get("valid"):
         print(f"harness: val {result['val_bpb']:.6f} bpb over {result['tokens']:,} tokens "
-              f"({result['probed_rows']} rows probed for causality), holdout {result['holdout_bpb']:.6f}, "
+              f"({result['probed_rows']} positions probed for causality: look-ahead at "
+              f"{result['lookahead_fraction']:.1%} escapes with p <= {result['escape_bound']:.1g}), "
+              f"holdout {result['holdout_bpb']:.6f}, "
               f"{result['harness_seconds']:.1f} s", flush=True)
     else:
         print(f"harness: not scored ({result['kind']}): {result['reason']}", flush=True)
