@@ -67,8 +67,12 @@ def _common() -> argparse.ArgumentParser:
     p.add_argument("--timeout-margin", type=float, default=Settings.timeout_margin,
                    help=f"seconds of margin before a run is killed (default {Settings.timeout_margin:g})")
     p.add_argument("--startup-allowance", type=float, default=None,
-                   help="seconds past the budget a trainer may take until its hand-over (default: measured "
-                        "on the branch's baselines)")
+                   help="seconds past the budget a trainer may take until its hand-over, fixed (default: the "
+                        "median of the branch's baselines plus --wall-margin)")
+    p.add_argument("--wall-margin", type=float, default=_env_float("AUTORESEARCH_WALL_MARGIN"),
+                   help="seconds past the baselines' median wall time a run may take until its hand-over "
+                        "(default: AUTORESEARCH_WALL_MARGIN, else 3 x the baselines' spread, 0.25 s to "
+                        "0.25 s + 25%% of the budget)")
     p.add_argument("--no-sandbox", action="store_true",
                    help="run trainers without the OS sandbox: they can then read the validation data, git, "
                         "your files and other processes' environments")
@@ -118,8 +122,20 @@ def _settings(args) -> Settings:
                     alpha=args.alpha, remeasure_every=args.remeasure_every, early_abort=args.early_abort,
                     abort_z=args.abort_z, abort_min_progress=args.abort_min_progress,
                     timeout_margin=args.timeout_margin, startup_allowance=args.startup_allowance,
+                    wall_margin=args.wall_margin,
                     no_sandbox=args.no_sandbox,
                     max_fix_attempts=getattr(args, "max_fix_attempts", Settings.max_fix_attempts))
+
+
+def _env_float(name: str) -> float | None:
+    """A number from the environment (unset or empty: None); a value that is not one is an error."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        sys.exit(f"error: {name}={raw!r} is not a number of seconds; set it to one or unset it.")
 
 
 def _raise_interrupt(signum, frame):

@@ -482,6 +482,8 @@ def main():
     print(f"Gradient accumulation steps: {grad_accum_steps}")
     torch_rt.reset_peak_memory(HOST)
 
+    clock = prepare.TrainingClock(protocol)  # the time budget, or less if the loop's deadline comes first
+    budget = clock.budget()
     t_start_training = time.time()
     smooth_train_loss = 0.0
     total_training_time = 0.0
@@ -498,7 +500,7 @@ def main():
             (loss / grad_accum_steps).backward()
             x, y, epoch = next_batch()  # fetch the next batch while the GPU works
 
-        progress = min(total_training_time / protocol.time_budget, 1.0)
+        progress = min(total_training_time / budget, 1.0)
         lrm = get_lr_multiplier(progress)
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lrm
@@ -516,6 +518,7 @@ def main():
         dt = time.time() - t0
         if step >= WARMUP_STEPS_UNCOUNTED:
             total_training_time += dt
+        budget = clock.budget(total_training_time, dt)
 
         ema_beta = 0.9
         smooth_train_loss = ema_beta * smooth_train_loss + (1 - ema_beta) * train_loss_f
@@ -523,7 +526,7 @@ def main():
         tok_per_sec = TOTAL_BATCH_SIZE / dt
         mfu = backends.mfu_percent(num_flops_per_token, tok_per_sec, HOST)
         mfu_str = f"{mfu:.1f}%" if mfu is not None else "n/a"
-        remaining = max(0.0, protocol.time_budget - total_training_time)
+        remaining = max(0.0, budget - total_training_time)
         print(f"{line_start}step {step:05d} ({100 * progress:.1f}%) | loss: {debiased:.6f} | lrm: {lrm:.2f} | "
               f"dt: {dt * 1000:.0f}ms | tok/sec: {int(tok_per_sec):,} | mfu: {mfu_str} | epoch: {epoch} | "
               f"remaining: {remaining:.0f}s    ", end=line_end, flush=True)
@@ -537,7 +540,7 @@ def main():
             gc.collect()
 
         step += 1
-        if step > WARMUP_STEPS_UNCOUNTED and total_training_time >= protocol.time_budget:
+        if step > WARMUP_STEPS_UNCOUNTED and total_training_time >= budget:
             break
     print()
 

@@ -51,6 +51,7 @@ def ensure_baseline(s: Session) -> None:
     if s.best is not None:
         vals = ", ".join(f"{r.val_bpb:.6f}" for r in s.baselines_done() if r.ok)
         s.console.event(f"baseline {s.best:.6f} (runs {vals}); {s.state.noise.describe()}; {rule_line(s)}")
+        s.console.event(s.allowance_line())  # the wall-time rule, now measured on them
 
 
 def baseline_plan(s: Session, total: int, done: int) -> str:

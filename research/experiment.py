@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from research import gitrepo
+from research.clock import StepWatch, WallRule, deadline_env
 from research.console import clock
 from research.guards import text_hash
 from research.hparams import HyperparamError, static_values
@@ -195,7 +196,8 @@ def decide(cand: list[float], best: list[float], noise: NoiseModel | None, alpha
 
 def _row(s: Session, *, commit: str, status: str, description: str, note: str, run_no: int, trainer_text: str,
          m: Measurement | None, wall: float | None, usage: Usage | None, progress: float | None = None,
-         worker: str = "") -> Row:
+         worker: str = "", run=None) -> Row:
+    """One results row. `run` (a TrainerRun or RunResult) gives the loop's own timing of the trainer."""
     hp = m.hyperparams if m and m.hyperparams else {}
     if not hp:
         try:
@@ -231,6 +233,10 @@ def _row(s: Session, *, commit: str, status: str, description: str, note: str, r
         budget_s=s.budget,
         progress=progress,
         worker=worker,
+        wall_ratio=wall / s.budget if wall and s.budget else None,
+        wall_limit_s=getattr(run, "wall_limit_s", None),
+        first_step_s=getattr(run, "first_step_s", None),
+        tail_s=getattr(run, "tail_s", None),
     )
 
 
@@ -249,10 +255,11 @@ def _run_once(s: Session, run_dir: Path, label: str, description: str, prefix: s
     best = f"{s.best:.6f}" if s.best is not None else "-"
     short = sanitize(description, 48)
     budget = s.budget
-    limit = s.overtime_limit() if overtime else None  # baselines are what the allowance is measured on
+    rule = s.wall_rule() if overtime else None  # baselines are what the wall-time rule is measured on
+    limit = rule.limit if rule is not None else None
 
     def tick(elapsed: float) -> None:
-        over = f"start-up allowance to {clock(limit)}" if limit is not None else "baseline: no overtime check"
+        over = f"hand-over by {clock(limit)}" if limit is not None else "baseline: no overtime check"
         at = f" | at {100 * curve.progress:.0f}%" if curve.progress else ""
         s.console.status(f"[{label}] {short} | {clock(elapsed)} since start; budget {clock(budget)} + {over}, "
                          f"killed at {clock(s.timeout_s)}{at} | best {best}")
@@ -265,10 +272,15 @@ def _run_once(s: Session, run_dir: Path, label: str, description: str, prefix: s
         h_argv, h_preexec, h_env = s.confine.harness_run(ws, wait=True)
         judge = spawn(h_argv, cwd=ws.judge, env=h_env, log_path=log_path, preexec_fn=h_preexec, stdin_pipe=True)
         argv, preexec, env = s.confine.trainer_run(ws)
+        steps = StepWatch(curve.feed)  # when its first and last step lines came: the reserve for later runs
+        started = time.time()  # before the spawn: the deadline it is told is never later than its limit
+        env = {**env, **deadline_env(rule, started)}
         run = run_trainer(argv, cwd=ws.root, env=env, log_path=log_path, timeout_s=s.timeout_s, on_tick=tick,
                           tick_s=s.settings.tick_s, preexec_fn=preexec, reap=lambda: s.reap(keep={judge.proc.pid}),
-                          on_spawn=lambda pgid: s.lock.note_trainer(pgid, s.trainer), on_output=curve.feed,
+                          on_spawn=lambda pgid: s.lock.note_trainer(pgid, s.trainer), on_output=steps.feed,
                           should_stop=monitor.check if monitor is not None else None)
+        run.wall_limit_s = limit
+        run.first_step_s, run.tail_s = steps.times(run.started, run.started + run.wall_seconds)
         write_curve(run_dir / f"{prefix}loss.json", curve.snapshot(), wall_seconds=run.wall_seconds,
                     stopped_at=monitor.fired_at if run.stopped else None)
         if run.stopped:
@@ -286,8 +298,8 @@ def _run_once(s: Session, run_dir: Path, label: str, description: str, prefix: s
             reason = exit_reason(code)
             return run, "crash", None, f"{reason}; {fail}" if fail else reason
         if limit is not None and run.wall_seconds > limit:
-            return run, "rejected", None, (f"overtime: handed over {run.wall_seconds:.1f} s after start, past the "
-                                           f"{budget:g} s budget + {limit - budget:.1f} s start-up allowance")
+            return run, "rejected", None, (f"overtime: handed over {run.wall_seconds:.2f} s after start, past the "
+                                           f"{budget:g} s budget + {limit - budget:.2f} s allowed ({_limit_why(rule)})")
         facts = trainer_facts(read_facts(ws.handover))
         _append(log_path, "\n--- evaluation (judge/harness.py) ---\n")
         s.console.status(f"[{label}] {short} | scoring the hand-over")
@@ -311,7 +323,10 @@ def _run_once(s: Session, run_dir: Path, label: str, description: str, prefix: s
                       "reason": f"the harness reported a score but ended with {exit_reason(harness.returncode)}"}
         status, m, reason = read_result(result, facts=facts, evaluator_hash=s.evaluator_hash, protocol=s.protocol.name)
         record = {"eval": result, "summary": facts, "trainer": {"wall_seconds": run.wall_seconds,
-                                                                "log_bytes": run.log_bytes}}
+                                                                "log_bytes": run.log_bytes,
+                                                                "wall_limit_s": run.wall_limit_s,
+                                                                "first_step_s": run.first_step_s,
+                                                                "tail_s": run.tail_s}}
         (run_dir / f"{prefix}result.json").write_text(redact(json.dumps(record, indent=2, default=str)),
                                                         encoding="utf-8")
         if status == "ok":
@@ -324,6 +339,12 @@ def _run_once(s: Session, run_dir: Path, label: str, description: str, prefix: s
             end(judge, reap=s.reap)
         ws.remove()
         _redact_file(log_path)
+
+
+def _limit_why(rule: WallRule) -> str:
+    if not rule.baselines:
+        return "set by --startup-allowance"
+    return f"the median of {rule.baselines} baseline{'s' if rule.baselines != 1 else ''} + {rule.margin:.2f} s margin"
 
 
 def _redact_file(path: Path) -> None:
@@ -496,7 +517,7 @@ def run_experiment(s: Session, description: str, usage: Usage | None = None, *,
     timings["parse"] = time.perf_counter() - t
 
     row = _row(s, commit=commit, status=status, description=description, note=note, run_no=run_no,
-               trainer_text=text, m=m, wall=wall, usage=usage, progress=progress)
+               trainer_text=text, m=m, wall=wall, usage=usage, progress=progress, run=run)
     out = finish(row, diff, tail, restore=status != "keep")
     if status == "keep":
         s.kept_commit = gitrepo.head(s.repo)
@@ -521,12 +542,12 @@ def _confirm(s: Session, run_dir: Path, label: str, description: str, m: Measure
         run_b, m_b, best_text = best
         rows.append(_row(s, commit=s.kept_commit, status="rerun", description=f"{RERUN} ({s.kept_commit[:7]})",
                          note=f"{BEST_NEXT} {run_no}", run_no=run_no, trainer_text=best_text, m=m_b,
-                         wall=run_b.wall_seconds, usage=None))
+                         wall=run_b.wall_seconds, usage=None, run=run_b))
     run2, status2, m2, reason = _run_once(s, run_dir, label + " confirm", description, prefix="confirm_")
     if status2 != "ok":
         return "discard", f"confirm run failed ({reason}); first run {m.val_bpb:.6f}: {first.note}", rows
     rows.insert(0, _row(s, commit=commit, status="rerun", description=description, note=f"confirm run of run {run_no}",
-                        run_no=run_no, trainer_text=text, m=m2, wall=run2.wall_seconds, usage=None))
+                        run_no=run_no, trainer_text=text, m=m2, wall=run2.wall_seconds, usage=None, run=run2))
     st = replay(s.branch_rows() + rows[1:], s.settings.min_noise, s.settings.drift)
     v = decide([m.val_bpb, m2.val_bpb], st.best_values, st.noise, s.settings.alpha)
     verdict = "confirmed" if v.status == "keep" else "not confirmed"

@@ -363,7 +363,7 @@ class Driver:
             self.pool.reset_tree(slot, t.commit)
         slot.at = ""
         job = Job(runs=t.runs, tree=str(slot.tree), host=self.here, timeout_s=s.timeout_s,
-                  overtime_limit=s.overtime_limit(), harness_timeout_s=s.harness_timeout_s, best=s.best,
+                  wall_rule=s.wall_rule(), harness_timeout_s=s.harness_timeout_s, best=s.best,
                   run_no=t.run_no)
         ref = slot.actor.run.remote(job)
         slot.busy = True
@@ -460,7 +460,7 @@ class Driver:
         return _row(self.s, commit=commit if commit is not None else t.commit, status=status,
                     description=description or t.description, note=note, run_no=t.run_no,
                     trainer_text=t.text if text is None else text, m=r.measurement if r else None,
-                    wall=r.wall_seconds if r else None, usage=usage, progress=progress, worker=t.worker)
+                    wall=r.wall_seconds if r else None, usage=usage, progress=progress, worker=t.worker, run=r)
 
     def _record(self, t: Ticket, row: Row, extra: list[Row] = ()) -> None:
         s = self.s

@@ -57,6 +57,10 @@ COLUMNS = UPSTREAM_COLUMNS + [
     "budget_s",
     "progress",
     "worker",
+    "wall_ratio",
+    "wall_limit_s",
+    "first_step_s",
+    "tail_s",
 ]
 # keep/discard/crash are the reference's; rejected = the change broke a rule (touched more than the
 # trainer, trained past the budget), invalid = the evaluator found the model non-causal, transfer = a
@@ -112,6 +116,13 @@ class Row:
     budget_s: float | None = None  # the time budget the run had (None: a row written before it was recorded)
     progress: float | None = None  # abort rows: the fraction of the budget reached when stopped
     worker: str = ""  # parallel runs: the worker slot and host that measured it (`w1@node-3`); "" for one worker
+    # The loop's own timing of the trainer (research/clock.py), never the trainer's word: wall_seconds / budget_s,
+    # the wall limit the run was held to (empty for baselines, which set it), and from its output as it came,
+    # the seconds from its start to its first training step line and from its last one to its end.
+    wall_ratio: float | None = None
+    wall_limit_s: float | None = None
+    first_step_s: float | None = None
+    tail_s: float | None = None
 
     def __post_init__(self) -> None:
         for name in _FREE_TEXT:  # no secret in a row, whoever built it (the loop, a report reading a file)
@@ -148,11 +159,15 @@ _FLOAT_FORMATS = {
     "training_seconds": "{:.1f}",
     "mfu_percent": "{:.2f}",
     "num_params_M": "{:.1f}",
-    "wall_seconds": "{:.1f}",
+    "wall_seconds": "{:.2f}",
     "agent_cost_usd": "{:.4f}",
     "holdout_bpb": "{:.6f}",
     "budget_s": "{:g}",
     "progress": "{:.3f}",
+    "wall_ratio": "{:.3f}",
+    "wall_limit_s": "{:.2f}",
+    "first_step_s": "{:.2f}",
+    "tail_s": "{:.2f}",
 }
 _INT_FIELDS = {"num_steps", "agent_tokens_in", "agent_tokens_out", "run"}
 

@@ -37,6 +37,9 @@ class TrainerRun:
     log_bytes: int = 0  # bytes the process wrote (the log may hold fewer: see LOG_HEAD_BYTES)
     stopped: bool = False  # ended by the loop because `should_stop()` said so (early abort)
     limit: str | None = None  # the resource cap it went past and was ended for, in one sentence
+    wall_limit_s: float | None = None  # the wall time it was held to (research/clock.py); None: not held to one
+    first_step_s: float | None = None  # seconds from its start to its first training step line, as the loop saw it
+    tail_s: float | None = None  # seconds from its last training step line to its end
 
 
 def kill_group(proc: subprocess.Popen, grace: float = TERM_GRACE_S) -> None:

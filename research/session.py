@@ -19,6 +19,7 @@ from research import gitrepo
 from research.console import Console
 from research.guards import LOCK_FILE, LOCKED_PATHS, RepoLock, hash_locked, locked_changes
 from research.decisions import NoiseModel, pooled_noise
+from research.clock import WallRule, fixed_rule, rule_from_baselines
 from research.results import Row, append_row, ensure_results_file, read_results
 
 __all__ = ["Settings", "Session", "SessionError", "TamperError", "BASELINE", "allowance_from_baselines",
@@ -29,13 +30,12 @@ RERUN = "rerun of the best"  # description prefix of re-measurements of the best
 BEST_NEXT = "the best, run next to run"  # note prefix of the best's run between a promising change's two
 
 
-def allowance_from_baselines(baselines: list[Row], budget: float) -> float | None:
-    """The measured start-up allowance: 1.5 x the slowest good baseline's seconds past the budget, plus
-    10 s; None when no baseline has run."""
-    overheads = [r.wall_seconds - budget for r in baselines if r.ok and r.wall_seconds is not None]
-    if not overheads:
-        return None
-    return 1.5 * max(0.0, max(overheads)) + 10.0
+def allowance_from_baselines(baselines: list[Row], budget: float, margin: float | None = None) -> float | None:
+    """Seconds past the budget a hand-over may take, measured on these baselines (research/clock.py: the
+    good baselines' median wall time plus a margin from their spread, less the budget); None when no
+    baseline has run."""
+    rule = rule_from_baselines(baselines, budget, margin)
+    return None if rule is None else rule.allowance
 
 
 class SessionError(RuntimeError):
@@ -65,6 +65,7 @@ class Settings:
     timeout_factor: float = 2.0  # before any baseline, a run is killed past factor x budget + margin
     timeout_margin: float = 120.0
     startup_allowance: float | None = None  # seconds past the budget a hand-over may take; None: measured
+    wall_margin: float | None = None  # seconds past the baselines' median a run may take; None: from their spread
     no_sandbox: bool = False  # run trainers without an OS sandbox (they can then read val data, git, secrets)
     max_fix_attempts: int = 2  # fix attempts an agent gets after its change crashed
     tick_s: float = 0.5  # status-line refresh
@@ -499,19 +500,25 @@ class Session:
     def budget(self) -> float:
         return float(self.protocol.time_budget)
 
-    def startup_allowance(self) -> float | None:
-        """Seconds past the budget a trainer may take from start to hand-over: measured on this branch's
-        baselines (their start-up, compilation, uncounted warm-up steps and export), 1.5 x the slowest
-        plus 10 s, so a machine whose load changes does not reject honest runs; None until a baseline
-        has run. Baselines themselves are never rejected for it. --startup-allowance fixes it instead."""
+    def wall_rule(self) -> WallRule | None:
+        """The wall-time rule every run but a baseline is held to (research/clock.py): the median of this
+        branch's baselines plus a small margin from their spread (--wall-margin fixes the margin), told to
+        the trainer as its deadline; None until a baseline has run (baselines are never held to it: they
+        are what it is measured on). --startup-allowance S fixes the limit at budget + S instead."""
         if self.settings.startup_allowance is not None:
-            return self.settings.startup_allowance
-        return allowance_from_baselines(self.baselines_done(), self.budget)
+            return fixed_rule(self.budget, self.settings.startup_allowance, self.baselines_done())
+        return rule_from_baselines(self.baselines_done(), self.budget, self.settings.wall_margin)
+
+    def startup_allowance(self) -> float | None:
+        """Seconds past the budget a trainer may take from start to hand-over (see wall_rule); None until a
+        baseline has run."""
+        rule = self.wall_rule()
+        return None if rule is None else rule.allowance
 
     def overtime_limit(self) -> float | None:
         """Wall seconds from trainer start to hand-over past which a run is rejected (overtime)."""
-        allowance = self.startup_allowance()
-        return None if allowance is None else self.budget + allowance
+        rule = self.wall_rule()
+        return None if rule is None else rule.limit
 
     @property
     def timeout_s(self) -> float:
@@ -675,14 +682,11 @@ class Session:
                 f"sandbox {self.sandbox or 'NONE (--no-sandbox: the trainer can read val data, git and your files)'}")
 
     def allowance_line(self) -> str:
-        """The start-up allowance in one line (known once the branch is adopted: it comes from its baselines)."""
-        allowance = self.startup_allowance()
-        if allowance is None:
-            return (f"start-up allowance: measured on the first baseline (until then a run is killed after "
-                    f"{self.timeout_s:.0f} s)")
-        how = "set by --startup-allowance" if self.settings.startup_allowance is not None else "from the baselines"
-        return (f"start-up allowance {allowance:.1f} s {how}: a hand-over later than {self.budget + allowance:.1f} s "
-                f"after start is rejected (overtime); a run is killed after {self.timeout_s:.0f} s")
+        """The wall-time rule in one line (known once the branch is adopted: it comes from its baselines)."""
+        if self.wall_rule() is None:
+            return (f"wall-time rule: measured on the baselines, which are not held to it (until the first one "
+                    f"has run, a run is killed after {self.timeout_s:.0f} s)")
+        return f"wall-time rule: {self.wall_rule().describe()}; a run is killed after {self.timeout_s:.0f} s"
 
 
 def _protocol(prepare, name: str | None, prepare_missing: bool, console: Console):

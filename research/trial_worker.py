@@ -48,7 +48,7 @@ class RunSpec:
     text: str  # the trainer's source
     label: str
     description: str
-    overtime: bool  # False for baselines (what the start-up allowance is measured on)
+    overtime: bool  # False for baselines (what the wall-time rule is measured on)
     abort: tuple | None = None  # (Reference, z, min_progress, audit) for early abort, or None
 
 
@@ -58,7 +58,7 @@ class Job:
     tree: str  # the worktree on the driver's machine
     host: str  # the driver's machine
     timeout_s: float
-    overtime_limit: float | None
+    wall_rule: object | None  # research.clock.WallRule the runs but baselines are held to (None: none yet)
     harness_timeout_s: float
     best: float | None  # shown in the status line only
     run_no: int
@@ -74,6 +74,9 @@ class RunResult:
     fired: str | None = None  # early abort: why it stopped (or, auditing, would have stopped) the run
     fired_at: float | None = None
     audit: bool = False
+    wall_limit_s: float | None = None  # the loop's own timing of the trainer (research/clock.py)
+    first_step_s: float | None = None
+    tail_s: float | None = None
 
 
 @dataclass
@@ -147,7 +150,7 @@ class _RunContext:
         self.budget = float(worker.protocol.time_budget)
         self.timeout_s = job.timeout_s
         self.harness_timeout_s = job.harness_timeout_s
-        self._overtime = job.overtime_limit
+        self._rule = job.wall_rule
         self.sandbox = worker.sandbox
         self.trainer = worker.host.trainer
         self.evaluator_hash = worker.evaluator_hash
@@ -157,8 +160,8 @@ class _RunContext:
             Confinement(worker.code_root, self.trainer, worker.protocol, worker.host, worker.sandbox))
         self._worker = worker
 
-    def overtime_limit(self):
-        return self._overtime
+    def wall_rule(self):
+        return self._rule
 
     def reap(self, keep: set[int] = frozenset()) -> None:
         self._worker.reap(keep)
@@ -268,7 +271,8 @@ class TrialWorker:
                 results.append(RunResult(spec.prefix, status, m, reason, run.wall_seconds,
                                          fired=monitor.fired if monitor else None,
                                          fired_at=monitor.fired_at if monitor else None,
-                                         audit=bool(monitor and monitor.audit)))
+                                         audit=bool(monitor and monitor.audit), wall_limit_s=run.wall_limit_s,
+                                         first_step_s=run.first_step_s, tail_s=run.tail_s))
             files = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
             return JobResult(results, files, self.where)
         finally:

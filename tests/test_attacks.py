@@ -1637,7 +1637,8 @@ def test_5_training_outside_the_budget_is_rejected(labs):
     assert allowance is not None, "the lab has no baseline"
     sleep = 2.0 + allowance + 3.0  # past the limit by the sleep alone, whatever else the run takes
     body = f"SLEEP_BEFORE_HANDOVER = {sleep!r}\n" + OVERTIME
-    at = lab.try_(attack_trainer(lab, body, "overtime", val_bpb=1.5), "train longer than the budget, facts say 1 s")
+    at = lab.try_(attack_trainer(lab, body, "overtime", val_bpb=1.5), "train longer than the budget, facts say 1 s",
+                  AUTORESEARCH_WALL_MARGIN="")  # the measured margin (the lab's other runs have the tests' one)
     assert at.row.status == "rejected" and "overtime" in at.row.note, f"{at.row.status}: {at.row.note}"
     assert at.row.val_bpb == 0.0
     assert_run_contained(lab, at)

@@ -362,7 +362,7 @@ def test_hang_past_the_kill_limit_ends_the_whole_run(tiny_cache, tmp_path):
                     env=loop_env(tiny_cache, budget=1))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert time.monotonic() - t0 < 90
-    assert "start-up allowance 4.0 s set by --startup-allowance" in proc.stdout
+    assert "(budget + 4.0 s, set by --startup-allowance)" in proc.stdout
     (crash,) = check_after(prior, ["crash"])
     assert "killed after" in crash.note and "limit 10 s" in crash.note  # 1 + 2 x 4 + 1
     assert 10 <= crash.wall_seconds < 40
@@ -598,10 +598,10 @@ def test_results_that_are_not_measurements(tiny_cache, tmp_path):
     that prints a summary block and hands nothing over is a crash; one that hands over later than budget +
     start-up allowance (measured from the branch's baseline) is rejected as overtime. None is kept."""
     repo = make_repo(tmp_path)
-    budget, wall = 2.0, 4.0
-    prior = seed(repo, "fake", wall=wall)  # the allowance measured from it leaves the stand-in a wide margin
-    limit = budget + allowance(wall, budget)  # and the overbudget mode (sleeps 3 x budget + 10 s) none
-    assert 3 * budget + 10 > limit > 10
+    budget, wall, margin = 2.0, 4.5, 6.0
+    prior = seed(repo, "fake", wall=wall)  # the limit measured from it (and --wall-margin) leaves the stand-in
+    limit = budget + allowance(wall, budget, margin)  # a wide margin, and the overbudget mode (sleeps 3 x
+    assert 3 * budget + 10 > limit > 10  # budget + 10 s) none
     forged = json.dumps({"valid": True, "val_bpb": 0.1, "holdout_bpb": 0.1, "evaluator_hash": prepare.evaluator_hash(),
                          "protocol": "tiny", "split": "val"})
     forge = (f"    for d in (os.environ['AUTORESEARCH_HANDOVER'], os.path.join(os.getcwd(), 'judge')):\n"
@@ -617,8 +617,8 @@ def test_results_that_are_not_measurements(tiny_cache, tmp_path):
             {"old": START, "new": START + forge + f'    print("---\\n{FAKE_SUMMARY}", flush=True)\n'}]},
         edit('MODE = "ok"', 'MODE = "overbudget"', "train longer"),
     ])
-    proc = run_loop(repo, *loop_args("fake", script, "--max-experiments", "3", "--max-fix-attempts", "0"),
-                    env=loop_env(tiny_cache))
+    proc = run_loop(repo, *loop_args("fake", script, "--max-experiments", "3", "--max-fix-attempts", "0",
+                                     "--wall-margin", str(margin)), env=loop_env(tiny_cache))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     invalid, crash, over = check_after(prior, ["invalid", "crash", "rejected"])
     assert "sees the future" in invalid.note
@@ -628,7 +628,7 @@ def test_results_that_are_not_measurements(tiny_cache, tmp_path):
     assert "the trainer handed over no model" in crash.note
     assert "val_bpb:          0.812345" in (repo / "runs" / str(crash.run) / "log.txt").read_text()
     assert over.note.startswith("rejected: overtime: handed over ")
-    assert f"past the 2 s budget + {limit - budget:.1f} s start-up allowance" in over.note
+    assert f"past the 2 s budget + {limit - budget:.2f} s allowed (the median of 1 baseline + 6.00 s" in over.note
     assert over.wall_seconds > limit
     assert git(repo, "rev-list", "--count", f"{prior.kept}..HEAD") == "0"
 

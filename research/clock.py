@@ -1,0 +1,163 @@
+"""The clock a run is held to: how long a trainer may take from its start to its hand-over, timed by the
+loop from outside, and the deadline an honest trainer is told so that it never runs past it.
+
+The branch's baseline runs of the unchanged trainer set the rule (`rule_from_baselines`): every later
+run may take the baselines' median wall time plus a margin of SPREAD_FACTOR times their spread (a robust
+standard deviation: 1.4826 x the median absolute deviation, so one cold start among them moves nothing),
+at least MIN_MARGIN_S and at most MIN_MARGIN_S + MAX_MARGIN_FRACTION x budget. A hand-over later than
+that is rejected (overtime). Baselines are never held to it: they are what it is measured on.
+Before the first baseline nothing is measured, so a run is only killed at the kill limit (the session's
+`timeout_s`: 2 x budget + --timeout-margin).
+
+A trainer that trains longer than the budget can therefore gain at most the margin, plus however much
+faster than the baselines' median its own start and hand-over are, plus whatever honest overhead
+(start-up, warm-up, export) it manages to skip. An honest change
+that adds set-up time (a bigger model, a compile) is not rejected: the loop tells every run its
+deadline (DEADLINE_ENV: the absolute time of the limit, when the run started, how long the baselines
+took, in the median, from their last training step to their end and from their start to their first
+step), and the
+training contract the trainers use (`prepare.TrainingClock`) ends training early enough for the
+hand-over to make it, with the reserve grown in proportion when this run reached its first step later
+than the baselines did (a busier machine, a slower start).
+
+`StepWatch` is how the loop times the baselines' first and last training steps from outside: it sees the
+trainer's `step N (P%) | loss: L` lines as they arrive on the output pipe.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+
+__all__ = ["DEADLINE_ENV", "MIN_MARGIN_S", "MAX_MARGIN_FRACTION", "SPREAD_FACTOR", "RESERVE_FACTOR",
+           "RESERVE_EXTRA_S", "WallRule", "StepWatch", "spread_of", "margin_for", "rule_from_baselines", "fixed_rule",
+           "deadline_env"]
+
+DEADLINE_ENV = "AUTORESEARCH_DEADLINE"  # prepare.TrainingClock reads it (the same name is spelled there)
+MIN_MARGIN_S = 0.25  # the margin past the baselines' median wall time, at least (timer and process-exit jitter)
+SPREAD_FACTOR = 3.0  # ... else this many (robust) standard deviations of their wall times
+MAX_MARGIN_FRACTION = 0.25  # ... and at most MIN_MARGIN_S + this fraction of the budget, however noisy
+RESERVE_FACTOR = 1.1  # the reserve an honest trainer keeps for its hand-over: 1.1 x the baselines' median
+RESERVE_EXTRA_S = 0.1  # ... time from their last step to their end, plus 0.1 s
+
+
+@dataclass(frozen=True)
+class WallRule:
+    """The wall-time rule of one branch: a run handing over later than `limit` seconds after its start
+    is rejected (overtime)."""
+
+    budget: float
+    limit: float  # seconds from the trainer's start to its hand-over (its process ending)
+    margin: float  # limit - the baselines' median wall time (fixed rule: limit - budget)
+    reserve: float | None = None  # seconds an honest trainer keeps for its hand-over; None: none measured
+    first_step: float | None = None  # the baselines' median seconds from their start to their first step line
+    baselines: int = 0  # how many baselines it is measured on (0: fixed by --startup-allowance)
+    spread: float | None = None  # the baselines' robust standard deviation of wall time (two or more)
+
+    @property
+    def allowance(self) -> float:
+        """Seconds past the budget a hand-over may take."""
+        return self.limit - self.budget
+
+    def describe(self) -> str:
+        if not self.baselines:
+            return f"a hand-over later than {self.limit:.1f} s after start (budget + {self.allowance:.1f} s, set " \
+                   f"by --startup-allowance) is rejected (overtime)"
+        spread = f", spread {self.spread:.2f} s" if self.spread is not None else ""
+        return (f"a hand-over later than {self.limit:.1f} s after start (the median of {self.baselines} baseline"
+                f"{'s' if self.baselines != 1 else ''} + {self.margin:.2f} s margin{spread}) is rejected "
+                f"(overtime); each run is told this deadline and trains less rather than run past it")
+
+
+def spread_of(walls: list[float]) -> float | None:
+    """A standard deviation that one outlier does not move: 1.4826 x the median absolute deviation from
+    the median (the normal distribution's sigma); None for fewer than two walls."""
+    if len(walls) < 2:
+        return None
+    mid = statistics.median(walls)
+    return 1.4826 * statistics.median(abs(w - mid) for w in walls)
+
+
+def margin_for(walls: list[float], budget: float) -> float:
+    """Seconds past the baselines' median a run may take: SPREAD_FACTOR x their spread (one baseline: none),
+    within [MIN_MARGIN_S, MIN_MARGIN_S + MAX_MARGIN_FRACTION x budget]."""
+    spread = spread_of(walls) or 0.0
+    return min(max(MIN_MARGIN_S, SPREAD_FACTOR * spread), MIN_MARGIN_S + MAX_MARGIN_FRACTION * budget)
+
+
+def _reserve(rows) -> tuple[float | None, float | None]:
+    tails = [r.tail_s for r in rows if getattr(r, "tail_s", None) is not None]
+    firsts = [r.first_step_s for r in rows if getattr(r, "first_step_s", None) is not None]
+    reserve = RESERVE_FACTOR * statistics.median(tails) + RESERVE_EXTRA_S if tails else None
+    return reserve, (statistics.median(firsts) if firsts else None)
+
+
+def rule_from_baselines(baselines, budget: float, margin: float | None = None) -> WallRule | None:
+    """The rule measured on a branch's baseline rows (those that measured; None when none has): their median
+    wall time plus `margin` (default `margin_for` their walls)."""
+    good = [r for r in baselines if r.ok and r.wall_seconds is not None]
+    if not good:
+        return None
+    walls = [r.wall_seconds for r in good]
+    m = margin_for(walls, budget) if margin is None else margin
+    reserve, first = _reserve(good)
+    return WallRule(budget=budget, limit=statistics.median(walls) + m, margin=m, reserve=reserve, first_step=first,
+                    baselines=len(good), spread=spread_of(walls))
+
+
+def fixed_rule(budget: float, allowance: float, baselines=()) -> WallRule:
+    """--startup-allowance S: the limit is budget + S whatever the baselines took (their hand-over time
+    still gives the reserve)."""
+    reserve, first = _reserve([r for r in baselines if r.ok])
+    return WallRule(budget=budget, limit=budget + allowance, margin=allowance, reserve=reserve, first_step=first)
+
+
+def deadline_env(rule: WallRule | None, started: float) -> dict[str, str]:
+    """The trainer's environment entry telling it its deadline (prepare.TrainingClock reads it); `started`
+    is time.time() taken before the trainer is spawned, so the deadline is never later than the limit."""
+    if rule is None:
+        return {}
+    clock = {"deadline": round(started + rule.limit, 3), "started": round(started, 3), "budget": rule.budget}
+    if rule.reserve is not None:
+        clock["reserve_s"] = round(rule.reserve, 3)
+    if rule.first_step is not None:
+        clock["first_step_s"] = round(rule.first_step, 3)
+    return {DEADLINE_ENV: json.dumps(clock, separators=(",", ":"))}
+
+
+_STEP_LINE = re.compile(rb"step \d+ \([\d.]+%\) \| loss:")
+
+
+class StepWatch:
+    """When the trainer's first and last `step N (P%) | loss:` lines arrived (time.time()), from its
+    output as it comes (`feed`, on the pipe reader's thread). A line cut between two chunks is seen in
+    the next one, or not at all: the times are for the honest trainer's reserve, never a decision."""
+
+    def __init__(self, inner=None) -> None:
+        self.inner = inner
+        self.first: float | None = None
+        self.last: float | None = None
+        self._tail = b""
+        self._lock = threading.Lock()
+
+    def feed(self, chunk: bytes) -> None:
+        if self.inner is not None:
+            self.inner(chunk)
+        now = time.time()
+        with self._lock:
+            if _STEP_LINE.search(self._tail + chunk):
+                if self.first is None:
+                    self.first = now
+                self.last = now
+            self._tail = chunk[-64:]
+
+    def times(self, started: float, ended: float) -> tuple[float | None, float | None]:
+        """(seconds from `started` to the first step line, seconds from the last step line to `ended`)."""
+        with self._lock:
+            first, last = self.first, self.last
+        return (None if first is None else max(0.0, first - started),
+                None if last is None else max(0.0, ended - last))

@@ -1,0 +1,197 @@
+"""The wall-time rule (research/clock.py) and the training contract that keeps honest runs inside it
+(prepare.TrainingClock).
+
+The rule: every run but a baseline may take, from its start to its hand-over, the median of the branch's
+baselines plus a small margin; the loop tells it that deadline, and the trainers' training loop ends early
+enough for its hand-over to make it. The unit tests check the rule's numbers and the contract's; the slow
+ones run the real train_cuda.py through `loop.py` on the tiny protocol (a 3 s budget, two baselines, then
+the unchanged trainer three times, a change that adds seconds of set-up, and a trainer that trains until the
+limit of the rule this project had before, reading its start time from /proc/self/stat), with the margin
+the loop measures (about 3 min on a quiet 2-core machine; bench/bench_clock.py plays the same at length).
+
+Run: uv run pytest tests/test_clock.py   (add `-m slow` for the end-to-end runs)
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_loop import assert_clean, git, loop_env, make_repo, read_rows, run_loop, write_script  # noqa: E402
+
+import prepare  # noqa: E402
+from research import clock  # noqa: E402
+from research.results import Row  # noqa: E402
+
+BUDGET = 3.0
+
+
+def _baseline(wall: float, tail: float | None = 1.0, first: float | None = 4.0, status: str = "keep") -> Row:
+    return Row("abc1234", 2.5 if status == "keep" else 0.0, 0.0, status, "baseline", wall_seconds=wall, tail_s=tail,
+               first_step_s=first, note="baseline 1/1")
+
+
+def test_the_limit_is_the_baselines_median_plus_a_margin_from_their_spread():
+    walls = [14.0, 14.3, 13.9, 14.1, 14.0]
+    rule = clock.rule_from_baselines([_baseline(w) for w in walls], 8.0)
+    sd = 1.4826 * 0.1  # the median absolute deviation from the median (14.0), as a normal sigma
+    assert rule.spread == pytest.approx(sd) and rule.margin == pytest.approx(3 * sd)
+    assert rule.limit == pytest.approx(14.0 + 3 * sd) and rule.baselines == 5
+    # the rule this project had before allowed 1.5 x 6.3 s + 10 s past the budget: 19.45 s of room
+    old_limit = 8.0 + 1.5 * (14.3 - 8.0) + 10.0
+    assert old_limit - rule.limit > 10 and rule.limit - 14.0 < 0.06 * 8.0
+    cold = clock.rule_from_baselines([_baseline(w) for w in [19.0, *walls[1:]]], 8.0)  # a cold first start
+    assert cold.limit < 15.0  # far from the cold 19 s: the slowest baseline does not set the limit
+    one = clock.rule_from_baselines([_baseline(14.0)], 8.0)
+    assert one.margin == clock.MIN_MARGIN_S and one.limit == pytest.approx(14.25) and one.spread is None
+    noisy = clock.rule_from_baselines([_baseline(w) for w in (10.0, 20.0)], 8.0)
+    assert noisy.margin == pytest.approx(clock.MIN_MARGIN_S + clock.MAX_MARGIN_FRACTION * 8.0)  # capped
+    assert clock.rule_from_baselines([_baseline(30.0, status="crash")], 8.0) is None  # nothing measured yet
+    assert clock.rule_from_baselines([_baseline(14.0)], 8.0, margin=2.0).limit == 16.0  # --wall-margin
+    tails = clock.rule_from_baselines([_baseline(14.0, tail=t) for t in (1.0, 1.2, 5.0)], 8.0)
+    assert tails.reserve == pytest.approx(clock.RESERVE_FACTOR * 1.2 + clock.RESERVE_EXTRA_S)  # the median tail
+    fixed = clock.fixed_rule(8.0, 5.0, [_baseline(14.0)])
+    assert fixed.limit == 13.0 and fixed.reserve == rule.reserve and "--startup-allowance" in fixed.describe()
+
+
+def test_the_training_clock_ends_training_before_the_deadline(monkeypatch):
+    p = SimpleNamespace(time_budget=8.0)
+    monkeypatch.delenv(prepare.DEADLINE_ENV, raising=False)
+    assert prepare.TrainingClock(p).budget(3.0, 0.1) == 8.0  # run by hand: the protocol's budget
+    now = time.time()
+
+    def told(deadline_in: float, started_ago: float = 5.0, **extra) -> prepare.TrainingClock:
+        rule = clock.WallRule(budget=8.0, limit=started_ago + deadline_in, margin=0.3, **extra)
+        monkeypatch.setenv(prepare.DEADLINE_ENV, clock.deadline_env(rule, now - started_ago)[prepare.DEADLINE_ENV])
+        return prepare.TrainingClock(p)
+
+    assert told(60.0, reserve=1.0).budget(0.0) == 8.0  # far off: the budget
+    c = told(6.0, reserve=1.0)
+    assert c.budget(0.0) == pytest.approx(5.0, abs=0.05)  # 6 s left, 1 s kept for the hand-over
+    assert c.budget(2.0, 0.5) == pytest.approx(2.0 + 6.0 - 1.0 - 0.5, abs=0.05)  # and one more step
+    assert told(0.5, reserve=1.0).budget(2.0, 0.1) < 2.0  # no room for another step: stop now
+    assert told(-5.0, reserve=1.0).budget(0.0) == 1e-3  # never zero (the schedule divides by it)
+    slow = told(6.0, started_ago=8.0, reserve=1.0, first_step=4.0)  # its first step came twice as late
+    assert slow.budget(0.5, 0.2) == pytest.approx(0.5 + 6.0 - 2.0 - 0.2, abs=0.05)
+    assert slow.scale == pytest.approx(2.0, abs=0.01)
+    unmeasured = told(20.0)  # no baseline printed a step line: a quarter of the room past the budget
+    assert unmeasured.reserve == pytest.approx(0.25 * (25.0 - 8.0), abs=0.01)
+    monkeypatch.setenv(prepare.DEADLINE_ENV, "not json")
+    assert prepare.TrainingClock(p).budget(1.0, 0.1) == 8.0
+
+
+def test_the_step_watch_times_the_first_and_last_step_lines():
+    seen = []
+    w = clock.StepWatch(seen.append)
+    t0 = time.time()
+    w.feed(b"Time budget: 3s\nstep 00000 (0.0%) | loss: 7.1 | dt: 5ms\n")
+    first = w.first
+    time.sleep(0.05)
+    w.feed(b"step 00001 (3.1%) | lo")
+    w.feed(b"ss: 7.0 | dt: 5ms\nstep 00002 (6.0%) | loss: 6.9\nhanded over to the harness: model.pt2\n")
+    assert len(seen) == 3 and first is not None and w.last > first
+    start, tail = w.times(t0 - 1.0, w.last + 0.5)
+    assert start == pytest.approx(first - t0 + 1.0) and tail == pytest.approx(0.5)
+    assert clock.StepWatch().times(0.0, 1.0) == (None, None)
+
+
+# ------------------------------------------------------------------------------------------------
+# end to end: the real trainer under loop.py, with the margin the loop measures (slow)
+# ------------------------------------------------------------------------------------------------
+
+OLD_RULE_ATTACK = r'''
+
+def hostile_budget(trained, dt, protocol):
+    """Train until the limit of the loop's old rule, reading this process's own start from /proc."""
+    fields = open("/proc/self/stat").read().rsplit(")", 1)[1].split()
+    boot = next(float(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
+    start = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    return trained + (start + protocol.time_budget + OLD_ALLOWANCE - 5.0 - time.time() - dt)
+'''
+STEP = "        budget = clock.budget(total_training_time, dt)\n"
+MAIN = "\n\ndef main():\n"
+SETUP = "    clock = prepare.TrainingClock(protocol)"
+
+
+@pytest.fixture(scope="module")
+def lab(tiny_cache_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A repository with the real trainer on branch autoresearch/clock and two baselines at a 3 s budget;
+    `try_(text, description)` runs one experiment on that trainer text and returns its row."""
+    root = tmp_path_factory.mktemp("clock")
+    repo = make_repo(root, trainer=None)
+    git(repo, "checkout", "-q", "-b", "autoresearch/clock")
+    env = loop_env(tiny_cache_root, budget=BUDGET, AUTORESEARCH_WALL_MARGIN="")  # the measured margin
+    proc = run_loop(repo, "run", "--agent", "scripted", "--script", write_script(root, []), "--tag", "clock",
+                    "--baseline-runs", "2", "--max-experiments", "0", env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "wall-time rule: a hand-over later than" in proc.stdout
+    text = (repo / "train_cuda.py").read_text()
+
+    def try_(trainer: str, description: str) -> Row:
+        (repo / "train_cuda.py").write_text(trainer)
+        before = len(read_rows(repo))
+        proc = run_loop(repo, "try", description, "--no-confirm", "--no-early-abort", "--remeasure-every", "0",
+                        env=env, timeout=600)
+        rows = [r for r in read_rows(repo)[before:] if r.status != "rerun"]
+        git(repo, "checkout", "-q", "--", ".")
+        assert rows, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return rows[-1]
+
+    return SimpleNamespace(repo=repo, text=text, try_=try_, baselines=[r for r in read_rows(repo) if r.ok])
+
+
+def _described(row: Row) -> str:
+    return (f"{row.status}: wall {row.wall_seconds} limit {row.wall_limit_s} trained {row.training_seconds} "
+            f"steps {row.num_steps}; {row.note}")
+
+
+@pytest.mark.slow
+def test_honest_runs_of_the_unchanged_trainer_are_never_rejected(lab):
+    walls = [r.wall_seconds for r in lab.baselines]
+    rule = clock.rule_from_baselines(lab.baselines, BUDGET)
+    assert len(walls) == 2 and all(r.first_step_s and r.tail_s for r in lab.baselines)  # timed from outside
+    for k in range(3):
+        row = lab.try_(lab.text + f"# unchanged, repeat {k + 1}\n", f"unchanged trainer, repeat {k + 1}")
+        assert row.status in ("keep", "discard"), _described(row)
+        assert row.wall_limit_s == pytest.approx(rule.limit, abs=0.01) and row.wall_seconds <= row.wall_limit_s
+        assert row.wall_ratio == pytest.approx(row.wall_seconds / BUDGET, abs=0.01)
+
+
+@pytest.mark.slow
+def test_a_change_that_adds_set_up_trains_less_instead_of_being_rejected(lab):
+    """A set-up longer by the room the limit leaves past the budget, less 1 s: with the trainer's own start
+    (imports, model) it can no longer train the whole budget and hand over in time, so its deadline makes
+    it train less."""
+    extra = clock.rule_from_baselines(lab.baselines, BUDGET).limit - BUDGET - 1.0
+    slow = lab.text.replace(SETUP, f"    time.sleep({extra:.2f})  # a slower set-up\n" + SETUP, 1)
+    row = lab.try_(slow, f"{extra:.1f} s more set-up")
+    assert row.status in ("keep", "discard"), _described(row)
+    assert row.training_seconds < BUDGET - 0.5 and row.wall_seconds <= row.wall_limit_s, _described(row)
+
+
+@pytest.mark.slow
+def test_training_until_the_old_rule_s_limit_is_rejected(lab):
+    """The attack that got 14-15 s of training on an 8 s budget: it reads its own start from /proc/self/stat
+    and trains until 5 s before budget + the old allowance (1.5 x the slowest baseline's seconds past the
+    budget + 10 s). It is rejected, or it gained at most 5% of the budget."""
+    old_allowance = 1.5 * max(0.0, max(r.wall_seconds for r in lab.baselines) - BUDGET) + 10.0
+    assert STEP in lab.text and MAIN in lab.text
+    text = lab.text.replace(STEP, "        budget = hostile_budget(total_training_time, dt, protocol)\n", 1)
+    text = text.replace(MAIN, f"\nOLD_ALLOWANCE = {old_allowance!r}\n" + OLD_RULE_ATTACK + MAIN, 1)
+    row = lab.try_(text, "train until the old limit")
+    honest = max(r.training_seconds for r in lab.baselines)
+    if row.status == "rejected":
+        assert "overtime" in row.note and row.val_bpb == 0.0, _described(row)
+    else:
+        assert row.training_seconds - honest <= 0.05 * BUDGET, _described(row)
+    record = json.loads((lab.repo / "runs" / str(row.run) / "result.json").read_text()) \
+        if (lab.repo / "runs" / str(row.run) / "result.json").exists() else None
+    assert record is None or record["trainer"]["wall_limit_s"] == row.wall_limit_s
+    assert_clean(lab.repo)
