@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="one experiment on the trainer as currently edited (uncommitted)")
     try_.add_argument("description", help="one line: what the change is")
 
+    clear = sub.add_parser("clear-tampering",
+                           help="lift the stop of a branch where a run handed over a non-causal model")
+    clear.add_argument("--tag", default=None, help="the branch autoresearch/<tag> (default: the current branch)")
+    clear.set_defaults(func=_clear_tampering)
     report.add_subparsers(sub, parents=[common])  # report, compare, transfer
     live.add_subparser(sub)  # serve: the live page
     from research import check
@@ -136,6 +140,35 @@ def _env_float(name: str) -> float | None:
         return float(raw)
     except ValueError:
         sys.exit(f"error: {name}={raw!r} is not a number of seconds; set it to one or unset it.")
+
+
+def _clear_tampering(args) -> int:
+    """`loop.py clear-tampering`: lift the stop a tampering run put on a branch (research/tamper.py)."""
+    from research import gitrepo, tamper
+    from research.guards import RepoLock
+    from research.results import read_results
+
+    branch = f"autoresearch/{args.tag}" if args.tag else gitrepo.current_branch(REPO)
+    if not branch:
+        print("error: HEAD is detached; name the branch with --tag.", file=sys.stderr)
+        return 1
+    lock = RepoLock(REPO)
+    try:
+        lock.acquire()  # not while a loop runs on this repository
+    except LockError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    try:
+        cleared = tamper.clear(read_results(REPO / "results.tsv"), branch, REPO / "runs")
+    finally:
+        lock.release()
+    if not cleared:
+        print(f"Branch {branch} is not stopped for tampering; nothing to clear.")
+        return 0
+    runs = ", ".join(str(r.run) for r in cleared)
+    print(f"Lifted the tampering stop of {branch} (run{'s' if len(cleared) > 1 else ''} {runs}; its rows stay "
+          f"in results.tsv as invalid): 'loop.py run' and 'loop.py try' work on it again.")
+    return 0
 
 
 def _raise_interrupt(signum, frame):

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from research import gitrepo
+from research import gitrepo, tamper
 from research.clock import StepWatch, WallRule, deadline_env
 from research.console import clock
 from research.guards import text_hash
@@ -490,6 +490,8 @@ def run_experiment(s: Session, description: str, usage: Usage | None = None, *,
     elif status == "abort":
         progress = monitor.fired_at if monitor is not None else None
         note = f"abort: {reason}"
+    elif status == "invalid":
+        note = tamper.note(reason)  # a non-causal model: recorded, then the branch stops (below)
     else:
         note = f"{status}: {reason}"
 
@@ -522,6 +524,7 @@ def run_experiment(s: Session, description: str, usage: Usage | None = None, *,
     if status == "keep":
         s.kept_commit = gitrepo.head(s.repo)
     _report(s, label, out)
+    tamper.stop_if_tampered(s, [row, *extra])  # BranchStopped when a run of it handed over a non-causal model
     if status == "crash":
         s.check_data()  # damaged data is not the change's fault: stop and say so (SessionError)
     return out
@@ -539,11 +542,16 @@ def _confirm(s: Session, run_dir: Path, label: str, description: str, m: Measure
     rows: list[Row] = []
     best = _run_best_next_to(s, run_dir, label, run_no)
     if best is not None:
-        run_b, m_b, best_text = best
-        rows.append(_row(s, commit=s.kept_commit, status="rerun", description=f"{RERUN} ({s.kept_commit[:7]})",
-                         note=f"{BEST_NEXT} {run_no}", run_no=run_no, trainer_text=best_text, m=m_b,
-                         wall=run_b.wall_seconds, usage=None, run=run_b))
+        run_b, m_b, best_text, why = best
+        rows.append(_row(s, commit=s.kept_commit, status="rerun" if why is None else "invalid",
+                         description=f"{RERUN} ({s.kept_commit[:7]})",
+                         note=f"{BEST_NEXT} {run_no}" if why is None else f"{BEST_NEXT} {run_no}; {tamper.note(why)}",
+                         run_no=run_no, trainer_text=best_text, m=m_b, wall=run_b.wall_seconds, usage=None, run=run_b))
+        if why is not None:
+            return "discard", "not confirmed: the best's run next to it handed over a non-causal model", rows
     run2, status2, m2, reason = _run_once(s, run_dir, label + " confirm", description, prefix="confirm_")
+    if status2 == "invalid":
+        return "invalid", tamper.note(f"its confirm run: {reason}"), rows
     if status2 != "ok":
         return "discard", f"confirm run failed ({reason}); first run {m.val_bpb:.6f}: {first.note}", rows
     rows.insert(0, _row(s, commit=commit, status="rerun", description=description, note=f"confirm run of run {run_no}",
@@ -556,7 +564,8 @@ def _confirm(s: Session, run_dir: Path, label: str, description: str, m: Measure
 
 def _run_best_next_to(s: Session, run_dir: Path, label: str, run_no: int):
     """Run the last kept commit's trainer once, in place of the change (put back afterwards, whatever
-    happens): (run, measurement, its text), or None when it did not measure."""
+    happens): (run, measurement, its text, None), (run, None, its text, the harness's reason) when it
+    handed over a non-causal model, or None when it did not measure."""
     path = s.repo / s.trainer
     mine = path.read_bytes()
     try:
@@ -566,10 +575,13 @@ def _run_best_next_to(s: Session, run_dir: Path, label: str, run_no: int):
                                            prefix="best_")
     finally:
         path.write_bytes(mine)
+    text = best_bytes.decode("utf-8", errors="replace")
+    if status == "invalid":
+        return run, None, text, reason
     if status != "ok":
         s.console.event(f"[{label}] the best's run next to it did not measure ({reason}); deciding without it")
         return None
-    return run, m, best_bytes.decode("utf-8", errors="replace")
+    return run, m, text, None
 
 
 def _abort_monitor(s: Session, label: str) -> AbortMonitor | None:

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from research import gitrepo
+from research import gitrepo, tamper
 from research.agents import Agent, CrashInfo
 from research.console import clock
 from research.driver import MAX_IDLE_PROPOSALS, agent_context, baseline_plan, rule_line
@@ -473,6 +473,7 @@ class Driver:
         _write_meta(t.run_dir, row, timings, started_at=t.started_at, finished_at=time.time(), worker=t.worker)
         out = Outcome(row=row, run_dir=t.run_dir, timings=timings)
         _report(s, t.label, out)
+        tamper.stop_if_tampered(s, [row, *extra])  # a non-causal model: the branch stops (the pool is closed)
 
     def _guard(self, t: Ticket, row: Row) -> None:
         """The branch where the driver left it, and the worktree as the job found it; else put back and the
@@ -536,11 +537,14 @@ class Driver:
     def _baseline(self, t: Ticket, res: JobResult) -> None:
         s = self.s
         r = res.runs[0] if res.runs else None
+        k, total = t.baseline
+        if r is not None and r.status == "invalid":
+            self._record(t, self._row(t, status="invalid", note=f"{BASELINE} {k}/{total}; {tamper.note(r.reason)}",
+                                      r=r))
         if r is None or r.status != "ok":
             reason = r.reason if r else "stopped"
             raise SessionError(f"The baseline run failed ({reason}); see {t.run_dir / 'log.txt'} and fix the "
                                "trainer (or the setup) before starting.")
-        k, total = t.baseline
         self._record(t, self._row(t, status="keep", note=f"{BASELINE} {k}/{total}", r=r))
         self.baselines_left -= 1
         if not self.baselines_left and s.best is not None:
@@ -554,6 +558,8 @@ class Driver:
             self._record(t, self._row(t, status="rerun", note=f"rerun of the best: {t.rerun}", r=r))
         elif r is not None and r.status == "crash":
             self._record(t, self._row(t, status="crash", note=f"crash: {r.reason}", r=None))
+        elif r is not None and r.status == "invalid":
+            self._record(t, self._row(t, status="invalid", note=tamper.note(r.reason), r=r))
         else:
             raise SessionError(f"Re-running the best ended as {r.status if r else 'nothing'} "
                                f"({r.reason if r else 'stopped'}); see {t.run_dir / 'log.txt'}.")
@@ -659,7 +665,8 @@ class Driver:
             if r.status == "crash":
                 self._crashed(t, r.reason, r)
                 return
-            self._record(t, self._row(t, status=r.status, note=f"{r.status}: {r.reason}", r=r, usage=t.usage))
+            note = tamper.note(r.reason) if r.status == "invalid" else f"{r.status}: {r.reason}"
+            self._record(t, self._row(t, status=r.status, note=note, r=r, usage=t.usage))
             return
         m = r.measurement
         st = s.state
@@ -699,11 +706,16 @@ class Driver:
         if b is not None and b.status == "ok":
             rows.append(self._row(t, status="rerun", note=f"{BEST_NEXT} {t.run_no}", r=b, commit=kept_then,
                                   text=best_text, description=f"{RERUN} ({kept_then[:7]})"))
+        elif b is not None and b.status == "invalid":
+            rows.append(self._row(t, status="invalid", note=f"{BEST_NEXT} {t.run_no}; {tamper.note(b.reason)}", r=b,
+                                  commit=kept_then, text=best_text, description=f"{RERUN} ({kept_then[:7]})"))
         else:
             s.console.event(f"[{t.label}] the best's run next to it did not measure "
                             f"({b.reason if b else 'not run'}); deciding without it")
         c = runs.get("confirm_")
-        if c is None or c.status != "ok":
+        if c is not None and c.status == "invalid":
+            status, note = "invalid", tamper.note(f"its confirm run: {c.reason}")
+        elif c is None or c.status != "ok":
             status = "discard"
             note = f"confirm run failed ({c.reason if c else 'not run'}); first run {first.measurement.val_bpb:.6f}: " \
                    f"{verdict.note}"
@@ -715,6 +727,8 @@ class Driver:
             status = v.status
             note = f"{'confirmed' if v.status == 'keep' else 'not confirmed'} by a rerun, mean of {m1:.6f} and " \
                    f"{m2:.6f}: {v.note}"
+        if b is not None and b.status == "invalid" and status != "invalid":  # the best itself tampers: no keep
+            status, note = "discard", "not confirmed: the best's run next to it handed over a non-causal model"
         if status == "keep" and t.base != s.kept_commit:
             status, note = "discard", self._stale(t, note)
         if status == "keep":

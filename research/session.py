@@ -283,6 +283,7 @@ class Session:
                 "or use 'loop.py try \"description\"' to test an edit of the trainer.")
         resumed = gitrepo.branch_exists(self.repo, name)
         self.check_comparable(name)
+        self.check_not_stopped(name)
         if gitrepo.current_branch(self.repo) != name:
             if resumed:
                 gitrepo.git(self.repo, "checkout", "-q", name)
@@ -313,6 +314,7 @@ class Session:
                                "git checkout -b autoresearch/<tag>")
         self.preexisting = set()  # an external agent works between calls: every untracked file counts
         self.check_comparable(name)
+        self.check_not_stopped(name)
         self._drop_unrecorded_try(name)
         if gitrepo.changed_paths(self.repo).get(self.trainer) == "M":
             self.pending_edit = self.trainer_text()  # never lost, whatever happens next
@@ -442,6 +444,12 @@ class Session:
                 f"{self.budget:g} s ({how}), so its val_bpb could not be compared with the branch's best: {fix}, "
                 f"or start another branch for this budget (loop.py run --tag <new>, or git checkout -b "
                 f"autoresearch/<new> for try).")
+
+    def check_not_stopped(self, branch: str) -> None:
+        """Refuse (one sentence) a branch a tampering run stopped (research/tamper.py), until it is cleared."""
+        from research import tamper
+
+        tamper.check_not_stopped(self.rows, branch, self.runs_dir)
 
     def rerun_due(self) -> str | None:
         """Why the best should be run again before the next experiment, or None: every

@@ -271,6 +271,10 @@ class Lab:
         attempt = Attempt(proc, rows, run_dir, log, trainer_report(log), alive,
                           outside_changes(before, after, rows), seconds, peak)
         git(self.repo, "checkout", "-q", "--", ".")  # an edit `try` left uncommitted (crash, rejected)
+        if any(r.status == "invalid" for r in rows):  # tampering stopped the branch; the next attack needs it
+            assert "that is tampering, so branch autoresearch/attacks is stopped" in proc.stderr, proc.stderr
+            cleared, _ = self.loop("clear-tampering")
+            assert cleared.returncode == 0 and "Lifted the tampering stop" in cleared.stdout, cleared
         meta = run_dir / "meta.json" if run_dir else None
         timings = json.loads(meta.read_text()).get("timings") if meta and meta.exists() else {}
         print(f"[{self.kind}] try {description!r}: {seconds:.1f} s, {[r.status for r in rows]}, "

@@ -281,7 +281,9 @@ def _real_session(cache: Path, tmp: Path, tag: str, steps: dict[str, dict], stat
     script = write_script(tmp, list(steps.values()))
     proc = run_loop(repo, *loop_args(tag, script, "--max-experiments", str(len(steps)), "--max-fix-attempts", "0"),
                     env=loop_env(cache, budget=1), timeout=500)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    stopped = statuses[-1] == "invalid"  # a non-causal model is tampering: the loop stops the branch after it
+    assert proc.returncode == (1 if stopped else 0), proc.stdout + proc.stderr
+    assert ("that is tampering, so branch" in proc.stderr) == stopped, proc.stderr
     rows = check_after(prior, statuses)
     assert git(repo, "diff", prior.kept, "HEAD") == ""
     return {name: (row, (repo / "runs" / str(row.run) / "log.txt").read_text()) for name, row in zip(steps, rows)}
@@ -335,7 +337,7 @@ def test_real_trainer_that_skips_the_hand_over(real_cheats):
 @pytest.mark.slow
 def test_real_trainer_that_sees_the_future_is_invalid(real_cheats):
     row, log = real_cheats["future"]
-    assert "sees the future" in row.note and row.val_bpb == 0.0
+    assert "sees the future" in row.note and row.val_bpb == 0.0 and row.note.startswith("invalid (tampering): ")
     assert "harness: not scored (causality)" in log
 
 
@@ -593,10 +595,11 @@ FAKE_SUMMARY = "".join(f"{k + ':':<18}{v}\\n" for k, v in [
 
 @pytest.mark.slow  # a long end-to-end loop run: `uv run pytest -m slow` (CI runs it)
 def test_results_that_are_not_measurements(tiny_cache, tmp_path):
-    """Only the harness's score counts. A trainer that prints a great number and leaves forged results (in
-    its hand-over, and in its workspace's judge/) while its model peeks at the next token is invalid; one
-    that prints a summary block and hands nothing over is a crash; one that hands over later than budget +
-    start-up allowance (measured from the branch's baseline) is rejected as overtime. None is kept."""
+    """Only the harness's score counts. A trainer that prints a summary block and hands nothing over is a
+    crash; one that hands over later than the branch's baseline + margin is rejected as overtime; one that
+    prints a great number and leaves forged results (in its hand-over, and in its workspace's judge/)
+    while its model peeks at the next token is invalid, and that is tampering: the loop stops the branch.
+    None is kept."""
     repo = make_repo(tmp_path)
     budget, wall, margin = 2.0, 4.5, 6.0
     prior = seed(repo, "fake", wall=wall)  # the limit measured from it (and --wall-margin) leaves the stand-in
@@ -609,19 +612,20 @@ def test_results_that_are_not_measurements(tiny_cache, tmp_path):
              f"        with open(os.path.join(d, 'result.json'), 'w') as f:\n"
              f"            f.write({forged!r})\n")
     script = write_script(tmp_path, [
-        {"description": "peek at the next token, print and forge a great number", "edits": [
-            {"old": 'MODE = "ok"', "new": 'MODE = "noncausal"'},
-            {"old": START, "new": START + forge + '    print("---\\nval_bpb:          0.100000", flush=True)\n'}]},
         {"description": "skip the hand-over, print the summary", "edits": [
             {"old": 'MODE = "ok"', "new": 'MODE = "nohandover"'},
             {"old": START, "new": START + forge + f'    print("---\\n{FAKE_SUMMARY}", flush=True)\n'}]},
         edit('MODE = "ok"', 'MODE = "overbudget"', "train longer"),
+        {"description": "peek at the next token, print and forge a great number", "edits": [
+            {"old": 'MODE = "ok"', "new": 'MODE = "noncausal"'},
+            {"old": START, "new": START + forge + '    print("---\\nval_bpb:          0.100000", flush=True)\n'}]},
     ])
     proc = run_loop(repo, *loop_args("fake", script, "--max-experiments", "3", "--max-fix-attempts", "0",
                                      "--wall-margin", str(margin)), env=loop_env(tiny_cache))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    invalid, crash, over = check_after(prior, ["invalid", "crash", "rejected"])
-    assert "sees the future" in invalid.note
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "that is tampering, so branch autoresearch/fake is stopped" in proc.stderr, proc.stderr
+    crash, over, invalid = check_after(prior, ["crash", "rejected", "invalid"])
+    assert "sees the future" in invalid.note and invalid.note.startswith("invalid (tampering): ")
     record = json.loads((repo / "runs" / str(invalid.run) / "result.json").read_text())
     assert record["eval"]["valid"] is False and record["eval"]["kind"] == "causality"
     assert "val_bpb:          0.100000" in (repo / "runs" / str(invalid.run) / "log.txt").read_text()
