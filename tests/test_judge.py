@@ -190,7 +190,8 @@ def test_harness_scores_an_exported_torch_graph_like_the_model_itself(tiny_cache
     assert result["valid"] and result["val_bpb"] == pytest.approx(direct["bpb"], rel=1e-6)
     assert result["holdout_bpb"] == pytest.approx(score(p, lambda x: table[x], 8, "holdout")["bpb"], rel=1e-6)
     assert result["evaluator_hash"] == prepare.evaluator_hash()
-    assert result["probed_rows"] >= E.probe_count(E.PROBE_LOOKAHEAD_FRACTION, E.PROBE_ESCAPE)
+    assert result["probed_rows"] >= E.probe_count(p.probe_lookahead, E.PROBE_ESCAPE)  # the protocol's bound
+    assert result["lookahead_fraction"] == p.probe_lookahead and result["escape_bound"] <= E.PROBE_ESCAPE
     assert result["batch_size"] == 8 and result["framework"] == "torch"
     assert "val_bpb:" not in out  # the summary block, printed once by whoever shows the run, holds the only one
 

@@ -229,7 +229,8 @@ def test_the_holdout_is_probed_and_a_model_cheating_only_there_is_invalid(monkey
                                nbytes=1)
 
     monkeypatch.setattr(graphs, "load_graph", fake_graph)
-    protocol = SimpleNamespace(vocab_size=V, max_seq_len=T)
+    protocol = SimpleNamespace(vocab_size=V, max_seq_len=T, probe_lookahead=E.PROBE_LOOKAHEAD_FRACTION,
+                               holdout_probe_lookahead=E.HOLDOUT_LOOKAHEAD_FRACTION)
     ready = harness.Ready({"protocol": "synthetic", "split": "val"}, None, protocol, np.ones(V, dtype=np.int64),
                           val, hold)
     code, result = harness.evaluate(None, "synthetic", ready)
