@@ -329,7 +329,8 @@ def test_evaluator_hash_covers_every_piece_of_evaluation_code(tmp_path, monkeypa
     monkeypatch.setattr(prepare, "_REPO", copy)
     assert prepare.evaluator_hash() == h
     edits = [("judge/evaluate.py", "PROBE_ESCAPE = 1e-3", "PROBE_ESCAPE = 1e-2"),
-             ("judge/graphs.py", '"from_file", ', ""),
+             ("judge/graphs.py", "MAX_FACTS_BYTES = 1 << 20", "MAX_FACTS_BYTES = 1 << 21"),
+             ("judge/pt2.py", '"relu": ("default",), ', '"relu": ("default",), "rand": ("default",), '),
              ("judge/harness.py", "EXIT_GRAPH, EXIT_DATA", "EXIT_GRAPH , EXIT_DATA"),
              ("backends/torch_rt.py", "chunk_elements: int = 1 << 24", "chunk_elements: int = 1 << 20"),
              ("backends/mlx_rt.py", "nll = mx.logsumexp(part, axis=-1) - picked", "nll = mx.logsumexp(part, axis=-1)")]
