@@ -20,8 +20,8 @@ from pathlib import Path
 from research import gitrepo, tamper
 from research.clock import StepWatch, WallRule, deadline_env
 from research.console import clock
-from research.guards import text_hash
-from research.hparams import HyperparamError, static_values
+from research.guards import guard_run, text_hash
+from research.gauge import gauge
 from research.decisions import AbortMonitor, LossCurve, NoiseModel, Verdict, decide_runs, write_curve
 from research.results import MEASURED, NO_COMMIT, Row, sanitize
 from research.secrets import redact
@@ -50,7 +50,11 @@ class Usage:
 
 @dataclass
 class Measurement:
-    """What the evaluator and the summary reported for one run."""
+    """One scored run. val_bpb, holdout_bpb and eval_seconds are the harness's; every other field is the
+    trainer's CLAIM, copied from its facts.json (research.results.CLAIMED columns; its device and
+    hyperparameters only into runs/<n>/result.json's "claims"): shown, never used for a decision. What
+    the loop knows itself (the hyperparameters in the committed source, the device, the gauge) is not
+    here but on the run (see _run_once)."""
 
     val_bpb: float
     memory_gb: float = 0.0
@@ -133,13 +137,14 @@ _FACT_KEYS = ("training_seconds", "startup_seconds", "total_seconds", "export_se
 
 
 def trainer_facts(facts: dict) -> dict:
-    """The trainer's own account of its run, cut down to the keys the loop shows (it is not trusted:
-    nothing in it decides anything)."""
+    """The trainer's own account of its run (its facts.json), cut down to the keys the loop shows: a claim,
+    kept apart from what the loop measured (runs/<n>/result.json's "claims", the summary's claims section,
+    the CLAIMED columns). Nothing in it decides anything."""
     out = {}
     for key in _FACT_KEYS:
         v = facts.get(key)
         if key == "hyperparams":
-            out[key] = v if isinstance(v, dict) else {}
+            out[key] = v if isinstance(v, dict) and len(json.dumps(v, default=str)) <= 4000 else {}
         elif isinstance(v, str):
             out[key] = sanitize(v, 120)
         elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
@@ -197,13 +202,13 @@ def decide(cand: list[float], best: list[float], noise: NoiseModel | None, alpha
 def _row(s: Session, *, commit: str, status: str, description: str, note: str, run_no: int, trainer_text: str,
          m: Measurement | None, wall: float | None, usage: Usage | None, progress: float | None = None,
          worker: str = "", run=None) -> Row:
-    """One results row. `run` (a TrainerRun or RunResult) gives the loop's own timing of the trainer."""
-    hp = m.hyperparams if m and m.hyperparams else {}
-    if not hp:
-        try:
-            hp = static_values(trainer_text)
-        except HyperparamError:
-            hp = {}
+    """One results row. `run` (a TrainerRun or RunResult) gives the loop's own timing of the trainer, its
+    gauge readings and the hyperparameters it read from the committed source before the run. The
+    hyperparameters and the device are the loop's (never the trainer's claim); memory, training seconds,
+    steps, MFU and parameters are the trainer's claim (research.results.CLAIMED)."""
+    hp = getattr(run, "hyperparams", None)
+    if hp is None:
+        hp = s.source.values(trainer_text)
     measured = m is not None and status in MEASURED
     return Row(
         commit=commit[:7] if commit else NO_COMMIT,
@@ -213,7 +218,7 @@ def _row(s: Session, *, commit: str, status: str, description: str, note: str, r
         description=description,
         timestamp=datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds"),
         backend=s.host.backend,
-        device=(m.device if m and m.device else s.host.device_name),
+        device=s.host.device_name,
         protocol=s.protocol.name,
         evaluator_hash=s.evaluator_hash,
         training_seconds=m.training_seconds if m else None,
@@ -237,6 +242,8 @@ def _row(s: Session, *, commit: str, status: str, description: str, note: str, r
         wall_limit_s=getattr(run, "wall_limit_s", None),
         first_step_s=getattr(run, "first_step_s", None),
         tail_s=getattr(run, "tail_s", None),
+        gauge_before_s=getattr(run, "gauge_before_s", None),
+        gauge_after_s=getattr(run, "gauge_after_s", None),
     )
 
 
@@ -244,10 +251,14 @@ def _run_once(s: Session, run_dir: Path, label: str, description: str, prefix: s
               monitor: AbortMonitor | None = None, overtime: bool = True):
     """Train once (sandboxed, timed from outside), then have the harness score what was handed over.
 
-    Returns (TrainerRun, status, measurement, reason). The run's log gets the trainer's output, the
-    harness's, and the summary block last; runs/<n>/result.json gets the harness's result beside
-    the trainer's own account of its run, and runs/<n>/loss.json the per-step loss read from its
-    output. `monitor` (early abort) watches that loss and may stop the run: status "abort".
+    Returns (TrainerRun, status, measurement, reason). Before the trainer starts, the loop reads the
+    hyperparameters from the trainer's source (s.source; the file holds the committed text) and its gauge
+    (research/gauge.py), and reads the gauge again once the trainer has ended: the TrainerRun carries
+    them (`hyperparams`, `gauge_before_s`, `gauge_after_s`). The run's log gets the trainer's output,
+    the harness's, and the summary block last (the harness's and the loop's facts, then the trainer's
+    claims apart); runs/<n>/result.json gets the harness's result, the loop's facts and, under "claims",
+    the trainer's own account of its run; runs/<n>/loss.json the per-step loss read from its output.
+    `monitor` (early abort) watches that loss and may stop the run: status "abort".
     """
     curve = monitor.curve if monitor is not None else LossCurve()
     log_path = run_dir / f"{prefix}log.txt"
@@ -264,6 +275,12 @@ def _run_once(s: Session, run_dir: Path, label: str, description: str, prefix: s
         s.console.status(f"[{label}] {short} | {clock(elapsed)} since start; budget {clock(budget)} + {over}, "
                          f"killed at {clock(s.timeout_s)}{at} | best {best}")
 
+    try:
+        text = (Path(s.confine.repo) / s.trainer).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        text = ""
+    hyperparams = s.source.values(text, s.confine)  # what the source sets here, read before it runs
+    gauge_before = gauge()  # the machine's speed, by the loop's own fixed workload
     ws = Workspace.create(int(run_dir.name) if run_dir.name.isdigit() else 0)
     judge = None
     try:
@@ -279,6 +296,7 @@ def _run_once(s: Session, run_dir: Path, label: str, description: str, prefix: s
                           tick_s=s.settings.tick_s, preexec_fn=preexec, reap=lambda: s.reap(keep={judge.proc.pid}),
                           on_spawn=lambda pgid: s.lock.note_trainer(pgid, s.trainer), on_output=steps.feed,
                           should_stop=monitor.check if monitor is not None else None)
+        run.gauge_before_s, run.gauge_after_s, run.hyperparams = gauge_before, gauge(), hyperparams
         run.wall_limit_s = limit
         run.first_step_s, run.tail_s = steps.times(run.started, run.started + run.wall_seconds)
         write_curve(run_dir / f"{prefix}loss.json", curve.snapshot(), wall_seconds=run.wall_seconds,
@@ -322,7 +340,10 @@ def _run_once(s: Session, run_dir: Path, label: str, description: str, prefix: s
             result = {**result, "valid": False, "kind": "harness",  # a score comes with a clean exit only
                       "reason": f"the harness reported a score but ended with {exit_reason(harness.returncode)}"}
         status, m, reason = read_result(result, facts=facts, evaluator_hash=s.evaluator_hash, protocol=s.protocol.name)
-        record = {"eval": result, "summary": facts, "trainer": {"wall_seconds": run.wall_seconds,
+        own = {"backend": s.host.backend, "device": s.host.device_name, "hyperparams": hyperparams,
+               "wall_seconds": run.wall_seconds, "gauge_before_s": run.gauge_before_s,
+               "gauge_after_s": run.gauge_after_s}
+        record = {"eval": result, "loop": own, "claims": facts, "trainer": {"wall_seconds": run.wall_seconds,
                                                                 "log_bytes": run.log_bytes,
                                                                 "wall_limit_s": run.wall_limit_s,
                                                                 "first_step_s": run.first_step_s,
@@ -332,13 +353,36 @@ def _run_once(s: Session, run_dir: Path, label: str, description: str, prefix: s
         if status == "ok":
             import prepare
 
-            _append(log_path, prepare.format_summary(result, facts))
+            loop_facts = {"total_seconds": run.wall_seconds, "depth": hyperparams.get("DEPTH"),
+                          "backend": s.host.backend, "device": s.host.device_name, "hyperparams": hyperparams}
+            _append(log_path, prepare.format_summary(result, loop_facts) + claims_block(facts))
         return run, status, m, reason
     finally:
         if judge is not None:  # not needed (the run crashed, was rejected or stopped) or Ctrl-C: no score
             end(judge, reap=s.reap)
         ws.remove()
         _redact_file(log_path)
+
+
+CLAIMS_HEADER = "--- claimed by the trainer (its facts.json: not checked, decides nothing) ---"
+_CLAIM_KEYS = ("training_seconds", "total_seconds", "startup_seconds", "export_seconds", "peak_vram_mb", "mfu_percent",
+               "total_tokens", "num_steps", "warmup_steps", "num_params", "depth", "backend", "device", "hyperparams")
+
+
+def claims_block(facts: dict) -> str:
+    """The trainer's claims as the summary shows them, apart from the summary block proper and after it: a
+    header line, then `key: value` lines (n/a where it claimed nothing)."""
+    lines = [CLAIMS_HEADER]
+    for key in _CLAIM_KEYS:
+        v = facts.get(key)
+        if key == "hyperparams":
+            text = json.dumps(v if isinstance(v, dict) else {}, default=str)
+        elif isinstance(v, float):
+            text = f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
+        else:
+            text = "n/a" if v is None else str(v)
+        lines.append(f"{key + ':':<18}{sanitize(text, 2000)}")
+    return "\n".join(lines) + "\n"
 
 
 def _limit_why(rule: WallRule) -> str:
@@ -410,6 +454,7 @@ def run_experiment(s: Session, description: str, usage: Usage | None = None, *,
     extra: list[Row] = []  # rows recorded after the experiment's (its confirm run)
     description = sanitize(description) or "(no description)"
     text = s.trainer_text() if (s.repo / s.trainer).exists() else ""
+    s.source.values(text, s.confine)  # its hyperparameters, read from the source in the tree (the row's)
 
     def finish(row: Row, diff: str, tail: str = "", restore: bool = True) -> Outcome:
         t_rec = time.perf_counter()
@@ -466,10 +511,30 @@ def run_experiment(s: Session, description: str, usage: Usage | None = None, *,
     wall = run.wall_seconds if run else 0.0
     tail = log_tail(run_dir / "log.txt")
 
-    # 3. decide (a promising run gets a confirming rerun first)
+    def guard(before) -> str | None:
+        """research.guards.guard_run after a run of this experiment: what it changed (put back), or None; a
+        locked file changed: the row is recorded as rejected, then TamperError stops the loop (record()
+        verifies again, so a change the reset cannot undo stops without a row)."""
+        try:
+            return guard_run(s, before, save_removed=run_dir / "removed")
+        except TamperError as e:
+            row = _row(s, commit=commit, status="rejected", description=description, note=f"rejected: {e}",
+                       run_no=run_no, trainer_text=text, m=None, wall=wall, usage=usage, run=run)
+            finish(row, diff, tail)
+            raise
+
+    # 3. guards, after every run and before anything is decided on it: branch, refs, git settings, hooks and
+    #    results.tsv untouched, locked files intact, nothing in the tree but the trainer's commit
     t = time.perf_counter()
     note, progress, confirm = "", None, None
-    if status == "ok" and baseline:
+    meddled = guard(outside)
+    if meddled:
+        status, note, m = "rejected", f"rejected: {meddled}", None
+
+    # 4. decide (a promising run gets a confirming rerun first, each of its runs guarded in turn)
+    if status == "rejected" and meddled:
+        pass
+    elif status == "ok" and baseline:
         status = "keep"
     elif status == "ok" and rerun:
         status, note = "rerun", f"rerun of the best: {rerun}"
@@ -482,7 +547,7 @@ def run_experiment(s: Session, description: str, usage: Usage | None = None, *,
             status = record_as
         elif s.settings.confirm and st.best_values and (verdict.status == "keep" or verdict.promising):
             status, note, confirm = _confirm(s, run_dir, label, description, m, verdict, commit=commit,
-                                             run_no=run_no, text=text)
+                                             run_no=run_no, text=text, guard=guard)
         if monitor is not None and monitor.audit and monitor.fired:
             note += f"; {ABORT_AUDIT} it would have been stopped {monitor.fired}"
             if st.best is not None and m.val_bpb < st.best:
@@ -495,23 +560,6 @@ def run_experiment(s: Session, description: str, usage: Usage | None = None, *,
     else:
         note = f"{status}: {reason}"
 
-    # 4. guards, after every run: branch, history and results.tsv untouched, locked files intact,
-    #    nothing in the tree but the trainer's commit
-    meddled = s.put_back_outside(outside)
-    try:
-        s.verify_locked()
-    except TamperError as e:
-        # restore (tracked locked files come back with the reset), record why, then stop the loop;
-        # record() verifies again, so a change the reset cannot undo stops without a row
-        row = _row(s, commit=commit, status="rejected", description=description,
-                   note=f"rejected: {e}", run_no=run_no, trainer_text=text, m=None, wall=wall, usage=usage)
-        finish(row, diff, tail)
-        raise
-    problem = s.scope_problem(allow_trainer=False)
-    if problem:
-        status, note = "rejected", f"rejected: {problem}"
-    if meddled:
-        status, note = "rejected", f"rejected: the run changed {meddled} (put back)"
     if confirm and status != "rejected":
         extra.extend(confirm)  # the confirm run, and the best's run next to it
     if baseline:  # baseline rows are recognised by this note prefix, whatever their status
@@ -531,16 +579,27 @@ def run_experiment(s: Session, description: str, usage: Usage | None = None, *,
 
 
 def _confirm(s: Session, run_dir: Path, label: str, description: str, m: Measurement, first: Verdict, *,
-             commit: str, run_no: int, text: str):
+             commit: str, run_no: int, text: str, guard):
     """A promising change: the best (the last kept commit's trainer) runs once now, then the change again,
     both never stopped early; the change is decided on the mean of its two runs against the best's runs
     at the machine's current speed, the fresh one included. The best's run sits between the change's
     two, so a machine that gets faster or slower during the night moves both sides alike.
 
+    Each run is guarded (`guard`: research.guards.guard_run) before anything else happens: one that changed
+    what it must leave alone ends the confirmation (the change's own run: rejected; the best's: discarded).
+
     Returns (status, note, rows to record after the experiment's: the confirm run and the best's run)."""
     s.console.event(f"[{label}] promising ({first.note}); running the best, then the change again")
     rows: list[Row] = []
+    before = s.outside_state()
     best = _run_best_next_to(s, run_dir, label, run_no)
+    meddled = guard(before)
+    if meddled:
+        if best is not None:
+            rows.append(_row(s, commit=s.kept_commit, status="rejected", description=f"{RERUN} ({s.kept_commit[:7]})",
+                             note=f"{BEST_NEXT} {run_no}; rejected: {meddled}", run_no=run_no, trainer_text=best[2],
+                             m=None, wall=best[0].wall_seconds, usage=None, run=best[0]))
+        return "discard", f"not confirmed: the best's run next to it was rejected ({meddled})", rows
     if best is not None:
         run_b, m_b, best_text, why = best
         rows.append(_row(s, commit=s.kept_commit, status="rerun" if why is None else "invalid",
@@ -549,7 +608,11 @@ def _confirm(s: Session, run_dir: Path, label: str, description: str, m: Measure
                          run_no=run_no, trainer_text=best_text, m=m_b, wall=run_b.wall_seconds, usage=None, run=run_b))
         if why is not None:
             return "discard", "not confirmed: the best's run next to it handed over a non-causal model", rows
+    before = s.outside_state()
     run2, status2, m2, reason = _run_once(s, run_dir, label + " confirm", description, prefix="confirm_")
+    meddled = guard(before)
+    if meddled:
+        return "rejected", f"rejected: {meddled} (its confirm run)", rows
     if status2 == "invalid":
         return "invalid", tamper.note(f"its confirm run: {reason}"), rows
     if status2 != "ok":

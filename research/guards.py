@@ -22,6 +22,7 @@ __all__ = [
     "child_env",
     "hash_locked",
     "locked_changes",
+    "guard_run",
     "text_hash",
 ]
 
@@ -76,6 +77,77 @@ def child_env(base: dict[str, str] | None = None, **extra: str) -> dict[str, str
     """The environment of a trainer or harness run: of the loop's (or `base`), only the allow-listed names
     (research.secrets.allowed_env), plus `extra`."""
     return allowed_env(base, **extra)
+
+
+def guard_run(s, before, *, tree: Path | None = None, tree_at: str | None = None,
+              save_removed: Path | None = None) -> str | None:
+    """The one guard every run passes, with one worker or N, before anything is decided about it and before
+    any other run is made for it. What a run must leave alone is checked and put back:
+
+    - the repository besides its work tree: every ref, HEAD and what it points at, .git/config, hooks and
+      info/, and results.tsv, against `before` (Session.outside_state() from when the run started; with N
+      workers, the state the driver itself last left);
+    - a worker's git worktree `tree`: HEAD still detached at `tree_at`, the files as committed there;
+    - the locked files, in the repository's work tree and in `tree`: a change raises TamperError (research/
+      session.py) once the trees are put back, and the loop stops;
+    - the repository's work tree: nothing changed in it (with one worker, but for the trainer's commit).
+    Files a run added are moved under `save_removed` (when given). `s` is the Session.
+
+    Returns what the run changed, in words, for the row's note (`rejected: <it>`), or None."""
+    from research import gitrepo
+    from research.session import TamperError
+
+    changed: list[str] = []
+    meddled = s.put_back_outside(before)
+    if meddled:
+        changed.append(meddled)
+    files: list[str] = []
+    tampered: TamperError | None = None
+    if tree is not None:
+        target = gitrepo.git(tree, "symbolic-ref", "-q", "HEAD", check=False)
+        at = gitrepo.head(tree, check=False)
+        if target or at != tree_at:
+            changed.append("the checked-out branch" if target else "the git history")
+            gitrepo.git(tree, "update-ref", "--no-deref", "HEAD", tree_at)  # detached again, no branch moved
+        try:
+            s.verify_locked(tree)
+        except TamperError as e:  # raised below, once the worktree is as it was
+            tampered = e
+        files = sorted(gitrepo.changed_paths(tree))
+        if files or changed:
+            _put_back_tree(tree, tree_at, files, save_removed)
+    try:
+        s.verify_locked()
+    except TamperError:
+        s.restore(save_removed=save_removed)  # tracked locked files come back with the reset
+        raise
+    if tampered is not None:
+        raise tampered
+    problem = s.scope_problem(allow_trainer=False)
+    if problem:
+        s.restore(save_removed=save_removed)
+    if changed:
+        return f"the run changed {' and '.join(changed)} (put back)"
+    if files:
+        more = f" and {len(files) - 5} more" if len(files) > 5 else ""
+        return f"the run changed files: {', '.join(files[:5])}{more}"
+    return problem
+
+
+def _put_back_tree(tree: Path, commit: str, paths: list[str], save_removed: Path | None) -> None:
+    """A worktree back to `commit` exactly: files it did not hold there copied under `save_removed`, removed."""
+    from research import gitrepo
+
+    new = [p for p, kind in gitrepo.changed_paths(tree).items() if kind == "U"]
+    if save_removed is not None:
+        for rel in new:
+            src = tree / rel
+            if src.is_file() and not src.is_symlink():
+                dst = save_removed / rel
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                dst.write_bytes(src.read_bytes())
+    gitrepo.git(tree, "reset", "-q", "--hard", commit)
+    gitrepo.remove_paths(tree, new)
 
 
 class LockError(RuntimeError):

@@ -36,7 +36,9 @@ from research.driver import MAX_IDLE_PROPOSALS, agent_context, baseline_plan, ru
 from research.experiment import Outcome, Usage, _abort_monitor, _report, _row, _write_meta, decide, log_tail
 from research.results import NO_COMMIT, Row, sanitize
 from research.secrets import redact
-from research.session import ABORT_AUDIT, ABORT_OFF, BASELINE, BEST_NEXT, RERUN, Session, SessionError, replay
+from research.guards import guard_run
+from research.session import (ABORT_AUDIT, ABORT_OFF, BASELINE, BEST_NEXT, RERUN, Session, SessionError, TamperError,
+                              replay)
 from research.trial_worker import Job, JobResult, RunResult, RunSpec, TrialWorker, hardware_class
 from research.workspace import RESOURCE_ENV
 
@@ -155,7 +157,9 @@ class Pool:
         gitrepo.worktree_remove(self.s.repo, self.root / "none")  # prune records of trees that are gone
 
     def reset_tree(self, slot: Slot, commit: str) -> None:
-        """The slot's worktree back to `commit`, exactly: tracked files reset, anything else removed."""
+        """The slot's worktree back to `commit`, exactly: HEAD detached there (whatever a run checked out: no
+        branch moves), tracked files reset, anything else removed."""
+        gitrepo.git(slot.tree, "update-ref", "--no-deref", "HEAD", commit)
         gitrepo.git(slot.tree, "reset", "-q", "--hard", commit)
         extra = [p for p, k in gitrepo.changed_paths(slot.tree).items() if k == "U"]
         gitrepo.remove_paths(slot.tree, extra)
@@ -168,7 +172,7 @@ class Pool:
         self.root.mkdir(parents=True)
         env = {k: v for k, v in os.environ.items()
                if k in ("AUTORESEARCH_PROTOCOL", "AUTORESEARCH_TIME_BUDGET", "AUTORESEARCH_BACKEND",
-                        "AUTORESEARCH_CACHE", "AUTORESEARCH_SANDBOX", *RESOURCE_ENV)}
+                        "AUTORESEARCH_CACHE", "AUTORESEARCH_SANDBOX", "AUTORESEARCH_GAUGE_REPS", *RESOURCE_ENV)}
         env["AUTORESEARCH_PROTOCOL"] = s.protocol.name
         runtime_env = {"working_dir": str(s.repo), "excludes": EXCLUDES, "env_vars": env}
         gpu = s.host.backend in ("cuda", "rocm")
@@ -297,6 +301,7 @@ class Ticket:
     slot: Slot | None = None
     worker: str = ""
     fix_attempt: int = 0  # a fix of a crashed change: which attempt
+    tainted: str = ""  # what another run's guard found changed while this one ran (it may have done it)
 
 
 class Driver:
@@ -312,6 +317,9 @@ class Driver:
         self.stop_proposing = False
         self.baselines_left = 0
         self.here = socket.gethostname()
+        # What the runs must leave alone, as the driver itself last left it: the guard after every job
+        # compares with this and puts it back (research.guards.guard_run); _record and _keep move it along.
+        self.outside = s.outside_state()
 
     # -- the loop
 
@@ -426,14 +434,55 @@ class Driver:
         try:
             res: JobResult = self.ray.get(ref)
         except self.ray.exceptions.RayTaskError as e:  # the worker's own code failed: recorded, not retried
-            self._record_crash(t, f"the worker failed: {_short(e)}")
+            if not self._guarded(t, None):
+                self._record_crash(t, f"the worker failed: {_short(e)}")
             return
-        except self.ray.exceptions.RayError as e:  # the actor or its node is gone
-            self._lost(t, slot, e)
+        except self.ray.exceptions.RayError as e:  # the actor or its node is gone (its worktree: see _lost)
+            if not self._guarded(t, None, tree=False):
+                self._lost(t, slot, e)
             return
         for name, data in res.files.items():
             (t.run_dir / name).write_bytes(data)
-        getattr(self, f"_{t.kind}")(t, res)
+        if not self._guarded(t, res):  # first the guard, then (only for a clean job) any decision or other run
+            getattr(self, f"_{t.kind}")(t, res)
+
+    def _guarded(self, t: Ticket, res: JobResult | None, tree: bool = True) -> bool:
+        """The guard after a job, the one the single-worker loop runs after each run (research.guards.guard_run),
+        before anything is decided about the job or another run made for it: refs, HEAD, git settings, hooks
+        and results.tsv as the driver left them, the job's worktree as committed, the locked files intact
+        there, in the repository and in the worker's own copy of the code; whatever changed is put back.
+        A locked file changed: the job's row is recorded as rejected and TamperError stops the loop. Anything
+        else changed: the job is recorded as rejected (a baseline also stops the loop) and so is every job
+        that was running beside it when it was found (any of them may have done it). Returns True when the
+        job was recorded here. `tree` False: a lost worker's worktree is left to _lost (a job cut short may
+        have left the best's trainer in it)."""
+        s = self.s
+        first = t.first[0] if t.kind == "confirm" else (res.runs[0] if res is not None and res.runs else None)
+        where = t.slot.tree if t.slot is not None and tree else None
+        try:
+            meddled = guard_run(s, self.outside, tree=where, tree_at=t.commit, save_removed=t.run_dir / "removed")
+            if res is not None and res.tampered:
+                raise TamperError(f"Locked files were changed during the run ({', '.join(res.tampered[:5])} in "
+                                  f"{res.worker}'s copy of the code); the loop stopped. Only the trainer may be "
+                                  "edited.")
+        except TamperError as e:
+            self._record(t, self._row(t, status="rejected", note=f"rejected: {e}", r=first, usage=t.usage))
+            raise
+        if meddled:
+            for other in self.flights.values():
+                other.tainted = other.tainted or f"{meddled}, found while it ran beside {t.label}"
+        why = meddled or t.tainted
+        if not why:
+            return False
+        note = f"rejected: {why}" + (" (its confirm runs)" if t.kind == "confirm" else "")
+        if t.kind == "baseline":
+            k, total = t.baseline
+            self._record(t, self._row(t, status="rejected", note=f"{BASELINE} {k}/{total}; {note}", r=first))
+            raise SessionError(f"The baseline run was rejected ({why}); see {t.run_dir / 'log.txt'}.")
+        if t.kind == "confirm":
+            t.worker = t.first[4]  # the experiment's row names the worker of its first run
+        self._record(t, self._row(t, status="rejected", note=note, r=first, usage=t.usage))
+        return True
 
     def _lost(self, t: Ticket, slot: Slot, error: Exception) -> None:
         s = self.s
@@ -464,36 +513,16 @@ class Driver:
 
     def _record(self, t: Ticket, row: Row, extra: list[Row] = ()) -> None:
         s = self.s
-        self._guard(t, row)
-        s.record(row)
-        for r in extra:
+        for r in (row, *extra):
             s.record(r)
+            refs, data = self.outside  # results.tsv as the guard expects it: with the driver's own rows
+            self.outside = (refs, (data or b"") + r.to_line().encode("utf-8"))
         s.refresh()
         timings = {"total": time.perf_counter() - t.started} if t.started else {}
         _write_meta(t.run_dir, row, timings, started_at=t.started_at, finished_at=time.time(), worker=t.worker)
         out = Outcome(row=row, run_dir=t.run_dir, timings=timings)
         _report(s, t.label, out)
         tamper.stop_if_tampered(s, [row, *extra])  # a non-causal model: the branch stops (the pool is closed)
-
-    def _guard(self, t: Ticket, row: Row) -> None:
-        """The branch where the driver left it, and the worktree as the job found it; else put back and the
-        row becomes `rejected` (nothing but the driver moves the branch)."""
-        s = self.s
-        problems = []
-        if gitrepo.current_branch(s.repo) != s.branch or gitrepo.head(s.repo) != s.kept_commit:
-            gitrepo.git(s.repo, "update-ref", f"refs/heads/{s.branch}", s.kept_commit)
-            gitrepo.git(s.repo, "symbolic-ref", "HEAD", f"refs/heads/{s.branch}")
-            gitrepo.reset_hard(s.repo, s.kept_commit)
-            problems.append("the branch (put back)")
-        slot = t.slot
-        if slot is not None and slot.ready:
-            changed = gitrepo.changed_paths(slot.tree)
-            if changed:
-                problems.append(f"files in its worktree ({', '.join(sorted(changed)[:5])})")
-                self.pool.reset_tree(slot, s.kept_commit)
-        if problems and row.status not in ("crash", "rejected"):
-            row.status, row.note = "rejected", f"rejected: the run changed {' and '.join(problems)}"
-            row.val_bpb = row.memory_gb = 0.0
 
     def _record_crash(self, t: Ticket, reason: str) -> None:
         if t.kind == "baseline":
@@ -506,6 +535,9 @@ class Driver:
         s = self.s
         gitrepo.reset_hard(s.repo, t.commit)
         s.kept_commit = gitrepo.head(s.repo)
+        refs = self.outside[0]  # the guard expects the branch where the driver moved it
+        refs.refs[f"refs/heads/{s.branch}"] = (s.kept_commit, "")
+        refs.head_commit = s.kept_commit
 
     # -- baselines and re-runs
 

@@ -25,6 +25,7 @@ __all__ = [
     "UPSTREAM_COLUMNS",
     "STATUSES",
     "MEASURED",
+    "CLAIMED",
     "Row",
     "ResultsError",
     "append_row",
@@ -61,6 +62,8 @@ COLUMNS = UPSTREAM_COLUMNS + [
     "wall_limit_s",
     "first_step_s",
     "tail_s",
+    "gauge_before_s",
+    "gauge_after_s",
 ]
 # keep/discard/crash are the reference's; rejected = the change broke a rule (touched more than the
 # trainer, trained past the budget), invalid = the evaluator found the model non-causal, transfer = a
@@ -70,6 +73,8 @@ COLUMNS = UPSTREAM_COLUMNS + [
 # measurement for the noise model and the best's mean, not a decision.
 STATUSES = ("keep", "discard", "crash", "rejected", "invalid", "transfer", "abort", "rerun")
 MEASURED = ("keep", "discard", "transfer", "rerun")  # statuses whose val_bpb is a real measurement
+# columns copied from the trainer's own account of its run (facts.json): shown, never used for a decision
+CLAIMED = ("memory_gb", "training_seconds", "num_steps", "mfu_percent", "num_params_M")
 NO_COMMIT = "-------"  # commit column of a change that was never committed (rejected before commit)
 MAX_DESCRIPTION = 300
 _FREE_TEXT = ("description", "note", "device", "branch", "worker")  # the fields whose text comes from the run or the agent
@@ -87,7 +92,14 @@ def sanitize(text: object, limit: int = MAX_DESCRIPTION) -> str:
 
 @dataclass
 class Row:
-    """One experiment. Fields missing in a file (older or reference format) are None / empty."""
+    """One experiment. Fields missing in a file (older or reference format) are None / empty.
+
+    CLAIMED columns are copied from the trainer's own account of its run (its facts.json): memory_gb,
+    training_seconds, num_steps, mfu_percent and num_params_M. They are shown and never decide anything.
+    Everything else is the loop's or the harness's: hyperparams from the committed trainer's source, backend
+    and device from the loop's detection, the machine's speed from its gauge. (Rows written before this
+    took the hyperparameters and the device from the trainer too.)
+    """
 
     commit: str
     val_bpb: float
@@ -123,6 +135,10 @@ class Row:
     wall_limit_s: float | None = None
     first_step_s: float | None = None
     tail_s: float | None = None
+    # The loop's own gauge of the machine (research/gauge.py): seconds its fixed workload took just before
+    # and just after the run, on the machine that ran it. The speed the drift rule reads; not the trainer's.
+    gauge_before_s: float | None = None
+    gauge_after_s: float | None = None
 
     def __post_init__(self) -> None:
         for name in _FREE_TEXT:  # no secret in a row, whoever built it (the loop, a report reading a file)
@@ -168,6 +184,8 @@ _FLOAT_FORMATS = {
     "wall_limit_s": "{:.2f}",
     "first_step_s": "{:.2f}",
     "tail_s": "{:.2f}",
+    "gauge_before_s": "{:.4f}",
+    "gauge_after_s": "{:.4f}",
 }
 _INT_FIELDS = {"num_steps", "agent_tokens_in", "agent_tokens_out", "run"}
 

@@ -19,6 +19,8 @@ from research import gitrepo
 from research.console import Console
 from research.guards import LOCK_FILE, LOCKED_PATHS, RepoLock, hash_locked, locked_changes
 from research.decisions import NoiseModel, pooled_noise
+from research.gauge import speed_of
+from research.hparams import SourceValues
 from research.clock import WallRule, fixed_rule, rule_from_baselines
 from research.results import Row, append_row, ensure_results_file, read_results
 
@@ -57,7 +59,7 @@ class Settings:
     confirm: bool = True  # a promising single run is run again; the mean of both must pass at alpha
     confirm_alpha: float = 0.2  # the screen a single run must pass to earn its confirm run
     remeasure_every: int = 10  # re-run the best after this many experiments (0: never)
-    drift: float = 0.15  # relative change of the best's steps/s that counts as the machine's speed drifting
+    drift: float = 0.15  # relative change of the loop's gauge that counts as the machine's speed drifting
     early_abort: bool = True  # stop a run whose training loss trails the best's by more than the noise allows
     abort_z: float = 4.0  # ... by more than this many curve-noise sigmas
     abort_min_progress: float = 0.3  # ... never before this fraction of the budget
@@ -87,7 +89,7 @@ class Replay:
     best_hash: str = ""  # trainer_hash of the best trainer ("" when its rows have none)
     best_runs: list[Row] = field(default_factory=list)  # its runs at the machine's current speed, oldest first
     since_best_run: int = 0  # experiments (rows other than reruns) since the best trainer last ran
-    drift: float | None = None  # steps/s change where the best's current stretch began (None: one stretch)
+    drift: float | None = None  # speed change (the gauge) where the best's current stretch began (None: one stretch)
     drift_reason: str | None = None  # why the machine's speed calls for re-running the best soon
     all_best_runs: list[Row] = field(default_factory=list)  # every measured run of the best trainer
     abort_off: bool = False  # an abort audit failed since the best last changed: early abort is off
@@ -108,15 +110,17 @@ def measurement(r: Row) -> bool:
 
 
 def speed(r: Row) -> float | None:
-    """Steps per counted training second (the trainer's own figures: used only to notice the machine's
-    speed changing, which schedules re-runs and picks which of the best's runs are current)."""
-    return r.num_steps / r.training_seconds if r.num_steps and r.training_seconds else None
+    """The machine's speed during a run by the loop's own gauge (research/gauge.py: its fixed workload per
+    second, read just before and just after the run), or None for a row without readings (one written
+    before the gauge). It notices the machine's speed changing, which schedules re-runs and picks which
+    of the best's runs are current. Never the trainer's own steps or seconds: those are its claim."""
+    return speed_of(r.gauge_before_s, r.gauge_after_s)
 
 
 def speed_stretches(runs: list[Row], drift: float) -> list[list[Row]]:
-    """Split one trainer's runs (oldest first) where the machine's speed moved: a run whose steps/s is off
-    the median of the current stretch by more than `drift` (relative) starts a new stretch. Runs without a
-    speed stay in the current one."""
+    """Split one trainer's runs (oldest first) where the machine's speed moved: a run whose speed (the loop's
+    gauge) is off the median of the current stretch by more than `drift` (relative) starts a new stretch.
+    Runs without a speed stay in the current one."""
     out: list[list[Row]] = [[]]
     seen: list[float] = []
     for r in runs:
@@ -135,10 +139,10 @@ def replay(rows: list[Row], min_noise: float, drift: float = 0.15) -> Replay:
 
     The best trainer is the one of the last kept non-baseline row, else the baseline; the best is the
     mean of its measured runs (baseline runs, the keep, its confirm and periodic reruns) made at the
-    machine's current speed: when a run of it made more than `drift` more or fewer steps per second
-    than its runs before, the earlier ones stop counting for the mean (the load changed; they measured
-    another machine). The noise model pools the spread of every trainer that ran twice or more, all its
-    runs included (see research/decisions.py).
+    machine's current speed: when the loop's gauge says the machine was more than `drift` faster or
+    slower during a run of it than during its runs before, the earlier ones stop counting for the mean
+    (the load changed; they measured another machine). The noise model pools the spread of every
+    trainer that ran twice or more, all its runs included (see research/decisions.py).
     """
     baselines = [r for r in rows if r.note.startswith(BASELINE)]
     kept_row, kept = None, None
@@ -170,13 +174,14 @@ def replay(rows: list[Row], min_noise: float, drift: float = 0.15) -> Replay:
         before = [v for v in map(speed, stretches[-2]) if v is not None]
         moved = now[0] / statistics.median(before) - 1.0 if now and before else None
         if len(best_runs) < 2 and moved is not None:
-            reason = f"the machine's speed moved ({100 * moved:+.0f}% steps/s on the best's last run)"
+            reason = f"the machine's speed moved ({100 * moved:+.0f}% by the loop's gauge on the best's last run)"
     recent = [v for v in (speed(r) for r in rows[last + 1:] if measurement(r)) if v is not None][-3:] \
         if last is not None else []
     if reason is None and now and len(recent) >= 3:
         off = statistics.median(recent) / statistics.median(now) - 1.0
         if abs(off) > drift:
-            reason = f"the last runs made {100 * off:+.0f}% steps/s against the best's"
+            reason = (f"the machine's speed moved ({100 * off:+.0f}% by the loop's gauge for the last runs "
+                      "against the best's)")
     after = rows[mine[0]:] if mine else []
     abort_off = any(ABORT_OFF in r.note for r in after)
     would = sum(1 for r in after if r.status == "abort" or ABORT_AUDIT in r.note)
@@ -212,6 +217,7 @@ class Session:
         self.confine = None  # research.workspace.Confinement, set by open()
         self.owns_tree = False  # set once a branch is adopted: from then on an abort restores the tree
         self.pending_edit: str | None = None  # an edit to put back on abort (loop.py try)
+        self.source = SourceValues()  # the hyperparameters each trainer's source sets on this host (its rows')
 
     # ------------------------------------------------------------------ start-up
 
@@ -455,7 +461,8 @@ class Session:
         """Why the best should be run again before the next experiment, or None: every
         `remeasure_every` experiments since it last ran, or after a third of that when the machine's
         speed moved by more than `drift` (the best's last run started a new stretch and has no second
-        run yet, or the last three runs made that many more or fewer steps per second than the best)."""
+        run yet, or the machine was that much faster or slower by the loop's gauge for the last three runs
+        than for the best's)."""
         every = self.settings.remeasure_every
         st = self.state
         if every <= 0 or st.best is None or not st.best_runs:
@@ -649,9 +656,10 @@ class Session:
         except prepare.PrepareError as e:
             raise SessionError(f"{e}, then start the loop again (it resumes where it stopped)") from None
 
-    def verify_locked(self) -> None:
-        """Raise TamperError if a locked file differs from its hash at start."""
-        changed = locked_changes(self.repo, self.locked)
+    def verify_locked(self, tree: Path | None = None) -> None:
+        """Raise TamperError if a locked file differs from its hash at start (in the repository, or in `tree`:
+        a worker's git worktree, whose locked files are the repository's)."""
+        changed = locked_changes(tree or self.repo, self.locked)
         if changed:
             raise TamperError(f"Locked files were changed during the run ({_names(changed)}); the loop stopped "
                               "and restored the tree. Only the trainer may be edited.")

@@ -77,6 +77,9 @@ class RunResult:
     wall_limit_s: float | None = None  # the loop's own timing of the trainer (research/clock.py)
     first_step_s: float | None = None
     tail_s: float | None = None
+    gauge_before_s: float | None = None  # the loop's gauge of the machine around the run (research/gauge.py)
+    gauge_after_s: float | None = None
+    hyperparams: dict | None = None  # what the trainer's source sets on this host, read before it ran
 
 
 @dataclass
@@ -84,6 +87,23 @@ class JobResult:
     runs: list[RunResult]
     files: dict[str, bytes] = field(default_factory=dict)  # the run directory's files, by name
     worker: str = ""
+    tampered: list[str] = field(default_factory=list)  # locked files of the worker's code changed by the job
+
+
+def code_hashes(root: Path) -> dict[str, str]:
+    """sha256 of every file of the locked code (WORKER_CODE) under `root`, by path (byte-code caches left out)."""
+    out: dict[str, str] = {}
+    for rel in WORKER_CODE:
+        top = root / rel
+        paths = [top] if top.is_file() else sorted(p for p in top.rglob("*") if p.is_file()) if top.is_dir() else []
+        for path in paths:
+            if "__pycache__" in path.parts or path.suffix == ".pyc":
+                continue
+            try:
+                out[path.relative_to(root).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
+            except OSError:
+                continue
+    return out
 
 
 def hardware_class(host) -> str:
@@ -129,6 +149,10 @@ class _SplitConfinement:
 
     def __init__(self, trainer_side, harness_side) -> None:
         self.trainer_side, self.harness_side = trainer_side, harness_side
+        self.repo, self.trainer = trainer_side.repo, trainer_side.trainer  # where the trainer's source is
+
+    def run_python(self, args, timeout_s):
+        return self.trainer_side.run_python(args, timeout_s)
 
     def trainer_run(self, ws):
         return self.trainer_side.trainer_run(ws)
@@ -145,6 +169,8 @@ class _RunContext:
 
         self.console = _Quiet()
         self.lock = _NoLock()
+        self.host = worker.host
+        self.source = worker.source
         self.settings = _Settings(0.5)
         self.best = job.best
         self.budget = float(worker.protocol.time_budget)
@@ -174,6 +200,7 @@ class TrialWorker:
         import backends
         import prepare
         from judge import sandbox as sb
+        from research.hparams import SourceValues
 
         self.name = name
         self.where = f"{name}@{socket.gethostname()}"
@@ -189,6 +216,8 @@ class TrialWorker:
         self._own_children = {pid for pid, _ in sb._children(os.getpid())}
         self._stop = threading.Event()
         self._mirror: Path | None = None
+        self.source = SourceValues()  # hyperparameters from each trainer's source, its conditions probed once
+        self._code = code_hashes(self.code_root)  # the harness's code: a job that changes it stops the loop
 
     def hello(self) -> dict:
         """What the driver checks before giving this worker a job: same hardware, protocol, budget,
@@ -232,6 +261,17 @@ class TrialWorker:
                     shutil.copy2(src, dst)
         return self._mirror
 
+    def _tampered(self, tree: Path) -> list[str]:
+        """Locked files of this worker's code (and of its private copy for trainers, if any) that differ from
+        what it started with: only a trainer without a sandbox can get there."""
+        out = [p for p, h in code_hashes(self.code_root).items() if self._code.get(p) != h]
+        out += [p for p in self._code if not (self.code_root / p).is_file()]
+        if self._mirror is not None and tree == self._mirror:
+            mirror = code_hashes(self._mirror)
+            out += [f"{p} (trainers' copy)" for p in set(mirror) | set(self._code)
+                    if mirror.get(p) != self._code.get(p)]
+        return sorted(set(out))
+
     def run(self, job: Job) -> JobResult:
         from research.decisions import AbortMonitor, LossCurve
         from research.experiment import _run_once
@@ -272,9 +312,12 @@ class TrialWorker:
                                          fired=monitor.fired if monitor else None,
                                          fired_at=monitor.fired_at if monitor else None,
                                          audit=bool(monitor and monitor.audit), wall_limit_s=run.wall_limit_s,
-                                         first_step_s=run.first_step_s, tail_s=run.tail_s))
+                                         first_step_s=run.first_step_s, tail_s=run.tail_s,
+                                         gauge_before_s=getattr(run, "gauge_before_s", None),
+                                         gauge_after_s=getattr(run, "gauge_after_s", None),
+                                         hyperparams=getattr(run, "hyperparams", None)))
             files = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
-            return JobResult(results, files, self.where)
+            return JobResult(results, files, self.where, tampered=self._tampered(tree))
         finally:
             shutil.rmtree(run_dir, ignore_errors=True)
 

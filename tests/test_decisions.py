@@ -89,9 +89,12 @@ def _run(rng: random.Random, mean: float, sigma: float) -> tuple[float, int]:
 
 
 def _row(val: float, steps: int, status: str, trainer: str, note: str = "", run: int = 0) -> R.Row:
+    """A row whose run made `steps` steps; the loop's gauge read the machine as fast as that (a reading of
+    38/steps seconds: the speed the drift rule reads is proportional to the steps)."""
+    gauge = 38.0 / steps if steps else None
     return R.Row(commit=trainer[:7], val_bpb=val, memory_gb=0.1, status=status, description=note or trainer,
                  trainer_hash=trainer, num_steps=steps, training_seconds=60.0, note=note, branch="b", run=run,
-                 budget_s=60.0)
+                 budget_s=60.0, gauge_before_s=gauge, gauge_after_s=gauge)
 
 
 def _experiment(rng, rows: list[R.Row], name: str, mean: float, sigma: float, settings: Settings,
@@ -184,7 +187,7 @@ def test_replay_best_is_the_mean_of_the_best_trainers_runs():
     st = replay(rows, 0.0005)
     assert st.best == pytest.approx(2.47) and len(st.best_runs) == 1 and len(st.all_best_runs) == 4
     assert st.drift == pytest.approx(305 / statistics.median([382, 384, 380]) - 1)
-    assert st.drift_reason == "the machine's speed moved (-20% steps/s on the best's last run)"
+    assert st.drift_reason == "the machine's speed moved (-20% by the loop's gauge on the best's last run)"
     assert st.noise.df == 5
     # an audited abort that beat the best turns early abort off until the best changes
     rows.append(_row(2.30, 380, "discard", "late", f"within noise: ...; {ABORT_AUDIT} ...: {ABORT_OFF}"))
@@ -211,7 +214,7 @@ def test_rerun_is_due_every_n_experiments_and_sooner_while_the_speed_drifts():
     assert s.rerun_due() is None  # a third of the interval first
     rows.append(_row(2.6, 300, "discard", "y1", "no gain"))
     s.state = replay(rows, 0.0005)
-    assert s.rerun_due() == "the machine's speed moved (-21% steps/s on the best's last run)"
+    assert s.rerun_due() == "the machine's speed moved (-21% by the loop's gauge on the best's last run)"
     # the best at one speed, the last three runs at another: the machine's speed moved without the best
     rows.append(_row(2.56, 300, "rerun", "base", "rerun of the best: ..."))
     rows[-1].description = "rerun of the best (base)"
@@ -219,7 +222,7 @@ def test_rerun_is_due_every_n_experiments_and_sooner_while_the_speed_drifts():
     assert s.rerun_due() is None and s.state.best == pytest.approx(2.555)
     rows += [_row(2.5, 390, "discard", f"z{k}", "no gain") for k in range(3)]
     s.state = replay(rows, 0.0005)
-    assert s.rerun_due() == "the last runs made +30% steps/s against the best's"
+    assert s.rerun_due() == "the machine's speed moved (+30% by the loop's gauge for the last runs against the best's)"
     s.settings = Settings(remeasure_every=0)
     assert s.rerun_due() is None
 

@@ -180,6 +180,7 @@ def loop_env(cache: Path, budget: float = 2.0, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "AUTORESEARCH_", "FAKE_"))}
     env.update(AUTORESEARCH_CACHE=str(cache), AUTORESEARCH_PROTOCOL="tiny", AUTORESEARCH_BACKEND="cpu",
                AUTORESEARCH_TIME_BUDGET=str(budget), PYTHONDONTWRITEBYTECODE="1", AUTORESEARCH_WALL_MARGIN=WALL_MARGIN)
+    env["AUTORESEARCH_GAUGE_REPS"] = "0"  # the loop's gauge off: ~1 s a run saved (tests/test_loop_facts.py sets it)
     env.update(extra)
     return env
 
@@ -444,7 +445,9 @@ def test_keep_discard_and_records(tiny_cache, tmp_path):
     assert rows[3].val_bpb > rows[2].val_bpb and 0 < rows[2].val_bpb - rows[4].val_bpb < noise
     base, kept = rows[0], rows[2]
     assert (kept.agent_tokens_in, kept.agent_tokens_out, kept.agent_cost_usd) == (1200, 80, 0.004)
-    assert kept.protocol == "tiny" and kept.backend == "cpu" and kept.device == "fake cpu"  # facts: the trainer's word
+    import backends
+
+    assert kept.protocol == "tiny" and kept.backend == "cpu" and kept.device == backends.detect("cpu").device_name
     assert kept.memory_gb == 0.5 and kept.num_steps == 10 and kept.num_params_M == 1.2
     assert kept.holdout_bpb == pytest.approx(fake_result(1.5)["holdout_bpb"], abs=1.5e-6)
     assert kept.hyperparams["VAL_BPB"] == 1.5 and kept.branch == "autoresearch/t1"
@@ -457,23 +460,25 @@ def test_keep_discard_and_records(tiny_cache, tmp_path):
     assert "VAL_BPB = 1.5\n" in (repo / "train_cuda.py").read_text()
     assert_clean(repo)
     assert not (repo / ".autoresearch.lock").exists()
-    # per-run records: result.json holds the harness's result beside the trainer's own facts
+    # per-run records: result.json holds the harness's result, the loop's facts and the trainer's claims
     run3 = repo / "runs" / str(kept.run)
     assert "+VAL_BPB = 1.5" in (run3 / "diff.patch").read_text()
     record = json.loads((run3 / "result.json").read_text())
     assert record["eval"]["valid"] is True and record["eval"]["split"] == "val"
     assert record["eval"]["val_bpb"] == pytest.approx(kept.val_bpb, abs=1e-6)
     assert record["eval"]["evaluator_hash"] == kept.evaluator_hash and record["eval"]["probed_rows"] > 0
-    assert record["summary"]["num_steps"] == 10 and record["summary"]["device"] == "fake cpu"
+    assert record["claims"]["num_steps"] == 10 and record["claims"]["device"] == "fake cpu"  # the trainer's word
+    assert record["loop"]["device"] == kept.device and record["loop"]["hyperparams"]["VAL_BPB"] == 1.5
     assert record["trainer"]["wall_seconds"] == pytest.approx(kept.wall_seconds, abs=0.06)
-    # the log: the trainer's output, the harness's line, then the summary block last
+    # the log: the trainer's output, the harness's line, then the summary block and the trainer's claims last
     log = (run3 / "log.txt").read_text()
     trainer_part, judged = log.split("\n--- evaluation (judge/harness.py) ---\n")
     assert "fake trainer starting" in trainer_part and "handed over to the harness: facts.json, model.pt2" in trainer_part
     assert judged.startswith("harness: val ") and judged.rstrip("\n").split("\n")[-1].startswith("hyperparams:")
+    assert "\n--- claimed by the trainer" in judged  # the summary block, then the trainer's claims apart
     summary = prepare.parse_summary(log)
     assert summary["val_bpb"] == pytest.approx(kept.val_bpb, abs=1e-6) and summary["protocol"] == "tiny"
-    assert summary["num_steps"] == 10 and summary["hyperparams"]["VAL_BPB"] == 1.5
+    assert summary["num_steps"] is None and summary["hyperparams"]["VAL_BPB"] == 1.5 and summary["depth"] == 2
     # the trainer ran in a private workspace outside the repo (removed since), its environment without
     # the credentials, with a hand-over directory and no way to write a result itself
     child = trainer_info(run3 / "log.txt")
