@@ -258,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         if session is not None:
             session.abort()
         console.event("")
-        hint = "" if session else "\n(uv run loop.py check tests this host stage by stage)"  # it failed at start
+        at_start = session is None and type(e) is SessionError  # the host, its data or its sandbox failed
+        hint = " (`uv run loop.py check` tests this host stage by stage)" if at_start else ""
         print(f"error: {e}{hint}", file=sys.stderr, flush=True)
         return 1
     except OSError as e:  # a full disk, a path that cannot be written: say which, leave the tree as it was
