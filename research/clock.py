@@ -20,6 +20,15 @@ training contract the trainers use (`prepare.TrainingClock`) ends training early
 hand-over to make it, with the reserve grown in proportion when this run reached its first step later
 than the baselines did (a busier machine, a slower start).
 
+The machine's speed moves the limit too (`WallRule.at_speed`): the loop's gauge (research/gauge.py) is
+read just before each run's trainer starts, where the trainer cannot touch it, and compared with the
+baselines' median reading. When the machine is faster than it was for them by more than FASTER_BAND, the
+room past the budget (limit - budget) shrinks with it (scale: the ratio of the readings plus the band),
+so baselines measured on a busy machine leave no room for a trainer running on a quiet one; when it is
+slower by more than SLOWER_BAND, the room grows (the ratio less the band), so a machine that got much
+busier does not reject honest runs. The wide band upwards keeps the gauge's own noise from giving a
+trainer room on a quiet host. The scale stays within [MIN_SPEED_SCALE, MAX_SPEED_SCALE].
+
 `StepWatch` is how the loop times the baselines' first and last training steps from outside: it sees the
 trainer's `step N (P%) | loss: L` lines as they arrive on the output pipe.
 """
@@ -31,16 +40,19 @@ import re
 import statistics
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 __all__ = ["DEADLINE_ENV", "MIN_MARGIN_S", "MAX_MARGIN_FRACTION", "SPREAD_FACTOR", "RESERVE_FACTOR",
-           "RESERVE_EXTRA_S", "WallRule", "StepWatch", "spread_of", "margin_for", "rule_from_baselines", "fixed_rule",
+           "RESERVE_EXTRA_S", "FASTER_BAND", "SLOWER_BAND", "MIN_SPEED_SCALE", "MAX_SPEED_SCALE", "WallRule", "StepWatch", "spread_of", "margin_for", "rule_from_baselines", "fixed_rule",
            "deadline_env"]
 
 DEADLINE_ENV = "AUTORESEARCH_DEADLINE"  # prepare.TrainingClock reads it (the same name is spelled there)
 MIN_MARGIN_S = 0.25  # the margin past the baselines' median wall time, at least (timer and process-exit jitter)
 SPREAD_FACTOR = 3.0  # ... else this many (robust) standard deviations of their wall times
 MAX_MARGIN_FRACTION = 0.25  # ... and at most MIN_MARGIN_S + this fraction of the budget, however noisy
+FASTER_BAND = 0.15  # the gauge may read this much faster (as a fraction) than for the baselines ...
+SLOWER_BAND = 0.5  # ... or this much slower, before the room past the budget moves with it
+MIN_SPEED_SCALE, MAX_SPEED_SCALE = 0.5, 3.0  # how far the room past the budget moves with the machine's speed
 RESERVE_FACTOR = 1.1  # the reserve an honest trainer keeps for its hand-over: 1.1 x the baselines' median
 RESERVE_EXTRA_S = 0.1  # ... time from their last step to their end, plus 0.1 s
 
@@ -57,6 +69,25 @@ class WallRule:
     first_step: float | None = None  # the baselines' median seconds from their start to their first step line
     baselines: int = 0  # how many baselines it is measured on (0: fixed by --startup-allowance)
     spread: float | None = None  # the baselines' robust standard deviation of wall time (two or more)
+    gauge: float | None = None  # the baselines' median gauge reading before they ran (seconds; None: none)
+    speed_scale: float = 1.0  # how at_speed moved the room past the budget for this run (1: not at all)
+
+    def at_speed(self, gauge_now: float | None) -> WallRule:
+        """This rule for a run whose gauge read `gauge_now` seconds before it started (more seconds: a slower
+        machine). With r = gauge_now / the baselines' reading, the room past the budget is scaled by r +
+        FASTER_BAND when r < 1 - FASTER_BAND, by r - SLOWER_BAND when r > 1 + SLOWER_BAND, within
+        [MIN_SPEED_SCALE, MAX_SPEED_SCALE]; unchanged otherwise, without both readings, or for a fixed rule."""
+        if not self.baselines or not self.gauge or not gauge_now or gauge_now <= 0:
+            return self
+        ratio = gauge_now / self.gauge
+        if ratio < 1 - FASTER_BAND:
+            scale = ratio + FASTER_BAND
+        elif ratio > 1 + SLOWER_BAND:
+            scale = ratio - SLOWER_BAND
+        else:
+            return self
+        scale = min(MAX_SPEED_SCALE, max(MIN_SPEED_SCALE, scale))
+        return replace(self, limit=self.budget + scale * self.allowance, speed_scale=scale)
 
     @property
     def allowance(self) -> float:
@@ -68,9 +99,12 @@ class WallRule:
             return f"a hand-over later than {self.limit:.1f} s after start (budget + {self.allowance:.1f} s, set " \
                    f"by --startup-allowance) is rejected (overtime)"
         spread = f", spread {self.spread:.2f} s" if self.spread is not None else ""
+        speed = (f"; the room past the budget shrinks when the loop's gauge reads the machine more than "
+                 f"{100 * FASTER_BAND:.0f}% faster than for them and grows when more than {100 * SLOWER_BAND:.0f}% "
+                 f"slower") if self.gauge else ""
         return (f"a hand-over later than {self.limit:.1f} s after start (the median of {self.baselines} baseline"
                 f"{'s' if self.baselines != 1 else ''} + {self.margin:.2f} s margin{spread}) is rejected "
-                f"(overtime); each run is told this deadline and trains less rather than run past it")
+                f"(overtime){speed}; each run is told its deadline and trains less rather than run past it")
 
 
 def spread_of(walls: list[float]) -> float | None:
@@ -105,8 +139,9 @@ def rule_from_baselines(baselines, budget: float, margin: float | None = None) -
     walls = [r.wall_seconds for r in good]
     m = margin_for(walls, budget) if margin is None else margin
     reserve, first = _reserve(good)
+    gauges = [g for g in (getattr(r, "gauge_before_s", None) for r in good) if g]
     return WallRule(budget=budget, limit=statistics.median(walls) + m, margin=m, reserve=reserve, first_step=first,
-                    baselines=len(good), spread=spread_of(walls))
+                    baselines=len(good), spread=spread_of(walls), gauge=statistics.median(gauges) if gauges else None)
 
 
 def fixed_rule(budget: float, allowance: float, baselines=()) -> WallRule:

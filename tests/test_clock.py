@@ -61,6 +61,24 @@ def test_the_limit_is_the_baselines_median_plus_a_margin_from_their_spread():
     assert fixed.limit == 13.0 and fixed.reserve == rule.reserve and "--startup-allowance" in fixed.describe()
 
 
+def test_the_room_past_the_budget_follows_the_machine_s_speed():
+    """Baselines measured on a busy machine (gauge 0.2 s) leave a trainer on a quiet one (0.1 s) less room;
+    one much busier (0.4 s) gets more; the gauge's own noise (within the bands) moves nothing."""
+    rows = [Row("a", 2.5, 0.0, "keep", "baseline", wall_seconds=w, gauge_before_s=g, note="baseline")
+            for w, g in ((20.0, 0.2), (18.0, 0.21), (22.0, 0.19))]
+    rule = clock.rule_from_baselines(rows, 8.0)
+    assert rule.gauge == 0.2 and rule.allowance == pytest.approx(20.0 + 2.25 - 8.0)
+    quiet = rule.at_speed(0.1)
+    assert quiet.speed_scale == pytest.approx(0.5 + clock.FASTER_BAND)
+    assert quiet.limit == pytest.approx(8.0 + quiet.speed_scale * rule.allowance)
+    for noise in (0.18, 0.2, 0.25, 0.29):
+        assert rule.at_speed(noise) is rule
+    busy = rule.at_speed(0.4)
+    assert busy.speed_scale == pytest.approx(2.0 - clock.SLOWER_BAND) and busy.limit > rule.limit
+    assert rule.at_speed(5.0).speed_scale == clock.MAX_SPEED_SCALE and rule.at_speed(0.001).speed_scale == 0.5
+    assert rule.at_speed(None) is rule and clock.fixed_rule(8.0, 5.0).at_speed(0.1).limit == 13.0
+
+
 def test_the_training_clock_ends_training_before_the_deadline(monkeypatch):
     p = SimpleNamespace(time_budget=8.0)
     monkeypatch.delenv(prepare.DEADLINE_ENV, raising=False)
