@@ -1464,10 +1464,11 @@ def val(tiny_cache_root):
 
 
 def _score(val: _Val, forward, batch_size: int = 8, adapter=None, probe: bool = True) -> float:
+    from data.protocols import PROTOCOLS
     from judge.evaluate import score_split
     rng = np.random.default_rng(int(uuid.uuid4().int % 2**32)) if probe else None
     return score_split(forward, adapter or _Float64Adapter(), batch_size, val.rows, val.token_bytes, val.vocab,
-                       rng)["bpb"]
+                       rng, lookahead_fraction=PROTOCOLS["tiny"].probe_lookahead)["bpb"]  # the harness's probe on tiny
 
 
 def _unigram(val: _Val):
