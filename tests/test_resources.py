@@ -344,6 +344,7 @@ def capped_session(tiny_cache_root, tmp_path_factory):
     return rows, proc.stdout
 
 
+@pytest.mark.slow  # one loop session of five over-cap runs (CI runs the slow set)
 def test_the_caps_are_said_at_start(capped_session):
     _, out = capped_session
     line = next(ln for ln in out.splitlines() if "resources: " in ln)
@@ -353,23 +354,27 @@ def test_the_caps_are_said_at_start(capped_session):
 
 
 @pytest.mark.skipif(not HAS_BWRAP, reason="the sandbox's own /tmp and /dev/shm are bubblewrap's")
+@pytest.mark.slow  # one loop session of five over-cap runs (CI runs the slow set)
 def test_a_full_tmp_or_shm_is_the_runs_crash(capped_session):
     (tmp, shm, *_), _ = capped_session
     for row in (tmp, shm):
         assert "No space left on device" in row.note, row.note
 
 
+@pytest.mark.slow  # one loop session of five over-cap runs (CI runs the slow set)
 def test_a_full_workspace_ends_the_run(capped_session):
     (_, _, ws, *_), _ = capped_session
     assert ws.note == ("crash: wrote more than 64 MiB into its workspace, past the cap "
                        "(AUTORESEARCH_WORKSPACE_CAP); ended by the loop"), ws.note  # not its 20 s sleep's end
 
 
+@pytest.mark.slow  # one loop session of five over-cap runs (CI runs the slow set)
 def test_one_file_past_the_cap_fails_to_write(capped_session):
     (*_, big, _, _), _ = capped_session
     assert "File too large" in big.note, big.note
 
 
+@pytest.mark.slow  # one loop session of five over-cap runs (CI runs the slow set)
 def test_memory_past_the_cap_is_the_runs_crash(capped_session):
     (*_, hog, win), _ = capped_session
     assert "MemoryError" in hog.note or "memory cap of 2 GiB" in hog.note, hog.note

@@ -109,6 +109,7 @@ def test_a_non_causal_hand_over_through_try_stops_the_branch_until_cleared(tmp_p
     assert read_rows(repo)[n - 1].status == "invalid"  # the tampering row stays
 
 
+@pytest.mark.slow  # a loop run on Ray (CI runs the slow set)
 def test_a_non_causal_hand_over_stops_a_two_worker_run(tmp_path, tiny_cache):
     pytest.importorskip("ray")
     repo = make_repo(tmp_path)

@@ -87,6 +87,7 @@ def test_two_workers_put_back_what_runs_change_and_reject_them(tiny_cache, tmp_p
     assert len(worktrees(repo)) == 1  # only the repository itself
 
 
+@pytest.mark.slow  # a loop run on Ray (CI runs the slow set)
 def test_two_workers_stop_on_a_locked_file_and_record_a_crash(tiny_cache, tmp_path):
     """Beside a crash (recorded as one, the failing line in its note), a run rewrites a locked file in its
     worktree: rejected, put back, and the loop stops, as with one worker."""
