@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from data import PrepareError
+from data.clock import DEADLINE_ENV, TrainingClock
 from data.download import DEFAULT_DOWNLOAD_WORKERS
 from data.files import _atomic_write_bytes
 from data.integrity import (eval_data_paths, is_prepared, tokenizer_paths, train_data_paths, verify_eval_data,
@@ -162,62 +163,6 @@ def hand_over(export: Callable[[Path], dict], facts: dict) -> dict | None:
     print_summary(result, facts)
     shutil.rmtree(directory, ignore_errors=True)
     return result
-
-
-# ---------------------------------------------------------------------------
-# The training clock. The protocol's time budget counts training seconds; under the loop a run also has a
-# wall-clock deadline (from its start to its hand-over, timed by the loop from outside: a later hand-over
-# is rejected), given in AUTORESEARCH_DEADLINE. TrainingClock ends training early enough to make it.
-# ---------------------------------------------------------------------------
-
-DEADLINE_ENV = "AUTORESEARCH_DEADLINE"  # set by the loop (research/clock.py): JSON with the deadline and reserve
-_MAX_RESERVE_SCALE = 3.0  # a slow start grows the hand-over reserve by at most this factor
-
-
-class TrainingClock:
-    """How many counted training seconds this run may reach: the protocol's time budget, or less when the
-    loop's deadline comes first. Made right before the first step; asked again after every step:
-
-        clock = prepare.TrainingClock(protocol)
-        budget = clock.budget()
-        ... each step: total_training_time += dt (counted steps); budget = clock.budget(total_training_time, dt)
-        ... stop once a counted step brings total_training_time to budget
-
-    Run by hand (no deadline) the budget is the protocol's. Under the loop it is at most the training so far
-    plus the wall time left before the deadline, less one more step and less the reserve the hand-over
-    needs (what the branch's baselines took from their last step to their end, grown by as much as this
-    run reached its first step later than they did), and never below a millisecond (the schedule divides
-    by it). A run whose set-up took longer than the baselines' therefore trains less instead of handing
-    over past its deadline."""
-
-    def __init__(self, protocol) -> None:
-        self.time_budget = float(protocol.time_budget)
-        self.deadline = self.started = self.reserve = self.first_step = None
-        self.scale = 1.0  # how much later than the baselines this run reached its first step (at least 1)
-        self._first = True
-        try:
-            spec = json.loads(os.environ.get(DEADLINE_ENV) or "null")
-            if isinstance(spec, dict):
-                self.deadline = float(spec["deadline"])
-                self.started = float(spec.get("started", time.time()))
-                self.reserve = float(spec["reserve_s"]) if spec.get("reserve_s") is not None else None
-                self.first_step = float(spec["first_step_s"]) if spec.get("first_step_s") else None
-        except (ValueError, TypeError, KeyError):
-            self.deadline = None  # unreadable: run to the protocol's budget (the loop still times the run)
-        if self.deadline is not None and self.reserve is None:  # nothing measured yet: a quarter of the slack
-            self.reserve = max(0.5, 0.25 * (self.deadline - self.started - self.time_budget))
-
-    def budget(self, trained: float = 0.0, step_seconds: float = 0.0) -> float:
-        """Counted training seconds this run may reach, given `trained` so far and the last step's wall time."""
-        if self.deadline is None:
-            return self.time_budget
-        now = time.time()
-        if step_seconds > 0 and self._first:  # the first step is done: compare with the baselines' first step
-            self._first = False
-            if self.first_step:
-                self.scale = min(_MAX_RESERVE_SCALE, max(1.0, (now - self.started) / self.first_step))
-        left = self.deadline - now - self.reserve * self.scale - step_seconds
-        return max(1e-3, min(self.time_budget, trained + left))
 
 
 # ---------------------------------------------------------------------------
