@@ -71,7 +71,8 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "sum": ("default", "dim_IntList"), "mean": ("default", "dim"), "prod": ("default", "dim_int"),
     "amax": ("default",), "amin": ("default",), "max": ("default", "dim"), "min": ("default", "dim"),
     "argmax": ("default",), "argmin": ("default",), "var": ("correction", "dim"), "std": ("correction", "dim"),
-    "var_mean": ("correction",), "logsumexp": ("default",), "cumsum": ("default",),
+    "var_mean": ("correction",), "logsumexp": ("default",), "cumsum": ("default",), "cumprod": ("default",),
+    "_safe_softmax": ("default",), "nan_to_num": ("default",),
     "linalg_vector_norm": ("default",), "norm": ("ScalarOpt_dim", "Scalar"), "any": ("dim", "default"),
     "all": ("dim", "default"), "softmax": ("int",), "_softmax": ("default",), "log_softmax": ("int",),
     "_log_softmax": ("default",), "rms_norm": ("default",), "layer_norm": ("default",),
@@ -79,7 +80,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     # products and attention
     "linear": ("default",), "matmul": ("default",), "mm": ("default",), "bmm": ("default",),
     "addmm": ("default",), "baddbmm": ("default",), "einsum": ("default",), "outer": ("default",),
-    "scaled_dot_product_attention": ("default",), "embedding": ("default",),
+    "scaled_dot_product_attention": ("default",), "embedding": ("default",), "one_hot": ("default",),
     "conv1d": ("default",), "conv2d": ("default",),
     # shapes, views, copies
     "view": ("default", "dtype"), "reshape": ("default",), "permute": ("default",), "transpose": ("int",),
