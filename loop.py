@@ -71,8 +71,8 @@ def _common() -> argparse.ArgumentParser:
                         "median of the branch's baselines plus --wall-margin)")
     p.add_argument("--wall-margin", type=float, default=_env_float("AUTORESEARCH_WALL_MARGIN"),
                    help="seconds past the baselines' median wall time a run may take until its hand-over "
-                        "(default: AUTORESEARCH_WALL_MARGIN, else 3 x the baselines' spread, 0.25 s to "
-                        "0.25 s + 25%% of the budget)")
+                        "(default: AUTORESEARCH_WALL_MARGIN, else 3 x the baselines' spread, at least 0.25 s, "
+                        "at most 5%% of the budget)")
     p.add_argument("--no-sandbox", action="store_true",
                    help="run trainers without the OS sandbox: they can then read the validation data, git, "
                         "your files and other processes' environments")

@@ -39,20 +39,21 @@ def _baseline(wall: float, tail: float | None = 1.0, first: float | None = 4.0, 
 
 
 def test_the_limit_is_the_baselines_median_plus_a_margin_from_their_spread():
-    walls = [14.0, 14.3, 13.9, 14.1, 14.0]
+    walls = [14.0, 14.07, 13.93, 14.2, 14.0]
     rule = clock.rule_from_baselines([_baseline(w) for w in walls], 8.0)
-    sd = 1.4826 * 0.1  # the median absolute deviation from the median (14.0), as a normal sigma
+    sd = 1.4826 * 0.07  # the median absolute deviation from the median (14.0), as a normal sigma
     assert rule.spread == pytest.approx(sd) and rule.margin == pytest.approx(3 * sd)
     assert rule.limit == pytest.approx(14.0 + 3 * sd) and rule.baselines == 5
-    # the rule this project had before allowed 1.5 x 6.3 s + 10 s past the budget: 19.45 s of room
-    old_limit = 8.0 + 1.5 * (14.3 - 8.0) + 10.0
-    assert old_limit - rule.limit > 10 and rule.limit - 14.0 < 0.06 * 8.0
+    # the rule this project had before allowed 1.5 x 6.2 s + 10 s past the budget: 19.3 s of room
+    old_limit = 8.0 + 1.5 * (14.2 - 8.0) + 10.0
+    assert old_limit - rule.limit > 10 and rule.limit - 14.0 <= 0.05 * 8.0
     cold = clock.rule_from_baselines([_baseline(w) for w in [19.0, *walls[1:]]], 8.0)  # a cold first start
-    assert cold.limit < 15.0  # far from the cold 19 s: the slowest baseline does not set the limit
+    assert cold.limit < 14.5  # far from the cold 19 s: the slowest baseline does not set the limit
     one = clock.rule_from_baselines([_baseline(14.0)], 8.0)
     assert one.margin == clock.MIN_MARGIN_S and one.limit == pytest.approx(14.25) and one.spread is None
     noisy = clock.rule_from_baselines([_baseline(w) for w in (10.0, 20.0)], 8.0)
-    assert noisy.margin == pytest.approx(clock.MIN_MARGIN_S + clock.MAX_MARGIN_FRACTION * 8.0)  # capped
+    assert noisy.margin == pytest.approx(clock.MAX_MARGIN_FRACTION * 8.0) == 0.4  # capped at 5% of the budget
+    assert clock.rule_from_baselines([_baseline(w) for w in (10.0, 20.0)], 2.0).margin == clock.MIN_MARGIN_S
     assert clock.rule_from_baselines([_baseline(30.0, status="crash")], 8.0) is None  # nothing measured yet
     assert clock.rule_from_baselines([_baseline(14.0)], 8.0, margin=2.0).limit == 16.0  # --wall-margin
     tails = clock.rule_from_baselines([_baseline(14.0, tail=t) for t in (1.0, 1.2, 5.0)], 8.0)
@@ -61,22 +62,20 @@ def test_the_limit_is_the_baselines_median_plus_a_margin_from_their_spread():
     assert fixed.limit == 13.0 and fixed.reserve == rule.reserve and "--startup-allowance" in fixed.describe()
 
 
-def test_the_room_past_the_budget_follows_the_machine_s_speed():
-    """Baselines measured on a busy machine (gauge 0.2 s) leave a trainer on a quiet one (0.1 s) less room;
-    one much busier (0.4 s) gets more; the gauge's own noise (within the bands) moves nothing."""
+def test_the_room_past_the_budget_grows_when_the_machine_got_much_busier():
+    """Baselines measured with the gauge at 0.2 s: a run whose gauge reads 0.4 s gets 1.5 x the room past the
+    budget; the gauge's own noise (up to 50% slower) and a faster reading move nothing."""
     rows = [Row("a", 2.5, 0.0, "keep", "baseline", wall_seconds=w, gauge_before_s=g, note="baseline")
             for w, g in ((20.0, 0.2), (18.0, 0.21), (22.0, 0.19))]
     rule = clock.rule_from_baselines(rows, 8.0)
-    assert rule.gauge == 0.2 and rule.allowance == pytest.approx(20.0 + 2.25 - 8.0)
-    quiet = rule.at_speed(0.1)
-    assert quiet.speed_scale == pytest.approx(0.5 + clock.FASTER_BAND)
-    assert quiet.limit == pytest.approx(8.0 + quiet.speed_scale * rule.allowance)
-    for noise in (0.18, 0.2, 0.25, 0.29):
-        assert rule.at_speed(noise) is rule
+    assert rule.gauge == 0.2 and rule.allowance == pytest.approx(20.0 + 0.4 - 8.0)
+    for reading in (0.05, 0.1, 0.2, 0.25, 0.3):
+        assert rule.at_speed(reading) is rule
     busy = rule.at_speed(0.4)
-    assert busy.speed_scale == pytest.approx(2.0 - clock.SLOWER_BAND) and busy.limit > rule.limit
-    assert rule.at_speed(5.0).speed_scale == clock.MAX_SPEED_SCALE and rule.at_speed(0.001).speed_scale == 0.5
-    assert rule.at_speed(None) is rule and clock.fixed_rule(8.0, 5.0).at_speed(0.1).limit == 13.0
+    assert busy.speed_scale == pytest.approx(2.0 - clock.SLOWER_BAND)
+    assert busy.limit == pytest.approx(8.0 + busy.speed_scale * rule.allowance)
+    assert rule.at_speed(5.0).speed_scale == clock.MAX_SPEED_SCALE
+    assert rule.at_speed(None) is rule and clock.fixed_rule(8.0, 5.0).at_speed(1.0).limit == 13.0
 
 
 def test_the_training_clock_ends_training_before_the_deadline(monkeypatch):

@@ -619,7 +619,7 @@ def test_a_branch_scored_by_another_evaluator_is_refused():
 def test_startup_allowance_and_kill_limits():
     """The overtime limit and the kill limit: before any baseline a run is killed after factor x budget +
     margin and nothing is overtime; after, the limit is the median of this branch's measured baselines
-    plus a margin (3 x their spread, 0.25 s to 0.25 s + 25% of the budget; --wall-margin fixes it), the
+    plus a margin (3 x their spread, at least 0.25 s, at most 5% of the budget; --wall-margin fixes it), the
     kill budget + 2 x allowance + margin; --startup-allowance fixes the limit at budget + allowance."""
     import prepare
     from research.console import Console
@@ -644,10 +644,10 @@ def test_startup_allowance_and_kill_limits():
             row("autoresearch/b", "baseline 1/1", 60.0),  # another branch
             row("autoresearch/a", "win: -0.1", 50.0)]  # not a baseline
     s = session(rows, timeout_margin=7)
-    a = 6 + 2.75  # their median took 6 s past the budget; 3 x their spread (8.9 s) capped at 0.25 s + 25% of 10 s
+    a = 6 + 0.5  # their median took 6 s past the budget; 3 x their spread (8.9 s) capped at 5% of 10 s
     assert s.startup_allowance() == pytest.approx(a)
     assert s.overtime_limit() == pytest.approx(10 + a) and s.timeout_s == pytest.approx(10 + 2 * a + 7)
-    assert f"a hand-over later than {10 + a:.1f} s after start (the median of 2 baselines + 2.75 s margin" \
+    assert f"a hand-over later than {10 + a:.1f} s after start (the median of 2 baselines + 0.50 s margin" \
         in s.allowance_line()
     assert session([row("autoresearch/a", "baseline 1/1", 6.0)]).overtime_limit() == pytest.approx(6.25)  # one run
     assert session(rows, wall_margin=2.0).overtime_limit() == pytest.approx(18.0)
