@@ -21,7 +21,9 @@ to the median honest run, in counted seconds (training_seconds) and in steps, an
 Run: .venv/bin/python bench/bench_clock.py [--budget 8] [--baselines 5] [--honest 8] [--slow 3]
                                            [--guesses 0.4,0.8,1.2] [--keep DIR]
 The protocol must be prepared (`uv run prepare.py --protocol tiny`); AUTORESEARCH_CACHE is honoured. The
-machine's load average is printed at the start and end: the rule's bound is for a quiet host.
+machine's load average is printed at the start and end: the rule's bound is for a quiet host. On a machine
+shared with other jobs, OMP_NUM_THREADS=1 keeps the trainer's steps from slowing 20-fold whenever another
+process takes a core (OpenMP's spinning threads), which a quiet host would not do.
 """
 
 from __future__ import annotations

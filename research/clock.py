@@ -21,16 +21,13 @@ training contract the trainers use (`prepare.TrainingClock`) ends training early
 hand-over to make it, with the reserve grown in proportion when this run reached its first step later
 than the baselines did (a busier machine, a slower start).
 
-A machine that got much busier moves the limit too (`WallRule.at_speed`): the loop's gauge
-(research/gauge.py) is read just before each run's trainer starts, where the trainer cannot touch it, and
-compared with the baselines' median reading; when it reads the machine more than SLOWER_BAND slower, the
-room past the budget (limit - budget) grows by the ratio of the readings less the band, at most
-MAX_SPEED_SCALE times, so honest start-ups that slowed with the machine are not rejected. The wide band
-keeps the gauge's own noise (about 20% between runs on a shared machine) from giving a trainer room.
-The limit never shrinks with the gauge: a reading that said the machine got faster cut honest runs far
-more than their speed had changed (bench/bench_clock.py on a shared machine: the gauge read 2x faster,
-the trainer ran 15% faster). So the bound below holds on a host that is as quiet for the later runs as
-it was for the baselines: baselines measured under load leave room to a trainer running without it.
+The limit does not move with the loop's gauge of the machine's speed (research/gauge.py): on a shared
+machine the gauge read the machine 2x faster than for the baselines while the trainer ran 15% faster
+(a limit shrunk by it cut 8 of 10 honest runs and rejected one), and 1.6x slower while the trainer ran
+as fast as ever (a limit grown by it gave a trainer 29% of the budget more). So the bound below holds on
+a host that is as quiet for the later runs as for the baselines: baselines measured under more load
+leave that much room to a trainer running without it, and a machine that got busier shortens honest
+runs (through their deadline) rather than rejecting them.
 
 `StepWatch` is how the loop times the baselines' first and last training steps from outside: it sees the
 trainer's `step N (P%) | loss: L` lines as they arrive on the output pipe.
@@ -43,18 +40,16 @@ import re
 import statistics
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 __all__ = ["DEADLINE_ENV", "MIN_MARGIN_S", "MAX_MARGIN_FRACTION", "SPREAD_FACTOR", "RESERVE_FACTOR",
-           "RESERVE_EXTRA_S", "SLOWER_BAND", "MAX_SPEED_SCALE", "WallRule", "StepWatch", "spread_of", "margin_for", "rule_from_baselines", "fixed_rule",
+           "RESERVE_EXTRA_S", "WallRule", "StepWatch", "spread_of", "margin_for", "rule_from_baselines", "fixed_rule",
            "deadline_env"]
 
 DEADLINE_ENV = "AUTORESEARCH_DEADLINE"  # prepare.TrainingClock reads it (the same name is spelled there)
 MIN_MARGIN_S = 0.25  # the margin past the baselines' median wall time, at least (timer and process-exit jitter)
 SPREAD_FACTOR = 3.0  # ... else this many (robust) standard deviations of their wall times
 MAX_MARGIN_FRACTION = 0.05  # ... and at most this fraction of the budget (or MIN_MARGIN_S), however noisy
-SLOWER_BAND = 0.5  # the gauge may read this much slower than for the baselines before the room past the budget grows
-MAX_SPEED_SCALE = 3.0  # ... and it grows at most this many times
 RESERVE_FACTOR = 1.1  # the reserve an honest trainer keeps for its hand-over: 1.1 x the baselines' median
 RESERVE_EXTRA_S = 0.1  # ... time from their last step to their end, plus 0.1 s
 
@@ -71,21 +66,6 @@ class WallRule:
     first_step: float | None = None  # the baselines' median seconds from their start to their first step line
     baselines: int = 0  # how many baselines it is measured on (0: fixed by --startup-allowance)
     spread: float | None = None  # the baselines' robust standard deviation of wall time (two or more)
-    gauge: float | None = None  # the baselines' median gauge reading before they ran (seconds; None: none)
-    speed_scale: float = 1.0  # how at_speed moved the room past the budget for this run (1: not at all)
-
-    def at_speed(self, gauge_now: float | None) -> WallRule:
-        """This rule for a run whose gauge read `gauge_now` seconds before it started (more seconds: a slower
-        machine): with r = gauge_now / the baselines' reading, the room past the budget is scaled by
-        min(r - SLOWER_BAND, MAX_SPEED_SCALE) when r > 1 + SLOWER_BAND; unchanged otherwise, without both
-        readings, or for a fixed rule."""
-        if not self.baselines or not self.gauge or not gauge_now or gauge_now <= 0:
-            return self
-        ratio = gauge_now / self.gauge
-        if ratio <= 1 + SLOWER_BAND:
-            return self
-        scale = min(MAX_SPEED_SCALE, ratio - SLOWER_BAND)
-        return replace(self, limit=self.budget + scale * self.allowance, speed_scale=scale)
 
     @property
     def allowance(self) -> float:
@@ -97,11 +77,9 @@ class WallRule:
             return f"a hand-over later than {self.limit:.1f} s after start (budget + {self.allowance:.1f} s, set " \
                    f"by --startup-allowance) is rejected (overtime)"
         spread = f", spread {self.spread:.2f} s" if self.spread is not None else ""
-        speed = (f"; the room past the budget grows when the loop's gauge reads the machine more than "
-                 f"{100 * SLOWER_BAND:.0f}% slower than for them") if self.gauge else ""
         return (f"a hand-over later than {self.limit:.1f} s after start (the median of {self.baselines} baseline"
                 f"{'s' if self.baselines != 1 else ''} + {self.margin:.2f} s margin{spread}) is rejected "
-                f"(overtime){speed}; each run is told its deadline and trains less rather than run past it")
+                f"(overtime); each run is told its deadline and trains less rather than run past it")
 
 
 def spread_of(walls: list[float]) -> float | None:
@@ -136,9 +114,8 @@ def rule_from_baselines(baselines, budget: float, margin: float | None = None) -
     walls = [r.wall_seconds for r in good]
     m = margin_for(walls, budget) if margin is None else margin
     reserve, first = _reserve(good)
-    gauges = [g for g in (getattr(r, "gauge_before_s", None) for r in good) if g]
     return WallRule(budget=budget, limit=statistics.median(walls) + m, margin=m, reserve=reserve, first_step=first,
-                    baselines=len(good), spread=spread_of(walls), gauge=statistics.median(gauges) if gauges else None)
+                    baselines=len(good), spread=spread_of(walls))
 
 
 def fixed_rule(budget: float, allowance: float, baselines=()) -> WallRule:

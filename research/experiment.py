@@ -281,9 +281,6 @@ def _run_once(s: Session, run_dir: Path, label: str, description: str, prefix: s
         text = ""
     hyperparams = s.source.values(text, s.confine)  # what the source sets here, read before it runs
     gauge_before = gauge()  # the machine's speed, by the loop's own fixed workload
-    if rule is not None:  # the room past the budget follows the machine's speed (research/clock.py)
-        rule = rule.at_speed(gauge_before)
-        limit = rule.limit
     ws = Workspace.create(int(run_dir.name) if run_dir.name.isdigit() else 0)
     judge = None
     try:
@@ -391,9 +388,7 @@ def claims_block(facts: dict) -> str:
 def _limit_why(rule: WallRule) -> str:
     if not rule.baselines:
         return "set by --startup-allowance"
-    speed = f", x {rule.speed_scale:.2f} for the machine's speed by the gauge" if rule.speed_scale != 1 else ""
-    return (f"the median of {rule.baselines} baseline{'s' if rule.baselines != 1 else ''} + {rule.margin:.2f} s "
-            f"margin{speed}")
+    return f"the median of {rule.baselines} baseline{'s' if rule.baselines != 1 else ''} + {rule.margin:.2f} s margin"
 
 
 def _redact_file(path: Path) -> None:

@@ -62,22 +62,6 @@ def test_the_limit_is_the_baselines_median_plus_a_margin_from_their_spread():
     assert fixed.limit == 13.0 and fixed.reserve == rule.reserve and "--startup-allowance" in fixed.describe()
 
 
-def test_the_room_past_the_budget_grows_when_the_machine_got_much_busier():
-    """Baselines measured with the gauge at 0.2 s: a run whose gauge reads 0.4 s gets 1.5 x the room past the
-    budget; the gauge's own noise (up to 50% slower) and a faster reading move nothing."""
-    rows = [Row("a", 2.5, 0.0, "keep", "baseline", wall_seconds=w, gauge_before_s=g, note="baseline")
-            for w, g in ((20.0, 0.2), (18.0, 0.21), (22.0, 0.19))]
-    rule = clock.rule_from_baselines(rows, 8.0)
-    assert rule.gauge == 0.2 and rule.allowance == pytest.approx(20.0 + 0.4 - 8.0)
-    for reading in (0.05, 0.1, 0.2, 0.25, 0.3):
-        assert rule.at_speed(reading) is rule
-    busy = rule.at_speed(0.4)
-    assert busy.speed_scale == pytest.approx(2.0 - clock.SLOWER_BAND)
-    assert busy.limit == pytest.approx(8.0 + busy.speed_scale * rule.allowance)
-    assert rule.at_speed(5.0).speed_scale == clock.MAX_SPEED_SCALE
-    assert rule.at_speed(None) is rule and clock.fixed_rule(8.0, 5.0).at_speed(1.0).limit == 13.0
-
-
 def test_the_training_clock_ends_training_before_the_deadline(monkeypatch):
     p = SimpleNamespace(time_budget=8.0)
     monkeypatch.delenv(prepare.DEADLINE_ENV, raising=False)
