@@ -272,15 +272,15 @@ REAL_CHEATS = {
 }
 
 
-def _real_session(cache: Path, tmp: Path, tag: str, steps: dict[str, dict], statuses: list[str]
-                  ) -> dict[str, tuple[R.Row, str]]:
-    """One loop session on the real train_cuda.py (budget 1 s), one experiment per step; each step's row and
-    log by name."""
+def _real_session(cache: Path, tmp: Path, tag: str, steps: dict[str, dict], statuses: list[str],
+                  budget: float = 1.0) -> dict[str, tuple[R.Row, str]]:
+    """One loop session on the real train_cuda.py (`budget` seconds), one experiment per step; each step's
+    row and log by name."""
     repo = make_repo(tmp, trainer=None)
-    prior = seed(repo, tag, 9.0)
+    prior = seed(repo, tag, 9.0, budget=budget)
     script = write_script(tmp, list(steps.values()))
     proc = run_loop(repo, *loop_args(tag, script, "--max-experiments", str(len(steps)), "--max-fix-attempts", "0"),
-                    env=loop_env(cache, budget=1), timeout=500)
+                    env=loop_env(cache, budget=budget), timeout=500)
     stopped = statuses[-1] == "invalid"  # a non-causal model is tampering: the loop stops the branch after it
     assert proc.returncode == (1 if stopped else 0), proc.stdout + proc.stderr
     assert ("that is tampering, so branch" in proc.stderr) == stopped, proc.stderr
@@ -291,8 +291,9 @@ def _real_session(cache: Path, tmp: Path, tag: str, steps: dict[str, dict], stat
 
 @pytest.fixture(scope="module")
 def real_faults(tiny_cache_root, tmp_path_factory) -> dict[str, tuple[R.Row, str]]:
+    # 4 s: on a CPU without AMX the default config takes about a second a step, and the fault is at step 2
     return _real_session(tiny_cache_root, tmp_path_factory.mktemp("real-faults"), "faults", REAL_FAULTS,
-                         ["crash"] * len(REAL_FAULTS))
+                         ["crash"] * len(REAL_FAULTS), budget=4.0)
 
 
 @pytest.fixture(scope="module")

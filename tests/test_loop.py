@@ -279,7 +279,7 @@ def allowance(wall: float, budget: float, margin: float | None = float(WALL_MARG
                                            description="baseline", wall_seconds=wall)], budget, margin)
 
 
-def seed(repo: Path, tag: str, val: float | None = None, *, wall: float = 30.0) -> Prior:
+def seed(repo: Path, tag: str, val: float | None = None, *, wall: float = 30.0, budget: float = 1.0) -> Prior:
     """Leave `repo` as an earlier session would have: branch autoresearch/<tag> checked out at HEAD, with
     a baseline row for it in results.tsv (val_bpb `val`, default what the harness measures for the
     unchanged stand-in), after a row of another branch. The loop resumes it without running a baseline
@@ -295,7 +295,7 @@ def seed(repo: Path, tag: str, val: float | None = None, *, wall: float = 30.0) 
     import prepare
 
     common = dict(timestamp="2026-03-08T22:14:05+01:00", backend="cpu", device="cpu", protocol="tiny",
-                  evaluator_hash=prepare.evaluator_hash(), memory_gb=0.5, training_seconds=1.0, num_steps=10,
+                  evaluator_hash=prepare.evaluator_hash(), memory_gb=0.5, training_seconds=budget, num_steps=10,
                   trainer_hash=text_hash((repo / "train_cuda.py").read_text()), wall_seconds=wall)
     R.append_row(path, R.Row(commit="a1b2c3d", val_bpb=1.9, status="discard", description="an idea on another branch",
                              branch="autoresearch/older", run=7, note="no gain: +0.1", hyperparams={"DEPTH": 2},
