@@ -15,7 +15,8 @@ import time
 __all__ = ["DEADLINE_ENV", "TrainingClock"]
 
 DEADLINE_ENV = "AUTORESEARCH_DEADLINE"  # set by the loop (research/clock.py): JSON with the deadline and reserve
-_MAX_RESERVE_SCALE = 3.0  # a slow start grows the hand-over reserve by at most this factor
+_MAX_RESERVE_SCALE = 3.0  # a slow start grows the hand-over reserve by at most this factor ...
+_START_NOISE = 0.25  # ... and only by how much later than the baselines' its first step came beyond this fraction
 
 
 class TrainingClock:
@@ -29,15 +30,15 @@ class TrainingClock:
 
     Run by hand (no deadline) the budget is the protocol's. Under the loop it is at most the training so far
     plus the wall time left before the deadline, less one more step and less the reserve the hand-over
-    needs (what the branch's baselines took from their last step to their end, grown by as much as this
-    run reached its first step later than they did), and never below a millisecond (the schedule divides
-    by it). A run whose set-up took longer than the baselines' therefore trains less instead of handing
+    needs (what the branch's baselines took from their last step to their end, grown when this run reached
+    its first step more than a quarter later than they did), and never below a millisecond (the schedule
+    divides by it). A run whose set-up took longer than the baselines' therefore trains less instead of handing
     over past its deadline."""
 
     def __init__(self, protocol) -> None:
         self.time_budget = float(protocol.time_budget)
         self.deadline = self.started = self.reserve = self.first_step = None
-        self.scale = 1.0  # how much later than the baselines this run reached its first step (at least 1)
+        self.scale = 1.0  # the reserve's growth for a first step later than the baselines' (at least 1)
         self._first = True
         try:
             spec = json.loads(os.environ.get(DEADLINE_ENV) or "null")
@@ -58,7 +59,8 @@ class TrainingClock:
         now = time.time()
         if step_seconds > 0 and self._first:  # the first step is done: compare with the baselines' first step
             self._first = False
-            if self.first_step:
-                self.scale = min(_MAX_RESERVE_SCALE, max(1.0, (now - self.started) / self.first_step))
+            if self.first_step:  # how many times later, less the start-up's own noise
+                late = (now - self.started) / self.first_step - _START_NOISE
+                self.scale = min(_MAX_RESERVE_SCALE, max(1.0, late))
         left = self.deadline - now - self.reserve * self.scale - step_seconds
         return max(1e-3, min(self.time_budget, trained + left))

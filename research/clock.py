@@ -5,21 +5,20 @@ The branch's baseline runs of the unchanged trainer set the rule (`rule_from_bas
 run may take the baselines' median wall time plus a margin of SPREAD_FACTOR times their spread (a robust
 standard deviation: 1.4826 x the median absolute deviation, so one cold start among them moves nothing),
 at least MIN_MARGIN_S and at most MAX_MARGIN_FRACTION of the budget (or MIN_MARGIN_S, if more). A
-hand-over later than that is rejected (overtime). On a noisy machine the cap means honest runs slower
-than that are shortened by their deadline (below), not rejected. Baselines are never held to it: they are what it is measured on.
-Before the first baseline nothing is measured, so a run is only killed at the kill limit (the session's
-`timeout_s`: 2 x budget + --timeout-margin).
+hand-over later than that is rejected (overtime); on a noisy machine the cap means that honest runs
+slower than that are shortened by their deadline (below), not rejected. Baselines are never held to it:
+they are what it is measured on. Before the first baseline nothing is measured, so a run is only killed
+at the kill limit (the session's `timeout_s`: 2 x budget + --timeout-margin).
 
 A trainer that trains longer than the budget can therefore gain at most the margin, plus however much
 faster than the baselines' median its own start and hand-over are, plus whatever honest overhead
-(start-up, warm-up, export) it manages to skip. An honest change
-that adds set-up time (a bigger model, a compile) is not rejected: the loop tells every run its
-deadline (DEADLINE_ENV: the absolute time of the limit, when the run started, how long the baselines
-took, in the median, from their last training step to their end and from their start to their first
-step), and the
-training contract the trainers use (`prepare.TrainingClock`) ends training early enough for the
-hand-over to make it, with the reserve grown in proportion when this run reached its first step later
-than the baselines did (a busier machine, a slower start).
+(start-up, warm-up, export) it manages to skip. An honest change that adds set-up time (a bigger model,
+a compile) is not rejected: the loop tells every run its deadline (DEADLINE_ENV: the absolute time of
+the limit, when the run started, how long the baselines took, in the median, from their last training
+step to their end and from their start to their first step), and the training contract the trainers use
+(`prepare.TrainingClock`, data/clock.py) ends training early enough for the hand-over to make it, with
+the reserve grown when this run reached its first step more than a quarter later than the baselines did
+(a busier machine, a slower start).
 
 The limit does not move with the loop's gauge of the machine's speed (research/gauge.py): on a shared
 machine the gauge read the machine 2x faster than for the baselines while the trainer ran 15% faster
