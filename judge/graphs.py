@@ -81,8 +81,6 @@ def read_facts(handover: Path) -> dict:
 
 def _load_torch(path: Path, expect_T: int) -> LoadedGraph:
     """model.pt2 read as data and run by judge/pt2.py's interpreter: no torch.export.load, no fx code."""
-    import torch
-
     from backends import detect, torch_rt
     from judge.pt2 import ArchiveError, read_program
 
@@ -101,11 +99,8 @@ def _load_torch(path: Path, expect_T: int) -> LoadedGraph:
     if not 0 < shape[0] <= 1 << 16:
         raise GraphError(f"the exported forward takes batches of {shape[0]} rows; export it for 1 to 65536")
 
-    @torch.no_grad()
-    def forward(x):
-        return program(x)
-
-    return LoadedGraph("torch", forward, torch_rt.eval_adapter(host), shape[0], shape[1], path.stat().st_size)
+    # the program runs under inference mode itself
+    return LoadedGraph("torch", program, torch_rt.eval_adapter(host), shape[0], shape[1], path.stat().st_size)
 
 
 def _load_mlx(path: Path, expect_T: int, facts: dict) -> LoadedGraph:

@@ -41,11 +41,12 @@ import threading
 import time
 from dataclasses import dataclass
 
+from data.clock import DEADLINE_ENV  # prepare.TrainingClock reads it
+
 __all__ = ["DEADLINE_ENV", "MIN_MARGIN_S", "MAX_MARGIN_FRACTION", "SPREAD_FACTOR", "RESERVE_FACTOR",
            "RESERVE_EXTRA_S", "WallRule", "StepWatch", "spread_of", "margin_for", "rule_from_baselines", "fixed_rule",
            "deadline_env"]
 
-DEADLINE_ENV = "AUTORESEARCH_DEADLINE"  # prepare.TrainingClock reads it (the same name is spelled there)
 MIN_MARGIN_S = 0.25  # the margin past the baselines' median wall time, at least (timer and process-exit jitter)
 SPREAD_FACTOR = 3.0  # ... else this many (robust) standard deviations of their wall times
 MAX_MARGIN_FRACTION = 0.05  # ... and at most this fraction of the budget (or MIN_MARGIN_S), however noisy
