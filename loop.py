@@ -16,13 +16,13 @@ import sys
 
 if __name__ == "__main__":
     # Nothing in the work tree may stand in for a module the loop imports (a json.py or numpy.py beside
-    # this file, byte-code in __pycache__): research/pyexec.py, read by path, takes this folder off the
+    # this file, byte-code in __pycache__): sandbox/pyexec.py, read by path, takes this folder off the
     # front of sys.path and makes the repository importable from source only, at the end of it.
-    _boot = os.path.join(os.path.dirname(os.path.realpath(__file__)), "research", "pyexec.py")
+    _boot = os.path.join(os.path.dirname(os.path.realpath(__file__)), "sandbox", "pyexec.py")
     with open(_boot, "rb") as _f:
         exec(compile(_f.read(), _boot, "exec"), {"__name__": "__pyexec_boot__", "__file__": _boot,
                                                   "SCRIPT": __file__})
-    from research import secrets as _secrets
+    from sandbox import secrets as _secrets
 
     # Start again as `python -I loop.py ...` without credentials in the environment (they follow through
     # a pipe and stay in memory): no process the trainer can see holds one.
@@ -32,7 +32,9 @@ import argparse  # noqa: E402
 import signal  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from research import live, report, secrets  # noqa: E402
+from reporting import live, report  # noqa: E402
+
+from sandbox import secrets
 from research.console import Console  # noqa: E402
 from research.gitrepo import GitError  # noqa: E402
 from research.guards import LockError  # noqa: E402
@@ -200,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, _raise_interrupt)
 
-    from research.agents import AgentError, make_agent
+    from agents import AgentError, make_agent
     from research.driver import research, try_change
     from research.session import TamperError
 

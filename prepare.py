@@ -144,7 +144,7 @@ def hand_over(export: Callable[[Path], dict], facts: dict) -> dict | None:
         return None
     import subprocess
 
-    from research.secrets import allowed_env  # the harness inherits the allow-list it gets under the loop
+    from sandbox.secrets import allowed_env  # the harness inherits the allow-list it gets under the loop
 
     out = directory / "result.json"
     sys.stdout.flush()

@@ -11,7 +11,7 @@ def main() -> int:
     except BackendError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    from judge.sandbox import SandboxError, describe as describe_sandbox  # lazily: backend line first
+    from sandbox.confine import SandboxError, describe as describe_sandbox  # lazily: backend line first
 
     try:
         print(describe_sandbox())

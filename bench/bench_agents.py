@@ -30,8 +30,8 @@ sys.path.insert(0, str(ROOT))
 
 from research.results import MEASURED, read_results  # noqa: E402
 
-PROJECT_FILES = ("loop.py", "research", "prepare.py", "data", "backends", "model", "judge", "program.md",
-                 "train_cuda.py", "train_mlx.py", ".gitignore", "pyproject.toml")
+PROJECT_FILES = ("loop.py", "prepare.py", "data", "model", "backends", "judge", "sandbox", "research", "agents",
+                 "reporting", "program.md", "train_cuda.py", "train_mlx.py", ".gitignore", "pyproject.toml")
 
 
 def scratch_repo(dest: Path) -> Path:

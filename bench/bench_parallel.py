@@ -73,7 +73,7 @@ class ValueAgent:
     def propose(self, ctx):
         import re
 
-        from research.agents import Proposal
+        from agents import Proposal
 
         self.k += 1
         text = ctx.trainer_path.read_text(encoding="utf-8")

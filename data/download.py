@@ -118,7 +118,7 @@ def download_file(
 
     retries = DOWNLOAD_RETRIES if retries is None else retries
     backoff_s = DOWNLOAD_BACKOFF_S if backoff_s is None else backoff_s
-    endpoint, offline_fix = hub_endpoint(), "or work offline with: python prepare.py --protocol tiny"
+    endpoint, offline_fix = hub_endpoint(), "or work offline with: uv run prepare.py --protocol tiny"
     if _offline():
         raise PrepareError(f"HF_HUB_OFFLINE is set, so {filename} cannot be downloaded from {p.dataset}; "
                            f"unset it, {offline_fix}")
@@ -138,13 +138,13 @@ def download_file(
                 if kind == "missing":
                     raise PrepareError(
                         f"The hub at {endpoint} answered HTTP 404 for {filename} of {p.dataset}; check the dataset name "
-                        f"and that the shard exists (a smaller --num-shards), then rerun: python prepare.py --protocol {p.name}"
+                        f"and that the shard exists (a smaller --num-shards), then rerun: uv run prepare.py --protocol {p.name}"
                     ) from None
                 if kind == "denied":
                     raise PrepareError(
                         f"The hub at {endpoint} refused {p.dataset} ({last}: gated, private or a wrong token); accept its "
                         f"terms on the dataset's page, set HF_TOKEN or run: hf auth login, then rerun: "
-                        f"python prepare.py --protocol {p.name}"
+                        f"uv run prepare.py --protocol {p.name}"
                     ) from None
                 if kind == "not-a-hub":
                     raise PrepareError(f"The server at {endpoint} does not answer as a Hugging Face hub does ({last}); "
@@ -162,7 +162,7 @@ def download_file(
             return
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    raise PrepareError(f"Downloading {filename} failed {retries} times ({last}); rerun python prepare.py --protocol "
+    raise PrepareError(f"Downloading {filename} failed {retries} times ({last}); rerun: uv run prepare.py --protocol "
                        f"{p.name} to resume, {offline_fix}")
 
 

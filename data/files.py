@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from data.protocols import Protocol
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` through path.tmp and a rename, making the parent folders."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -28,7 +28,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+def atomic_save_npy(path: Path, array: np.ndarray) -> None:
     """np.save `array` to `path` through path.tmp and a rename, making the parent folders."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -37,7 +37,7 @@ def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def _write_parquet(path: Path, texts: list[str]) -> None:
+def write_parquet(path: Path, texts: list[str]) -> None:
     """Write a `text` column atomically (a .tmp file renamed into place)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -45,9 +45,9 @@ def _write_parquet(path: Path, texts: list[str]) -> None:
     os.replace(tmp, path)
 
 
-def _corrupt(path: Path, p: Protocol, why: str) -> PrepareError:
+def corrupt_error(path: Path, p: Protocol, why: str) -> PrepareError:
     """The error for a damaged file: names it, why, and the fix."""
-    return PrepareError(f"{path} is corrupt or truncated ({why}); delete it and rerun: python prepare.py --protocol {p.name}")
+    return PrepareError(f"{path} is corrupt or truncated ({why}); delete it and rerun: uv run prepare.py --protocol {p.name}")
 
 
 def check_parquet(path: Path, p: Protocol, deep: bool = False) -> int:
@@ -63,20 +63,20 @@ def check_parquet(path: Path, p: Protocol, deep: bool = False) -> int:
                 for i in range(pf.num_row_groups):
                     pf.read_row_group(i, columns=["text"])
     except (pa.ArrowException, OSError) as e:
-        raise _corrupt(path, p, type(e).__name__) from None
+        raise corrupt_error(path, p, type(e).__name__) from None
     if "text" not in names:
-        raise PrepareError(f"{path} has no 'text' column; delete it and rerun: python prepare.py --protocol {p.name}")
+        raise PrepareError(f"{path} has no 'text' column; delete it and rerun: uv run prepare.py --protocol {p.name}")
     return meta.num_rows
 
 
-def _read_texts(path: Path, p: Protocol) -> Iterator[list[str]]:
+def read_texts(path: Path, p: Protocol) -> Iterator[list[str]]:
     """The `text` column of a parquet shard, one row group at a time; corruption is a PrepareError."""
     try:
         pf = pq.ParquetFile(path)
         if "text" not in pf.schema_arrow.names:
-            raise PrepareError(f"{path} has no 'text' column; delete it and rerun: python prepare.py --protocol {p.name}")
+            raise PrepareError(f"{path} has no 'text' column; delete it and rerun: uv run prepare.py --protocol {p.name}")
         for i in range(pf.num_row_groups):
             yield pf.read_row_group(i, columns=["text"]).column("text").to_pylist()
     except (pa.ArrowException, OSError) as e:
-        raise _corrupt(path, p, type(e).__name__) from None
+        raise corrupt_error(path, p, type(e).__name__) from None
 

@@ -14,25 +14,25 @@ from pathlib import Path
 from typing import Iterable
 
 from data import PrepareError
-from data.files import _corrupt, check_parquet
-from data.protocols import Protocol, _tokenizer_dir, cache_root, protocol_dir, split_shards
+from data.files import check_parquet, corrupt_error
+from data.protocols import Protocol, cache_root, protocol_dir, split_shards, tokenizer_dir
 from data.tokenizer import Tokenizer, load_token_bytes
-from data.tokens import _token_cache_paths
+from data.tokens import token_cache_paths
 
 # ---------------------------------------------------------------------------
 # The manifest: prepared.json, written last by prepare()
 # ---------------------------------------------------------------------------
 
 
-def _manifest_path(p: Protocol) -> Path:
+def manifest_path(p: Protocol) -> Path:
     """<protocol dir>/prepared.json."""
     return protocol_dir(p) / "prepared.json"
 
 
-def _read_manifest(p: Protocol) -> dict | None:
+def read_manifest(p: Protocol) -> dict | None:
     """The protocol's manifest, or None when it is missing, unreadable or made for another protocol version."""
     try:
-        manifest = json.loads(_manifest_path(p).read_text())
+        manifest = json.loads(manifest_path(p).read_text())
     except (OSError, ValueError):
         return None
     if not isinstance(manifest, dict) or manifest.get("protocol") != p.name or manifest.get("version") != p.version:
@@ -47,7 +47,7 @@ def _read_manifest(p: Protocol) -> dict | None:
 HASHED_PARTS = ("tokenizer", "val", "holdout")  # the manifest's "sha256" sections
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     """The sha256 hex digest of a file's bytes, read in 1 MiB pieces."""
     h = hashlib.sha256()
     buf = bytearray(1 << 20)
@@ -64,18 +64,18 @@ def _relative(p: Protocol, path: Path) -> str:
 
 def _tokenizer_fingerprint(p: Protocol) -> str:
     """The name of the token cache made with the protocol's tokenizer (as Tokenizer.load computes it)."""
-    path = _tokenizer_dir(p) / "tokenizer.pkl"
+    path = tokenizer_dir(p) / "tokenizer.pkl"
     try:
         return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
     except FileNotFoundError:
-        raise PrepareError(f"Protocol '{p.name}' has no tokenizer yet; run: python prepare.py --protocol {p.name}") from None
+        raise PrepareError(f"Protocol '{p.name}' has no tokenizer yet; run: uv run prepare.py --protocol {p.name}") from None
     except OSError as e:
-        raise _corrupt(path, p, type(e).__name__) from None
+        raise corrupt_error(path, p, type(e).__name__) from None
 
 
 def tokenizer_paths(p: Protocol) -> list[Path]:
     """The tokenizer files: tokenizer.pkl (read by Tokenizer.load) and token_bytes.npy (load_token_bytes)."""
-    tok_dir = _tokenizer_dir(p)
+    tok_dir = tokenizer_dir(p)
     return [tok_dir / "tokenizer.pkl", tok_dir / "token_bytes.npy"]
 
 
@@ -89,7 +89,7 @@ def eval_data_paths(p: Protocol, split: str) -> list[Path]:
     if split not in ("val", "holdout"):
         raise ValueError(f"split must be 'val' or 'holdout', not {split!r}")
     fingerprint = _tokenizer_fingerprint(p)
-    return [path for shard in split_shards(p, split) for path in (shard, *_token_cache_paths(shard, fingerprint))]
+    return [path for shard in split_shards(p, split) for path in (shard, *token_cache_paths(shard, fingerprint))]
 
 
 def train_data_paths(p: Protocol) -> list[Path]:
@@ -106,7 +106,7 @@ def train_data_paths(p: Protocol) -> list[Path]:
     paths = []
     for shard in split_shards(p, "train"):
         paths.append(shard)
-        paths += [f for f in _token_cache_paths(shard, fingerprint) if f.exists()]
+        paths += [f for f in token_cache_paths(shard, fingerprint) if f.exists()]
     marker = cache_root() / "protocol"
     if marker.exists():
         paths.append(marker)
@@ -117,7 +117,7 @@ def _hashed_paths(p: Protocol, part: str) -> list[Path]:
     return tokenizer_paths(p) if part == "tokenizer" else eval_data_paths(p, part)
 
 
-def _content_hashes(p: Protocol, memo: dict | None = None) -> dict[str, dict[str, str]]:
+def content_hashes(p: Protocol, memo: dict | None = None) -> dict[str, dict[str, str]]:
     """{part: {path relative to the protocol dir: sha256}} for the tokenizer and the evaluation splits."""
     memo = {} if memo is None else memo
     out: dict[str, dict[str, str]] = {}
@@ -129,11 +129,11 @@ def _content_hashes(p: Protocol, memo: dict | None = None) -> dict[str, dict[str
 
 
 def _cached_sha256(path: Path, memo: dict) -> str:
-    """_sha256_file, remembered in `memo` while the file's identity, size and mtime stay the same."""
+    """sha256_file, remembered in `memo` while the file's identity, size and mtime stay the same."""
     st = path.stat()
     key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
     if key not in memo:
-        memo[key] = _sha256_file(path)
+        memo[key] = sha256_file(path)
     return memo[key]
 
 
@@ -143,11 +143,11 @@ def verify_eval_data(p: Protocol, splits: Iterable[str] = ("val", "holdout")) ->
 
     Checks the tokenizer files and, for each of `splits`, eval_data_paths(p, split). A missing file, a
     manifest without recorded hashes (one written by an older prepare.py) and a file without one are
-    errors too; `python prepare.py --protocol NAME` repairs each of them.
+    errors too; `uv run prepare.py --protocol NAME` repairs each of them.
     """
-    fix = f"python prepare.py --protocol {p.name}"
-    manifest = _read_manifest(p)
-    where = _manifest_path(p)
+    fix = f"uv run prepare.py --protocol {p.name}"
+    manifest = read_manifest(p)
+    where = manifest_path(p)
     if manifest is None:
         raise PrepareError(f"Protocol '{p.name}' is not prepared ({where} is missing or out of date); run: {fix}")
     recorded = manifest.get("sha256")
@@ -163,19 +163,19 @@ def verify_eval_data(p: Protocol, splits: Iterable[str] = ("val", "holdout")) ->
             want = hashes.get(_relative(p, path))
             if want is None:
                 raise PrepareError(f"{where} records no content hash for {path}; run: {fix} to record it")
-            if _sha256_file(path) != want:
+            if sha256_file(path) != want:
                 raise PrepareError(f"{path} does not match the content hash recorded when it was prepared (it was "
                                    f"changed or damaged); run: {fix} to restore it")
 
 
-def _discard_damaged_sources(p: Protocol, recorded: dict, memo: dict) -> None:
+def discard_damaged_sources(p: Protocol, recorded: dict, memo: dict) -> None:
     """Delete tokenizer files and evaluation shards that differ from their recorded hash, so the steps that
     follow make them again. An evaluation shard without a recorded hash (an older manifest) is decoded
     in full instead, and deleted when that fails."""
     tok_files = [f for f in tokenizer_paths(p) if f.exists()]
     tok_hashes = recorded.get("tokenizer", {})
     if any(tok_hashes.get(_relative(p, f)) not in (None, _cached_sha256(f, memo)) for f in tok_files):
-        print(f"{p.name}: the tokenizer in {_tokenizer_dir(p)} differs from the one prepared; making it again")
+        print(f"{p.name}: the tokenizer in {tokenizer_dir(p)} differs from the one prepared; making it again")
         for f in tok_files:
             f.unlink()
     for split in ("val", "holdout"):
@@ -197,13 +197,13 @@ def _discard_damaged_sources(p: Protocol, recorded: dict, memo: dict) -> None:
             shard.unlink()
 
 
-def _discard_unverified_eval_caches(p: Protocol, recorded: dict, memo: dict) -> None:
+def discard_unverified_eval_caches(p: Protocol, recorded: dict, memo: dict) -> None:
     """Delete the evaluation splits' token cache files unless each matches its recorded hash (none is
     recorded by an older manifest), so they are tokenized again from the checked shards."""
     fingerprint = _tokenizer_fingerprint(p)
     for split in ("val", "holdout"):
         for shard in split_shards(p, split):
-            files = _token_cache_paths(shard, fingerprint)
+            files = token_cache_paths(shard, fingerprint)
             present = [f for f in files if f.exists()]
             hashes = recorded.get(split, {})
             if present and any(hashes.get(_relative(p, f)) != _cached_sha256(f, memo) for f in present):
@@ -218,11 +218,11 @@ def is_prepared(p: Protocol) -> bool:
 
     Checks presence only; verify_prepared also checks contents.
     """
-    manifest = _read_manifest(p)
+    manifest = read_manifest(p)
     if manifest is None:
         return False
     recorded = manifest.get("sha256")
-    tok_dir = _tokenizer_dir(p)
+    tok_dir = tokenizer_dir(p)
     return (
         isinstance(recorded, dict)
         and all(isinstance(recorded.get(part), dict) and recorded[part] for part in HASHED_PARTS)
@@ -246,9 +246,9 @@ def verify_prepared(p: Protocol) -> None:
     for split in ("val", "holdout", "train"):  # evaluation first: its damage is named before training's
         for shard in split_shards(p, split):
             if not shard.exists():
-                raise PrepareError(f"{shard} is missing; run: python prepare.py --protocol {p.name}")
+                raise PrepareError(f"{shard} is missing; run: uv run prepare.py --protocol {p.name}")
             check_parquet(shard, p)
     verify_eval_data(p)
     if not is_prepared(p):
-        raise PrepareError(f"Protocol '{p.name}' is no longer fully prepared; run: python prepare.py --protocol {p.name}")
+        raise PrepareError(f"Protocol '{p.name}' is no longer fully prepared; run: uv run prepare.py --protocol {p.name}")
 

@@ -18,10 +18,10 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from data import PrepareError
-from data.files import _read_texts, check_parquet
-from data.protocols import SPLITS, Protocol, _data_dir, split_shards
+from data.files import check_parquet, read_texts
+from data.protocols import SPLITS, Protocol, data_dir, split_shards
 from data.tokenizer import Tokenizer
-from data.tokens import _load_token_cache, _tokenize_texts
+from data.tokens import load_token_cache, tokenize_texts
 
 BUFFER_DOCS = 1000  # best-fit packing chooses among this many buffered documents
 REFILL_DOCS = 128  # documents are added to the buffer this many at a time
@@ -29,11 +29,11 @@ REFILL_DOCS = 128  # documents are added to the buffer this many at a time
 Block = tuple[np.ndarray, np.ndarray, int]  # (tokens, offsets, epoch): documents tokens[offsets[i]:offsets[i+1]]
 
 
-def _shard_blocks(p: Protocol, tok: Tokenizer, shard: Path, order: np.ndarray | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def shard_blocks(p: Protocol, tok: Tokenizer, shard: Path, order: np.ndarray | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """A shard's documents in groups of REFILL_DOCS, from the token cache or, failing that, tokenized now."""
-    cached = _load_token_cache(p, shard, tok.fingerprint)
+    cached = load_token_cache(p, shard, tok.fingerprint)
     if cached is None:
-        yield from _prefetch(_tokenized_blocks(p, tok, shard, order))
+        yield from _prefetch(tokenized_blocks(p, tok, shard, order))
         return
     tokens, offsets = cached
     n_docs = len(offsets) - 1
@@ -47,7 +47,7 @@ def _shard_blocks(p: Protocol, tok: Tokenizer, shard: Path, order: np.ndarray | 
             yield np.concatenate(docs), np.concatenate([[0], np.cumsum(lengths)])
 
 
-def _tokenized_blocks(p: Protocol, tok: Tokenizer, shard: Path, order: np.ndarray | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def tokenized_blocks(p: Protocol, tok: Tokenizer, shard: Path, order: np.ndarray | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """A shard's documents in groups of REFILL_DOCS, tokenized here; the same groups as the token cache gives.
 
     Groups run over the shard's document order (or `order`), never over parquet row groups: documents
@@ -55,7 +55,7 @@ def _tokenized_blocks(p: Protocol, tok: Tokenizer, shard: Path, order: np.ndarra
     row group at a time; a shuffled `order` needs the whole shard's text in memory, 1024 documents
     tokenized at a time.
     """
-    groups: Iterable[list[str]] = _read_texts(shard, p)
+    groups: Iterable[list[str]] = read_texts(shard, p)
     if order is not None:
         everything = list(itertools.chain.from_iterable(groups))
         groups = ([everything[i] for i in order[k : k + 1024]] for k in range(0, len(order), 1024))
@@ -69,7 +69,7 @@ def _tokenized_blocks(p: Protocol, tok: Tokenizer, shard: Path, order: np.ndarra
         if not n:
             continue
         batch, pending = pending[:n], pending[n:]
-        tokens, offsets = _tokenize_texts(tok, batch)
+        tokens, offsets = tokenize_texts(tok, batch)
         for start in range(0, n, REFILL_DOCS):
             stop = min(start + REFILL_DOCS, n)
             a = int(offsets[start])
@@ -109,7 +109,7 @@ def _prefetch(items: Iterator[Any], depth: int = 64) -> Iterator[Any]:
         stop.set()  # the consumer is gone: let the worker end
 
 
-def _doc_blocks(p: Protocol, tok: Tokenizer, shards: list[Path], shuffle_seed: int | None) -> Iterator[Block]:
+def doc_blocks(p: Protocol, tok: Tokenizer, shards: list[Path], shuffle_seed: int | None) -> Iterator[Block]:
     """Endless document blocks over `shards`, epoch after epoch; shuffled per epoch when a seed is given."""
     for epoch in itertools.count(1):
         produced = False
@@ -117,15 +117,15 @@ def _doc_blocks(p: Protocol, tok: Tokenizer, shards: list[Path], shuffle_seed: i
         for i in rng.permutation(len(shards)) if rng is not None else range(len(shards)):
             order = None
             if rng is not None:
-                cached = _load_token_cache(p, shards[i], tok.fingerprint)
+                cached = load_token_cache(p, shards[i], tok.fingerprint)
                 n_docs = len(cached[1]) - 1 if cached else check_parquet(shards[i], p)
                 order = rng.permutation(n_docs)
-            for tokens, offsets in _shard_blocks(p, tok, shards[i], order):
+            for tokens, offsets in shard_blocks(p, tok, shards[i], order):
                 produced = True
                 yield tokens, offsets, epoch
         if not produced:
             raise PrepareError(f"{', '.join(s.name for s in shards)} in {shards[0].parent} hold no documents; "
-                               f"delete them and rerun: python prepare.py --protocol {p.name}")
+                               f"delete them and rerun: uv run prepare.py --protocol {p.name}")
 
 
 class BestFitPacker:
@@ -216,8 +216,8 @@ def make_dataloader(
     tok = Tokenizer.load(p)
     shards = split_shards(p, split)
     if not shards or not all(s.exists() for s in shards):
-        raise PrepareError(f"Protocol '{p.name}' has no {split} data in {_data_dir(p)}; run: python prepare.py --protocol {p.name}")
-    packer = BestFitPacker(_doc_blocks(p, tok, shards, seed if split == "train" and seed else None), T + 1)
+        raise PrepareError(f"Protocol '{p.name}' has no {split} data in {data_dir(p)}; run: uv run prepare.py --protocol {p.name}")
+    packer = BestFitPacker(doc_blocks(p, tok, shards, seed if split == "train" and seed else None), T + 1)
 
     def batches() -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
         while True:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data import PrepareError
-from data.files import _atomic_write_bytes
+from data.files import atomic_write_bytes
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,7 @@ def protocol_dir(p: Protocol) -> Path:
     return cache_root() / p.name
 
 
-def _remembered_protocol() -> str | None:
+def remembered_protocol() -> str | None:
     """The protocol prepare.py last prepared (<cache root>/protocol), or None."""
     path = cache_root() / "protocol"
     try:
@@ -155,7 +155,7 @@ def _remembered_protocol() -> str | None:
 
 def remember_protocol(p: Protocol) -> None:
     """Record `p` in <cache root>/protocol as the protocol trainers and the loop use by default."""
-    _atomic_write_bytes(cache_root() / "protocol", (p.name + "\n").encode())
+    atomic_write_bytes(cache_root() / "protocol", (p.name + "\n").encode())
 
 
 def get_protocol(name: str | None = None) -> Protocol:
@@ -163,12 +163,12 @@ def get_protocol(name: str | None = None) -> Protocol:
 
     AUTORESEARCH_TIME_BUDGET (seconds) replaces the time budget and marks it as overridden.
     """
-    chosen = (name or os.environ.get("AUTORESEARCH_PROTOCOL") or _remembered_protocol() or "").strip()
+    chosen = (name or os.environ.get("AUTORESEARCH_PROTOCOL") or remembered_protocol() or "").strip()
     if not chosen:
-        raise PrepareError("No protocol is chosen yet; run: python prepare.py --protocol tiny (or compact, standard)")
+        raise PrepareError("No protocol is chosen yet; run: uv run prepare.py --protocol tiny (or compact, standard)")
     if chosen not in PROTOCOLS:
         raise PrepareError(
-            f"Unknown protocol '{chosen}'; choose one of {', '.join(PROTOCOLS)}, e.g. python prepare.py --protocol tiny"
+            f"Unknown protocol '{chosen}'; choose one of {', '.join(PROTOCOLS)}, e.g. uv run prepare.py --protocol tiny"
         )
     p = PROTOCOLS[chosen]
     budget = os.environ.get("AUTORESEARCH_TIME_BUDGET", "").strip()
@@ -195,12 +195,12 @@ def shard_name(index: int) -> str:
     return f"shard_{index:05d}.parquet"
 
 
-def _data_dir(p: Protocol) -> Path:
+def data_dir(p: Protocol) -> Path:
     """Where the protocol's parquet shards live: <protocol dir>/data/."""
     return protocol_dir(p) / "data"
 
 
-def _tokenizer_dir(p: Protocol) -> Path:
+def tokenizer_dir(p: Protocol) -> Path:
     """Where the protocol's tokenizer lives: <protocol dir>/tokenizer/."""
     return protocol_dir(p) / "tokenizer"
 
@@ -214,7 +214,7 @@ def split_shards(p: Protocol, split: str) -> list[Path]:
     """The local parquet shards of one split (train: every present shard but the pinned val/holdout ones)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
-    data = _data_dir(p)
+    data = data_dir(p)
     if split == "val":
         return [data / shard_name(p.val_shard)]
     if split == "holdout":

@@ -15,8 +15,8 @@ import numpy as np
 import tiktoken
 
 from data import PrepareError
-from data.files import _atomic_save_npy, _atomic_write_bytes, _corrupt, _read_texts
-from data.protocols import Protocol, _tokenizer_dir, split_shards
+from data.files import atomic_save_npy, atomic_write_bytes, corrupt_error, read_texts
+from data.protocols import Protocol, split_shards, tokenizer_dir
 
 # GPT-4 split pattern with numbers in groups of 1-2 instead of 1-3 (reference).
 SPLIT_PATTERN = (
@@ -40,14 +40,14 @@ class Tokenizer:
     @classmethod
     def load(cls, p: Protocol) -> Tokenizer:
         """Load the protocol's trained tokenizer (prepare.py must have run)."""
-        path = _tokenizer_dir(p) / "tokenizer.pkl"
+        path = tokenizer_dir(p) / "tokenizer.pkl"
         try:
             raw = path.read_bytes()
             saved = pickle.loads(raw)
         except FileNotFoundError:
-            raise PrepareError(f"Protocol '{p.name}' has no tokenizer yet; run: python prepare.py --protocol {p.name}") from None
+            raise PrepareError(f"Protocol '{p.name}' has no tokenizer yet; run: uv run prepare.py --protocol {p.name}") from None
         except (pickle.UnpicklingError, EOFError, OSError) as e:
-            raise _corrupt(path, p, type(e).__name__) from None
+            raise corrupt_error(path, p, type(e).__name__) from None
         return cls(_encoding(p, saved["pattern"], saved["mergeable_ranks"]), hashlib.sha256(raw).hexdigest()[:12])
 
     def encode(self, text: str | list[str], prepend_bos: bool = False, num_threads: int = 8) -> list[int] | list[list[int]]:
@@ -83,15 +83,15 @@ def token_byte_lengths(ranks: dict[bytes, int], vocab_size: int) -> np.ndarray:
 
 def load_token_bytes(p: Protocol) -> np.ndarray:
     """The protocol's token byte lengths: int32 (vocab,), 0 for special tokens."""
-    path = _tokenizer_dir(p) / "token_bytes.npy"
+    path = tokenizer_dir(p) / "token_bytes.npy"
     try:
         lengths = np.load(path)
     except FileNotFoundError:
-        raise PrepareError(f"Protocol '{p.name}' has no tokenizer yet; run: python prepare.py --protocol {p.name}") from None
+        raise PrepareError(f"Protocol '{p.name}' has no tokenizer yet; run: uv run prepare.py --protocol {p.name}") from None
     except (ValueError, OSError, EOFError) as e:
-        raise _corrupt(path, p, type(e).__name__) from None
+        raise corrupt_error(path, p, type(e).__name__) from None
     if lengths.shape != (p.vocab_size,) or lengths.dtype != np.int32:
-        raise _corrupt(path, p, f"shape {lengths.shape}, dtype {lengths.dtype}")
+        raise corrupt_error(path, p, f"shape {lengths.shape}, dtype {lengths.dtype}")
     return lengths
 
 
@@ -99,7 +99,7 @@ def _tokenizer_text(p: Protocol) -> Iterator[str]:
     """Training-split documents capped at DOC_CHAR_CAP characters, about TOKENIZER_MAX_CHARS in all."""
     seen = 0
     for path in split_shards(p, "train"):
-        for texts in _read_texts(path, p):
+        for texts in read_texts(path, p):
             for text in texts:
                 doc = text[:DOC_CHAR_CAP]
                 seen += len(doc)
@@ -120,16 +120,16 @@ def train_tokenizer(p: Protocol, texts: Iterator[str]) -> None:
     if len(ranks) != n_merged or sorted(ranks.values()) != list(range(n_merged)):
         raise PrepareError(
             f"Tokenizer training produced {len(ranks)} of {n_merged} tokens, too little text; "
-            f"fetch more shards (--num-shards) and rerun: python prepare.py --protocol {p.name}"
+            f"fetch more shards (--num-shards) and rerun: uv run prepare.py --protocol {p.name}"
         )
     pattern = bpe.get_pattern()
     enc = _encoding(p, pattern, ranks)
     lengths = token_byte_lengths(ranks, p.vocab_size)
     _check_round_trip(p, enc, lengths)
-    tok_dir = _tokenizer_dir(p)
-    _atomic_save_npy(tok_dir / "token_bytes.npy", lengths)
+    tok_dir = tokenizer_dir(p)
+    atomic_save_npy(tok_dir / "token_bytes.npy", lengths)
     payload = {"pattern": pattern, "mergeable_ranks": ranks, "special_tokens": list(SPECIAL_TOKENS)}
-    _atomic_write_bytes(tok_dir / "tokenizer.pkl", pickle.dumps(payload))  # written last: marks completion
+    atomic_write_bytes(tok_dir / "tokenizer.pkl", pickle.dumps(payload))  # written last: marks completion
     print(f"{p.name}: trained a {p.vocab_size}-token BPE in {time.perf_counter() - t0:.1f}s")
 
 
@@ -140,13 +140,13 @@ def _check_round_trip(p: Protocol, enc: tiktoken.Encoding, lengths: np.ndarray) 
         if enc.decode(ids) != text or int(lengths[ids].sum()) != len(text.encode("utf-8")):
             raise PrepareError(
                 f"The trained tokenizer failed its round-trip check on {text[:20]!r}; "
-                f"delete {_tokenizer_dir(p)} and rerun: python prepare.py --protocol {p.name}"
+                f"delete {tokenizer_dir(p)} and rerun: uv run prepare.py --protocol {p.name}"
             )
 
 
-def _ensure_tokenizer(p: Protocol) -> bool:
+def ensure_tokenizer(p: Protocol) -> bool:
     """Train the protocol's tokenizer on its training shards unless a readable one of its vocabulary exists."""
-    tok_dir = _tokenizer_dir(p)
+    tok_dir = tokenizer_dir(p)
     if (tok_dir / "tokenizer.pkl").exists() and (tok_dir / "token_bytes.npy").exists():
         try:
             if Tokenizer.load(p).vocab_size == p.vocab_size and len(load_token_bytes(p)) == p.vocab_size:
@@ -154,7 +154,7 @@ def _ensure_tokenizer(p: Protocol) -> bool:
         except PrepareError:
             pass  # unreadable, or made for another vocabulary: train it again
     if not split_shards(p, "train"):
-        raise PrepareError(f"Protocol '{p.name}' has no training shards to train a tokenizer on; rerun: python prepare.py --protocol {p.name}")
+        raise PrepareError(f"Protocol '{p.name}' has no training shards to train a tokenizer on; rerun: uv run prepare.py --protocol {p.name}")
     print(f"{p.name}: training the tokenizer on up to {TOKENIZER_MAX_CHARS:,} characters")
     train_tokenizer(p, _tokenizer_text(p))
     return True

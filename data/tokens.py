@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.files import _atomic_save_npy, _atomic_write_bytes, _corrupt, _read_texts
+from data.files import atomic_save_npy, atomic_write_bytes, corrupt_error, read_texts
 from data.protocols import Protocol, split_shards
 from data.tokenizer import Tokenizer
 
@@ -25,7 +25,7 @@ def _token_dtype(vocab_size: int) -> type:
     return np.uint16 if vocab_size <= 1 << 16 else np.uint32
 
 
-def _tokenize_texts(tok: Tokenizer, texts: list[str], num_threads: int = 8) -> tuple[np.ndarray, np.ndarray]:
+def tokenize_texts(tok: Tokenizer, texts: list[str], num_threads: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """(tokens, offsets) for a list of documents: document i is tokens[offsets[i]:offsets[i+1]], BOS first."""
     batch = tok.enc.encode_ordinary_batch(texts, num_threads=num_threads)
     lengths = np.fromiter((len(ids) + 1 for ids in batch), dtype=np.int64, count=len(batch))
@@ -36,7 +36,7 @@ def _tokenize_texts(tok: Tokenizer, texts: list[str], num_threads: int = 8) -> t
     return tokens, offsets
 
 
-def _token_cache_paths(shard: Path, fingerprint: str) -> tuple[Path, Path, Path]:
+def token_cache_paths(shard: Path, fingerprint: str) -> tuple[Path, Path, Path]:
     """The (tokens, offsets, meta) files of a shard's cache made with the tokenizer `fingerprint`."""
     base = shard.parent.parent / "tokens" / fingerprint / shard.stem  # <protocol dir>/tokens/<tokenizer>/
     return base.with_suffix(".tokens.npy"), base.with_suffix(".offsets.npy"), base.with_suffix(".meta.json")
@@ -47,9 +47,9 @@ def _shard_stat(shard: Path) -> dict[str, int]:
     return {"parquet_bytes": st.st_size, "parquet_mtime_ns": st.st_mtime_ns}
 
 
-def _load_token_cache(p: Protocol, shard: Path, fingerprint: str) -> tuple[np.ndarray, np.ndarray] | None:
+def load_token_cache(p: Protocol, shard: Path, fingerprint: str) -> tuple[np.ndarray, np.ndarray] | None:
     """The shard's pre-tokenized (tokens, offsets), or None when missing or stale (the parquet changed)."""
-    tokens_path, offsets_path, meta_path = _token_cache_paths(shard, fingerprint)
+    tokens_path, offsets_path, meta_path = token_cache_paths(shard, fingerprint)
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError):
@@ -63,26 +63,26 @@ def _load_token_cache(p: Protocol, shard: Path, fingerprint: str) -> tuple[np.nd
         tokens = np.load(tokens_path, mmap_mode="r")
         offsets = np.load(offsets_path)
     except (ValueError, OSError, EOFError) as e:
-        raise _corrupt(tokens_path.parent, p, f"{type(e).__name__} in {tokens_path.name}") from None
+        raise corrupt_error(tokens_path.parent, p, f"{type(e).__name__} in {tokens_path.name}") from None
     if offsets.ndim != 1 or len(offsets) != meta.get("docs", -1) + 1 or int(offsets[-1]) != len(tokens):
-        raise _corrupt(tokens_path, p, "token and offset files disagree")
+        raise corrupt_error(tokens_path, p, "token and offset files disagree")
     return tokens, offsets
 
 
 def _pretokenize_shard(p: Protocol, tok: Tokenizer, shard: Path) -> None:
     """Tokenize one shard into its cache files, the meta file last."""
-    parts = [_tokenize_texts(tok, texts) for texts in _read_texts(shard, p)]
+    parts = [tokenize_texts(tok, texts) for texts in read_texts(shard, p)]
     tokens = np.concatenate([t for t, _ in parts]) if parts else np.zeros(0, _token_dtype(tok.vocab_size))
     shifts = np.cumsum([0] + [len(t) for t, _ in parts])
     offsets = np.concatenate([[0]] + [o[1:] + s for (_, o), s in zip(parts, shifts)]).astype(np.int64)
-    tokens_path, offsets_path, meta_path = _token_cache_paths(shard, tok.fingerprint)
-    _atomic_save_npy(tokens_path, tokens)
-    _atomic_save_npy(offsets_path, offsets)
+    tokens_path, offsets_path, meta_path = token_cache_paths(shard, tok.fingerprint)
+    atomic_save_npy(tokens_path, tokens)
+    atomic_save_npy(offsets_path, offsets)
     meta = {**_shard_stat(shard), "docs": len(offsets) - 1, "tokens": len(tokens)}
-    _atomic_write_bytes(meta_path, json.dumps(meta).encode())  # written last: marks completion
+    atomic_write_bytes(meta_path, json.dumps(meta).encode())  # written last: marks completion
 
 
-def _ensure_pretokenized(p: Protocol) -> bool:
+def ensure_pretokenized(p: Protocol) -> bool:
     """Tokenize into the cache every evaluation shard and the first training shards whose cache is missing or stale."""
     from tqdm import tqdm
 
@@ -91,7 +91,7 @@ def _ensure_pretokenized(p: Protocol) -> bool:
         train = train[:PRETOKENIZE_TRAIN_SHARDS]  # a 5-minute run reads only the first few shards
     shards = split_shards(p, "val") + split_shards(p, "holdout") + train
     tok = Tokenizer.load(p)
-    todo = [s for s in shards if _load_token_cache(p, s, tok.fingerprint) is None]
+    todo = [s for s in shards if load_token_cache(p, s, tok.fingerprint) is None]
     if not todo:
         return False
     for shard in tqdm(todo, desc=f"{p.name}: tokenizing shards", unit="shard", disable=len(todo) < 8):

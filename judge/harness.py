@@ -24,7 +24,7 @@ import sys
 if __name__ == "__main__":
     # Started with -I: the repository's own modules are imported from their source only (never from a
     # byte-code file planted in a __pycache__), after the standard library and the installed packages.
-    _boot = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))), "research", "pyexec.py")
+    _boot = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))), "sandbox", "pyexec.py")
     with open(_boot, "rb") as _f:
         exec(compile(_f.read(), _boot, "exec"), {"__name__": "__pyexec_boot__", "__file__": _boot,
                                                   "SCRIPT": __file__})

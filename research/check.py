@@ -3,8 +3,8 @@
 1. backend: what `backends.detect()` chose and why; a GPU that is there but that PyTorch cannot use is
    named with its likely cause (a CPU-only wheel, a wheel for the other vendor, a driver older than
    the wheel's CUDA).
-2. sandbox: a real process started through the loop's own confinement (research/workspace.py,
-   judge/sandbox.py) runs, cannot read the repository's .git, and sees the GPU where there is one.
+2. sandbox: a real process started through the loop's own confinement (sandbox/workspace.py,
+   sandbox/confine.py) runs, cannot read the repository's .git, and sees the GPU where there is one.
 3. data: the protocol's prepared data is there and verifies (prepare's own checks).
 4. training: the trainer at this host's default config, for a short budget, through the loop's own
    path (workspace, sandbox, runner, pre-started harness), then the harness's score with its
@@ -214,8 +214,8 @@ print("CHECK " + json.dumps(out))
 
 
 def _confinement(repo: Path, host, protocol):
-    from judge import sandbox
-    from research.workspace import Confinement
+    from sandbox import confine as sandbox
+    from sandbox.workspace import Confinement
 
     kind = sandbox.detect()
     if kind == "landlock":
@@ -225,7 +225,7 @@ def _confinement(repo: Path, host, protocol):
 
 def stage_sandbox(repo: Path, host, protocol) -> tuple[Stage, object | None]:
     """(Stage, Confinement or None)."""
-    from judge import sandbox
+    from sandbox import confine as sandbox
 
     t0 = time.perf_counter()
     try:
@@ -320,7 +320,7 @@ def stage_data(protocol) -> Stage:
 
 
 def _tail(path: Path, lines: int = 25) -> list[str]:
-    from research.secrets import redact
+    from sandbox.secrets import redact
 
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
@@ -332,10 +332,10 @@ def _tail(path: Path, lines: int = 25) -> list[str]:
 
 def stage_training(host, protocol, confine, budget: float, workdir: Path) -> Stage:
     """Train for `budget` seconds through the loop's path: pre-started harness, sandboxed trainer, go, score."""
-    from judge import sandbox
+    from sandbox import confine as sandbox
     from judge.harness import GO
-    from research.runner import end, run_trainer, spawn, wait_child
-    from research.workspace import Workspace
+    from sandbox.runner import end, run_trainer, spawn, wait_child
+    from sandbox.workspace import Workspace
 
     t0 = time.perf_counter()
     log = workdir / "training.log"

@@ -6,7 +6,7 @@ import shutil
 import sys
 from typing import TextIO
 
-from research.secrets import redact
+from sandbox.secrets import redact
 
 __all__ = ["Console", "clock"]
 

@@ -7,7 +7,7 @@ import statistics
 import time
 from pathlib import Path
 
-from research.agents import Agent, AgentContext, CrashInfo
+from agents import Agent, AgentContext, CrashInfo
 from research.experiment import Outcome, run_baseline, run_experiment, run_rerun
 from research.session import Session, SessionError
 

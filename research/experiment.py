@@ -24,12 +24,12 @@ from research.guards import guard_run, text_hash
 from research.gauge import gauge
 from research.decisions import AbortMonitor, LossCurve, NoiseModel, Verdict, decide_runs, write_curve
 from research.results import MEASURED, NO_COMMIT, Row, sanitize
-from research.secrets import redact
+from sandbox.secrets import redact
 from judge.graphs import plain_file, read_facts
 from judge.harness import GO
-from research.runner import end, run_trainer, spawn, wait_child
+from sandbox.runner import end, run_trainer, spawn, wait_child
 from research.session import ABORT_AUDIT, ABORT_OFF, BASELINE, BEST_NEXT, RERUN, Session, TamperError, replay
-from research.workspace import Workspace
+from sandbox.workspace import Workspace
 
 __all__ = ["Outcome", "Measurement", "Usage", "run_experiment", "run_baseline", "run_rerun", "read_result",
            "decide", "log_tail", "failure_line", "exit_reason"]
@@ -306,7 +306,7 @@ def _run_once(s: Session, run_dir: Path, label: str, description: str, prefix: s
             return run, "abort", None, monitor.fired
         if run.timed_out:
             return run, "crash", None, f"killed after {run.wall_seconds:.0f} s (limit {s.timeout_s:.0f} s)"
-        if run.limit:  # past its workspace or memory cap (research/runner.py says which)
+        if run.limit:  # past its workspace or memory cap (sandbox/runner.py says which)
             return run, "crash", None, run.limit
         if run.returncode != 0:
             fail = failure_line(log_tail(log_path, 200, 20000))

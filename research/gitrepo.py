@@ -22,7 +22,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from research.secrets import redact, without_secrets
+from sandbox.secrets import redact, without_secrets
 
 __all__ = ["GitError", "git", "git_bytes", "head", "current_branch", "branch_exists", "is_ancestor", "changed_paths",
            "commit_paths", "reset_hard", "remove_paths", "diff", "is_repo", "RefState", "ref_state",

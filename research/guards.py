@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 from research.gitrepo import git_bytes
-from research.secrets import allowed_env
+from sandbox.secrets import allowed_env
 
 __all__ = [
     "LOCKED_PATHS",
@@ -27,7 +27,8 @@ __all__ = [
 ]
 
 # The agent may never change these; they are hashed at start and checked before every record.
-LOCKED_PATHS = ("prepare.py", "data", "backends", "model", "judge", "research", "loop.py")
+LOCKED_PATHS = ("prepare.py", "data", "backends", "model", "judge", "sandbox", "research", "agents", "reporting",
+                "loop.py")
 LOCK_FILE = ".autoresearch.lock"
 
 def text_hash(data: str | bytes) -> str:
@@ -75,7 +76,7 @@ def locked_changes(repo: Path, expected: dict[str, str]) -> list[str]:
 
 def child_env(base: dict[str, str] | None = None, **extra: str) -> dict[str, str]:
     """The environment of a trainer or harness run: of the loop's (or `base`), only the allow-listed names
-    (research.secrets.allowed_env), plus `extra`."""
+    (sandbox.secrets.allowed_env), plus `extra`."""
     return allowed_env(base, **extra)
 
 

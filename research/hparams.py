@@ -229,7 +229,7 @@ print("\\n@@PROBE@@" + json.dumps({c: bool(eval(c, ns)) for c in json.loads(sys.
 def probe_conditions(trainer_path: Path, conds: list[str], run_python, timeout_s: float = 120.0) -> dict[str, bool]:
     """Truth of each condition on this host, evaluated in the trainer's namespace after importing it
     (without training). The trainer is agent code: `run_python(args, timeout_s)` runs `python args` in
-    the trainer's sandbox (research.workspace.Confinement.run_python) and returns the completed process.
+    the trainer's sandbox (sandbox.workspace.Confinement.run_python) and returns the completed process.
     Raises HyperparamError if that fails."""
     if not conds:
         return {}

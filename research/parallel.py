@@ -30,17 +30,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from research import gitrepo, tamper
-from research.agents import Agent, CrashInfo
+from agents import Agent, CrashInfo
 from research.console import clock
 from research.driver import MAX_IDLE_PROPOSALS, agent_context, baseline_plan, rule_line
 from research.experiment import Outcome, Usage, _abort_monitor, _report, _row, _write_meta, decide, log_tail
 from research.results import NO_COMMIT, Row, sanitize
-from research.secrets import redact
+from sandbox.secrets import redact
 from research.guards import guard_run
 from research.session import (ABORT_AUDIT, ABORT_OFF, BASELINE, BEST_NEXT, RERUN, Session, SessionError, TamperError,
                               replay)
 from research.trial_worker import Job, JobResult, RunResult, RunSpec, TrialWorker, hardware_class
-from research.workspace import RESOURCE_ENV
+from sandbox.workspace import RESOURCE_ENV
 
 __all__ = ["MAX_REBASES", "check_hellos", "check_workers", "default_workers", "research_parallel"]
 
@@ -195,7 +195,7 @@ class Pool:
             path = self.root / f"w{k}"
             gitrepo.worktree_add(s.repo, path, s.kept_commit)
             slot = Slot(name=f"w{k}", tree=path)
-            from research.workspace import Confinement
+            from sandbox.workspace import Confinement
 
             slot.confine = Confinement(path, s.trainer, s.protocol, s.host, s.sandbox)
             self.slots.append(slot)

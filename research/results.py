@@ -4,8 +4,9 @@ The first five columns are the reference format (`commit val_bpb memory_gb statu
 description`); ours follow. A row is written with a single `os.write` of the whole
 line on an O_APPEND descriptor followed by fsync, so a killed loop leaves either the
 full row or none. A torn last line (a crash in the middle of a write, a full disk) is
-ignored when reading and cut off before the next append. Files written by the
-reference (five columns only) are read as well.
+ignored when reading and cut off before the next append. A line that is not a row (one
+mangled by hand or by another program) is skipped, and the reader says so: file and line.
+Files written by the reference (five columns only) are read as well.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import json
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from research.secrets import redact
+from sandbox.secrets import redact
 
 __all__ = [
     "COLUMNS",
@@ -230,11 +232,18 @@ def _to_float(text: str, default):
         return default
 
 
-def read_results(path: str | os.PathLike) -> list[Row]:
+_SAID: set[str] = set()  # the skipped-lines warnings already printed by this process
+
+
+def read_results(path: str | os.PathLike, problems: list[str] | None = None) -> list[Row]:
     """All complete rows of a results file, oldest first; [] if it does not exist.
 
     Accepts our format and the reference's five-column one; a torn last line (no
-    trailing newline) and blank or malformed lines are skipped.
+    trailing newline) and blank lines are skipped quietly. A line that is not a row
+    (fewer than the reference's five tab-separated columns) is skipped too, the other
+    rows are read, and one sentence naming the file and its line numbers says so:
+    appended to `problems` when the caller passes a list, else printed to stderr, once
+    per process (a live page re-reads the file every few seconds).
     """
     path = Path(path)
     try:
@@ -248,18 +257,39 @@ def read_results(path: str | os.PathLike) -> list[Row]:
     header = lines[0].split("\t")
     if header[:5] != UPSTREAM_COLUMNS:
         header = COLUMNS  # a file without a header line: assume ours
-        body = lines
+        first = 1
     else:
-        body = lines[1:]
-    rows = []
-    for line in body:
+        first = 2
+    rows, skipped = [], []
+    for number, line in enumerate(lines[first - 1:], start=first):
         if not line.strip():
             continue
         values = line.split("\t")
         if len(values) < len(UPSTREAM_COLUMNS):
+            skipped.append(number)
             continue
         rows.append(Row.from_fields(header, values))
+    if skipped:
+        _say(_skipped_sentence(path, skipped), problems)
     return rows
+
+
+def _skipped_sentence(path: Path, numbers: list[int]) -> str:
+    shown = ", ".join(str(n) for n in numbers[:5])
+    if len(numbers) > 5:
+        shown += f" and {len(numbers) - 5} more"
+    one = len(numbers) == 1
+    return (f"warning: skipped line{'' if one else 's'} {shown} of {path}: {'it is' if one else 'they are'} not "
+            f"{'a results row' if one else 'results rows'} (fewer than the {len(UPSTREAM_COLUMNS)} tab-separated "
+            f"columns of one); the other rows were read, fix or delete {'it' if one else 'them'}.")
+
+
+def _say(sentence: str, problems: list[str] | None) -> None:
+    if problems is not None:
+        problems.append(sentence)
+    elif sentence not in _SAID:
+        _SAID.add(sentence)
+        print(sentence, file=sys.stderr, flush=True)
 
 
 def ensure_results_file(path: str | os.PathLike) -> None:

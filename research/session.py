@@ -214,7 +214,7 @@ class Session:
         self.noise_floor: float | None = None
         self.state: Replay = Replay(best=None, noise_floor=None)  # the decision state, see refresh()
         self.sandbox: str | None = None  # bwrap | landlock | seatbelt; None only with --no-sandbox
-        self.confine = None  # research.workspace.Confinement, set by open()
+        self.confine = None  # sandbox.workspace.Confinement, set by open()
         self.owns_tree = False  # set once a branch is adopted: from then on an abort restores the tree
         self.pending_edit: str | None = None  # an edit to put back on abort (loop.py try)
         self.source = SourceValues()  # the hyperparameters each trainer's source sets on this host (its rows')
@@ -550,8 +550,8 @@ class Session:
 
     def _choose_sandbox(self) -> None:
         """Pick the OS sandbox every trainer and harness run goes through, or refuse to run without one."""
-        from judge import sandbox
-        from research.workspace import Confinement
+        from sandbox import confine as sandbox
+        from sandbox.workspace import Confinement
 
         if self.settings.no_sandbox:
             self.sandbox = None
@@ -571,7 +571,7 @@ class Session:
     def reap(self, keep: set[int] = frozenset()) -> None:
         """End every process a finished run left behind (they were re-parented to this loop), but for
         `keep` (the run's pre-started harness, still to score it)."""
-        from judge import sandbox
+        from sandbox import confine as sandbox
 
         sandbox.kill_orphans(exclude=set(keep))
 
@@ -672,7 +672,7 @@ class Session:
 
     def new_run_dir(self) -> tuple[int, Path]:
         """Create runs/<n>/ with the next free number, once the disks have room for a run (else SessionError)."""
-        from research.workspace import free_space_problem
+        from sandbox.workspace import free_space_problem
 
         if (short := free_space_problem(self.results_path, getattr(self.confine, "resources", None))) is not None:
             raise SessionError(short)

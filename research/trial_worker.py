@@ -37,7 +37,7 @@ __all__ = [
 
 # What a tree a trainer runs from must hold besides the trainer (the locked code it may import, and
 # the harness's code, which the harness reads from the worker's own copy).
-WORKER_CODE = ("prepare.py", "backends", "model", "data", "judge", "research/pyexec.py")
+WORKER_CODE = ("prepare.py", "backends", "model", "data", "judge", "sandbox/pyexec.py")
 
 
 @dataclass
@@ -165,7 +165,7 @@ class _RunContext:
     """What `research.experiment._run_once` reads from a Session, for one job in a worker."""
 
     def __init__(self, worker: TrialWorker, job: Job, tree: Path) -> None:
-        from research.workspace import Confinement
+        from sandbox.workspace import Confinement
 
         self.console = _Quiet()
         self.lock = _NoLock()
@@ -199,7 +199,7 @@ class TrialWorker:
     def __init__(self, name: str, backend: str | None, protocol: str, sandbox: str | None) -> None:
         import backends
         import prepare
-        from judge import sandbox as sb
+        from sandbox import confine as sb
         from research.hparams import SourceValues
 
         self.name = name
@@ -239,7 +239,7 @@ class TrialWorker:
 
     def reap(self, keep: set[int] = frozenset()) -> None:
         """End every process a job left behind, but for `keep` (e.g. its pre-started harness)."""
-        from judge import sandbox as sb
+        from sandbox import confine as sb
 
         sb.kill_orphans(exclude=self._own_children | set(keep))
 

@@ -19,12 +19,12 @@ import pytest
 
 import pristine
 from research import results as R
-from research.agents import AgentContext, LocalAgent
+from agents import AgentContext, LocalAgent
 from research.guards import text_hash
 from research.hparams import effective_values, parse_block, static_values
-from research.memory import CHARS_PER_TOKEN, compact_history, duplicate_of, journal_path, look_back
-from research.space import build_space, repair
-from research.tuner import HybridAgent, OptunaAgent, trial_value
+from agents.memory import CHARS_PER_TOKEN, compact_history, duplicate_of, journal_path, look_back
+from agents.space import build_space, repair
+from agents.tuner import HybridAgent, OptunaAgent, trial_value
 from tests.test_loop import FAKE_TRAINER, FakeMessagesAPI, _claude, loop_env, message, read_rows, run_loop, tool
 from tests.test_loop import make_repo as _make_repo
 
@@ -79,8 +79,8 @@ def make_repo(tmp_path: Path) -> Path:
 def _ctx(repo: Path, seen: set[str] | None = None) -> AgentContext:
     """A context for the stand-in trainer, with the sandbox the trainer is imported in (to read its conditions)."""
     import prepare
-    from judge import sandbox
-    from research.workspace import Confinement
+    from sandbox import confine as sandbox
+    from sandbox.workspace import Confinement
 
     host = SimpleNamespace(backend="cpu", device_name="cpu", reason="test")
     protocol = prepare.PROTOCOLS["tiny"]

@@ -61,8 +61,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_loop import FAKE_TRAINER, loop_env, make_repo, read_rows  # noqa: E402
 
-from judge import sandbox  # noqa: E402
-from research.runner import LOG_HEAD_BYTES, LOG_TAIL_BYTES  # noqa: E402
+from sandbox import confine as sandbox  # noqa: E402
+from sandbox.runner import LOG_HEAD_BYTES, LOG_TAIL_BYTES  # noqa: E402
 from research.session import BASELINE, allowance_from_baselines  # noqa: E402
 
 LINUX_KINDS = [pytest.param(k, marks=pytest.mark.skipif(not sandbox._available(k), reason=f"no {k} here"))
@@ -679,7 +679,7 @@ def plant_code():
         with open(target, "wb") as f:
             f.write(data)
         return True
-    for rel in ("prepare.py", "research/session.py", "research/pyexec.py", "judge/harness.py"):
+    for rel in ("prepare.py", "research/session.py", "sandbox/pyexec.py", "judge/harness.py"):
         attempt(f"plant: __pycache__ of {rel}", lambda rel=rel: pyc(rel))
 
     def site_packages():

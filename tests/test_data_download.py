@@ -226,7 +226,7 @@ def test_server_errors_are_retried_then_named(hub, tmp_path):
     dest.unlink()
     hub.fail_get = {dest.name: 5}
     with pytest.raises(prepare.PrepareError, match=r"Downloading shard_00000.parquet failed 2 times \(HTTP 503\); "
-                                                   r"rerun python prepare.py --protocol standard to resume"):
+                                                   r"rerun: uv run prepare.py --protocol standard to resume"):
         download.download_file(STANDARD, dest.name, dest, retries=2)
     assert not list(tmp_path.iterdir())  # never a half file under the final name, nothing left behind
 
@@ -278,7 +278,7 @@ def test_unreachable_hub_points_to_the_offline_protocol(tmp_path, monkeypatch):
         prepare.prepare(STANDARD, num_shards=1)
     message = str(err.value)
     assert message.startswith(f"Cannot reach the Hugging Face hub at http://127.0.0.1:{port}")
-    assert message.endswith("or work offline with: python prepare.py --protocol tiny")
+    assert message.endswith("or work offline with: uv run prepare.py --protocol tiny")
     assert not list(tmp_path.rglob("*.parquet")) and not leftovers(tmp_path)
 
 

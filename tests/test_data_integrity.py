@@ -14,7 +14,7 @@ from data_helpers import flip_middle, private_tiny, run_cli
 
 import prepare
 from data.files import check_parquet
-from data.integrity import _sha256_file
+from data.integrity import sha256_file
 
 
 def test_corrupt_shard_is_named_at_prepare_and_at_load(tiny_cache, tmp_path, monkeypatch):
@@ -42,7 +42,7 @@ def test_manifest_records_the_hash_of_everything_evaluation_reads(tiny_cache):
     manifest = json.loads((tiny_cache / "tiny" / "prepared.json").read_text())
     fingerprint = prepare.Tokenizer.load(p).fingerprint
     assert manifest["sha256"]["val"] == {
-        f"{rel}": _sha256_file(tiny_cache / "tiny" / rel)
+        f"{rel}": sha256_file(tiny_cache / "tiny" / rel)
         for rel in ["data/shard_00000.parquet", f"tokens/{fingerprint}/shard_00000.tokens.npy",
                     f"tokens/{fingerprint}/shard_00000.offsets.npy", f"tokens/{fingerprint}/shard_00000.meta.json"]}
     assert [f.name for f in prepare.eval_data_paths(p, "holdout")] == [
@@ -60,7 +60,7 @@ def test_mid_file_damage_to_evaluation_data_is_caught_and_prepare_repairs_it(tin
     original = {f: f.read_bytes() for f in (val, token_bytes)}
     val.write_bytes(flip_middle(original[val]))
     assert val.stat().st_size == len(original[val]) and check_parquet(val, p) > 0  # the footer still reads
-    message = rf"{val} does not match the content hash recorded when it was prepared.*run: python prepare.py --protocol tiny"
+    message = rf"{val} does not match the content hash recorded when it was prepared.*run: uv run prepare.py --protocol tiny"
     with pytest.raises(prepare.PrepareError, match=message):
         prepare.verify_eval_data(p)
     with pytest.raises(prepare.PrepareError, match=message):
@@ -92,7 +92,7 @@ def test_mid_file_damage_to_evaluation_data_is_caught_and_prepare_repairs_it(tin
 
     # a missing file is named, and made again the same way
     meta.unlink()
-    with pytest.raises(prepare.PrepareError, match=rf"{meta} is missing; run: python prepare.py --protocol tiny"):
+    with pytest.raises(prepare.PrepareError, match=rf"{meta} is missing; run: uv run prepare.py --protocol tiny"):
         prepare.verify_eval_data(p)
     prepare.prepare(p)
     prepare.verify_prepared(p)
@@ -105,7 +105,7 @@ def test_a_manifest_without_hashes_is_upgraded_by_prepare(tiny_cache, tmp_path, 
     del manifest["sha256"]
     path.write_text(json.dumps(manifest))  # as an older prepare.py left it
     with pytest.raises(prepare.PrepareError, match=rf"{path} records no content hashes .*older prepare.py.*"
-                                                   r"run: python prepare.py --protocol tiny to record them"):
+                                                   r"run: uv run prepare.py --protocol tiny to record them"):
         prepare.verify_prepared(p)
     assert not prepare.is_prepared(p)  # so the loop prepares again before it starts
     shards = {f: f.stat().st_mtime_ns for s in prepare.SPLITS for f in prepare.split_shards(p, s)}

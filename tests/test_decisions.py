@@ -320,7 +320,7 @@ def test_new_columns_round_trip_and_older_files_still_read(tmp_path):
 
 
 def test_report_shows_the_budget_override_aborts_reruns_and_the_noise(tmp_path):
-    from research import report
+    from reporting import report
 
     path = tmp_path / "results.tsv"
     R.ensure_results_file(path)
@@ -456,7 +456,7 @@ def test_the_loop_confirms_promising_runs_and_reruns_the_best(tmp_path, monkeypa
     once more and the change a second time (both recorded as rerun rows), and the best is run again after
     --remeasure-every experiments; the best is then the mean of its runs."""
     import research.experiment as E
-    from research.runner import TrainerRun
+    from sandbox.runner import TrainerRun
 
     t = loop_tools
     plan = {"a clear win": [2.90, 2.91], "nothing": [3.05], "still nothing": [3.04], "nothing again": [3.06]}

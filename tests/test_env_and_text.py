@@ -22,8 +22,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_loop import FAKE_TRAINER, loop_env, make_repo, read_rows, run_loop, seed  # noqa: E402
 
-from research import secrets  # noqa: E402
-from research.untrusted import MARK, looks_official, untrusted  # noqa: E402
+from sandbox import secrets  # noqa: E402
+from agents.untrusted import MARK, looks_official, untrusted  # noqa: E402
 
 PIP = "https://user:s3cr3tTok@pypi.example/simple"
 WEBHOOK = "https://hooks.slack.com/services/T0/B0/abcdefXYZ"
@@ -91,12 +91,12 @@ def test_allowed_env_keeps_the_list_and_drops_everything_else():
 
 
 def test_every_run_environment_comes_from_the_allow_list(tiny_cache, tmp_path, monkeypatch):
-    """The trainer's, the harness's and the sandboxed import's environments (research/workspace.py, also what
+    """The trainer's, the harness's and the sandboxed import's environments (sandbox/workspace.py, also what
     every parallel worker builds), and the harness a trainer run by hand starts (prepare.hand_over)."""
     import tempfile
 
     import prepare
-    from research.workspace import Confinement, Workspace
+    from sandbox.workspace import Confinement, Workspace
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the workspaces and hand_over's directory
 
@@ -191,8 +191,8 @@ assert HOSTILE != FAKE_TRAINER
 
 
 def test_hostile_trainer_gets_no_unforeseen_secret_and_cannot_speak_for_the_loop(tiny_cache, tmp_path):
-    from research.agents import AgentContext, CrashInfo
-    from research.claude_agent import ClaudeAgent
+    from agents import AgentContext, CrashInfo
+    from agents.claude_agent import ClaudeAgent
     from research.experiment import log_tail
 
     repo = make_repo(tmp_path)

@@ -659,7 +659,7 @@ def test_claude_retries_then_rejected_credentials(tiny_cache, tmp_path):
     """`loop.py run --agent claude` through the real client: a rate limit, a server error and an overload
     are retried; the change is run and kept with the tokens (cache writes and reads too) and the cost it
     took; then the API rejects the key, and the loop stops with one sentence and records nothing for it."""
-    from research.claude_agent import cost_usd
+    from agents.claude_agent import cost_usd
 
     repo = make_repo(tmp_path)
     prior = seed(repo, "retry")

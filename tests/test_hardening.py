@@ -7,10 +7,10 @@
   HEAD, .git/config, hooks) is put back and reported (Session.outside_state / put_back_outside);
 - `loop.py try` drops a commit a killed experiment left without a row, keeping its change;
 - Python: a json.py, argparse.py, numpy.py... beside loop.py, byte-code in __pycache__ or an extension
-  module planted beside a locked module are never imported by the loop (research/pyexec.py);
+  module planted beside a locked module are never imported by the loop (sandbox/pyexec.py);
 - secrets: the loop re-executes itself without credentials in its environment; the trainer finds the
   key nowhere (its environment, /proc/*/environ, /proc/*/cmdline), no file under the repository holds
-  it, and the claude agent still authenticates with it (research/secrets.py).
+  it, and the claude agent still authenticates with it (sandbox/secrets.py).
 
 Run: `uv run pytest tests/test_hardening.py` (about a minute on a CPU, most of it the three tests that run
 the loop with the stand-in trainer; no network, no API key; those three pass --no-sandbox, as they test
@@ -32,17 +32,15 @@ import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_faults import seed  # noqa: E402
-from test_loop import (FAKE_TRAINER, FakeMessagesAPI, git, loop_env, make_repo, message, read_rows,  # noqa: E402
-                       run_loop, tool, write_script)
+from test_faults import seed
+from test_loop import FAKE_TRAINER, FakeMessagesAPI, git, loop_env, make_repo, message, read_rows, run_loop, tool
 
-from research import gitrepo, pyexec, secrets  # noqa: E402
-from research import results as R  # noqa: E402
-from research.guards import hash_locked  # noqa: E402
-from research.session import Session  # noqa: E402
+from research import gitrepo
+from research import results as R
+from research.guards import hash_locked
+from research.session import Session
+from sandbox import pyexec, secrets
 
 IDENT = ["-c", "user.name=t", "-c", "user.email=t@t"]
 
@@ -375,21 +373,34 @@ def test_python_argv_and_launcher(tmp_path):
 # 5. secrets
 # ------------------------------------------------------------------------------------------------
 
-# The stand-in trainer, but first looking for a key everywhere it can: its environment, its parent's
-# and every other process's environment and command line. It reports what it saw (`loot` in LOOT_DIR, its
-# log), names what it found in its run facts (so a row would carry it), and waits for `release` there. The
-# directory is written into its text (`thief`): its environment holds the loop's allow-list only.
-THIEF = FAKE_TRAINER.replace("def main():\n", '''def steal():
+# The stand-in trainer, but first looking for the loop's key everywhere it can: its environment, its
+# parent's and every other process's environment and command line. It reports what it saw (`loot` in
+# LOOT_DIR, its log), names what it found in its run facts (so a row would carry it), and waits for `release`
+# there. The directory and the key's length and SHA-256 are written into its text (`thief`; never the key,
+# which no file may hold): its environment holds the loop's allow-list only. It looks for that key alone,
+# the unique one the test gives the loop, so a key of the user's own (an ANTHROPIC_API_KEY exported in the
+# shell that runs pytest, in that shell's and pytest's environment) is not taken for a leak.
+THIEF = FAKE_TRAINER.replace("def main():\n", '''def holds_key(text):
+    import hashlib
+    i = text.find("sk-ant-")
+    while i >= 0:
+        if hashlib.sha256(text[i:i + KEY_LENGTH].encode()).hexdigest() == KEY_SHA256:
+            return True
+        i = text.find("sk-ant-", i + 1)
+    return False
+
+
+def steal():
     import glob
     found, read = [], 0
-    found += [v for v in os.environ.values() if "sk-ant-" in v]
+    found += [v for v in os.environ.values() if holds_key(v)]
     for path in glob.glob("/proc/[0-9]*/environ") + glob.glob("/proc/[0-9]*/cmdline"):
         try:
             data = open(path, "rb").read().decode(errors="replace")
         except OSError:
             continue
         read += 1
-        found += [part for part in data.split("\\0") if "sk-ant-" in part]
+        found += [part for part in data.split("\\0") if holds_key(part)]
     try:
         parent = open(f"/proc/{os.getppid()}/environ", "rb").read().decode(errors="replace")
     except OSError:
@@ -407,12 +418,14 @@ def main():
     while not os.path.exists(os.path.join(LOOT_DIR, "release")):
         time.sleep(0.05)
 ''', 1).replace('"device": "fake cpu"', '"device": "fake cpu " + " ".join(steal()[0])')
-assert "def steal()" in THIEF and "steal()[0]" in THIEF
+assert "def holds_key(text)" in THIEF and "def steal()" in THIEF and "steal()[0]" in THIEF
 
 
-def thief(tmp_path: Path) -> str:
-    """THIEF reporting to (and released from) `tmp_path`."""
-    return THIEF.replace("def steal():\n", f"LOOT_DIR = {str(tmp_path)!r}\n\n\ndef steal():\n", 1)
+def thief(tmp_path: Path, key: str) -> str:
+    """THIEF reporting to (and released from) `tmp_path`, looking for `key` (known to it by length and hash)."""
+    known = (f"LOOT_DIR = {str(tmp_path)!r}\nKEY_LENGTH = {len(key)}\n"
+             f"KEY_SHA256 = {hashlib.sha256(key.encode()).hexdigest()!r}\n\n\n")
+    return THIEF.replace("def holds_key(text):\n", known + "def holds_key(text):\n", 1)
 
 
 def _descendants(pid: int) -> list[int]:
@@ -476,9 +489,9 @@ def _run_thief(repo: Path, args: list[str], env: dict, tmp_path: Path, key: str)
 def test_trainer_finds_no_key_and_no_file_holds_it(tiny_cache, tmp_path):
     key = f"sk-ant-dummy-{uuid.uuid4().hex}"
     other = f"hf_{uuid.uuid4().hex}"
-    repo = make_repo(tmp_path, thief(tmp_path))
+    repo = make_repo(tmp_path, thief(tmp_path, key))
     prior = seed(repo, "thief")
-    (repo / "train_cuda.py").write_text(thief(tmp_path).replace("VAL_BPB = 2.0", "VAL_BPB = 1.5"))
+    (repo / "train_cuda.py").write_text(thief(tmp_path, key).replace("VAL_BPB = 2.0", "VAL_BPB = 1.5"))
     env = loop_env(tiny_cache, ANTHROPIC_API_KEY=key, HF_TOKEN=other)
     proc = _run_thief(repo, ["try", "--no-sandbox", f"lower it; the key is {key}"], env, tmp_path, key)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -493,7 +506,7 @@ def test_trainer_finds_no_key_and_no_file_holds_it(tiny_cache, tmp_path):
 
 def test_claude_agent_gets_the_key_privately(tiny_cache, tmp_path):
     key = f"sk-ant-dummy-{uuid.uuid4().hex}"
-    repo = make_repo(tmp_path, thief(tmp_path))
+    repo = make_repo(tmp_path, thief(tmp_path, key))
     prior = seed(repo, "claude")
     replies = [message(tool("edit_trainer", old_string="VAL_BPB = 2.0", new_string="VAL_BPB = 1.8")),
                message(tool("finish", description="smaller fake loss"))]
@@ -502,7 +515,7 @@ def test_claude_agent_gets_the_key_privately(tiny_cache, tmp_path):
         handler = api.server.RequestHandlerClass
 
         class Spy(handler):
-            def do_POST(self):  # noqa: N802
+            def do_POST(self):
                 headers.append({k.lower(): v for k, v in self.headers.items()})
                 super().do_POST()
 
@@ -540,7 +553,7 @@ def test_handoff_keeps_secrets_out_of_the_environment(tmp_path):
     script.write_text(
         "import os, sys\n"
         f"sys.path.append({str(pyexec.ROOT)!r})\n"
-        "from research import secrets\n"
+        "from sandbox import secrets\n"
         "secrets.isolate(os.path.realpath(__file__), sys.argv[1:])\n"
         "env = open('/proc/self/environ', 'rb').read()\n"
         "print(repr((secrets.get('ANTHROPIC_API_KEY'), b'sk-ant-' in env, 'ANTHROPIC_API_KEY' in os.environ,\n"

@@ -1,4 +1,4 @@
-"""Tests of the live page (research/live.py, research/static/; `loop.py serve` and `loop.py run --serve`).
+"""Tests of the live page (reporting/live.py, research/static/; `loop.py serve` and `loop.py run --serve`).
 
 Run: `uv run pytest tests/test_live.py` (about 45 s on a 2-core CPU; no network).
 
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from research import live
+from reporting import live
 from research.results import COLUMNS, Row, append_row, read_results
 
 PROJECT = Path(__file__).resolve().parents[1]

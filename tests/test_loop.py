@@ -34,14 +34,14 @@ import pytest
 
 import pristine
 from research import results as R
-from research.agents import AgentContext, CrashInfo, LocalAgent
-from research.claude_agent import ClaudeAgent, cost_usd
+from agents import AgentContext, CrashInfo, LocalAgent
+from agents.claude_agent import ClaudeAgent, cost_usd
 from research.guards import RepoLock, LockError, child_env, text_hash
 from research.hparams import in_effect, parse_block, set_values
 
 PROJECT = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ("loop.py", "research", "prepare.py", "data", "backends", "model", "judge", "program.md",
-                 "train_cuda.py", "train_mlx.py", ".gitignore")
+PROJECT_FILES = ("loop.py", "prepare.py", "data", "model", "backends", "judge", "sandbox", "research", "agents",
+                 "reporting", "program.md", "train_cuda.py", "train_mlx.py", ".gitignore")
 
 FAKE_TRAINER = '''"""Stand-in trainer for the loop's tests: no training; it hands over a unigram model whose quality
 VAL_BPB sets (lower VAL_BPB, lower measured val_bpb), and its MODE makes it crash, hang, litter, cheat..."""
@@ -388,7 +388,7 @@ def stub_runs(monkeypatch):
     gives, in order, the runs of the best the loop makes between a promising change's two. Returns the list
     of (description, log prefix, value) the loop asked for."""
     import research.experiment as E
-    from research.runner import TrainerRun
+    from sandbox.runner import TrainerRun
 
     def install(plan: dict[str, list[float | None]], best: list[float | None] = ()
                 ) -> list[tuple[str, str, float | None]]:
@@ -903,8 +903,8 @@ def test_hyperparameter_block_of_both_trainers():
 
 def _ctx(repo: Path, seen: set[str] | None = None, crash: CrashInfo | None = None) -> AgentContext:
     import prepare
-    from judge import sandbox
-    from research.workspace import Confinement
+    from sandbox import confine as sandbox
+    from sandbox.workspace import Confinement
 
     host = SimpleNamespace(backend="cpu", device_name="cpu", reason="test")
     protocol = prepare.PROTOCOLS["tiny"]

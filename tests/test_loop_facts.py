@@ -24,7 +24,7 @@ import pytest
 from research import results as R
 from research.gauge import gauge, speed_of
 from research.hparams import SourceValues, conditions, parse_block, static_truth
-from research.memory import duplicate_of
+from agents.memory import duplicate_of
 from research.session import BASELINE, replay, speed
 from tests.test_loop import FAKE_TRAINER, assert_clean, edit, loop_env, make_repo, read_rows, run_loop, write_script
 
@@ -103,7 +103,7 @@ def test_the_row_holds_the_loops_facts_and_the_claim_apart(lied):
 
 def test_the_optuna_study_learns_the_source_not_the_claim(lied):
     """Every row is a trial with the values its committed trainer set, never what the trainer claimed."""
-    from research.tuner import OptunaAgent
+    from agents.tuner import OptunaAgent
     from tests.test_agents import _ctx, quiet
 
     rows = lied.rows
@@ -192,7 +192,7 @@ def test_source_values_read_the_line_in_effect_without_asking_the_trainer():
 def test_a_results_file_from_before_still_reads(tmp_path):
     """Rows written before the gauge columns (and before the loop read the hyperparameters itself) read as
     they were, with no speed; a run folder's old record ("summary") still gives the report its claims."""
-    from research.summary import Source, _row_from_run, run_summary
+    from reporting.summary import Source, _row_from_run, run_summary
 
     cols = R.COLUMNS[: R.COLUMNS.index("worker") + 1]
     path = tmp_path / "results.tsv"

@@ -14,11 +14,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pristine
 import pytest
 from data_helpers import REPO, private_tiny, run_cli
 
 import prepare
-import pristine
 
 # --- the contract -------------------------------------------------------------------
 
@@ -65,7 +65,7 @@ def test_protocol_resolution_and_overrides(tmp_path, monkeypatch):
     monkeypatch.setenv("AUTORESEARCH_CACHE", str(tmp_path))
     monkeypatch.delenv("AUTORESEARCH_PROTOCOL", raising=False)
     monkeypatch.delenv("AUTORESEARCH_TIME_BUDGET", raising=False)
-    with pytest.raises(prepare.PrepareError, match=r"python prepare.py --protocol tiny"):
+    with pytest.raises(prepare.PrepareError, match=r"uv run prepare.py --protocol tiny"):
         prepare.get_protocol()
     prepare.remember_protocol(prepare.PROTOCOLS["compact"])
     assert prepare.get_protocol().name == "compact"  # remembered
@@ -155,11 +155,11 @@ print(json.dumps({"opened": sorted(opened), "listed": sorted(listed)}))
 def test_training_reads_only_train_data_and_tokenizer_paths(tiny_cache, tmp_path, monkeypatch):
     """What a trainer's sandbox must show: get_protocol(), a whole training epoch (shuffled and not) and
     the token byte lengths open nothing under the cache but train_data_paths and tokenizer_paths."""
-    from data.tokens import _token_cache_paths
+    from data.tokens import token_cache_paths
 
     p, cache = private_tiny(tiny_cache, tmp_path, monkeypatch)
     train = prepare.split_shards(p, "train")
-    for f in _token_cache_paths(train[0], prepare.Tokenizer.load(p).fingerprint):
+    for f in token_cache_paths(train[0], prepare.Tokenizer.load(p).fingerprint):
         f.unlink()  # one shard without its cache: read from the parquet itself
     env = {k: v for k, v in os.environ.items() if k != "AUTORESEARCH_PROTOCOL"}  # the marker names it
     proc = subprocess.run([sys.executable, "-c", _AUDIT], cwd=REPO, capture_output=True, text=True, timeout=120, env=env)

@@ -1,5 +1,5 @@
-"""Tests for the reports: research/report.py (progress report), research/compare.py (cross-hardware
-comparison), research/transfer.py (config transfer) and research/summary.py (what they share).
+"""Tests for the reports: reporting/report.py (progress report), reporting/compare.py (cross-hardware
+comparison), reporting/transfer.py (config transfer) and reporting/summary.py (what they share).
 
 Run: .venv/bin/python -m pytest tests/test_report.py -q      (CPU, no network, ~25 s)
 
@@ -15,9 +15,9 @@ import struct
 
 import pytest
 
-from research import compare, report, transfer
+from reporting import compare, report, transfer
 from research.results import COLUMNS, UPSTREAM_COLUMNS, Row, read_results
-from research.summary import ReportError, load_source, summarize
+from reporting.summary import ReportError, load_source, summarize
 
 HP_H100 = {"DEPTH": 8, "MATRIX_LR": 0.04, "DEVICE_BATCH_SIZE": 128, "TOTAL_BATCH_SIZE": 2**19,
            "ADAM_BETAS": [0.8, 0.95], "WINDOW_PATTERN": "SSSL"}

@@ -23,10 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_faults import START, check_after, loop_args  # noqa: E402
 from test_loop import edit, loop_env, make_repo, read_rows, run_loop, seed, write_script  # noqa: E402
 
-from judge import cgroup  # noqa: E402
-from judge import sandbox as sb  # noqa: E402
-from research import runner  # noqa: E402
-from research.workspace import Resources, free_space_problem, parse_size  # noqa: E402
+from sandbox import cgroup  # noqa: E402
+from sandbox import confine as sb  # noqa: E402
+from sandbox import runner  # noqa: E402
+from sandbox.workspace import Resources, free_space_problem, parse_size  # noqa: E402
 
 MiB = 1 << 20
 HAS_BWRAP = shutil.which("bwrap") is not None and sb._available("bwrap")

@@ -1,4 +1,4 @@
-"""The trainer sandbox (judge/sandbox.py) against real confined processes.
+"""The trainer sandbox (sandbox/confine.py) against real confined processes.
 
 Run: `.venv/bin/python -m pytest tests/test_sandbox.py -q` (about 10 s; most of it is importing torch).
 
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from judge import sandbox, seatbelt
-from judge.sandbox import SandboxError, SandboxPolicy
+from sandbox import confine as sandbox, seatbelt
+from sandbox.confine import SandboxError, SandboxPolicy
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "sk-dummy-" + uuid.uuid4().hex[:8]
@@ -206,7 +206,7 @@ RUNNER = """\
 import json, os, subprocess, sys, tempfile, time
 sys.path.insert(0, {repo!r})
 from pathlib import Path
-from judge import sandbox
+from sandbox import confine as sandbox
 spec = json.loads(sys.argv[1])
 def alive():
     found = []

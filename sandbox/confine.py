@@ -13,7 +13,7 @@ a `preexec_fn`, and starts that with its own scrubbed `env`, `cwd=policy.cwd` an
   on /tmp and /dev/shm of a set size (`tmp_bytes`, `shm_bytes`: their pages are RAM, which
   RLIMIT_AS does not count), and no network but its own loopback. When the trainer exits, bwrap exits and
   its PID 1 is killed, which kills every process left in the namespace, `setsid` or not.
-- "landlock" (Linux fallback, unprivileged): judge/landlock.py confines itself with Landlock and
+- "landlock" (Linux fallback, unprivileged): sandbox/landlock.py confines itself with Landlock and
   seccomp and execs the program. Files outside the policy cannot be opened, listed, written or
   executed; TCP (ABI >= 4), every new socket (seccomp), signals and abstract sockets leaving the
   run (ABI >= 6) are refused; of /proc only the trainer's own /proc/<pid> and a few global
@@ -23,7 +23,7 @@ a `preexec_fn`, and starts that with its own scrubbed `env`, `cwd=policy.cwd` an
   module is imported from), and cannot end processes: the caller calls `become_subreaper()`
   once and `kill_orphans(...)` after each run. /dev/shm and the host's /tmp are not writable
   (the trainer's TMPDIR is in its workspace, whose size the runner watches).
-- "seatbelt" (macOS `sandbox-exec`): see judge/seatbelt.py; untested on hardware.
+- "seatbelt" (macOS `sandbox-exec`): see sandbox/seatbelt.py; untested on hardware.
 
 Set AUTORESEARCH_SANDBOX=bwrap|landlock|seatbelt|none to force one (tests, users).
 
@@ -39,7 +39,7 @@ Rlimits: RLIMIT_CORE 0 always; RLIMIT_AS when `max_memory_bytes`; RLIMIT_FSIZE w
 RLIMIT_NPROC is per real uid and counts threads, so it is set to the tasks the user already runs
 plus `max_processes`; the kernel ignores it for root, so for root it is not set.
 
-Memory: with `memory_cap_bytes`, every run joins a cgroup of its own (judge/cgroup.py: memory.max,
+Memory: with `memory_cap_bytes`, every run joins a cgroup of its own (sandbox/cgroup.py: memory.max,
 no swap, the whole run ended on OOM) where this host lets the loop make one; it counts what RLIMIT_AS
 cannot (tmpfs files, memfd and shared memory pages). The `preexec_fn` that `wrap` returns is a
 `Confined`: its `group` (or None) and `watch` (the write paths and `disk_bytes`, their allowed size
@@ -65,7 +65,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from judge import cgroup
+from sandbox import cgroup
 
 __all__ = ["KINDS", "Confined", "size_text", "SandboxError", "SandboxPolicy", "become_subreaper", "describe", "detect",
            "kill_orphans", "wrap"]
@@ -444,7 +444,7 @@ def _landlock_command(argv: list[str], policy: SandboxPolicy) -> list[str]:
 
 
 def _seatbelt_command(argv: list[str], policy: SandboxPolicy) -> list[str]:
-    from judge import seatbelt
+    from sandbox import seatbelt
 
     read, write, _ = _checked(policy)
     try:

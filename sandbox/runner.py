@@ -2,7 +2,7 @@
 process group, timed from outside, its output captured to a capped log, everything it started
 ended afterwards.
 
-A sandboxed child's `preexec_fn` is a `judge.sandbox.Confined`: while the child runs, the size of its
+A sandboxed child's `preexec_fn` is a `sandbox.confine.Confined`: while the child runs, the size of its
 write paths is checked about every second (`DISK_CHECK_S`) and once more when it ends, and a child
 whose paths hold more than their cap is ended; the kernel may end it for its memory cgroup's cap.
 Either way the run's `limit` says so in one sentence, and its log too."""
@@ -109,7 +109,7 @@ class Child:
     started: float  # time.time() at spawn
     t0: float  # time.perf_counter() at spawn
     on_spawn: Callable[[int | None], None] | None = None
-    confined: object | None = None  # the judge.sandbox.Confined it was started with (its cgroup, its caps)
+    confined: object | None = None  # the sandbox.confine.Confined it was started with (its cgroup, its caps)
 
     def release(self, line: bytes | None) -> None:
         """Write `line` to a child started with `stdin_pipe` (e.g. the harness's go-ahead), then close its
@@ -240,7 +240,7 @@ class _DiskWatch:
         self.next = time.monotonic() + max(DISK_CHECK_S, 5 * (time.monotonic() - t))
         if used <= self.cap:
             return None
-        from judge.sandbox import size_text
+        from sandbox.confine import size_text
 
         return (f"wrote more than {size_text(self.cap)} into its workspace, past the cap "
                 f"(AUTORESEARCH_WORKSPACE_CAP)")

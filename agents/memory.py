@@ -4,7 +4,7 @@
   writes with its `journal` tool (findings, hypotheses, what to try next) and reads at each turn.
 - Look-back: a past run's row, diff, log tail and loss trajectory (runs/<n>/), for `read_run`. What a
   run wrote (its log, the error line in a crashed run's note) is shown through
-  `research.untrusted.untrusted`: in a block with a random marker, labelled as the trainer's, untrusted.
+  `agents.untrusted.untrusted`: in a block with a random marker, labelled as the trainer's, untrusted.
 - The history compacted, not cut: every experiment of the branch appears, however many there are
   — the kept ones and the latest in full, the older ones grouped by the hyperparameters they moved
   (or as code changes) with their results — shortened step by step until it fits a token budget.
@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 from research.results import MEASURED, Row, sanitize
-from research.secrets import redact
-from research.space import same_value
-from research.untrusted import untrusted
+from sandbox.secrets import redact
+from agents.space import same_value
+from agents.untrusted import untrusted
 
 __all__ = ["journal_path", "read_journal", "write_journal", "look_back", "compact_history", "duplicate_of",
            "MAX_JOURNAL_CHARS", "CHARS_PER_TOKEN"]

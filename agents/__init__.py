@@ -1,4 +1,4 @@
-"""The agents that propose experiments: Claude (Messages API with tools; research/claude_agent.py), a
+"""The agents that propose experiments: Claude (Messages API with tools; agents/claude_agent.py), a
 local offline proposer, and a scripted one for tests.
 
 An agent edits the trainer in the work tree and returns a `Proposal` (a one-line
@@ -67,7 +67,7 @@ class AgentContext:
     noise_floor: float | None
     seen_hashes: set[str]  # trainer versions already run (trainer_hash column)
     crash: CrashInfo | None = None
-    confine: object | None = None  # research.workspace.Confinement: where agent code may be imported
+    confine: object | None = None  # sandbox.workspace.Confinement: where agent code may be imported
     runs_dir: Path | None = None  # runs/<n>/ records (default: <repo>/runs)
     branch: str = ""  # the research branch (default: that of the history's rows)
     in_flight: list[tuple[str, str]] = field(default_factory=list)  # (description, diff) running on other workers
@@ -122,7 +122,7 @@ class ScriptedAgent(Agent):
         if not isinstance(steps, list):
             steps = json.loads(Path(steps).read_text(encoding="utf-8"))
         if not isinstance(steps, list) or not all(isinstance(s, dict) for s in steps):
-            raise AgentError("A script must be a JSON list of objects (see research.agents.ScriptedAgent).")
+            raise AgentError("A script must be a JSON list of objects (see agents.ScriptedAgent).")
         self.steps = list(steps)
         self.used = 0
 
@@ -330,7 +330,7 @@ def make_agent(kind: str, *, repo: Path, trainer: str, seed: int = 0, model: str
     if kind == "local":
         return LocalAgent(seed=seed, console=console)
     if kind == "optuna":
-        from research.tuner import OptunaAgent
+        from agents.tuner import OptunaAgent
 
         return OptunaAgent(sampler=sampler, seed=seed, console=console)
     if kind == "scripted":
@@ -341,12 +341,12 @@ def make_agent(kind: str, *, repo: Path, trainer: str, seed: int = 0, model: str
         except (OSError, json.JSONDecodeError) as e:
             raise AgentError(f"Cannot read the script {script}: {e}") from None
     if kind == "claude":
-        from research.claude_agent import ClaudeAgent
+        from agents.claude_agent import ClaudeAgent
 
         claude = ClaudeAgent(repo, trainer, model=model, console=console)
         if not tune:
             return claude
-        from research.tuner import HybridAgent, OptunaAgent
+        from agents.tuner import HybridAgent, OptunaAgent
 
         return HybridAgent(claude, OptunaAgent(sampler=sampler, seed=seed, console=console), console=console)
     raise AgentError(f"Unknown agent '{kind}'; choose {', '.join(AGENTS)}.")

@@ -6,7 +6,7 @@ every finished row is a trial (its hyperparameters -> its val_bpb), so a restart
 the study from results.tsv and goes on where it was. Failed runs teach it too: a crashed, invalid
 or rejected run is told as the branch's worst measured val_bpb plus a margin, an aborted one (its
 loss trailed the best's) as the worst measured. Each proposal asks the sampler for a point of the
-search space (research/space.py) and, with TPE, moves `moves` (default 2) of the hyperparameters
+search space (agents/space.py) and, with TPE, moves `moves` (default 2) of the hyperparameters
 it would change away from the kept trainer, keeping the others: a full point of a 14-name space
 is far from a tuned baseline, and on the tiny protocol the first full TPE points trained to
 val_bpb 3.1-3.8 against a baseline of 2.85 (or ran out of time). The suggestion itself is then
@@ -26,12 +26,12 @@ import math
 import random
 import warnings
 
-from research.agents import Agent, AgentContext, AgentError, Proposal, _fmt, host_truth, layout_key
+from agents import Agent, AgentContext, AgentError, Proposal, _fmt, host_truth, layout_key
 from research.console import Console
 from research.guards import text_hash
 from research.hparams import HyperparamError, effective_values, parse_block, set_values
 from research.results import MEASURED, NO_COMMIT, Row, sanitize
-from research.space import Space, build_space, repair, same_value
+from agents.space import Space, build_space, repair, same_value
 
 __all__ = ["OptunaAgent", "HybridAgent", "SAMPLERS", "trial_value"]
 

@@ -1,8 +1,8 @@
 """Landlock launcher: confine this process, then become the trainer (Linux, no privileges needed).
 
-    python -I judge/landlock.py POLICY_JSON -- PROGRAM [ARGS...]
+    python -I sandbox/landlock.py POLICY_JSON -- PROGRAM [ARGS...]
 
-`judge.sandbox.wrap("landlock", ...)` builds that command line; nothing else should. The policy
+`sandbox.confine.wrap("landlock", ...)` builds that command line; nothing else should. The policy
 travels as one argument: it is read before the program exists, so the program cannot alter it,
 and once `execv` replaces this process, `/proc/<pid>/cmdline` shows only the program's own
 arguments. `-I` keeps the environment and the working tree out of this launcher's imports; the
@@ -30,7 +30,7 @@ goes ahead half-confined.
 
 Landlock also forbids ptrace, and so reading /proc/<pid>/environ or /mem, of any process outside
 the domain, whatever /proc rules say. It cannot hide that paths exist (stat is not mediated) and
-cannot end processes; see judge/sandbox.py for what the caller does about that.
+cannot end processes; see sandbox/confine.py for what the caller does about that.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def _add_path(ruleset: int, path: str, kind: str, handled: int) -> None:
     try:
         fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
     except FileNotFoundError:
-        return  # optional system paths; judge.sandbox already insisted on the policy's own
+        return  # optional system paths; sandbox.confine already insisted on the policy's own
     try:
         access = ACCESS[kind] & handled
         if not os.path.isdir(f"/proc/self/fd/{fd}"):

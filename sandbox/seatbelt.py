@@ -20,7 +20,7 @@ The profile denies by default and then allows:
   the Metal compiler service.
 Network is denied outright. What it cannot do: macOS enforces neither RLIMIT_AS nor a per-run
 RLIMIT_NPROC, and a process that calls setsid leaves the loop's process group while staying
-sandboxed; the loop has to find and end it (judge.sandbox.kill_orphans is Linux-only).
+sandboxed; the loop has to find and end it (sandbox.confine.kill_orphans is Linux-only).
 Metal keeps its shader cache under the user's cache directory (`getconf DARWIN_USER_CACHE_DIR`);
 if MLX needs it writable, the runner adds a per-run directory there to the write paths.
 """

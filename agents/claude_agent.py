@@ -1,5 +1,5 @@
 """The Claude agent: Anthropic's Messages API with tools to read the project, edit the trainer and
-keep a journal; prices and token accounting. Built by research/agents.py make_agent."""
+keep a journal; prices and token accounting. Built by agents/__init__.py make_agent."""
 
 from __future__ import annotations
 
@@ -9,16 +9,16 @@ import re
 import time
 from pathlib import Path
 
-from research import secrets
-from research.agents import Agent, AgentContext, AgentError, Proposal, host_truth, layout_key
+from sandbox import secrets
+from agents import Agent, AgentContext, AgentError, Proposal, host_truth, layout_key
 from research.console import Console
 from research.experiment import Usage
 from research.guards import text_hash
 from research.hparams import HyperparamError, effective_values, parse_block
-from research.memory import compact_history, duplicate_of, journal_path, look_back, read_journal, write_journal
+from agents.memory import compact_history, duplicate_of, journal_path, look_back, read_journal, write_journal
 from research.results import sanitize
-from research.space import same_value
-from research.untrusted import untrusted
+from agents.space import same_value
+from agents.untrusted import untrusted
 
 __all__ = ["ClaudeAgent", "DEFAULT_MODEL", "PRICES", "cost_usd", "price_of"]
 
@@ -171,7 +171,7 @@ class ClaudeAgent(Agent):
         self.trainer = trainer
         self.model = model or os.environ.get("AUTORESEARCH_MODEL") or DEFAULT_MODEL
         if client is None:
-            # the key comes from the loop's in-memory store (research/secrets.py), never from the environment:
+            # the key comes from the loop's in-memory store (sandbox/secrets.py), never from the environment:
             # the loop runs without it there, so no process the trainer can see holds it
             creds = secrets.anthropic_credentials()
             if not creds:

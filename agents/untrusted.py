@@ -13,7 +13,7 @@ The trainer is agent code under test and prints what it likes, the text of a cod
 - `inline=True` gives one line instead (a crash's error line, a row's note): the text quoted as a
   JSON string, so a quote inside cannot close it, after the word `untrusted`.
 
-Everything goes through `research.secrets.redact` first.
+Everything goes through `sandbox.secrets.redact` first.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import os
 import re
 import unicodedata
 
-from research.secrets import redact
+from sandbox.secrets import redact
 
 __all__ = ["MARK", "untrusted", "looks_official"]
 

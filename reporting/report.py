@@ -1,11 +1,11 @@
 """`loop.py report`: one results file as a progress plot (PNG) and a Markdown summary; and the
-command-line wiring of report, compare (research/compare.py) and transfer (research/transfer.py).
+command-line wiring of report, compare (reporting/compare.py) and transfer (reporting/transfer.py).
 
 The plot shows every experiment at its number (runs/<n>, as the console labels it): discards grey,
 baseline runs and kept changes green and labelled, the running best, transfers blue, and runs without
 a measurement in a strip below, a rejection under its reason. The Markdown gives baseline -> best,
 the kept changes with their gains, the kept configs on the holdout split, wall time and agent cost.
-Both count experiments with `Summary.tally` (research/summary.py holds the definitions).
+Both count experiments with `Summary.tally` (reporting/summary.py holds the definitions).
 
 matplotlib is imported only when a plot is drawn (and without pyplot), so importing this module is cheap.
 """
@@ -18,9 +18,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from research import compare, transfer
+from reporting import compare, transfer
 from research.results import Row
-from research.summary import (DEFAULT_OUT_DIR, UNKNOWN, ReportError, Source, Summary, bpb_text, cell, common,
+from reporting.summary import (DEFAULT_OUT_DIR, UNKNOWN, ReportError, Source, Summary, bpb_text, cell, common,
                               gain_text, load_source, mean, measured, new_figure, path_label, plural, shorten,
                               summarize, value_text)
 
@@ -511,8 +511,8 @@ def add_subparsers(subparsers: argparse._SubParsersAction, parents: list[argpars
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m research.report report|compare|transfer ...` (the same commands as loop.py)."""
-    parser = argparse.ArgumentParser(prog="python -m research.report",
+    """`python -m reporting.report report|compare|transfer ...` (the same commands as loop.py)."""
+    parser = argparse.ArgumentParser(prog="python -m reporting.report",
                                      description="Progress report, cross-hardware comparison and config transfer.")
     add_subparsers(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)

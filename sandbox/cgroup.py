@@ -17,7 +17,7 @@ Where groups are made, the first that works:
    `systemd-run --user --scope -p Delegate=yes python loop.py ...`): the loop moves itself into a
    leaf group beside the runs' groups, which cgroup v2 requires.
 Elsewhere (cgroup v1 hosts, containers without a writable cgroup, macOS) there is no group: the run's
-memory is then bounded by RLIMIT_AS on CPU runs, and its tmpfs by their sizes (see judge/sandbox.py).
+memory is then bounded by RLIMIT_AS on CPU runs, and its tmpfs by their sizes (see sandbox/confine.py).
 """
 
 from __future__ import annotations

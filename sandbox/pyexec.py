@@ -20,7 +20,7 @@ import, which is a module import too):
     import sys
 
     if __name__ == "__main__":
-        _boot = os.path.join(os.path.dirname(os.path.realpath(__file__)), "research", "pyexec.py")
+        _boot = os.path.join(os.path.dirname(os.path.realpath(__file__)), "sandbox", "pyexec.py")
         with open(_boot, "rb") as _f:
             exec(compile(_f.read(), _boot, "exec"), {"__name__": "__pyexec_boot__", "__file__": _boot,
                                                       "SCRIPT": __file__})
@@ -52,7 +52,7 @@ def _drop_script_dir(script: str | None) -> None:
 
 if __name__ == "__pyexec_boot__":  # exec'd by a locked script's first lines: before importing anything else
     _drop_script_dir(globals().get("SCRIPT"))
-elif __name__ == "__main__":  # the launcher: `python -I research/pyexec.py [--root DIR] SCRIPT ARGS...`
+elif __name__ == "__main__":  # the launcher: `python -I sandbox/pyexec.py [--root DIR] SCRIPT ARGS...`
     _drop_script_dir(__file__)
 
 from importlib.machinery import FileFinder, SourceFileLoader  # noqa: E402
@@ -157,7 +157,7 @@ def _launch(argv: list[str]) -> None:
     if argv[:1] == ["--root"]:
         root, argv = argv[1], argv[2:]
     if not argv:
-        raise SystemExit("usage: python -I research/pyexec.py [--root DIR] SCRIPT [ARGS...]")
+        raise SystemExit("usage: python -I sandbox/pyexec.py [--root DIR] SCRIPT [ARGS...]")
     bootstrap(root)
     import runpy
 

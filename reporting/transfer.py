@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from research.results import Row
-from research.summary import TRANSFER, UNKNOWN, ReportError, Source, load_source, shorten, summarize, value_text
+from reporting.summary import TRANSFER, UNKNOWN, ReportError, Source, load_source, shorten, summarize, value_text
 
 __all__ = ["HOST_SPECIFIC", "TransferPlan", "plan_transfer", "apply_transfer", "run_transfer", "cmd_transfer",
            "add_subparser"]

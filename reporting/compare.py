@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 from research.results import Row
-from research.summary import (DEFAULT_OUT_DIR, UNKNOWN, ReportError, Source, bpb_text, cell, gain_text, load_source,
+from reporting.summary import (DEFAULT_OUT_DIR, UNKNOWN, ReportError, Source, bpb_text, cell, gain_text, load_source,
                               new_figure, num, path_label, plural, run_summary, summarize,
                               value_text)
 

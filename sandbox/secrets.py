@@ -148,7 +148,7 @@ def reexec_without_secrets(script: str, argv: list[str]) -> None:
     the secrets follow through an inherited pipe (see `receive`). A secret in an argument is replaced by
     `[redacted]`. Returns only when there is nothing to do: the process already runs isolated and its
     environment holds no secret."""
-    from research.pyexec import python_argv
+    from sandbox.pyexec import python_argv
 
     env = dict(os.environ)
     found = _secrets_in(env)

@@ -32,7 +32,7 @@ __all__ = ["Workspace", "CODE_PATHS", "Confinement", "RESOURCE_ENV", "Resources"
            "parse_size"]
 
 CODE_PATHS = ("prepare.py", "backends", "model", "data")  # locked code a trainer may import (data/ if present)
-HARNESS_CODE = ("judge", "research/pyexec.py")  # the harness bootstraps its imports through pyexec
+HARNESS_CODE = ("judge", "sandbox/pyexec.py")  # the harness bootstraps its imports through pyexec
 _JUDGE_DIRS = ("home", "tmp", "cache")  # the harness's private directories inside its own
 MiB, GiB = 1 << 20, 1 << 30
 # The settings of what a run may use (README: Security, Environment variables), passed on to workers too.
@@ -85,8 +85,8 @@ class Resources:
 
     def line(self, kind: str | None, gpu: bool) -> str:
         """What bounds a run here, in one line for the start of a session."""
-        from judge import cgroup
-        from judge.sandbox import size_text as sz
+        from sandbox import cgroup
+        from sandbox.confine import size_text as sz
 
         if kind is None:
             return "resources: no sandbox, no bounds on a run's memory or disk"
@@ -111,7 +111,7 @@ def free_space_problem(results: Path, res: Resources | None = None, workspaces: 
     """One sentence when a disk the next run writes has too little free space, else None: the one holding
     `results` (results.tsv, runs/) needs the margin (AUTORESEARCH_MIN_FREE), the one the workspaces are
     made on (`workspaces`, default the temporary directory) a full workspace besides; one disk, both."""
-    from judge.sandbox import size_text as sz
+    from sandbox.confine import size_text as sz
 
     res = res or Resources.from_env()
     results = Path(results).resolve()
@@ -210,7 +210,7 @@ class Workspace:
 
 
 def _private_env(home: Path, tmp: Path, cache: Path, **extra: str) -> dict[str, str]:
-    """The allow-listed part of the loop's environment (research.secrets.allowed_env), with home, temp and
+    """The allow-listed part of the loop's environment (sandbox.secrets.allowed_env), with home, temp and
     every per-user cache pointed at the given private directories, and the data cache named explicitly
     (its default lives under the real home, which the child no longer has)."""
     import prepare
@@ -252,7 +252,7 @@ class Confinement:
               ) -> tuple[list[str], Callable[[], None] | None]:
         if self.kind is None:
             return argv, None
-        from judge.sandbox import SandboxPolicy, wrap
+        from sandbox.confine import SandboxPolicy, wrap
 
         gpu = self.backend in ("cuda", "rocm", "mps")
         res = self.resources

@@ -11,7 +11,7 @@ endpoint and shows, as the loop runs:
   the compare view.
 
 Everything comes from disk: results.tsv (read with research/results.py, grouped with
-research/summary.py like the reports), runs/<n>/ and, for the description of a run in progress, the
+reporting/summary.py like the reports), runs/<n>/ and, for the description of a run in progress, the
 subject of the commit the loop made for it. The run in progress is the newest runs/<n>/ without a row;
 its loss curve is read from its log.txt as it grows (the trainer's `step N (P%) | loss: L | ...
 tok/sec: T | ... remaining: Rs` lines), finished runs' curves from their loss.json. The server never
@@ -40,8 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from research.results import Row
-from research.secrets import redact
-from research.summary import ReportError, Source, load_source, measured, summarize
+from sandbox.secrets import redact
+from reporting.summary import ReportError, Source, load_source, measured, summarize
 
 __all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "Refused", "LiveData", "make_app", "serve", "start_in_thread",
            "add_subparser", "add_run_options", "LiveServer"]
@@ -510,8 +510,8 @@ class LiveData:
     # -- other machines ----------------------------------------------------------
 
     def _compare(self, source: Source | None) -> dict:
-        from research import compare
-        from research.summary import num
+        from reporting import compare
+        from reporting.summary import num
 
         sources, errors = ([source] if source is not None and source.rows else []), []
         for p in self.others:
@@ -552,7 +552,7 @@ class LiveData:
                                  for b in summ.running_best],
             })
         names = sorted({k for b in bests if b for k in b.hyperparams})
-        from research.summary import value_text
+        from reporting.summary import value_text
 
         for name in names:
             values = [value_text(b.hyperparams[name]) if b and name in b.hyperparams else "—" for b in bests]
@@ -642,7 +642,7 @@ def _rows_json(rows: list[Row], s, on_disk: list[int]) -> list[dict]:
 
 
 def _plot_json(source: Source, s) -> dict:
-    from research.report import _y_limits
+    from reporting.report import _y_limits
 
     lo = hi = None
     if any(measured(r) for r in source.rows):
