@@ -11,7 +11,7 @@ Protocol, budget and backend come from AUTORESEARCH_PROTOCOL / AUTORESEARCH_TIME
 AUTORESEARCH_BACKEND or the flags below. This file is locked: the agent never edits it.
 """
 
-import os  # noqa: I001 - os and sys come with the interpreter; nothing else may be imported before the next block
+import os  # os and sys come with the interpreter; nothing else may be imported before the next block
 import sys
 
 if __name__ == "__main__":
@@ -28,18 +28,17 @@ if __name__ == "__main__":
     # a pipe and stay in memory): no process the trainer can see holds one.
     _secrets.isolate(os.path.realpath(__file__), sys.argv[1:])
 
-import argparse  # noqa: E402
-import signal  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import signal
+from pathlib import Path
 
-from reporting import live, report  # noqa: E402
-
+from reporting import report, serve
+from research.console import Console
+from research.gitrepo import GitError
+from research.guards import LockError
+from research.results import ResultsError
+from research.session import Session, SessionError, Settings, default_tag
 from sandbox import secrets
-from research.console import Console  # noqa: E402
-from research.gitrepo import GitError  # noqa: E402
-from research.guards import LockError  # noqa: E402
-from research.results import ResultsError  # noqa: E402
-from research.session import Session, SessionError, Settings, default_tag  # noqa: E402
 
 REPO = Path(__file__).resolve().parent
 
@@ -105,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "GPU on CUDA/ROCm, else 1)")
     run.add_argument("--ray-address", default=None,
                      help="join this Ray cluster (e.g. ray://head:10001 or head:6379) instead of starting one here")
-    live.add_run_options(run)  # --serve: the live page while the loop runs
+    serve.add_run_options(run)  # --serve: the live page while the loop runs
 
     try_ = sub.add_parser("try", parents=[common],
                           help="one experiment on the trainer as currently edited (uncommitted)")
@@ -116,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     clear.add_argument("--tag", default=None, help="the branch autoresearch/<tag> (default: the current branch)")
     clear.set_defaults(func=_clear_tampering)
     report.add_subparsers(sub, parents=[common])  # report, compare, transfer
-    live.add_subparser(sub)  # serve: the live page
+    serve.add_subparser(sub)  # serve: the live page
     from research import check
 
     check.add_subparser(sub)  # check: a self-test of this host
@@ -183,13 +182,16 @@ def _abort_quietly(session: Session | None) -> None:
         return
     try:
         session.abort()
-    except Exception:
+    except Exception:  # noqa: BLE001 - the first error is the one to report
         pass
 
 
 def main(argv: list[str] | None = None) -> int:
     import backends
 
+    # Ctrl-C raises KeyboardInterrupt even when SIGINT came in ignored (a background job of a script
+    # inherits SIG_IGN, which Python would otherwise keep): the loop then stops as it does in a terminal.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     backends.require_environment("loop.py")
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
@@ -212,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         import prepare
 
         if args.command == "run":
-            from research.parallel import check_workers
+            from research.pool import check_workers
 
             check_workers(args.workers)
         try:
@@ -227,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             console.event(session.allowance_line())
             out = try_change(session, args.description)
             return 0 if out.status in ("keep", "discard") else 1
-        from research.parallel import default_workers
+        from research.pool import default_workers
 
         workers = args.workers or default_workers(session.host)
         kind = args.agent or ("claude" if secrets.anthropic_credentials() else "optuna")
@@ -239,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         console.event(f"{'resuming' if resumed else 'created'} branch {session.branch} at "
                       f"{session.kept_commit[:7]}; agent {agent.name}{model}")
         console.event(session.allowance_line())
-        page = live.start_for_run(args, session.results_path, session.settings, console)
+        page = serve.start_for_run(args, session.results_path, session.settings, console)
         if workers > 1 or args.ray_address:
             from research.parallel import research_parallel
 

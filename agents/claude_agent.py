@@ -9,16 +9,16 @@ import re
 import time
 from pathlib import Path
 
-from sandbox import secrets
 from agents import Agent, AgentContext, AgentError, Proposal, host_truth, layout_key
-from research.console import Console
-from research.experiment import Usage
-from research.guards import text_hash
-from research.hparams import HyperparamError, effective_values, parse_block
 from agents.memory import compact_history, duplicate_of, journal_path, look_back, read_journal, write_journal
-from research.results import sanitize
 from agents.space import same_value
 from agents.untrusted import untrusted
+from research.console import Console
+from research.guards import text_hash
+from research.hparams import HyperparamError, effective_values, parse_block
+from research.proposals import Usage
+from research.results import sanitize
+from sandbox import secrets
 
 __all__ = ["ClaudeAgent", "DEFAULT_MODEL", "PRICES", "cost_usd", "price_of"]
 

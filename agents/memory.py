@@ -19,10 +19,10 @@ import re
 import time
 from pathlib import Path
 
-from research.results import MEASURED, Row, sanitize
-from sandbox.secrets import redact
 from agents.space import same_value
 from agents.untrusted import untrusted
+from research.results import MEASURED, Row, sanitize
+from sandbox.secrets import redact
 
 __all__ = ["journal_path", "read_journal", "write_journal", "look_back", "compact_history", "duplicate_of",
            "MAX_JOURNAL_CHARS", "CHARS_PER_TOKEN"]
@@ -213,7 +213,7 @@ def _render(rows: list[Row], desc_len: int, n_recent: int, terse: bool) -> str:
     recent_idx = set(range(max(0, len(rows) - n_recent), len(rows)))
     if kept:
         lines.append("\nKept (each became the best of its time), in order:")
-        for i, r in kept:
+        for _, r in kept:
             d = sanitize(r.description, max(desc_len, 60)) if desc_len or not terse else ""
             lines.append(f"#{r.run} {_val(r)} {d}".rstrip())
     older = [i for i in range(len(rows)) if i not in recent_idx and rows[i].status not in ("keep",)]

@@ -26,12 +26,12 @@ import math
 import random
 import warnings
 
-from agents import Agent, AgentContext, AgentError, Proposal, _fmt, host_truth, layout_key
+from agents import Agent, AgentContext, AgentError, Proposal, fmt_value, host_truth, layout_key
+from agents.space import Space, build_space, repair, same_value
 from research.console import Console
 from research.guards import text_hash
 from research.hparams import HyperparamError, effective_values, parse_block, set_values
 from research.results import MEASURED, NO_COMMIT, Row, sanitize
-from agents.space import Space, build_space, repair, same_value
 
 __all__ = ["OptunaAgent", "HybridAgent", "SAMPLERS", "trial_value"]
 
@@ -253,7 +253,7 @@ class OptunaAgent(Agent):
                 continue
             self._pending.setdefault(h, []).append(("add", space.encode(values)) if subset else ("tell", trial.number))
             ctx.trainer_path.write_text(new, encoding="utf-8")
-            what = "; ".join(f"{k} {_fmt(effective[k])} -> {_fmt(v)}" for k, v in changes.items())
+            what = "; ".join(f"{k} {fmt_value(effective[k])} -> {fmt_value(v)}" for k, v in changes.items())
             return Proposal(sanitize(f"optuna {self.sampler} trial {trial.number}: {what}"))
         self.console.event(f"optuna agent: {self.max_asks} points in a row were trainers already run; "
                            "the search space looks exhausted")

@@ -136,7 +136,7 @@ def _cpu_name() -> str:
     return _cpuinfo("model name") or platform.processor() or platform.machine() or "CPU"
 
 
-def _cpu_bf16() -> bool:
+def cpu_has_bf16() -> bool:
     """Whether the CPU has native bf16 arithmetic (Linux x86: the avx512_bf16 or amx_bf16 flag). Elsewhere
     False: on CPUs without it PyTorch emulates bf16 and runs slower than fp32."""
     return bool(set((_cpuinfo("flags") or "").split()) & {"avx512_bf16", "amx_bf16"})
@@ -165,7 +165,7 @@ def probe_host(choice: str | None = None) -> Probe:
     """Look at the real machine. Imports torch / MLX only if they are installed, and only the one the
     chosen backend needs (a CPU run imports neither: it only needs to know that torch is there)."""
     info: dict = dict(
-        system=platform.system(), machine=platform.machine(), cpu_name=_cpu_name(), cpu_bf16=_cpu_bf16(),
+        system=platform.system(), machine=platform.machine(), cpu_name=_cpu_name(), cpu_bf16=cpu_has_bf16(),
         ram_gb=_ram_gb()
     )
     want_torch = choice in (None, "cuda", "rocm", "mps")

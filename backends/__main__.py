@@ -11,7 +11,8 @@ def main() -> int:
     except BackendError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    from sandbox.confine import SandboxError, describe as describe_sandbox  # lazily: backend line first
+    from sandbox.confine import SandboxError  # lazily: backend line first
+    from sandbox.confine import describe as describe_sandbox
 
     try:
         print(describe_sandbox())

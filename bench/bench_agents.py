@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from research.results import MEASURED, read_results  # noqa: E402
+from research.results import MEASURED, read_results
 
 PROJECT_FILES = ("loop.py", "prepare.py", "data", "model", "backends", "judge", "sandbox", "research", "agents",
                  "reporting", "program.md", "train_cuda.py", "train_mlx.py", ".gitignore", "pyproject.toml")

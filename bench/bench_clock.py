@@ -41,9 +41,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_experiment import copy_tree  # noqa: E402
+from bench_experiment import copy_tree
 
-from research.results import read_results  # noqa: E402
+from research.results import read_results
 
 STEP_ANCHOR = "        budget = clock.budget(total_training_time, dt)\n"
 MAIN_ANCHOR = "\n\ndef main():\n"

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import prepare  # noqa: E402
-from data.loader import BUFFER_DOCS, _doc_blocks  # noqa: E402
-from data.tokens import _load_token_cache  # noqa: E402
+import prepare
+from data.loader import BUFFER_DOCS, doc_blocks
+from data.tokens import load_token_cache
 
 
 def python_best_fit(blocks, batch_size: int, seq_len: int, buffer_docs: int = BUFFER_DOCS):
@@ -87,7 +87,7 @@ def main() -> None:
     per_batch = B * T
     tok = prepare.Tokenizer.load(p)
     shards = prepare.split_shards(p, "train")
-    n_tokens = sum(len(_load_token_cache(p, s, tok.fingerprint)[0]) for s in shards)
+    n_tokens = sum(len(load_token_cache(p, s, tok.fingerprint)[0]) for s in shards)
     print(f"data: tiny protocol training split, {len(shards)} shards, {n_tokens / 1e6:.2f}M tokens, "
           f"documents of at most {p.max_seq_len} tokens (+BOS)")
     print(f"batch: B={B} T={T} ({per_batch:,} tokens), {os.cpu_count()} CPU cores")
@@ -105,7 +105,7 @@ def main() -> None:
             os.environ.pop("AUTORESEARCH_CACHE") if cache is None else os.environ.update(AUTORESEARCH_CACHE=cache)
     print(f"prepare.make_dataloader, tokenize on the fly: {fly / 1e6:8.2f}M tokens/s")
 
-    blocks = _doc_blocks(p, tok, shards, None)
+    blocks = doc_blocks(p, tok, shards, None)
     py, py_rows = tokens_per_second(python_best_fit(blocks, B, T), args.python_batches, per_batch)
     print(f"pure-Python best-fit packer, same documents:  {py / 1e6:8.2f}M tokens/s")
     same = all((a == b).all() for a, b in zip(ours_rows, py_rows))

@@ -87,7 +87,7 @@ def phases(run_dir: Path) -> dict[str, float] | None:
     facts = rec.get("claims") or rec.get("summary") or {}  # the trainer's own account (older records: "summary")
     if not ev.get("valid"):
         return None
-    harness_wall = meta["timings"]["trainer"] - trainer_wall  # _run_once: the trainer, then the harness
+    harness_wall = meta["timings"]["trainer"] - trainer_wall  # run_once: the trainer, then the harness
     own = facts["total_seconds"] + facts.get("export_seconds", 0.0)
     warmup = facts.get("warmup_steps")  # the trainer's own count of uncounted steps (nan tokens/s without it)
     counted = max(facts["num_steps"] - warmup, 0) if warmup is not None else float("nan")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from research.gauge import gauge, gauge_threads, speed_of  # noqa: E402
+from research.gauge import gauge, gauge_threads, speed_of
 
 STAND_IN = r"""
 import sys, time, torch

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import prepare  # noqa: E402
+import prepare
 
 
 def torch_exporter(p):

@@ -38,7 +38,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tests.test_loop import make_repo  # noqa: E402  (a git repository holding a copy of the project)
+from tests.test_loop import make_repo
 
 PHASES = ("agent", "commit", "spawn/export", "setup", "train", "harness", "bookkeeping")
 

@@ -50,7 +50,7 @@ class SleepWorker(TrialWorker):
     seconds = 20.0
 
     def run(self, job):
-        from research.experiment import Measurement
+        from research.run import Measurement
 
         runs = []
         for spec in job.runs:
@@ -89,9 +89,11 @@ def orchestration(workers: int, seconds: float, rounds: int, cache: str) -> dict
     os.environ.update(AUTORESEARCH_PROTOCOL="tiny", AUTORESEARCH_BACKEND="cpu", AUTORESEARCH_CACHE=cache)
     os.environ.pop("AUTORESEARCH_TIME_BUDGET", None)
     from research import parallel
+    from research.pool import Pool
     from research.console import Console
-    from research.experiment import _row
-    from research.session import BASELINE, Session, Settings
+    from research.experiment import make_row
+    from research.ledger import BASELINE
+    from research.session import Session, Settings
 
     with tempfile.TemporaryDirectory(prefix="bench-parallel-") as d:
         repo = make_repo(Path(d), trainer=None)
@@ -100,14 +102,14 @@ def orchestration(workers: int, seconds: float, rounds: int, cache: str) -> dict
         try:
             s.start_branch("bench")
             for k in (1, 2):  # the baselines, on record already
-                from research.experiment import Measurement
+                from research.run import Measurement
 
                 m = Measurement(val_bpb=2.0 + 0.001 * k, training_seconds=seconds, num_steps=10)
-                s.record(_row(s, commit=s.kept_commit, status="keep", description=BASELINE, note=f"{BASELINE} {k}/2",
+                s.record(make_row(s, commit=s.kept_commit, status="keep", description=BASELINE, note=f"{BASELINE} {k}/2",
                               run_no=k, trainer_text=s.trainer_text(), m=m, wall=seconds + 5, usage=None))
             s.refresh()
             SleepWorker.seconds = seconds
-            pool = parallel.Pool(s, workers, None)
+            pool = Pool(s, workers, None)
             pool.worker_cls = SleepWorker
             t0 = time.perf_counter()
             pool.start()

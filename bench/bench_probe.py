@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from judge import evaluate as E  # noqa: E402
+from judge import evaluate as E
 
 
 def synthetic_rows(n: int, seq: int, vocab: int, seed: int) -> E.EvalRows:
@@ -96,9 +96,10 @@ def exact_escape(n_rows: int, seq: int, batch: int, vocab: int, probes: int, che
 def attack(args) -> None:
     import torch
 
-    from backends import detect, torch_rt
+    from backends import detect
+    from judge import torch_adapter
 
-    adapter = torch_rt.eval_adapter(detect("cpu"))
+    adapter = torch_adapter.eval_adapter(detect("cpu"))
     split = synthetic_rows(args.rows, args.seq, args.vocab, 1)
     token_bytes = np.ones(args.vocab, dtype=np.int64)
     probes = min(args.rows * args.seq, E.probe_count(E.PROBE_LOOKAHEAD_FRACTION, E.PROBE_ESCAPE))
@@ -154,9 +155,10 @@ def honest_model(kind: str, vocab: int, seq: int):
 def cost(args) -> None:
     import torch
 
-    from backends import detect, torch_rt
+    from backends import detect
+    from judge import torch_adapter
 
-    adapter = torch_rt.eval_adapter(detect("cpu"))
+    adapter = torch_adapter.eval_adapter(detect("cpu"))
     model, batch, name = honest_model(args.cost, args.vocab, args.seq)
     token_bytes = np.ones(args.vocab, dtype=np.int64)
     print(f"\ncost: {name}, batch {batch}, torch threads {torch.get_num_threads()}")

@@ -43,7 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-from tests.test_loop import PROJECT_FILES, make_repo  # noqa: E402
+from tests.test_loop import PROJECT_FILES, make_repo
 
 NEUTRAL = "neutral: comment-only edit"
 
@@ -178,7 +178,7 @@ def summarize(rule: str, res: dict) -> dict:
         best_rows = [kept[-1]] if kept else [r for r in base if r.ok]
         best = statistics.fmean(r.val_bpb for r in best_rows)
     else:
-        from research.session import replay
+        from research.ledger import replay
 
         st = replay(rows, 0.0005)
         best_rows, best = st.best_runs, st.best

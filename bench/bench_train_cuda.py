@@ -23,12 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
-import backends  # noqa: E402
-import train_cuda as tc  # noqa: E402
-from backends import torch_rt  # noqa: E402
-from model import build_config, flops_per_token, param_counts  # noqa: E402
+import backends
+import train_cuda as tc
+from backends import torch_rt
+from model import build_config, flops_per_token, param_counts
 
 
 def main() -> None:

@@ -76,7 +76,7 @@ def main() -> int:
     parser.add_argument("--out", default=None, help="directory for the logs and check.md (default: a new temp dir)")
     args = parser.parse_args()
     start = time.perf_counter()
-    left = lambda: args.limit - (time.perf_counter() - start)  # noqa: E731
+    left = lambda: args.limit - (time.perf_counter() - start)
     out = Path(args.out or tempfile.mkdtemp(prefix="autoresearch-device-check-"))
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "AUTORESEARCH_PROTOCOL": "tiny", "PYTHONUNBUFFERED": "1"}

@@ -1,7 +1,7 @@
 """Bits per byte of a handed-over model, with a causality probe the model cannot predict (locked).
 
 Framework-neutral: `forward(inputs)` returns logits (B, T, V) for one fixed-shape batch, and an
-adapter (backends/torch_rt.py or backends/mlx_rt.py) moves tokens in, turns logits into per-token
+adapter (judge/torch_adapter.py or judge/mlx_adapter.py) moves tokens in, turns logits into per-token
 nats and copies logits out, so the loss is never computed by model code. Sums are float64 on the host:
 
     val_bpb = sum of nats over targets with a byte length > 0 / (ln 2 * sum of their bytes)
@@ -83,11 +83,11 @@ class EvalRows:
 
 def load_rows(p: Any, split: str, tokens: int) -> EvalRows:
     """The first `tokens // T` rows of the split's packed stream (at least one)."""
-    import prepare
+    from data.loader import make_dataloader
 
     T = p.max_seq_len
     n = max(1, tokens // T)
-    loader = prepare.make_dataloader(p, ROW_PULL, T, split)
+    loader = make_dataloader(p, ROW_PULL, T, split)
     xs, ys, have = [], [], 0
     while have < n:
         x, y, _ = next(loader)

@@ -83,6 +83,7 @@ def _load_torch(path: Path, expect_T: int) -> LoadedGraph:
     """model.pt2 read as data and run by judge/pt2.py's interpreter: no torch.export.load, no fx code."""
     from backends import detect, torch_rt
     from judge.pt2 import ArchiveError, read_program
+    from judge.torch_adapter import eval_adapter
 
     host = detect()
     try:
@@ -100,13 +101,13 @@ def _load_torch(path: Path, expect_T: int) -> LoadedGraph:
         raise GraphError(f"the exported forward takes batches of {shape[0]} rows; export it for 1 to 65536")
 
     # the program runs under inference mode itself
-    return LoadedGraph("torch", program, torch_rt.eval_adapter(host), shape[0], shape[1], path.stat().st_size)
+    return LoadedGraph("torch", program, eval_adapter(host), shape[0], shape[1], path.stat().st_size)
 
 
 def _load_mlx(path: Path, expect_T: int, facts: dict) -> LoadedGraph:
     import mlx.core as mx
 
-    from backends import mlx_rt
+    from judge.mlx_adapter import eval_adapter
 
     data = path.read_bytes()
     for name in _MLX_DENIED:
@@ -126,7 +127,7 @@ def _load_mlx(path: Path, expect_T: int, facts: dict) -> LoadedGraph:
         out = fn(x)
         return out[0] if isinstance(out, (list, tuple)) else out
 
-    return LoadedGraph("mlx", forward, mlx_rt.eval_adapter(), B, expect_T, len(data))
+    return LoadedGraph("mlx", forward, eval_adapter(), B, expect_T, len(data))
 
 
 def warm_imports(backend: str) -> None:
@@ -135,12 +136,11 @@ def warm_imports(backend: str) -> None:
     if backend == "mlx":
         import mlx.core  # noqa: F401
 
-        from backends import mlx_rt  # noqa: F401
+        from judge import mlx_adapter  # noqa: F401
     else:
         import torch  # noqa: F401
 
-        from backends import torch_rt  # noqa: F401
-        from judge import pt2  # noqa: F401
+        from judge import pt2, torch_adapter  # noqa: F401
 
 
 def load_graph(handover: Path, seq_len: int, vocab_size: int) -> LoadedGraph:

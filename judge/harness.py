@@ -29,17 +29,17 @@ if __name__ == "__main__":
         exec(compile(_f.read(), _boot, "exec"), {"__name__": "__pyexec_boot__", "__file__": _boot,
                                                   "SCRIPT": __file__})
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import secrets  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from concurrent.futures import ThreadPoolExecutor  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import json
+import secrets
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 EXIT_GRAPH, EXIT_DATA, EXIT_NONCAUSAL = 2, 3, 4
 GO = b"go"  # the line a pre-started harness (--wait) waits for: the trainer has ended, score the hand-over
@@ -81,17 +81,21 @@ class Ready:
 def prepare_scoring(protocol_name: str) -> Ready:
     """Everything that does not need the hand-over: imports, the data checked against its recorded
     hashes and read. A pre-started harness (--wait) does this while the trainer still trains."""
-    import prepare
+    from data import PrepareError
+    from data.integrity import verify_eval_data
+    from data.protocols import get_protocol
+    from data.tokenizer import load_token_bytes
+    from judge.entry import evaluator_hash
     from judge.evaluate import load_rows
     from judge.graphs import warm_imports
 
-    p = prepare.get_protocol(protocol_name)
-    base = {"protocol": p.name, "protocol_version": p.version, "evaluator_hash": prepare.evaluator_hash(),
+    p = get_protocol(protocol_name)
+    base = {"protocol": p.name, "protocol_version": p.version, "evaluator_hash": evaluator_hash(),
             "split": "val", "seq_len": p.max_seq_len}
     try:
-        prepare.verify_eval_data(p)
-        token_bytes = prepare.load_token_bytes(p)
-    except prepare.PrepareError as e:
+        verify_eval_data(p)
+        token_bytes = load_token_bytes(p)
+    except PrepareError as e:
         return Ready(base, (EXIT_DATA, {**base, "valid": False, "kind": "data", "reason": str(e)}))
     warm_imports(os.environ.get("AUTORESEARCH_BACKEND", ""))
     return Ready(base, None, p, token_bytes, load_rows(p, "val", p.eval_tokens),

@@ -8,17 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from model import (
-    POLAR_EXPRESS_COEFFS,
-    RMS_EPS,
-    ROPE_BASE,
-    SOFTCAP,
-    VE_GATE_CHANNELS,
-    GPTConfig,
-    has_value_embedding,
-    param_shapes,
-    window_sizes,
-)
+from model import (POLAR_EXPRESS_COEFFS, RMS_EPS, ROPE_BASE, SOFTCAP, VE_GATE_CHANNELS, GPTConfig, has_value_embedding,
+                   param_shapes, window_sizes)
 
 
 def rms_norm(x: np.ndarray, eps: float = RMS_EPS) -> np.ndarray:

@@ -13,10 +13,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from research.results import Row
 from reporting.summary import (DEFAULT_OUT_DIR, UNKNOWN, ReportError, Source, bpb_text, cell, gain_text, load_source,
-                              new_figure, num, path_label, plural, run_summary, summarize,
-                              value_text)
+                               new_figure, num, path_label, plural, run_summary, summarize, value_text)
+from research.results import Row
 
 __all__ = ["compare_markdown", "plot_compare", "write_compare", "cmd_compare", "add_subparser"]
 

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reporting import compare, transfer
-from research.results import Row
 from reporting.summary import (DEFAULT_OUT_DIR, UNKNOWN, ReportError, Source, Summary, bpb_text, cell, common,
-                              gain_text, load_source, mean, measured, new_figure, path_label, plural, shorten,
-                              summarize, value_text)
+                               gain_text, load_source, mean, measured, new_figure, path_label, plural, shorten,
+                               summarize, value_text)
+from research.results import Row
 
 __all__ = [
     "progress_markdown",
@@ -111,7 +111,8 @@ def progress_markdown(source: Source, summary: Summary, png_name: str | None = N
         ti, t = s.best
         where = (f"#{s.number(ti)}, {cell(t.commit or UNKNOWN)}" if s.improved else
                  "the baseline: no kept change beat it" if s.kept else "the baseline: no change kept yet")
-        lines.append(f"| best val_bpb | **{bpb_text(s.best_bpb)}** ({where}) |")
+        basis = f"; {s.best_basis}, as the loop decides with it" if s.best_basis else ""
+        lines.append(f"| best val_bpb | **{bpb_text(s.best_bpb)}** ({where}{basis}) |")
         lines.append(f"| gain | {gain_text(s.best_bpb, s.baseline_bpb)} |")
         base_hold = mean(r.holdout_bpb for _, r in s.baselines)
         best_hold = t.holdout_bpb if s.improved else base_hold
@@ -266,7 +267,7 @@ def _band_styles(rows: list[Row]) -> tuple[dict[str, dict], dict[int, str]]:
     return styles, group
 
 
-def _y_limits(source: Source, summary: Summary) -> tuple[float, float]:
+def y_limits(source: Source, summary: Summary) -> tuple[float, float]:
     values = [r.val_bpb for r in source.rows if measured(r)]
     best = summary.best_bpb or min(values)
     base = summary.baseline_bpb or max(values)
@@ -291,7 +292,7 @@ def progress_figure(source: Source, summary: Summary):
     kept_ids = {i for i, _ in summary.kept}
     base_ids = {i for i, _ in summary.baselines}
     has_values = any(measured(r) for r in rows)
-    lo, hi = _y_limits(source, summary) if has_values else (0.0, 1.0)
+    lo, hi = y_limits(source, summary) if has_values else (0.0, 1.0)
     band, band_of = _band_styles(rows)
     groups: dict[str, list[tuple[int, float]]] = {}
     off_scale = []
@@ -344,8 +345,8 @@ def progress_figure(source: Source, summary: Summary):
             if kind in groups:
                 xs_, ys_ = zip(*groups[kind])
                 strip.scatter(xs_, ys_, zorder=3, clip_on=False, **style)
-        h, l = strip.get_legend_handles_labels()
-        handles, labels = handles + h, labels + l
+        more_h, more_l = strip.get_legend_handles_labels()
+        handles, labels = handles + more_h, labels + more_l
         strip.set_xlabel(x_label)
         strip.grid(True, axis="x", alpha=0.25)
     else:

@@ -13,8 +13,13 @@ Definitions every report follows:
   notes: the kept rows described as "baseline", else the first kept row);
 - "keep" counts every row whose status is keep, baseline runs included, as the file and the
   reference's own analysis count them; a kept change is a kept row that is not a baseline run;
-- the running best starts at the mean of the baseline runs (where the loop's own best starts), from
-  the first baseline run on, and only ever goes down: to each kept change below it.
+- in a file the loop wrote (its rows carry trainer hashes) the best and the running best are the
+  loop's own (research/ledger.py): the best is the mean of the best trainer's runs at the machine's
+  current speed, the best config is the last kept change (what the branch continues from), and the
+  running best after each row is the value the loop compared the next experiment with, so every
+  screen shows the number the loop decided with and `best_basis` says which runs it is the mean of;
+- in a file without trainer hashes (the reference's) the running best starts at the mean of the
+  baseline runs, from the first baseline run on, and only ever goes down: to each kept change below it.
 """
 
 from __future__ import annotations
@@ -135,7 +140,7 @@ def load_source(path: str | Path, branch: str | None = None) -> Source:
         if not run_dirs:
             raise ReportError(f"{path} holds neither a results.tsv nor run folders with a result.json; "
                               "pass a results file or a runs/ folder.")
-        rows = [r for r in (_row_from_run(d) for d in run_dirs) if r is not None]
+        rows = [r for r in (row_from_run(d) for d in run_dirs) if r is not None]
         source = Source(path, rows, run_dirs[0].parent)
     else:
         raise ReportError(f"{path} does not exist; run the loop first (python loop.py) or pass the results "
@@ -164,7 +169,7 @@ def _read_json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _row_from_run(run_dir: Path) -> Row | None:
+def row_from_run(run_dir: Path) -> Row | None:
     """A results row for runs/<n>/: the loop's own record (meta.json) if there, else rebuilt from
     result.json (status then from the outcome: measured, invalid or crash)."""
     meta = _read_json(run_dir / "meta.json").get("row")
@@ -268,7 +273,7 @@ class Summary:
     baselines: list[tuple[int, Row]]
     baseline_bpb: float | None
     kept: list[tuple[int, Row]]
-    best: tuple[int, Row] | None  # the best kept change below the baseline, else the first baseline run
+    best: tuple[int, Row] | None  # the best kept change (the loop's: the last), else the first baseline run
     best_bpb: float | None
     transfers: list[tuple[int, Row]]
     running_best: list[float | None]  # after each experiment
@@ -276,6 +281,7 @@ class Summary:
     cost_usd: float | None
     tokens_in: int | None
     tokens_out: int | None
+    best_basis: str = ""  # which runs best_bpb is the mean of (a file the loop wrote), e.g. "mean of 3 runs (...)"
 
     @property
     def noise(self) -> float | None:
@@ -342,6 +348,18 @@ def summarize(source: Source) -> Summary:
     top = min(kept, key=lambda ir: ir[1].val_bpb) if kept else None
     if top is None or (base_bpb is not None and top[1].val_bpb >= base_bpb):
         top = baselines[0] if baselines else None
+    best_bpb = top[1].val_bpb if top in kept else base_bpb
+    running, basis = None, ""
+    if keeps and any(r.trainer_hash for r in rows):  # the loop's file: its own best, as it decided
+        from research.ledger import replay, running_best
+        from research.session import Settings
+
+        knobs = Settings()
+        st = replay(rows, knobs.min_noise, knobs.drift)
+        if st.best is not None:
+            top = kept[-1] if kept else (baselines[0] if baselines else None)
+            best_bpb, basis = st.best, st.basis()
+            running = running_best(rows, knobs.min_noise, knobs.drift)
     chosen = {i for i, _ in baselines + kept}
     return Summary(
         counts=Counter("keep" if i in chosen else r.status for i, r in indexed),
@@ -350,9 +368,10 @@ def summarize(source: Source) -> Summary:
         baseline_bpb=base_bpb,
         kept=kept,
         best=top,
-        best_bpb=top[1].val_bpb if top in kept else base_bpb,
+        best_bpb=best_bpb,
+        best_basis=basis,
         transfers=[(i, r) for i, r in indexed if r.status == "transfer" or r.description.startswith(TRANSFER)],
-        running_best=_running_best(len(rows), baselines, base_bpb, kept),
+        running_best=running if running is not None else _running_best(len(rows), baselines, base_bpb, kept),
         wall_seconds=_total(r.wall_seconds for r in rows),
         cost_usd=_total(r.agent_cost_usd for r in rows),
         tokens_in=_total(r.agent_tokens_in for r in rows),

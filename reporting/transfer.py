@@ -14,8 +14,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from research.results import Row
 from reporting.summary import TRANSFER, UNKNOWN, ReportError, Source, load_source, shorten, summarize, value_text
+from research.results import Row
 
 __all__ = ["HOST_SPECIFIC", "TransferPlan", "plan_transfer", "apply_transfer", "run_transfer", "cmd_transfer",
            "add_subparser"]

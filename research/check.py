@@ -332,8 +332,8 @@ def _tail(path: Path, lines: int = 25) -> list[str]:
 
 def stage_training(host, protocol, confine, budget: float, workdir: Path) -> Stage:
     """Train for `budget` seconds through the loop's path: pre-started harness, sandboxed trainer, go, score."""
-    from sandbox import confine as sandbox
     from judge.harness import GO
+    from sandbox import confine as sandbox
     from sandbox.runner import end, run_trainer, spawn, wait_child
     from sandbox.workspace import Workspace
 

@@ -7,8 +7,8 @@ import statistics
 import time
 from pathlib import Path
 
-from agents import Agent, AgentContext, CrashInfo
 from research.experiment import Outcome, run_baseline, run_experiment, run_rerun
+from research.proposals import Agent, AgentContext, CrashInfo
 from research.session import Session, SessionError
 
 __all__ = ["agent_context", "ensure_baseline", "research", "try_change"]
@@ -48,10 +48,19 @@ def ensure_baseline(s: Session) -> None:
         if out.status != "keep":
             raise SessionError(f"The baseline run failed ({out.row.note}); see {out.run_dir / 'log.txt'} "
                                "and fix the trainer (or the setup) before starting.")
-    if s.best is not None:
-        vals = ", ".join(f"{r.val_bpb:.6f}" for r in s.baselines_done() if r.ok)
-        s.console.event(f"baseline {s.best:.6f} (runs {vals}); {s.state.noise.describe()}; {rule_line(s)}")
-        s.console.event(s.allowance_line())  # the wall-time rule, now measured on them
+    say_baseline(s)
+
+
+def say_baseline(s: Session) -> None:
+    """Once the baselines have run: the best they give (and which runs it is the mean of), the noise, the
+    keep rule with its numbers, and the wall-time rule now measured on them."""
+    if s.best is None:
+        return
+    st = s.state
+    vals = ", ".join(f"{r.val_bpb:.6f}" for r in s.baselines_done() if r.ok)
+    counted = f"; the best is the {st.basis()}" if len(st.best_runs) < len(st.all_best_runs) else ""
+    s.console.event(f"baseline {s.best:.6f} (runs {vals}{counted}); {st.noise.describe()}; {rule_line(s)}")
+    s.console.event(s.allowance_line())
 
 
 def baseline_plan(s: Session, total: int, done: int) -> str:

@@ -12,14 +12,13 @@ import subprocess
 from pathlib import Path
 
 from research.gitrepo import git_bytes
-from sandbox.secrets import allowed_env
 
 __all__ = [
     "LOCKED_PATHS",
+    "scope_problem",
     "LOCK_FILE",
     "LockError",
     "RepoLock",
-    "child_env",
     "hash_locked",
     "locked_changes",
     "guard_run",
@@ -74,10 +73,21 @@ def locked_changes(repo: Path, expected: dict[str, str]) -> list[str]:
     return sorted(p for p in set(now) | set(expected) if now.get(p) != expected.get(p))
 
 
-def child_env(base: dict[str, str] | None = None, **extra: str) -> dict[str, str]:
-    """The environment of a trainer or harness run: of the loop's (or `base`), only the allow-listed names
-    (sandbox.secrets.allowed_env), plus `extra`."""
-    return allowed_env(base, **extra)
+def scope_problem(changes: dict[str, str], trainer: str, *, allow_trainer: bool = True,
+                  require_change: bool = False) -> str | None:
+    """Why a work tree's changes (gitrepo.changed_paths) break the one-file rule, or None if they keep to it.
+    `allow_trainer` False: nothing may have changed at all (a baseline or a rerun runs the kept commit as it
+    is); `require_change`: the trainer itself must have changed (an experiment)."""
+    if changes.get(trainer) == "D":
+        return f"deleted the trainer {trainer}"
+    other = sorted(p for p in changes if p != trainer or not allow_trainer)
+    if other:
+        what = "changed files other than " + trainer if allow_trainer else "the run changed files"
+        shown = ", ".join(other[:5]) + (f" and {len(other) - 5} more" if len(other) > 5 else "")
+        return f"{what}: {shown}"
+    if require_change and not changes.get(trainer):
+        return f"no change to {trainer}"
+    return None
 
 
 def guard_run(s, before, *, tree: Path | None = None, tree_at: str | None = None,

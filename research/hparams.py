@@ -21,7 +21,6 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-
 __all__ = ["HyperparamError", "Setting", "Spot", "SourceValues", "parse_block", "conditions", "in_effect",
            "effective_values", "layout_key", "set_values", "format_value", "probe_conditions", "static_truth",
            "static_values"]
@@ -237,7 +236,7 @@ def probe_conditions(trainer_path: Path, conds: list[str], run_python, timeout_s
     try:
         proc = run_python(["-I", "-c", _PROBE, str(trainer_path), json.dumps(conds)], timeout_s)
     except subprocess.TimeoutExpired:
-        raise HyperparamError(f"importing {trainer_path.name} to read its hardware conditions took over {timeout_s:.0f} s")
+        raise HyperparamError(f"importing {trainer_path.name} to read its hardware conditions took over {timeout_s:.0f} s") from None
     marker = proc.stdout.rfind("@@PROBE@@")
     if proc.returncode != 0 or marker < 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]

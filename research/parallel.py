@@ -20,260 +20,31 @@ measured against it.
 from __future__ import annotations
 
 import difflib
-import hashlib
-import os
 import shutil
 import socket
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from research import gitrepo, tamper
-from agents import Agent, CrashInfo
 from research.console import clock
-from research.driver import MAX_IDLE_PROPOSALS, agent_context, baseline_plan, rule_line
-from research.experiment import Outcome, Usage, _abort_monitor, _report, _row, _write_meta, decide, log_tail
+from research.driver import MAX_IDLE_PROPOSALS, agent_context, baseline_plan, say_baseline
+from research.experiment import (Outcome, abort_monitor, audit_note, confirm_decision, make_row, report_outcome, screen,
+                                 syntax_problem, write_meta)
+from research.run import log_tail
+from research.guards import guard_run, scope_problem
+from research.ledger import BASELINE, BEST_NEXT, RERUN
+from research.pool import HELLO_TIMEOUT_S, Pool, Slot, check_hellos, short_error
+from research.proposals import Agent, CrashInfo, Usage
 from research.results import NO_COMMIT, Row, sanitize
+from research.session import Session, SessionError, TamperError
+from research.trial_worker import Job, JobResult, RunResult, RunSpec
 from sandbox.secrets import redact
-from research.guards import guard_run
-from research.session import (ABORT_AUDIT, ABORT_OFF, BASELINE, BEST_NEXT, RERUN, Session, SessionError, TamperError,
-                              replay)
-from research.trial_worker import Job, JobResult, RunResult, RunSpec, TrialWorker, hardware_class
-from sandbox.workspace import RESOURCE_ENV
 
-__all__ = ["MAX_REBASES", "check_hellos", "check_workers", "default_workers", "research_parallel"]
+__all__ = ["MAX_REBASES", "research_parallel"]
 
 MAX_REBASES = 2  # a stale win is merged onto the current best and re-run at most this many times in a row
 MAX_LOSSES = 2  # a job whose worker is lost this many times is recorded as a crash instead of re-queued
-HELLO_TIMEOUT_S = 600.0  # a worker not up after this long (no free resources on the cluster) is given up
-STOP_GRACE_S = 20.0  # after Ctrl-C, how long the workers get to end their trainers before they are killed
-EXCLUDES = [".git", ".venv", "runs", "reports", "results.tsv", "results.tsv.tmp", ".autoresearch.lock",
-            "__pycache__", "*.pyc", ".pytest_cache"]
-
-
-def check_workers(workers: int | None) -> None:
-    if workers is not None and workers < 1:
-        raise SessionError(f"--workers must be at least 1 (got {workers}); 1 runs one experiment at a time.")
-
-
-def default_workers(host) -> int:
-    """One per GPU on CUDA/ROCm; 1 on CPU, MPS and MLX (where --workers N gives N slots)."""
-    if host.backend in ("cuda", "rocm"):
-        try:
-            import torch
-
-            return max(1, torch.cuda.device_count())
-        except Exception:  # noqa: BLE001 - no usable torch: one worker
-            return 1
-    return 1
-
-
-def _import_ray():
-    # Ray's `uv run` hook would start each worker with `uv run` in an unpacked copy of the repository, a
-    # new environment there; the workers run in this environment instead (on other nodes: theirs).
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    try:
-        import ray
-    except ImportError:
-        raise SessionError("Parallel experiments run on Ray, which is not installed here: run 'uv sync' (or "
-                           "'pip install \"ray>=2.40\"'), or run with --workers 1.") from None
-    return ray
-
-
-def check_hellos(s: Session, hellos: list[dict]) -> None:
-    """Refuse (one sentence) workers that would not measure what this branch measures: another hardware
-    class, protocol, budget, evaluator or prepared data than the branch's, or no sandbox."""
-    want = hardware_class(s.host)
-    for h in hellos:
-        who = h["worker"]
-        if h.get("problem"):
-            raise SessionError(f"Worker {who}: {h['problem']}; install it there, or run with --no-sandbox.")
-        if h["hardware"] != want:
-            raise SessionError(
-                f"All workers of one branch must be the same hardware class, so that the noise model and the "
-                f"budget stay valid: {who} is {h['hardware']} and this branch runs on {want}; give the loop one "
-                f"kind of machine (one loop, with its own --tag, per kind).")
-        if h["protocol"] != s.protocol.name or abs(h["budget"] - s.budget) > 1e-6:
-            raise SessionError(f"Worker {who} would run protocol {h['protocol']} with a {h['budget']:g} s budget, "
-                               f"not {s.protocol.name} with {s.budget:g} s: set AUTORESEARCH_PROTOCOL and "
-                               "AUTORESEARCH_TIME_BUDGET alike on every node.")
-        if h["evaluator"] != s.evaluator_hash:
-            raise SessionError(f"Worker {who} has evaluator {h['evaluator']}, not this repository's "
-                               f"{s.evaluator_hash}: run the same commit of the project on every node.")
-    import prepare
-    from research.trial_worker import data_fingerprint
-
-    mine = data_fingerprint(s.protocol)
-    for h in hellos:
-        if h["data"] != mine:
-            raise SessionError(f"Worker {h['worker']}'s prepared data for {s.protocol.name} differs from this "
-                               f"machine's ({h['data']} vs {mine}): run 'python prepare.py --protocol "
-                               f"{s.protocol.name}' on that node from the same commit (the hashes in "
-                               f"{prepare.cache_root().name}/{s.protocol.name}/prepared.json must match).")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# the workers: Ray actors, each with a git worktree on this machine
-
-
-@dataclass
-class Slot:
-    name: str  # w0, w1, ...
-    tree: Path
-    actor: object = None
-    where: str = ""  # w0@host, from its hello
-    ready: bool = False
-    busy: bool = False
-    hello_ref: object = None
-    hello_since: float = 0.0
-    confine: object = None  # Confinement of its tree: where agents may import its trainer
-    at: str = ""  # the commit its tree was just left at, clean (after a proposal): no reset needed
-
-
-class Pool:
-    """Ray, the actors and their worktrees. `start()` brings them up and checks them; `close()` stops
-    every worker (their trainers ended), removes every worktree and shuts down a Ray it started."""
-
-    worker_cls = TrialWorker  # what each actor runs (bench/bench_parallel.py puts a stand-in here)
-
-    def __init__(self, s: Session, workers: int, address: str | None) -> None:
-        self.s, self.n, self.address = s, workers, address
-        self.ray = _import_ray()
-        digest = hashlib.sha1(str(s.repo).encode()).hexdigest()[:10]
-        self.root = Path(tempfile.gettempdir()) / f"autoresearch-worktrees-{digest}"
-        self.slots: list[Slot] = []
-        self.started_ray = False
-        self.actor_cls = None
-
-    # -- worktrees
-
-    def clear_worktrees(self) -> None:
-        """Remove the worktrees of an earlier loop on this repository (killed before it could)."""
-        for path in gitrepo.worktree_paths(self.s.repo):
-            if path.parent == self.root:
-                gitrepo.worktree_remove(self.s.repo, path)
-        shutil.rmtree(self.root, ignore_errors=True)
-        gitrepo.worktree_remove(self.s.repo, self.root / "none")  # prune records of trees that are gone
-
-    def reset_tree(self, slot: Slot, commit: str) -> None:
-        """The slot's worktree back to `commit`, exactly: HEAD detached there (whatever a run checked out: no
-        branch moves), tracked files reset, anything else removed."""
-        gitrepo.git(slot.tree, "update-ref", "--no-deref", "HEAD", commit)
-        gitrepo.git(slot.tree, "reset", "-q", "--hard", commit)
-        extra = [p for p, k in gitrepo.changed_paths(slot.tree).items() if k == "U"]
-        gitrepo.remove_paths(slot.tree, extra)
-
-    # -- Ray
-
-    def start(self) -> None:
-        ray, s = self.ray, self.s
-        self.clear_worktrees()
-        self.root.mkdir(parents=True)
-        env = {k: v for k, v in os.environ.items()
-               if k in ("AUTORESEARCH_PROTOCOL", "AUTORESEARCH_TIME_BUDGET", "AUTORESEARCH_BACKEND",
-                        "AUTORESEARCH_CACHE", "AUTORESEARCH_SANDBOX", "AUTORESEARCH_GAUGE_REPS", *RESOURCE_ENV)}
-        env["AUTORESEARCH_PROTOCOL"] = s.protocol.name
-        runtime_env = {"working_dir": str(s.repo), "excludes": EXCLUDES, "env_vars": env}
-        gpu = s.host.backend in ("cuda", "rocm")
-        cpus = os.cpu_count() or 1
-        if not ray.is_initialized():
-            kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level="error",
-                          runtime_env=runtime_env)
-            if self.address:
-                ray.init(address=self.address, **kwargs)
-            else:
-                ray.init(num_cpus=max(cpus, self.n), **kwargs)
-            self.started_ray = True
-        if gpu:
-            options = {"num_gpus": 1, "num_cpus": 1 if self.address else max(1, cpus // self.n)}
-        else:  # CPU, MPS, MLX: N slots as asked; the cores shared out (each trainer's threads follow)
-            options = {"num_cpus": 1 if self.address else max(1, cpus // self.n)}
-        self.actor_cls = ray.remote(max_concurrency=2, max_restarts=0, **options)(self.worker_cls)
-        self.options = options
-        for k in range(self.n):
-            path = self.root / f"w{k}"
-            gitrepo.worktree_add(s.repo, path, s.kept_commit)
-            slot = Slot(name=f"w{k}", tree=path)
-            from sandbox.workspace import Confinement
-
-            slot.confine = Confinement(path, s.trainer, s.protocol, s.host, s.sandbox)
-            self.slots.append(slot)
-            self.launch(slot)
-        s.console.event(f"starting {self.n} workers on Ray ({'cluster ' + self.address if self.address else 'local'}"
-                        f", {', '.join(f'{k} {v:g}' for k, v in options.items())} each)")
-        refs = [slot.hello_ref for slot in self.slots]
-        waited, told = 0.0, False
-        while waited < HELLO_TIMEOUT_S:
-            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=10.0)
-            if len(ready) == len(refs):
-                break
-            waited += 10.0
-            if waited >= 60 and not told:
-                told = True
-                s.console.event(f"{len(refs) - len(ready)} of {len(refs)} workers not up after {waited:.0f} s (a "
-                                "worker that fails to start says why in Ray's logs: /tmp/ray/session_latest/logs/"
-                                f"worker-*.err); waiting up to {HELLO_TIMEOUT_S:.0f} s")
-        try:
-            hellos = self.ray.get(refs, timeout=1.0)
-        except ray.exceptions.GetTimeoutError:
-            raise SessionError(f"The {self.n} workers did not all start within {HELLO_TIMEOUT_S:.0f} s: the Ray "
-                               f"cluster has no room for {self.n} actors with {options} each; ask for fewer "
-                               "--workers or add nodes.") from None
-        except ray.exceptions.RayError as e:
-            raise SessionError(f"A worker could not start ({_short(e)}); see Ray's logs in "
-                               "/tmp/ray/session_latest/logs.") from None
-        check_hellos(s, hellos)
-        for slot, h in zip(self.slots, hellos):
-            slot.where, slot.ready, slot.hello_ref = h["worker"], True, None
-        s.console.event("workers ready: " + ", ".join(f"{sl.where} (pid {h['pid']})" for sl, h in
-                                                      zip(self.slots, hellos)))
-
-    def launch(self, slot: Slot) -> None:
-        s = self.s
-        slot.actor = self.actor_cls.remote(slot.name, s.host.backend, s.protocol.name, s.sandbox)
-        slot.hello_ref = slot.actor.hello.remote()
-        slot.hello_since = time.monotonic()
-        slot.ready = slot.busy = False
-
-    def kill(self, slot: Slot) -> None:
-        if slot.actor is not None:
-            try:
-                self.ray.kill(slot.actor, no_restart=True)
-            except Exception:  # noqa: BLE001 - already gone
-                pass
-        slot.actor, slot.ready = None, False
-
-    def close(self, flights: dict) -> None:
-        """Stop every worker (a running trainer is ended first), remove the worktrees, shut Ray down."""
-        ray = self.ray
-        try:
-            busy = [sl for sl in self.slots if sl.busy and sl.actor is not None]
-            for sl in busy:
-                try:
-                    sl.actor.stop.remote()
-                except Exception:  # noqa: BLE001
-                    pass
-            if flights:
-                try:
-                    ray.wait(list(flights), num_returns=len(flights), timeout=STOP_GRACE_S)
-                except Exception:  # noqa: BLE001
-                    pass
-            for sl in self.slots:
-                self.kill(sl)
-        finally:
-            for sl in self.slots:
-                gitrepo.worktree_remove(self.s.repo, sl.tree)
-            shutil.rmtree(self.root, ignore_errors=True)
-            if self.started_ray:
-                try:
-                    ray.shutdown()
-                except Exception:  # noqa: BLE001
-                    pass
-
-
-# ---------------------------------------------------------------------------------------------------------
-# the driver
 
 
 @dataclass
@@ -420,7 +191,7 @@ class Driver:
             self.pool.kill(slot)
             return
         except Exception as e:  # noqa: BLE001 - the new actor died too
-            self.s.console.event(f"worker {slot.name} could not be started again ({_short(e)})")
+            self.s.console.event(f"worker {slot.name} could not be started again ({short_error(e)})")
             self.pool.kill(slot)
             return
         slot.where, slot.ready = h["worker"], True
@@ -435,7 +206,7 @@ class Driver:
             res: JobResult = self.ray.get(ref)
         except self.ray.exceptions.RayTaskError as e:  # the worker's own code failed: recorded, not retried
             if not self._guarded(t, None):
-                self._record_crash(t, f"the worker failed: {_short(e)}")
+                self._record_crash(t, f"the worker failed: {short_error(e)}")
             return
         except self.ray.exceptions.RayError as e:  # the actor or its node is gone (its worktree: see _lost)
             if not self._guarded(t, None, tree=False):
@@ -493,7 +264,7 @@ class Driver:
             self.pool.reset_tree(slot, s.kept_commit)
         except gitrepo.GitError:
             pass
-        lost = f"worker {slot.where or slot.name} was lost ({_short(error)})"
+        lost = f"worker {slot.where or slot.name} was lost ({short_error(error)})"
         self.pool.launch(slot)  # a fresh actor in its place, if the cluster still has room for it
         if t.losses < MAX_LOSSES:
             s.console.event(f"[{t.label}] {lost}; the job goes back to the queue")
@@ -506,7 +277,7 @@ class Driver:
     def _row(self, t: Ticket, *, status: str, note: str, r: RunResult | None, commit: str | None = None,
              text: str | None = None, description: str | None = None, usage: Usage | None = None,
              progress: float | None = None) -> Row:
-        return _row(self.s, commit=commit if commit is not None else t.commit, status=status,
+        return make_row(self.s, commit=commit if commit is not None else t.commit, status=status,
                     description=description or t.description, note=note, run_no=t.run_no,
                     trainer_text=t.text if text is None else text, m=r.measurement if r else None,
                     wall=r.wall_seconds if r else None, usage=usage, progress=progress, worker=t.worker, run=r)
@@ -519,9 +290,9 @@ class Driver:
             self.outside = (refs, (data or b"") + r.to_line().encode("utf-8"))
         s.refresh()
         timings = {"total": time.perf_counter() - t.started} if t.started else {}
-        _write_meta(t.run_dir, row, timings, started_at=t.started_at, finished_at=time.time(), worker=t.worker)
+        write_meta(t.run_dir, row, timings, started_at=t.started_at, finished_at=time.time(), worker=t.worker)
         out = Outcome(row=row, run_dir=t.run_dir, timings=timings)
-        _report(s, t.label, out)
+        report_outcome(s, t.label, out)
         tamper.stop_if_tampered(s, [row, *extra])  # a non-causal model: the branch stops (the pool is closed)
 
     def _record_crash(self, t: Ticket, reason: str) -> None:
@@ -579,10 +350,8 @@ class Driver:
                                "trainer (or the setup) before starting.")
         self._record(t, self._row(t, status="keep", note=f"{BASELINE} {k}/{total}", r=r))
         self.baselines_left -= 1
-        if not self.baselines_left and s.best is not None:
-            vals = ", ".join(f"{row.val_bpb:.6f}" for row in s.baselines_done() if row.ok)
-            s.console.event(f"baseline {s.best:.6f} (runs {vals}); {s.state.noise.describe()}; {rule_line(s)}")
-            s.console.event(s.allowance_line())
+        if not self.baselines_left:
+            say_baseline(s)
 
     def _rerun(self, t: Ticket, res: JobResult) -> None:
         r = res.runs[0] if res.runs else None
@@ -645,13 +414,7 @@ class Driver:
         t = Ticket("experiment", run_no, run_dir, description, text, "", base, label, usage=proposal.usage,
                    diff=diff, losses=0)
         t.worker = slot.where
-        problem = None
-        if changes.get(s.trainer) == "D":
-            problem = f"deleted the trainer {s.trainer}"
-        elif [p for p in changes if p != s.trainer]:
-            problem = f"changed files other than {s.trainer}: {', '.join(sorted(p for p in changes if p != s.trainer))}"
-        elif not changes.get(s.trainer):
-            problem = f"no change to {s.trainer}"
+        problem = scope_problem(changes, s.trainer, require_change=True)
         if problem:
             self._save_removed(slot, run_dir, changes)
             self.pool.reset_tree(slot, s.kept_commit)
@@ -660,11 +423,9 @@ class Driver:
             return None
         t.commit = gitrepo.commit_paths(slot.tree, [s.trainer], description)
         slot.at = t.commit
-        try:
-            compile(text, s.trainer, "exec")
-        except SyntaxError as e:
-            (run_dir / "log.txt").write_text(f"SyntaxError: {e.msg} ({s.trainer}, line {e.lineno})\n", encoding="utf-8")
-            self._crashed(t, f"syntax error on line {e.lineno}: {e.msg}", None)
+        bad = syntax_problem(text, s.trainer, run_dir / "log.txt")
+        if bad:
+            self._crashed(t, bad, None)
             return None
         t.runs = [RunSpec("", text, label, description, overtime=True, abort=self._abort_spec(label))]
         t.fix_attempt = crash.attempt if crash else 0
@@ -679,7 +440,7 @@ class Driver:
                 shutil.copy2(src, dst)
 
     def _abort_spec(self, label: str):
-        monitor = _abort_monitor(self.s, label)
+        monitor = abort_monitor(self.s, label)
         if monitor is None:
             return None
         return (monitor.ref, monitor.z, monitor.min_progress, monitor.audit)
@@ -702,13 +463,10 @@ class Driver:
             return
         m = r.measurement
         st = s.state
-        verdict = decide([m.val_bpb], st.best_values, st.noise, s.settings.alpha,
-                         s.settings.confirm_alpha if s.settings.confirm else None)
+        verdict = screen(s, m.val_bpb)
         note = verdict.note
-        if r.audit and r.fired:
-            note += f"; {ABORT_AUDIT} it would have been stopped {r.fired}"
-            if st.best is not None and m.val_bpb < st.best:
-                note += f", yet it measured below the best's mean {st.best:.6f}: {ABORT_OFF}"
+        if r.audit:
+            note += audit_note(s, m.val_bpb, r.fired)
         wins = verdict.status == "keep" or (s.settings.confirm and verdict.promising)
         if wins and t.base != s.kept_commit:
             self._record(t, self._row(t, status="discard", note=self._stale(t, note), r=r, usage=t.usage))
@@ -753,12 +511,7 @@ class Driver:
                    f"{verdict.note}"
         else:
             rows.insert(0, self._row(t, status="rerun", note=f"confirm run of run {t.run_no}", r=c))
-            st = replay(s.branch_rows() + rows[1:], s.settings.min_noise, s.settings.drift)
-            m1, m2 = first.measurement.val_bpb, c.measurement.val_bpb
-            v = decide([m1, m2], st.best_values, st.noise, s.settings.alpha)
-            status = v.status
-            note = f"{'confirmed' if v.status == 'keep' else 'not confirmed'} by a rerun, mean of {m1:.6f} and " \
-                   f"{m2:.6f}: {v.note}"
+            status, note = confirm_decision(s, first.measurement.val_bpb, c.measurement.val_bpb, rows[1:])
         if b is not None and b.status == "invalid" and status != "invalid":  # the best itself tampers: no keep
             status, note = "discard", "not confirmed: the best's run next to it handed over a non-causal model"
         if status == "keep" and t.base != s.kept_commit:
@@ -818,11 +571,6 @@ def _hash(text: str) -> str:
     from research.guards import text_hash
 
     return text_hash(text)
-
-
-def _short(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return sanitize(f"{type(e).__name__}: {text[-1] if text else ''}", 200)
 
 
 def research_parallel(s: Session, agent: Agent, workers: int, address: str | None = None,

@@ -12,24 +12,19 @@ import datetime as _dt
 import os
 import shutil
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from research import gitrepo
-from research.console import Console
-from research.guards import LOCK_FILE, LOCKED_PATHS, RepoLock, hash_locked, locked_changes
-from research.decisions import NoiseModel, pooled_noise
-from research.gauge import speed_of
-from research.hparams import SourceValues
 from research.clock import WallRule, fixed_rule, rule_from_baselines
+from research.console import Console
+from research.guards import LOCK_FILE, LOCKED_PATHS, RepoLock, hash_locked, locked_changes, scope_problem
+from research.hparams import SourceValues
+from research.ledger import BASELINE, Replay, abort_reference, replay
 from research.results import Row, append_row, ensure_results_file, read_results
 
-__all__ = ["Settings", "Session", "SessionError", "TamperError", "BASELINE", "allowance_from_baselines",
-           "default_tag", "replay"]
+__all__ = ["Settings", "Session", "SessionError", "TamperError", "allowance_from_baselines", "default_tag"]
 
-BASELINE = "baseline"  # description and note prefix of baseline rows
-RERUN = "rerun of the best"  # description prefix of re-measurements of the best
-BEST_NEXT = "the best, run next to run"  # note prefix of the best's run between a promising change's two
 
 
 def allowance_from_baselines(baselines: list[Row], budget: float, margin: float | None = None) -> float | None:
@@ -77,118 +72,6 @@ def default_tag(today: _dt.date | None = None) -> str:
     """Branch tag from the date, like `nov23`."""
     d = today or _dt.date.today()
     return d.strftime("%b").lower() + str(d.day)
-
-
-@dataclass
-class Replay:
-    best: float | None  # mean of the best trainer's runs
-    noise_floor: float | None  # the sigma the rule uses (noise.sigma)
-    baselines: list[Row] = field(default_factory=list)
-    kept_commit: str | None = None  # short hash of the last kept non-baseline row
-    noise: NoiseModel | None = None
-    best_hash: str = ""  # trainer_hash of the best trainer ("" when its rows have none)
-    best_runs: list[Row] = field(default_factory=list)  # its runs at the machine's current speed, oldest first
-    since_best_run: int = 0  # experiments (rows other than reruns) since the best trainer last ran
-    drift: float | None = None  # speed change (the gauge) where the best's current stretch began (None: one stretch)
-    drift_reason: str | None = None  # why the machine's speed calls for re-running the best soon
-    all_best_runs: list[Row] = field(default_factory=list)  # every measured run of the best trainer
-    abort_off: bool = False  # an abort audit failed since the best last changed: early abort is off
-    would_abort: int = 0  # runs stopped early or audited since the best last changed
-
-    @property
-    def best_values(self) -> list[float]:
-        return [r.val_bpb for r in self.best_runs]
-
-
-ABORT_OFF = "early abort is off until the best changes"  # in the note of a failed abort audit
-ABORT_AUDIT = "abort audit:"  # in the note of a run that would have been stopped and was let through
-
-
-def measurement(r: Row) -> bool:
-    """A row whose val_bpb is a real measurement (keep, discard, transfer, rerun)."""
-    return r.ok and r.val_bpb > 0
-
-
-def speed(r: Row) -> float | None:
-    """The machine's speed during a run by the loop's own gauge (research/gauge.py: its fixed workload per
-    second, read just before and just after the run), or None for a row without readings (one written
-    before the gauge). It notices the machine's speed changing, which schedules re-runs and picks which
-    of the best's runs are current. Never the trainer's own steps or seconds: those are its claim."""
-    return speed_of(r.gauge_before_s, r.gauge_after_s)
-
-
-def speed_stretches(runs: list[Row], drift: float) -> list[list[Row]]:
-    """Split one trainer's runs (oldest first) where the machine's speed moved: a run whose speed (the loop's
-    gauge) is off the median of the current stretch by more than `drift` (relative) starts a new stretch.
-    Runs without a speed stay in the current one."""
-    out: list[list[Row]] = [[]]
-    seen: list[float] = []
-    for r in runs:
-        v = speed(r)
-        if v is not None and seen and abs(v / statistics.median(seen) - 1.0) > drift:
-            out.append([])
-            seen = []
-        out[-1].append(r)
-        if v is not None:
-            seen.append(v)
-    return [g for g in out if g]
-
-
-def replay(rows: list[Row], min_noise: float, drift: float = 0.15) -> Replay:
-    """Best, noise model and re-measurement state from one branch's rows (oldest first, one budget).
-
-    The best trainer is the one of the last kept non-baseline row, else the baseline; the best is the
-    mean of its measured runs (baseline runs, the keep, its confirm and periodic reruns) made at the
-    machine's current speed: when the loop's gauge says the machine was more than `drift` faster or
-    slower during a run of it than during its runs before, the earlier ones stop counting for the mean
-    (the load changed; they measured another machine). The noise model pools the spread of every
-    trainer that ran twice or more, all its runs included (see research/decisions.py).
-    """
-    baselines = [r for r in rows if r.note.startswith(BASELINE)]
-    kept_row, kept = None, None
-    for r in rows:
-        if r.status == "keep" and not r.note.startswith(BASELINE):
-            kept_row, kept = r, r.commit
-    groups: dict[str, list[tuple[float, int | None]]] = {}
-    for r in rows:
-        if measurement(r) and r.trainer_hash:
-            groups.setdefault(r.trainer_hash, []).append((r.val_bpb, r.num_steps))
-    noise = pooled_noise(groups, min_noise)
-    if kept_row is not None:
-        best_hash = kept_row.trainer_hash
-        all_best = [r for r in rows if measurement(r) and best_hash and r.trainer_hash == best_hash] or [kept_row]
-    else:
-        ok = [r for r in baselines if measurement(r)]
-        best_hash = ok[0].trainer_hash if ok else ""
-        all_best = [r for r in rows if measurement(r) and best_hash and r.trainer_hash == best_hash] or ok
-    stretches = speed_stretches(all_best, drift) if all_best else []
-    best_runs = stretches[-1] if stretches else []
-    best = statistics.fmean(r.val_bpb for r in best_runs) if best_runs else None
-    mine = [i for i, r in enumerate(rows) if any(r is b for b in all_best)]
-    tried = [i for i, r in enumerate(rows) if r.description.startswith(RERUN)]  # a rerun that crashed counts too
-    last = max(mine[-1:] + tried[-1:], default=None)
-    since = sum(1 for r in rows[last + 1:] if r.status != "rerun") if last is not None else 0
-    moved, reason = None, None
-    now = [v for v in map(speed, best_runs) if v is not None]
-    if len(stretches) > 1:
-        before = [v for v in map(speed, stretches[-2]) if v is not None]
-        moved = now[0] / statistics.median(before) - 1.0 if now and before else None
-        if len(best_runs) < 2 and moved is not None:
-            reason = f"the machine's speed moved ({100 * moved:+.0f}% by the loop's gauge on the best's last run)"
-    recent = [v for v in (speed(r) for r in rows[last + 1:] if measurement(r)) if v is not None][-3:] \
-        if last is not None else []
-    if reason is None and now and len(recent) >= 3:
-        off = statistics.median(recent) / statistics.median(now) - 1.0
-        if abs(off) > drift:
-            reason = (f"the machine's speed moved ({100 * off:+.0f}% by the loop's gauge for the last runs "
-                      "against the best's)")
-    after = rows[mine[0]:] if mine else []
-    abort_off = any(ABORT_OFF in r.note for r in after)
-    would = sum(1 for r in after if r.status == "abort" or ABORT_AUDIT in r.note)
-    return Replay(best=best, noise_floor=noise.sigma if best is not None else None, baselines=baselines,
-                  kept_commit=kept, noise=noise, best_hash=best_hash, best_runs=best_runs, since_best_run=since,
-                  drift=moved, drift_reason=reason, all_best_runs=all_best, abort_off=abort_off,
-                  would_abort=would)
 
 
 class Session:
@@ -473,43 +356,9 @@ class Session:
             return st.drift_reason
         return None
 
-    def curves_of(self, rows: list[Row]) -> list[list]:
-        """The stored loss curves of these rows' runs: runs/<n>/loss.json, confirm_loss.json for a confirm
-        run, best_loss.json for the best's run next to a promising change (aborted runs have none)."""
-        from research.decisions import load_curve
-
-        out = []
-        for r in rows:
-            if r.run is None:
-                continue
-            name = ("confirm_loss.json" if r.note.startswith("confirm run of run") else
-                    "best_loss.json" if r.note.startswith(BEST_NEXT) else "loss.json")
-            c = load_curve(self.runs_dir / str(r.run) / name)
-            if c:
-                out.append(c)
-        return out
-
     def abort_reference(self):
         """(Reference, None) for early abort against the best trainer's curves, or (None, why not)."""
-        from research.decisions import reference_from_curves
-
-        st = self.state
-        if not self.settings.early_abort:
-            return None, "early abort is off (--no-early-abort)"
-        if st.abort_off:
-            return None, "early abort is off: an audited run beat the best it would have been stopped against"
-        best = self.curves_of(st.best_runs) or self.curves_of(st.all_best_runs)  # at the current speed if any
-        if not best:
-            return None, "no stored loss curve of the best yet"
-        by_hash: dict[str, list[Row]] = {}
-        for r in self.branch_rows():
-            if measurement(r) and r.trainer_hash:
-                by_hash.setdefault(r.trainer_hash, []).append(r)
-        groups = [c for c in (self.curves_of(rs) for rs in by_hash.values() if len(rs) >= 2) if len(c) >= 2]
-        ref = reference_from_curves(best, groups)
-        if not ref.usable():
-            return None, "no trainer has two stored loss curves yet (the curve noise is unknown)"
-        return ref, None
+        return abort_reference(self.state, self.branch_rows(), self.runs_dir, self.settings.early_abort)
 
     @property
     def budget(self) -> float:
@@ -585,15 +434,8 @@ class Session:
         return sorted(self.changes())
 
     def scope_problem(self, allow_trainer: bool = True) -> str | None:
-        """Why the tree's changes break the one-file rule, or None if they keep to it."""
-        changes = self.changes()
-        if changes.get(self.trainer) == "D":
-            return f"deleted the trainer {self.trainer}"
-        other = sorted(p for p in changes if p != self.trainer or not allow_trainer)
-        if other:
-            what = "changed files other than " + self.trainer if allow_trainer else "the run changed files"
-            return f"{what}: {_names(other)}"
-        return None
+        """Why the tree's changes break the one-file rule, or None if they keep to it (guards.scope_problem)."""
+        return scope_problem(self.changes(), self.trainer, allow_trainer=allow_trainer)
 
     # ------------------------------------------------------------------ actions
 
@@ -715,7 +557,7 @@ def _protocol(prepare, name: str | None, prepare_missing: bool, console: Console
         p = prepare.get_protocol("tiny")  # nothing prepared yet: the offline protocol works everywhere
     if not prepare.is_prepared(p):
         if not prepare_missing:
-            raise SessionError(f"Protocol '{p.name}' is not prepared; run: python prepare.py --protocol {p.name}")
+            raise SessionError(f"Protocol '{p.name}' is not prepared; run: uv run prepare.py --protocol {p.name}")
         console.event(f"preparing protocol '{p.name}' (first run only)...")
         try:
             prepare.prepare(p)

@@ -5,7 +5,7 @@ and returns a `JobResult` (the harness's measurement of each run and the files o
 directory). It never decides, commits or writes results.tsv: the driver (research/parallel.py)
 does all of that, one result at a time.
 
-Every run goes through the same code as the single-worker loop, `research.experiment._run_once`:
+Every run goes through the same code as the single-worker loop, `research.run.run_once`:
 the trainer runs in the OS sandbox from its own tree (a git worktree of the repository on the
 driver's machine; on another machine a private copy of the locked code with the trainer written
 into it), timed from outside, and the separate harness scores its hand-over. The harness itself
@@ -37,7 +37,7 @@ __all__ = [
 
 # What a tree a trainer runs from must hold besides the trainer (the locked code it may import, and
 # the harness's code, which the harness reads from the worker's own copy).
-WORKER_CODE = ("prepare.py", "backends", "model", "data", "judge", "sandbox/pyexec.py")
+WORKER_CODE = ("prepare.py", "backends", "model", "data", "judge", "sandbox")
 
 
 @dataclass
@@ -68,7 +68,7 @@ class Job:
 class RunResult:
     prefix: str
     status: str  # ok | crash | invalid | rejected | abort
-    measurement: object | None  # research.experiment.Measurement
+    measurement: object | None  # research.run.Measurement
     reason: str
     wall_seconds: float
     fired: str | None = None  # early abort: why it stopped (or, auditing, would have stopped) the run
@@ -162,7 +162,7 @@ class _SplitConfinement:
 
 
 class _RunContext:
-    """What `research.experiment._run_once` reads from a Session, for one job in a worker."""
+    """What `research.run.run_once` reads from a Session, for one job in a worker."""
 
     def __init__(self, worker: TrialWorker, job: Job, tree: Path) -> None:
         from sandbox.workspace import Confinement
@@ -199,8 +199,8 @@ class TrialWorker:
     def __init__(self, name: str, backend: str | None, protocol: str, sandbox: str | None) -> None:
         import backends
         import prepare
-        from sandbox import confine as sb
         from research.hparams import SourceValues
+        from sandbox import confine as sb
 
         self.name = name
         self.where = f"{name}@{socket.gethostname()}"
@@ -274,7 +274,7 @@ class TrialWorker:
 
     def run(self, job: Job) -> JobResult:
         from research.decisions import AbortMonitor, LossCurve
-        from research.experiment import _run_once
+        from research.run import run_once
         from research.guards import text_hash
 
         self._stop.clear()
@@ -300,7 +300,7 @@ class TrialWorker:
                     monitor = AbortMonitor(LossCurve(), ref, z=z, min_progress=min_progress, audit=audit)
                 stopper = _Stopper(self._stop, monitor)
                 try:
-                    run, status, m, reason = _run_once(ctx, run_dir, spec.label, spec.description,
+                    run, status, m, reason = run_once(ctx, run_dir, spec.label, spec.description,
                                                        prefix=spec.prefix, monitor=stopper.monitor,
                                                        overtime=spec.overtime)
                 finally:
@@ -323,7 +323,7 @@ class TrialWorker:
 
 
 class _Stopper:
-    """Early abort's monitor, with the loop's stop request folded in: `_run_once` asks `monitor.check()`
+    """Early abort's monitor, with the loop's stop request folded in: `run_once` asks `monitor.check()`
     every tick and reads `monitor.curve`, `fired` and `fired_at`."""
 
     def __init__(self, stop: threading.Event, monitor) -> None:

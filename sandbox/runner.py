@@ -82,7 +82,7 @@ class _CappedLog(threading.Thread):
                 if self.on_chunk is not None:
                     try:
                         self.on_chunk(chunk)
-                    except Exception:
+                    except Exception:  # noqa: BLE001 - a failing watcher stops watching; the run goes on
                         self.on_chunk = None
                 room = max(0, self.head - self.total)
                 if room:

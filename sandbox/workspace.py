@@ -26,12 +26,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from research.guards import child_env
+from data import PrepareError
+from data.integrity import eval_data_paths, tokenizer_paths, train_data_paths
+from data.protocols import cache_root
+from judge.entry import harness_command, harness_env
+from sandbox.secrets import allowed_env
 
 __all__ = ["Workspace", "CODE_PATHS", "Confinement", "RESOURCE_ENV", "Resources", "free_space_problem",
            "parse_size"]
 
-CODE_PATHS = ("prepare.py", "backends", "model", "data")  # locked code a trainer may import (data/ if present)
+CODE_PATHS = ("prepare.py", "backends", "model", "data", "judge")  # locked code a trainer may import (prepare imports
+# judge/entry.py for the harness command it runs when started by hand)
 HARNESS_CODE = ("judge", "sandbox/pyexec.py")  # the harness bootstraps its imports through pyexec
 _JUDGE_DIRS = ("home", "tmp", "cache")  # the harness's private directories inside its own
 MiB, GiB = 1 << 20, 1 << 30
@@ -64,7 +69,6 @@ class Resources:
     @classmethod
     def from_env(cls, environ=None) -> Resources:
         """The settings, or their defaults; raises PrepareError (one sentence) for a value that is not a size."""
-        from data import PrepareError
 
         environ = os.environ if environ is None else environ
         memory = _physical_memory()
@@ -213,10 +217,8 @@ def _private_env(home: Path, tmp: Path, cache: Path, **extra: str) -> dict[str, 
     """The allow-listed part of the loop's environment (sandbox.secrets.allowed_env), with home, temp and
     every per-user cache pointed at the given private directories, and the data cache named explicitly
     (its default lives under the real home, which the child no longer has)."""
-    import prepare
-
-    env = child_env(
-        AUTORESEARCH_CACHE=str(prepare.cache_root().resolve()),
+    env = allowed_env(
+        AUTORESEARCH_CACHE=str(cache_root().resolve()),
         HOME=str(home),
         TMPDIR=str(tmp),
         XDG_CACHE_HOME=str(cache),
@@ -264,13 +266,11 @@ class Confinement:
 
     def trainer_run(self, ws: Workspace) -> tuple[list[str], Callable[[], None] | None, dict[str, str]]:
         """(argv, preexec_fn, env) of a trainer run handing over into `ws`."""
-        import prepare
-
         p = self.protocol
         try:
-            data = [*prepare.train_data_paths(p), *prepare.tokenizer_paths(p)]
-        except prepare.PrepareError:  # the tokenizer went missing mid-session: the run fails to load it, and
-            data = list(prepare.tokenizer_paths(p))  # the loop then stops with prepare's advice (check_data)
+            data = [*train_data_paths(p), *tokenizer_paths(p)]
+        except PrepareError:  # the tokenizer went missing mid-session: the run fails to load it, and
+            data = list(tokenizer_paths(p))  # the loop then stops with prepare's advice (check_data)
         data = [d for d in data if d.exists()]  # a file that is gone cannot be shown to the trainer
         argv = [sys.executable, str(self.repo / self.trainer)]
         env = _private_env(ws.home, ws.tmp, ws.cache, AUTORESEARCH_HANDOVER=str(ws.handover),
@@ -283,17 +283,15 @@ class Confinement:
                                                                       dict[str, str]]:
         """(argv, preexec_fn, env) of the harness scoring what `ws` holds; its result lands in ws.judge.
         With `wait` it is started beside the trainer and scores once told to (judge/harness.py --wait)."""
-        import prepare
-
         p = self.protocol
-        data = [*prepare.tokenizer_paths(p), prepare.cache_root() / p.name / "prepared.json"]
+        data = [*tokenizer_paths(p), cache_root() / p.name / "prepared.json"]
         try:
-            data += [*prepare.eval_data_paths(p, "val"), *prepare.eval_data_paths(p, "holdout")]
-        except prepare.PrepareError:  # e.g. the tokenizer went missing mid-session: the harness finds its data
+            data += [*eval_data_paths(p, "val"), *eval_data_paths(p, "holdout")]
+        except PrepareError:  # e.g. the tokenizer went missing mid-session: the harness finds its data
             pass  # damaged and says so, and the loop stops with prepare's advice (check_data)
         judge = ws.fresh_judge()
-        argv = prepare.harness_command(ws.handover, p.name, judge / "result.json", wait=wait)
-        env = prepare.harness_env(_private_env(judge / "home", judge / "tmp", judge / "cache",
+        argv = harness_command(ws.handover, p.name, judge / "result.json", wait=wait)
+        env = harness_env(_private_env(judge / "home", judge / "tmp", judge / "cache",
                                                AUTORESEARCH_PROTOCOL=p.name, AUTORESEARCH_BACKEND=self.backend))
         read = [*self._code(HARNESS_CODE), ws.handover, *[d for d in data if d.exists()]]
         argv, preexec = self._wrap(argv, read, [judge], judge)

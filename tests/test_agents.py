@@ -15,16 +15,16 @@ import statistics
 from pathlib import Path
 from types import SimpleNamespace
 
+import pristine
 import pytest
 
-import pristine
-from research import results as R
 from agents import AgentContext, LocalAgent
-from research.guards import text_hash
-from research.hparams import effective_values, parse_block, static_values
 from agents.memory import CHARS_PER_TOKEN, compact_history, duplicate_of, journal_path, look_back
 from agents.space import build_space, repair
 from agents.tuner import HybridAgent, OptunaAgent, trial_value
+from research import results as R
+from research.guards import text_hash
+from research.hparams import effective_values, parse_block, static_values
 from tests.test_loop import FAKE_TRAINER, FakeMessagesAPI, _claude, loop_env, message, read_rows, run_loop, tool
 from tests.test_loop import make_repo as _make_repo
 

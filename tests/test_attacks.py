@@ -59,11 +59,12 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_loop import FAKE_TRAINER, loop_env, make_repo, read_rows  # noqa: E402
+from test_loop import FAKE_TRAINER, loop_env, make_repo, read_rows
 
-from sandbox import confine as sandbox  # noqa: E402
-from sandbox.runner import LOG_HEAD_BYTES, LOG_TAIL_BYTES  # noqa: E402
-from research.session import BASELINE, allowance_from_baselines  # noqa: E402
+from research.ledger import BASELINE
+from research.session import allowance_from_baselines
+from sandbox import confine as sandbox
+from sandbox.runner import LOG_HEAD_BYTES, LOG_TAIL_BYTES
 
 LINUX_KINDS = [pytest.param(k, marks=pytest.mark.skipif(not sandbox._available(k), reason=f"no {k} here"))
                for k in ("bwrap", "landlock")]
@@ -1534,8 +1535,8 @@ def test_4c_mlx_logits_far_from_zero_gain_nothing_in_process(val):
     the graph. Either way the shifted model scores no better than the model itself."""
     import mlx.core as mx
 
-    from backends.mlx_rt import MLXEvalAdapter
     from judge.evaluate import UnfaithfulLossError
+    from judge.mlx_adapter import MLXEvalAdapter
 
     centre = -(float(val.logp.max()) + float(val.logp.min())) / 2
 

@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pristine
 import pytest
 
 import backends
-import pristine
 from backends import BackendError, Probe, describe, detect, mfu_percent, peak_bf16_flops
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -233,12 +233,12 @@ def _nats_by_hand(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
 
 
 def test_torch_adapter_nats_match_hand_computation_in_chunks():
-    from backends import torch_rt
+    from judge import torch_adapter
 
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(3, 7, 11)).astype(np.float32)
     targets = rng.integers(0, 11, size=(3, 7)).astype(np.int32)
-    adapter = torch_rt.TorchEvalAdapter(detect("cpu"), chunk_elements=25)  # forces 2-row chunks
+    adapter = torch_adapter.TorchEvalAdapter(detect("cpu"), chunk_elements=25)  # forces 2-row chunks
     got = adapter.nats(torch.tensor(logits), targets)
     assert got.dtype == np.float64 and got.shape == (3, 7)
     np.testing.assert_allclose(got, _nats_by_hand(logits, targets), rtol=1e-6)
@@ -249,13 +249,13 @@ def test_torch_adapter_nats_match_hand_computation_in_chunks():
 
 def test_mlx_adapter_equals_torch_adapter_for_same_logits():
     mx = pytest.importorskip("mlx.core")
-    from backends import mlx_rt, torch_rt
+    from judge import mlx_adapter, torch_adapter
 
     rng = np.random.default_rng(2)
     logits = (rng.normal(size=(2, 9, 13)) * 4).astype(np.float32)
     targets = rng.integers(0, 13, size=(2, 9)).astype(np.int32)
-    t = torch_rt.eval_adapter(detect("cpu")).nats(torch.tensor(logits), targets)
-    m = mlx_rt.MLXEvalAdapter(chunk_elements=30).nats(mx.array(logits), targets)
+    t = torch_adapter.eval_adapter(detect("cpu")).nats(torch.tensor(logits), targets)
+    m = mlx_adapter.MLXEvalAdapter(chunk_elements=30).nats(mx.array(logits), targets)
     np.testing.assert_allclose(m, t, rtol=1e-5)
     np.testing.assert_allclose(m, _nats_by_hand(logits, targets), rtol=1e-5)
 

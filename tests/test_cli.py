@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_loop import git, loop_env, make_repo, read_rows, run_loop  # noqa: E402
+from test_loop import git, loop_env, make_repo, read_rows, run_loop
 
-from agents.claude_agent import DEFAULT_MODEL  # noqa: E402
-from research.session import default_tag  # noqa: E402
+from agents.claude_agent import DEFAULT_MODEL
+from research.session import default_tag
 
 pytestmark = pytest.mark.slow  # whole loop sessions from a fresh start: `uv run pytest -m slow` (CI runs it)
 

@@ -15,7 +15,6 @@ Run: uv run pytest tests/test_clock.py   (add `-m slow` for the end-to-end runs)
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,11 +23,11 @@ from types import SimpleNamespace
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_loop import assert_clean, git, loop_env, make_repo, read_rows, run_loop, write_script  # noqa: E402
+from test_loop import assert_clean, git, loop_env, make_repo, read_rows, run_loop, write_script
 
-import prepare  # noqa: E402
-from research import clock  # noqa: E402
-from research.results import Row  # noqa: E402
+import prepare
+from research import clock
+from research.results import Row
 
 BUDGET = 3.0
 

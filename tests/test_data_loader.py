@@ -150,14 +150,14 @@ def test_stream_is_the_same_with_and_without_the_token_cache(tiny_cache, tmp_pat
         texts = docs[start : start + n]
         start += n
         pq.write_table(pa.table({"text": texts}), tmp_path / "tiny" / "data" / prepare.shard_name(shard_id), row_group_size=100)
-    tokens._ensure_pretokenized(p)
+    tokens.ensure_pretokenized(p)
     cases = [("val", 0), ("holdout", 0), ("train", 0), ("train", 5)]
     cached = [one_epoch(p, split, seed) for split, seed in cases]
     fingerprint = prepare.Tokenizer.load(p).fingerprint
     for shard in (tmp_path / "tiny" / "data").glob("*.parquet"):
         st = shard.stat()
         os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # as a copy that did not keep times
-        assert tokens._load_token_cache(p, shard, fingerprint) is None
+        assert tokens.load_token_cache(p, shard, fingerprint) is None
     for (split, seed), expected in zip(cases, cached):
         got = one_epoch(p, split, seed)
         assert got.shape == expected.shape and (got == expected).all(), (split, seed)

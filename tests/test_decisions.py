@@ -21,10 +21,11 @@ import statistics
 import pytest
 
 from research import results as R
-from research.decisions import (AbortMonitor, LossCurve, curve_bins, load_curve, pooled_noise,
-                                reference_from_curves, t_ppf, t_sf, write_curve)
+from research.decisions import (AbortMonitor, LossCurve, curve_bins, load_curve, pooled_noise, reference_from_curves,
+                                t_ppf, t_sf, write_curve)
 from research.experiment import decide
-from research.session import ABORT_AUDIT, ABORT_OFF, BASELINE, Session, Settings, replay
+from research.ledger import ABORT_AUDIT, ABORT_OFF, BASELINE, replay
+from research.session import Session, Settings
 
 ALPHA = Settings.alpha
 
@@ -249,7 +250,7 @@ def test_loss_stream_is_parsed_from_any_chunking_and_ignores_the_rest():
     c.feed(b"step 00004 (30.0%) | loss: nan\nstep 00005 (250.0%) | loss: 1.0\n")  # not finite / out of range
     c.feed(b"x" * 5000 + b"step 00006 (40.0%) | loss: 0.5\n")  # inside an over-long line: skipped
     c.feed(b"step 00007 (50.0%) | loss: 4.5\n")
-    assert [(s, l) for s, _, l in c.points] == [(1, 5.0), (2, 4.9), (7, 4.5)]
+    assert [(s, loss) for s, _, loss in c.points] == [(1, 5.0), (2, 4.9), (7, 4.5)]
     assert c.progress == 0.5
 
 
@@ -469,7 +470,7 @@ def test_the_loop_confirms_promising_runs_and_reruns_the_best(tmp_path, monkeypa
         run = TrainerRun(returncode=0, wall_seconds=1.5, timed_out=False, started=0.0)
         return run, "ok", E.Measurement(val_bpb=val, training_seconds=1.0, num_steps=10, holdout_bpb=val + 0.1), ""
 
-    monkeypatch.setattr(E, "_run_once", run_once)
+    monkeypatch.setattr(E, "run_once", run_once)
     repo = t.make_repo(tmp_path)
     prior = t.seed(repo, "rr", 3.0)
     script = t.write_script(tmp_path, [t.edit("VAL_BPB = 2.0", "VAL_BPB = 1.9", "a clear win"),

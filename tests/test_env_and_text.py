@@ -20,10 +20,10 @@ from types import SimpleNamespace
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_loop import FAKE_TRAINER, loop_env, make_repo, read_rows, run_loop, seed  # noqa: E402
+from test_loop import FAKE_TRAINER, loop_env, make_repo, read_rows, run_loop, seed
 
-from sandbox import secrets  # noqa: E402
-from agents.untrusted import MARK, looks_official, untrusted  # noqa: E402
+from agents.untrusted import MARK, looks_official, untrusted
+from sandbox import secrets
 
 PIP = "https://user:s3cr3tTok@pypi.example/simple"
 WEBHOOK = "https://hooks.slack.com/services/T0/B0/abcdefXYZ"
@@ -193,7 +193,7 @@ assert HOSTILE != FAKE_TRAINER
 def test_hostile_trainer_gets_no_unforeseen_secret_and_cannot_speak_for_the_loop(tiny_cache, tmp_path):
     from agents import AgentContext, CrashInfo
     from agents.claude_agent import ClaudeAgent
-    from research.experiment import log_tail
+    from research.run import log_tail
 
     repo = make_repo(tmp_path)
     prior = seed(repo, "env")

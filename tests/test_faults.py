@@ -45,14 +45,36 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_loop import (FAKE_TRAINER, FakeMessagesAPI, Prior, allowance, alive, edit, error,  # noqa: E402,F401
-                       fake_bpb, fake_result, git, in_process, lock_trainer, loop_env, make_repo, message,
-                       read_rows, run_loop, run_processes, seed, stub_runs, tool, trainer_info, wait_for,
-                       write_script)
+from test_loop import (  # noqa: F401
+    FAKE_TRAINER,
+    FakeMessagesAPI,
+    Prior,
+    alive,
+    allowance,
+    edit,
+    error,
+    fake_bpb,
+    fake_result,
+    git,
+    in_process,
+    lock_trainer,
+    loop_env,
+    make_repo,
+    message,
+    read_rows,
+    run_loop,
+    run_processes,
+    seed,
+    stub_runs,
+    tool,
+    trainer_info,
+    wait_for,
+    write_script,
+)
 
-import prepare  # noqa: E402
-from research import results as R  # noqa: E402
-from research.guards import LOCK_FILE, LockError, RepoLock  # noqa: E402
+import prepare
+from research import results as R
+from research.guards import LOCK_FILE, LockError, RepoLock
 
 WIN = edit("VAL_BPB = 2.0", "VAL_BPB = 1.5", "a clear win")  # the stand-in trainer's harmless, better change
 HELD = FAKE_TRAINER.replace("\nHOLD = False", "\nHOLD = True", 1)  # the stand-in, waiting for release(repo) first
@@ -313,7 +335,7 @@ def test_the_trainers_fail_line_is_the_crash_note():
     """A trainer that fails fast (NaN loss: tests/test_train_cuda.py and test_train_mlx.py run that) says why in
     one `FAIL:` line; the loop's crash note is that line, even with a traceback after it, else the exception
     that ends the last traceback."""
-    from research.experiment import failure_line
+    from research.run import failure_line
 
     log = ("step 00001 | loss: 7.6\nFAIL: training loss nan at step 2 (NaN or > 100)\n"
            "Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\nSystemExit: 1\n")
@@ -715,7 +737,7 @@ class RawMessagesAPI(FakeMessagesAPI):
         api = self
 
         class Raw(handler):
-            def do_POST(self):  # noqa: N802 - http.server's naming
+            def do_POST(self):
                 if not (api.replies and isinstance(api.replies[0][1], (bytes, threading.Event))):
                     return super().do_POST()
                 api.requests.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
@@ -801,7 +823,7 @@ def test_corrupt_validation_shard_at_start(tiny_cache, tmp_path):
     env = loop_env(cache)
     script = write_script(tmp_path, [WIN])
     proc = run_loop(repo, *loop_args("shard", script, "--max-experiments", "1"), env=env)
-    assert_stopped(proc, str(shard), "corrupt or truncated", "python prepare.py --protocol tiny")
+    assert_stopped(proc, str(shard), "corrupt or truncated", "uv run prepare.py --protocol tiny")
     check_after(prior, [])
     assert not (repo / "runs").exists()  # nothing ran
 
@@ -824,7 +846,7 @@ def test_validation_shard_corrupted_mid_session(tiny_cache, tmp_path):
     shard = val_shard(cache)
     script = write_script(tmp_path, [{**WIN, "write": {str(shard): "PAR1 not really"}}, WIN])
     proc = run_loop(repo, *loop_args("midshard", script, "--max-experiments", "2"), env=loop_env(cache))
-    assert_stopped(proc, str(shard), "python prepare.py --protocol tiny")
+    assert_stopped(proc, str(shard), "uv run prepare.py --protocol tiny")
     (crash,) = check_after(prior, ["crash"])
     assert str(shard.name) in crash.note
     assert "harness: not scored (data)" in (repo / "runs" / str(crash.run) / "log.txt").read_text()
@@ -838,7 +860,7 @@ def test_missing_tokenizer_mid_session_stops_then_resume_rebuilds_it(tiny_cache,
     env = loop_env(cache)
     script = write_script(tmp_path, [{**WIN, "delete": [str(f) for f in tokenizer_files(cache)]}])
     proc = run_loop(repo, *loop_args("tok", script, "--max-experiments", "1"), env=env)
-    assert_stopped(proc, "has no tokenizer", "python prepare.py --protocol tiny")
+    assert_stopped(proc, "has no tokenizer", "uv run prepare.py --protocol tiny")
     (crash,) = check_after(prior, ["crash"])
     assert "has no tokenizer" in crash.note
 

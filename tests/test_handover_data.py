@@ -400,7 +400,7 @@ def test_archive_errors_say_what_the_harness_needs(tmp_path):
 
 def _mlx():
     try:
-        import mlx.core as mx  # noqa: F401
+        import mlx.core as mx
     except Exception:  # noqa: BLE001
         pytest.skip("MLX not installed")
     return mx

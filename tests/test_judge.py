@@ -76,7 +76,7 @@ def test_backend_adapters_give_the_same_bpb(tiny_cache):
     torch = pytest.importorskip("torch", reason="PyTorch not installed")
     mx = pytest.importorskip("mlx.core", reason="MLX not installed")
     import backends
-    from backends import mlx_rt, torch_rt
+    from judge import mlx_adapter, torch_adapter
 
     p = prepare.get_protocol()
     table = np.random.default_rng(0).normal(0, 0.5, (p.vocab_size, p.vocab_size)).astype(np.float32)  # a bigram model
@@ -84,8 +84,8 @@ def test_backend_adapters_give_the_same_bpb(tiny_cache):
     rows = E.load_rows(p, "holdout", p.holdout_tokens)
     token_bytes = prepare.load_token_bytes(p)
     t_table, m_table = torch.from_numpy(table), mx.array(table)
-    via_torch = E.score_split(lambda x: t_table[x.long()], torch_rt.eval_adapter(info), 32, rows, token_bytes, p.vocab_size)
-    via_mlx = E.score_split(lambda x: m_table[x], mlx_rt.eval_adapter(info), 32, rows, token_bytes, p.vocab_size)
+    via_torch = E.score_split(lambda x: t_table[x.long()], torch_adapter.eval_adapter(info), 32, rows, token_bytes, p.vocab_size)
+    via_mlx = E.score_split(lambda x: m_table[x], mlx_adapter.eval_adapter(info), 32, rows, token_bytes, p.vocab_size)
     via_numpy = E.score_split(lambda x: table[x], NumpyAdapter(), 32, rows, token_bytes, p.vocab_size)
     assert via_torch["bpb"] == pytest.approx(via_numpy["bpb"], rel=1e-6)
     assert via_mlx["bpb"] == pytest.approx(via_numpy["bpb"], rel=1e-6)
@@ -314,7 +314,7 @@ def test_harness_stops_on_damaged_evaluation_data(tiny_cache, tmp_path, monkeypa
     data[mid:mid + 32] = bytes(b ^ 0xFF for b in data[mid:mid + 32])  # footer intact, content not
     shard.write_bytes(bytes(data))
     code, result, _ = run_harness(hand_over_torch(tmp_path / "h", Bigram(p.vocab_size)), tmp_path)
-    assert code == 3 and result["kind"] == "data" and f"python prepare.py --protocol {p.name}" in result["reason"]
+    assert code == 3 and result["kind"] == "data" and f"uv run prepare.py --protocol {p.name}" in result["reason"]
 
 
 def test_evaluator_hash_covers_every_piece_of_evaluation_code(tmp_path, monkeypatch):
@@ -324,16 +324,19 @@ def test_evaluator_hash_covers_every_piece_of_evaluation_code(tmp_path, monkeypa
     monkeypatch.setenv("AUTORESEARCH_PROTOCOL", "standard")
     assert prepare.evaluator_hash() == h  # protocol-independent
     copy = tmp_path / "repo"
-    for f in ("judge", "backends"):
+    for f in ("judge",):
         shutil.copytree(REPO / f, copy / f, ignore=shutil.ignore_patterns("__pycache__"))
-    monkeypatch.setattr(prepare, "_REPO", copy)
+    from data.loader import BestFitPacker
+    from judge import entry
+
+    monkeypatch.setattr(entry, "REPO", copy)
     assert prepare.evaluator_hash() == h
     edits = [("judge/evaluate.py", "PROBE_ESCAPE = 1e-3", "PROBE_ESCAPE = 1e-2"),
              ("judge/graphs.py", "MAX_FACTS_BYTES = 1 << 20", "MAX_FACTS_BYTES = 1 << 21"),
              ("judge/pt2.py", '"relu": ("default",), ', '"relu": ("default",), "rand": ("default",), '),
              ("judge/harness.py", "EXIT_GRAPH, EXIT_DATA", "EXIT_GRAPH , EXIT_DATA"),
-             ("backends/torch_rt.py", "chunk_elements: int = 1 << 24", "chunk_elements: int = 1 << 20"),
-             ("backends/mlx_rt.py", "nll = mx.logsumexp(part, axis=-1) - picked", "nll = mx.logsumexp(part, axis=-1)")]
+             ("judge/torch_adapter.py", "chunk_elements: int = 1 << 24", "chunk_elements: int = 1 << 20"),
+             ("judge/mlx_adapter.py", "nll = mx.logsumexp(part, axis=-1) - picked", "nll = mx.logsumexp(part, axis=-1)")]
     for rel, old, new in edits:
         path = copy / rel
         text = path.read_text()
@@ -341,9 +344,12 @@ def test_evaluator_hash_covers_every_piece_of_evaluation_code(tmp_path, monkeypa
         path.write_text(text.replace(old, new, 1))
         assert prepare.evaluator_hash() != h, rel
         path.write_text(text)
-    stream = list(prepare._STREAM_CODE)
-    stream[stream.index(prepare.BestFitPacker)] = OtherPacker  # the packing code that builds the rows
-    monkeypatch.setattr(prepare, "_STREAM_CODE", tuple(stream))
+    (copy / "judge" / "extra.py").write_text("X = 1\n")  # a file added to judge/ is evaluation code too
+    assert prepare.evaluator_hash() != h
+    (copy / "judge" / "extra.py").unlink()
+    stream = list(entry.STREAM_CODE)
+    stream[stream.index(BestFitPacker)] = OtherPacker  # the packing code that builds the rows
+    monkeypatch.setattr(entry, "STREAM_CODE", tuple(stream))
     assert prepare.evaluator_hash() != h
 
 

@@ -1,4 +1,4 @@
-"""Tests of the live page (reporting/live.py, research/static/; `loop.py serve` and `loop.py run --serve`).
+"""Tests of the live page (reporting/live.py, reporting/static/; `loop.py serve` and `loop.py run --serve`).
 
 Run: `uv run pytest tests/test_live.py` (about 45 s on a 2-core CPU; no network).
 
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from reporting import live
+from reporting import live, serve
 from research.results import COLUMNS, Row, append_row, read_results
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -92,7 +92,7 @@ def make_lab(root: Path, rows: list[Row] = HISTORY, runs: tuple[int, ...] = (1, 
 
 
 def client(data: live.LiveData, hosts: list[str] | None = None) -> TestClient:
-    return TestClient(live.make_app(data, hosts), base_url="http://127.0.0.1:8765")
+    return TestClient(serve.make_app(data, hosts), base_url="http://127.0.0.1:8765")
 
 
 def state(c: TestClient) -> dict:
@@ -122,7 +122,8 @@ def test_state_rows_summary_noise_and_the_run_in_progress(tmp_path):
     assert by[3]["delta"] == pytest.approx(1.9 - 2.0005) and by[4]["delta"] == pytest.approx(0.05)
     assert by[5]["val_bpb"] is None and by[1]["delta"] is None and by[3]["cost_usd"] == 0.01
     assert s["summary"]["best_bpb"] == 1.9 and s["summary"]["best_n"] == 3 and s["summary"]["cost_usd"] == 0.05
-    assert s["plot"]["running_best"] == pytest.approx([2.0005, 2.0005, 1.9, 1.9, 1.9])
+    # the loop's own best after each row (research/ledger.py): the first baseline alone, then their mean
+    assert s["plot"]["running_best"] == pytest.approx([2.0, 2.0005, 1.9, 1.9, 1.9])
     assert s["noise"]["sigma"] == pytest.approx(0.000707, abs=1e-6) and s["noise"]["df"] == 1
     assert s["host"]["device"] == "fake cpu" and s["host"]["protocol"] == "tiny"
     cur = s["current"]
@@ -243,7 +244,7 @@ def test_paths_outside_runs_are_refused(tmp_path):
 def test_read_only_local_and_strict(tmp_path):
     lab = make_lab(tmp_path / "lab")
     before = {p: p.stat().st_mtime_ns for p in lab.rglob("*")}
-    c = client(live.LiveData(lab / "results.tsv"), hosts=list(live.LOOPBACK_HOSTS))
+    c = client(live.LiveData(lab / "results.tsv"), hosts=list(serve.LOOPBACK_HOSTS))
     for method in ("post", "put", "delete", "patch"):
         assert getattr(c, method)("/api/state").status_code == 405
         assert getattr(c, method)("/api/runs/3/diff").status_code == 405
@@ -261,16 +262,16 @@ def test_read_only_local_and_strict(tmp_path):
 
 
 def test_page_is_self_contained():
-    """Everything the page loads is shipped in research/static (no CDN); the chart library's license is recorded."""
-    html = (live.STATIC / "index.html").read_text()
+    """Everything the page loads is shipped in reporting/static (no CDN); the chart library's license is recorded."""
+    html = (serve.STATIC / "index.html").read_text()
     refs = re.findall(r'(?:src|href)="([^"]+)"', html)
-    assert refs and all(ref.startswith("static/") and (live.STATIC / ref[len("static/"):]).is_file() for ref in refs)
-    js = (live.STATIC / "live.js").read_text()
-    css = (live.STATIC / "live.css").read_text()
+    assert refs and all(ref.startswith("static/") and (serve.STATIC / ref[len("static/"):]).is_file() for ref in refs)
+    js = (serve.STATIC / "live.js").read_text()
+    css = (serve.STATIC / "live.css").read_text()
     assert "http" not in js and "http" not in css and "@import" not in css
-    vendored = (live.STATIC / "vendor" / "chart.umd.min.js").read_text()
+    vendored = (serve.STATIC / "vendor" / "chart.umd.min.js").read_text()
     assert vendored.startswith("/*!\n * Chart.js v4.6.1") and "Released under the MIT License" in vendored[:300]
-    notice = (live.STATIC / "vendor" / "NOTICE.md").read_text()
+    notice = (serve.STATIC / "vendor" / "NOTICE.md").read_text()
     assert "Chart.js 4.6.1" in notice and "MIT" in notice and "Permission is hereby granted" in notice
 
 
@@ -346,7 +347,7 @@ def test_serve_command_binds_locally_and_warns_for_other_addresses(tmp_path):
         assert len(_get_json(url.replace("0.0.0.0", "127.0.0.1") + "api/state")["rows"]) == 5
     finally:
         _stop(proc)
-    assert live.host_warning("127.0.0.1", 8765) is None and live.host_warning("localhost", 8765) is None
+    assert serve.host_warning("127.0.0.1", 8765) is None and serve.host_warning("localhost", 8765) is None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -30,14 +30,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 
+import pristine
 import pytest
 
-import pristine
-from research import results as R
 from agents import AgentContext, CrashInfo, LocalAgent
 from agents.claude_agent import ClaudeAgent, cost_usd
-from research.guards import RepoLock, LockError, child_env, text_hash
+from research import results as R
+from research.guards import LockError, RepoLock, text_hash
 from research.hparams import in_effect, parse_block, set_values
+from sandbox.secrets import allowed_env
 
 PROJECT = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ("loop.py", "prepare.py", "data", "model", "backends", "judge", "sandbox", "research", "agents",
@@ -383,7 +384,7 @@ def in_process(tiny_cache, monkeypatch, capsys):
 @pytest.fixture
 def stub_runs(monkeypatch):
     """For in-process loops about what the loop does with measurements: replace each run of the trainer and
-    the harness (research.experiment._run_once) by a scripted outcome. `install({description: [val_bpb, ...]})`
+    the harness (research.run.run_once) by a scripted outcome. `install({description: [val_bpb, ...]})`
     gives each experiment's runs in order (the first run, then a confirming rerun); None is a crash; `best`
     gives, in order, the runs of the best the loop makes between a promising change's two. Returns the list
     of (description, log prefix, value) the loop asked for."""
@@ -407,7 +408,7 @@ def stub_runs(monkeypatch):
             return run, "ok", E.Measurement(val_bpb=val, memory_gb=0.5, training_seconds=1.0, total_seconds=1.2,
                                             num_steps=10, holdout_bpb=val + 0.1, device="stub cpu"), ""
 
-        monkeypatch.setattr(E, "_run_once", run_once)
+        monkeypatch.setattr(E, "run_once", run_once)
         return calls
 
     return install
@@ -713,8 +714,9 @@ def test_try_command(tiny_cache, tmp_path):
 def test_real_trainer_end_to_end(tiny_cache, tmp_path):
     """train_cuda.py as it is, sandboxed, through `loop.py run`: a baseline and one local-agent change, both
     scored by the harness from the graph the trainer handed over."""
-    import prepare
     from trainer_contract import LEARNED, uniform_bpb
+
+    import prepare
 
     repo = make_repo(tmp_path, trainer=None)
     proc = run_loop(repo, "run", "--agent", "local", "--tag", "real", "--baseline-runs", "1", "--max-experiments",
@@ -824,7 +826,7 @@ def test_results_partial_write_is_cut_back(tmp_path, monkeypatch):
 def test_child_env_drops_credentials():
     """An allow-list: credentials go whatever their name, and so does everything else not on it (the
     loop sets HOME, TMPDIR and the caches of a run itself)."""
-    env = child_env({"ANTHROPIC_API_KEY": "a", "OPENAI_API_KEY": "b", "GITHUB_TOKEN": "c", "AWS_SECRET_ACCESS_KEY": "d",
+    env = allowed_env({"ANTHROPIC_API_KEY": "a", "OPENAI_API_KEY": "b", "GITHUB_TOKEN": "c", "AWS_SECRET_ACCESS_KEY": "d",
                      "PGPASSWORD": "e", "PATH": "/bin", "AUTORESEARCH_CACHE": "/c", "HOME": "/h",
                      "PIP_INDEX_URL": "https://u:p@x/simple", "OMP_NUM_THREADS": "2", "MKL_SECRET_KEY": "f"},
                     EXTRA="1")
@@ -981,7 +983,7 @@ class FakeMessagesAPI:
         api = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 - http.server's naming
+            def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["content-length"])))
                 api.requests.append(body)
                 status, reply, headers = api.replies.pop(0) if api.replies else error(

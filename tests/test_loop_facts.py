@@ -21,11 +21,11 @@ from types import SimpleNamespace
 
 import pytest
 
+from agents.memory import duplicate_of
 from research import results as R
 from research.gauge import gauge, speed_of
 from research.hparams import SourceValues, conditions, parse_block, static_truth
-from agents.memory import duplicate_of
-from research.session import BASELINE, replay, speed
+from research.ledger import BASELINE, replay, speed
 from tests.test_loop import FAKE_TRAINER, assert_clean, edit, loop_env, make_repo, read_rows, run_loop, write_script
 
 THE_LIE = {"depth": 12, "backend": "cuda", "device": "NVIDIA H100 80GB HBM3", "num_steps": 99999,
@@ -88,7 +88,7 @@ def test_the_row_holds_the_loops_facts_and_the_claim_apart(lied):
     assert record["claims"]["num_steps"] == 99999 and "summary" not in record
 
     import prepare
-    from research.experiment import CLAIMS_HEADER
+    from research.run import CLAIMS_HEADER
 
     log = (run / "log.txt").read_text()
     summary = prepare.parse_summary(log)  # the summary block proper: the harness's and the loop's
@@ -192,7 +192,7 @@ def test_source_values_read_the_line_in_effect_without_asking_the_trainer():
 def test_a_results_file_from_before_still_reads(tmp_path):
     """Rows written before the gauge columns (and before the loop read the hyperparameters itself) read as
     they were, with no speed; a run folder's old record ("summary") still gives the report its claims."""
-    from reporting.summary import Source, _row_from_run, run_summary
+    from reporting.summary import Source, row_from_run, run_summary
 
     cols = R.COLUMNS[: R.COLUMNS.index("worker") + 1]
     path = tmp_path / "results.tsv"
@@ -209,13 +209,13 @@ def test_a_results_file_from_before_still_reads(tmp_path):
     runs.mkdir(parents=True)
     claims = {"num_steps": 10, "device": "old", "hyperparams": {"A": 1}}
     (runs / "result.json").write_text(json.dumps({"eval": {"val_bpb": 2.0, "protocol": "tiny"}, "summary": claims}))
-    old = _row_from_run(runs)
+    old = row_from_run(runs)
     assert old.device == "old" and old.num_steps == 10 and old.hyperparams == {"A": 1}
     src = Source(path=tmp_path, rows=[back], runs_dir=tmp_path / "runs")
     assert run_summary(src, back)["num_steps"] == 10
     (runs / "result.json").write_text(json.dumps({"eval": {"val_bpb": 2.0}, "loop": {"device": "cpu", "hyperparams":
                                                   {"A": 2}}, "claims": {"num_steps": 5, "device": "H100"}}))
-    new = _row_from_run(runs)
+    new = row_from_run(runs)
     assert new.device == "cpu" and new.hyperparams == {"A": 2} and new.num_steps == 5
     assert run_summary(src, back) == {"num_steps": 5, "device": "H100"}
 

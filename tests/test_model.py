@@ -10,13 +10,7 @@ import pytest
 
 import model
 from model import build_config, flops_per_token, has_value_embedding, param_counts, window_sizes
-from model.reference import (
-    adamw_reference_update,
-    init_params,
-    muon_reference_update,
-    polar_express,
-    reference_forward,
-)
+from model.reference import adamw_reference_update, init_params, muon_reference_update, polar_express, reference_forward
 
 
 def test_reference_sizes_match_the_published_model():

@@ -21,18 +21,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.test_loop import (
-    FAKE_TRAINER,
-    assert_clean,
-    edit,
-    git,
-    loop_env,
-    make_repo,
-    read_rows,
-    seed,
-    wait_for,
-    write_script,
-)
+from tests.test_loop import (FAKE_TRAINER, assert_clean, edit, git, loop_env, make_repo, read_rows, seed, wait_for,
+                             write_script)
 
 pytest.importorskip("ray")
 
@@ -64,7 +54,7 @@ def _in_group(pid: int, pgid: int) -> bool:
 
 
 def test_bad_worker_counts_and_mixed_hardware_are_refused(tmp_path, tiny_cache):
-    from research.parallel import check_hellos
+    from research.pool import check_hellos
     from research.session import SessionError
 
     repo = make_repo(tmp_path)
@@ -87,18 +77,18 @@ def test_bad_worker_counts_and_mixed_hardware_are_refused(tmp_path, tiny_cache):
 
 
 def test_ray_is_imported_only_for_parallel_runs(monkeypatch):
-    """The single-worker path never imports Ray (loop.py imports research.parallel for its flags only);
+    """The single-worker path never imports Ray (loop.py imports research.pool for its flags only);
     without Ray installed, a parallel run says how to get it."""
-    from research import parallel
+    from research import pool
     from research.session import SessionError
 
-    code = "import sys, loop, research.parallel; assert 'ray' not in sys.modules, 'ray imported'"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(parallel.__file__).parents[1], capture_output=True,
+    code = "import sys, loop, research.parallel, research.pool; assert 'ray' not in sys.modules, 'ray imported'"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(pool.__file__).parents[1], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
     with pytest.raises(SessionError, match="run on Ray, which is not installed here"):
-        parallel._import_ray()
+        pool.import_ray()
 
 
 def test_merge_of_a_stale_change(tmp_path):

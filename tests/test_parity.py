@@ -16,9 +16,9 @@ torch = pytest.importorskip("torch")
 mx = pytest.importorskip("mlx.core")
 
 from mlx.utils import tree_flatten, tree_map_with_path  # noqa: E402
+from trainer_contract import torch_trainer_on_cpu  # noqa: E402
 
 from model import build_config, param_shapes  # noqa: E402
-from trainer_contract import torch_trainer_on_cpu  # noqa: E402
 from model.reference import init_params, reference_forward, window_mask  # noqa: E402
 
 # GQA (4 query heads over 2 kv heads), an S window (8) on layer 0 and L (16) on layer 1, a value

@@ -34,9 +34,9 @@ def one_thread():
 
 def adapter():
     import backends
-    from backends import torch_rt
+    from judge import torch_adapter
 
-    return torch_rt.eval_adapter(backends.detect("cpu"))
+    return torch_adapter.eval_adapter(backends.detect("cpu"))
 
 
 def rows(seed=0, n=N, low=0, high=V):

@@ -16,8 +16,8 @@ import struct
 import pytest
 
 from reporting import compare, report, transfer
-from research.results import COLUMNS, UPSTREAM_COLUMNS, Row, read_results
 from reporting.summary import ReportError, load_source, summarize
+from research.results import COLUMNS, UPSTREAM_COLUMNS, Row, read_results
 
 HP_H100 = {"DEPTH": 8, "MATRIX_LR": 0.04, "DEVICE_BATCH_SIZE": 128, "TOTAL_BATCH_SIZE": 2**19,
            "ADAM_BETAS": [0.8, 0.95], "WINDOW_PATTERN": "SSSL"}

@@ -20,13 +20,12 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_faults import START, check_after, loop_args  # noqa: E402
-from test_loop import edit, loop_env, make_repo, read_rows, run_loop, seed, write_script  # noqa: E402
+from test_faults import START, check_after, loop_args
+from test_loop import edit, loop_env, make_repo, read_rows, run_loop, seed, write_script
 
-from sandbox import cgroup  # noqa: E402
-from sandbox import confine as sb  # noqa: E402
-from sandbox import runner  # noqa: E402
-from sandbox.workspace import Resources, free_space_problem, parse_size  # noqa: E402
+from sandbox import cgroup, runner
+from sandbox import confine as sb
+from sandbox.workspace import Resources, free_space_problem, parse_size
 
 MiB = 1 << 20
 HAS_BWRAP = shutil.which("bwrap") is not None and sb._available("bwrap")

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import confine as sandbox, seatbelt
+from sandbox import confine as sandbox
+from sandbox import seatbelt
 from sandbox.confine import SandboxError, SandboxPolicy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,7 +94,7 @@ def policy(layout: dict[str, Path], tmp_path: Path) -> SandboxPolicy:
     )
 
 
-def child_env(policy: SandboxPolicy) -> dict[str, str]:
+def allowed_env(policy: SandboxPolicy) -> dict[str, str]:
     tmp = str(policy.write_paths[1])
     return {"PATH": "/usr/bin:/bin", "TMPDIR": tmp, "HOME": tmp, "PYTHONDONTWRITEBYTECODE": "1",
             "OMP_NUM_THREADS": "1"}
@@ -103,7 +104,7 @@ def run_sandboxed(kind: str, policy: SandboxPolicy, code: str | None = None,
                   argv: list[str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     argv = argv or [sys.executable, "-I", "-c", PRELUDE + textwrap.dedent(code or "")]
     cmd, preexec = sandbox.wrap(kind, argv, policy)
-    return subprocess.run(cmd, preexec_fn=preexec, env=child_env(policy), cwd=policy.cwd,
+    return subprocess.run(cmd, preexec_fn=preexec, env=allowed_env(policy), cwd=policy.cwd,
                           start_new_session=True, capture_output=True, text=True, timeout=timeout)
 
 
@@ -242,7 +243,7 @@ def run_through_runner(kind: str, policy: SandboxPolicy, code: str, token: str =
                        grace: float = 0.0, runner_env: dict[str, str] | None = None) -> dict:
     """Run `code` sandboxed from a separate process acting as the loop (subreaper, own env)."""
     spec = {"kind": kind, "cwd": str(policy.cwd), "read": [str(p) for p in policy.read_paths],
-            "write": [str(p) for p in policy.write_paths], "env": child_env(policy),
+            "write": [str(p) for p in policy.write_paths], "env": allowed_env(policy),
             "argv": [sys.executable, "-I", "-c", PRELUDE + textwrap.dedent(code), token],
             "token": token, "grace": grace}
     proc = subprocess.run([sys.executable, "-I", "-c", RUNNER.format(repo=str(REPO)), json.dumps(spec)],

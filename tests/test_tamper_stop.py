@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_loop import (FAKE_TRAINER, assert_clean, edit, git, loop_env, make_repo, read_rows, run_loop,  # noqa: E402
-                       seed, write_script)
+from test_loop import (FAKE_TRAINER, assert_clean, edit, git, loop_env, make_repo, read_rows, run_loop, seed,
+                       write_script)
 
-from research import tamper  # noqa: E402
-from research.experiment import read_result  # noqa: E402
-from research.results import Row  # noqa: E402
+from research import tamper
+from research.run import read_result
+from research.results import Row
 
 PEEK = ('MODE = "ok"', 'MODE = "noncausal"')
 # the look-ahead in operators every graph loader of the harness runs (one_hot is not among them)

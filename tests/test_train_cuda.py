@@ -10,14 +10,14 @@ import math
 import re
 
 import numpy as np
+import pristine
 import pytest
 import torch
+from trainer_contract import (BAD_BATCH_PATTERN, BAD_BATCH_SCRIPT, NAN_SCRIPT, check_fails_fast, check_learning_run,
+                              run_trainer, torch_trainer_on_cpu)
 
-from trainer_contract import (BAD_BATCH_PATTERN, BAD_BATCH_SCRIPT, NAN_SCRIPT, check_fails_fast,
-                               check_learning_run, run_trainer, torch_trainer_on_cpu)
 from model import build_config, flops_per_token, param_counts, param_shapes, window_sizes
 from model.reference import adamw_reference_update, init_params, muon_reference_update, reference_forward
-import pristine
 
 TRAINER = pristine.trainer("train_cuda.py")  # the project's trainer, not a research branch's kept edit
 
@@ -254,9 +254,9 @@ def test_tiny_run_learns_and_prints_summary(tiny_cache, bf16, monkeypatch):
     monkeypatch.setenv("AUTORESEARCH_CPU_BF16", bf16)
     # The trainer counts all but its first step on CPU: 10 s are enough steps to see it learn, except in
     # emulated bf16 (a CPU without avx512_bf16/amx_bf16), whose steps are ~20x slower than fp32's.
-    from backends import _cpu_bf16
+    from backends import cpu_has_bf16
 
-    budget = 10.0 if bf16 == "0" or _cpu_bf16() else 30.0
+    budget = 10.0 if bf16 == "0" or cpu_has_bf16() else 30.0
     proc = run_trainer("train_cuda.py", "cpu", tiny_cache, budget)
     assert ("bf16 compute" if bf16 == "1" else "fp32 compute") in proc.stdout
     summary = check_learning_run(proc, budget, "cpu", "sdpa")

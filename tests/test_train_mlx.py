@@ -16,14 +16,19 @@ import pytest
 
 mx = pytest.importorskip("mlx.core")
 
-from mlx.utils import tree_flatten  # noqa: E402
-
-from trainer_contract import (BAD_BATCH_PATTERN, BAD_BATCH_SCRIPT, NAN_SCRIPT, check_fails_fast,  # noqa: E402
-                               check_learning_run, run_trainer)
-from model import build_config, flops_per_token, param_counts, param_shapes, window_sizes  # noqa: E402
-from model.reference import (adamw_reference_update, init_params, muon_reference_update,  # noqa: E402
-                             reference_forward)
 import pristine  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
+from trainer_contract import (  # noqa: E402
+    BAD_BATCH_PATTERN,
+    BAD_BATCH_SCRIPT,
+    NAN_SCRIPT,
+    check_fails_fast,
+    check_learning_run,
+    run_trainer,
+)
+
+from model import build_config, flops_per_token, param_counts, param_shapes, window_sizes  # noqa: E402
+from model.reference import adamw_reference_update, init_params, muon_reference_update, reference_forward  # noqa: E402
 
 TRAINER = pristine.trainer("train_mlx.py")  # the project's trainer, not a research branch's kept edit
 

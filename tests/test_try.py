@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_loop import FAKE_TRAINER, git, loop_env, make_repo, read_rows, run_loop  # noqa: E402
+from test_loop import FAKE_TRAINER, git, loop_env, make_repo, read_rows, run_loop
 
 
 def test_try_refuses_a_branch_that_is_not_a_research_branch(tiny_cache, tmp_path):

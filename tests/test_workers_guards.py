@@ -17,9 +17,9 @@ from __future__ import annotations
 import pytest
 
 from tests.test_faults import START, WIN, check_after
-from tests.test_parallel import worktrees
 from tests.test_loop import (STOP_AFTER_MEDDLING, assert_clean, edit, git, loop_env, make_repo, read_rows, run_loop,
                              seed, write_script)
+from tests.test_parallel import worktrees
 
 pytest.importorskip("ray")
 

@@ -105,7 +105,8 @@
     const m = s.summary;
     if (!m) return;
     setText("c-best", bpb(m.best_bpb));
-    setText("c-best-more", m.best_n !== null ? `#${m.best_n}${m.improved ? "" : " (baseline)"} · ${pct(m.gain_pct)} vs baseline` : "");
+    setText("c-best-more", m.best_n !== null ? `#${m.best_n}${m.improved ? "" : " (baseline)"} · ${pct(m.gain_pct)} vs baseline` : "",
+            m.best_basis || "");
     setText("c-base", bpb(m.baseline_bpb));
     setText("c-base-more", `${m.baseline_runs} baseline run${m.baseline_runs === 1 ? "" : "s"}`);
     setText("c-exp", m.experiments);

@@ -1,0 +1,69 @@
+"""One ledger (research/ledger.py): the loop, the live page, the report and `compare` show the best the
+loop decides with, say which runs it is the mean of, and colour each experiment against the value the
+loop compared it with."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from reporting import live
+from reporting.report import cmd_report
+from reporting.summary import load_source, summarize
+from research.ledger import replay, running_best
+from research.results import COLUMNS, Row
+from research.session import Settings
+
+
+def row(n: int, val: float, status: str, desc: str, note: str, trainer: str, gauge: float) -> Row:
+    return Row(commit=f"c{n:06d}", val_bpb=val, memory_gb=0.5, status=status, description=desc, backend="cpu",
+               device="cpu", protocol="tiny", evaluator_hash="e1e1e1e1e1e1", num_steps=100, branch="autoresearch/t",
+               run=n, budget_s=60.0, trainer_hash=trainer, note=note, gauge_before_s=gauge, gauge_after_s=gauge)
+
+
+# Four baselines on a busy machine, the fifth after the load went away (the loop's gauge twice as fast):
+# the loop's best is the fifth alone, the runs at the machine's current speed; then a change measured at
+# that speed is compared with it.
+ROWS = [row(k, v, "keep", "baseline", f"baseline {k}/5", "h0", 0.2) for k, v in
+        enumerate([2.48, 2.49, 2.50, 2.47], start=1)]
+ROWS += [row(5, 2.2228, "keep", "baseline (repeat 5/5)", "baseline 5/5", "h0", 0.1),
+         row(6, 2.20, "discard", "a small change", "gain within the noise", "h1", 0.1)]
+
+
+@pytest.fixture
+def lab(tmp_path) -> Path:
+    (tmp_path / "results.tsv").write_text("\t".join(COLUMNS) + "\n" + "".join(r.to_line() for r in ROWS))
+    return tmp_path
+
+
+def test_every_screen_shows_the_loops_best_and_which_runs_count(lab, tmp_path):
+    knobs = Settings()
+    st = replay(ROWS, knobs.min_noise, knobs.drift)
+    assert st.best == pytest.approx(2.2228) and len(st.best_runs) == 1 and len(st.all_best_runs) == 5
+    assert "mean of 1 run (runs 5)" in st.basis() and "4 earlier runs" in st.basis()
+
+    s = summarize(load_source(lab / "results.tsv"))
+    assert s.best_bpb == pytest.approx(st.best) and s.best_basis == st.basis()
+    assert s.best_before(6) == pytest.approx(2.2228)  # what the loop compared run 6 with
+    assert s.running_best == pytest.approx(running_best(ROWS, knobs.min_noise, knobs.drift))
+    assert s.baseline_bpb == pytest.approx((2.48 + 2.49 + 2.50 + 2.47 + 2.2228) / 5)  # the five are still listed
+
+    page = live.LiveData(lab / "results.tsv")._state()
+    assert page["summary"]["best_bpb"] == pytest.approx(2.2228) and "4 earlier runs" in page["summary"]["best_basis"]
+    (run6,) = [r for r in page["rows"] if r["n"] == 6]
+    assert run6["delta"] == pytest.approx(2.20 - 2.2228)  # better than the loop's best, as its note says
+
+    assert cmd_report([lab / "results.tsv"], tmp_path / "out") == 0
+    md = next((tmp_path / "out").glob("*.md")).read_text()
+    assert "**2.222800**" in md and "mean of 1 run (runs 5)" in md
+
+
+def test_a_reference_file_keeps_its_own_rules(tmp_path):
+    """Rows without trainer hashes (the reference's five columns): the baseline mean, then kept changes."""
+    text = "commit\tval_bpb\tmemory_gb\tstatus\tdescription\n" + "".join(
+        f"c{k}\t{v}\t1.0\t{st}\t{d}\n" for k, (v, st, d) in enumerate(
+            [(2.0, "keep", "baseline"), (1.9, "keep", "a win"), (1.95, "discard", "no gain")]))
+    (tmp_path / "results.tsv").write_text(text)
+    s = summarize(load_source(tmp_path / "results.tsv"))
+    assert s.best_bpb == pytest.approx(1.9) and s.best_basis == "" and s.running_best == [2.0, 1.9, 1.9]
