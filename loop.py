@@ -253,9 +253,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
+        edit = session is not None and session.pending_edit is not None
         if session is not None:
             session.abort()
-        console.event("interrupted: the trainer was stopped and the tree restored; rows already logged are kept. "
+        tree = (f"your uncommitted edit is back in {session.trainer}" if edit else "the tree restored")
+        console.event(f"interrupted: the trainer was stopped and {tree}; rows already logged are kept. "
                       "Run the same command again to resume.")
         return 130
     except (SessionError, TamperError, LockError, AgentError, ResultsError, GitError) as e:

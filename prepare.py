@@ -38,6 +38,7 @@ from typing import Any, Callable
 
 from data import PrepareError
 from data.clock import DEADLINE_ENV, TrainingClock
+from data.steplog import fail, log_step
 from data.download import DEFAULT_DOWNLOAD_WORKERS
 from data.files import atomic_write_bytes
 from data.integrity import (eval_data_paths, is_prepared, tokenizer_paths, train_data_paths, verify_eval_data,
@@ -56,8 +57,8 @@ __all__ = [
     "eval_data_paths", "train_data_paths", "tokenizer_paths",
     # tokenizer and dataloader
     "Tokenizer", "load_token_bytes", "make_dataloader",
-    # the training clock, the hand-over and the summary block
-    "DEADLINE_ENV", "TrainingClock",
+    # the training clock, the lines the loop reads, the hand-over and the summary block
+    "DEADLINE_ENV", "TrainingClock", "log_step", "fail",
     "HANDOVER_ENV", "hand_over", "harness_command", "harness_env", "evaluator_hash", "SUMMARY_KEYS", "format_summary",
     "print_summary", "parse_summary",
 ]
@@ -90,10 +91,9 @@ def hand_over(export: Callable[[Path], dict], facts: dict) -> dict | None:
         graph = export(directory)
     except Exception as e:  # noqa: BLE001 - whatever the model does, the run ends with one clear line
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-        print(f"\nFAIL: the model could not be exported for evaluation ({type(e).__name__}: {first}); the harness "
-              "needs a forward that torch.export / mx.export_function can trace: fixed shapes, tensor operations "
-              "only, no data-dependent Python control flow", flush=True)
-        sys.exit(1)
+        fail(f"the model could not be exported for evaluation ({type(e).__name__}: {first}); the harness needs a "
+             "forward that torch.export / mx.export_function can trace: fixed shapes, tensor operations only, no "
+             "data-dependent Python control flow")
     facts = {**facts, "graph": graph, "export_seconds": time.perf_counter() - t0}
     atomic_write_bytes(directory / "facts.json", (json.dumps(facts, indent=1, default=str) + "\n").encode())
     if target:
@@ -112,11 +112,9 @@ def hand_over(export: Callable[[Path], dict], facts: dict) -> dict | None:
     try:
         result = json.loads(out.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        print(f"\nFAIL: the evaluation harness failed (exit code {proc}); see its output above", flush=True)
-        sys.exit(1)
+        fail(f"the evaluation harness failed (exit code {proc}); see its output above")
     if not result.get("valid"):
-        print(f"\nFAIL: not scored: {result.get('reason')}", flush=True)
-        sys.exit(1)
+        fail(f"not scored: {result.get('reason')}")
     print_summary(result, facts)
     shutil.rmtree(directory, ignore_errors=True)
     return result

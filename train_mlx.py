@@ -423,11 +423,6 @@ def get_weight_decay(progress):
 # ---------------------------------------------------------------------------
 
 
-def fail(message):
-    print(f"\nFAIL: {message}", flush=True)
-    sys.exit(1)
-
-
 def make_step_functions(model, optimizer, compile_step):
     """fwd_bwd(x, y) -> (loss, grads) and update(grads, schedule), compiled over explicit state if asked."""
     loss_and_grad = nn.value_and_grad(model, loss_fn)
@@ -461,10 +456,10 @@ def main():
     try:
         config = build_config(DEPTH, ASPECT_RATIO, HEAD_DIM, N_KV_HEAD, protocol.vocab_size, seq_len, WINDOW_PATTERN)
     except ValueError as e:
-        fail(str(e))
+        prepare.fail(str(e))
     tokens_per_fwdbwd = DEVICE_BATCH_SIZE * seq_len
     if TOTAL_BATCH_SIZE % tokens_per_fwdbwd != 0:
-        fail(f"TOTAL_BATCH_SIZE ({TOTAL_BATCH_SIZE}) must be a multiple of DEVICE_BATCH_SIZE * sequence length "
+        prepare.fail(f"TOTAL_BATCH_SIZE ({TOTAL_BATCH_SIZE}) must be a multiple of DEVICE_BATCH_SIZE * sequence length "
              f"({DEVICE_BATCH_SIZE} * {seq_len} = {tokens_per_fwdbwd})")
     grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_fwdbwd
 
@@ -495,7 +490,6 @@ def main():
     smooth_train_loss = 0.0
     total_training_time = 0.0
     step = 0
-    line_end = "" if sys.stdout.isatty() else "\n"  # one line per step in logs, a live line in a terminal
     while True:
         t0 = time.time()
         grads, train_loss = None, None
@@ -515,7 +509,7 @@ def main():
 
         train_loss_f = train_loss.item()
         if not math.isfinite(train_loss_f) or train_loss_f > 100:  # fast fail: the run is diverging
-            fail(f"training loss {train_loss_f} at step {step} (NaN or > 100)")
+            prepare.fail(f"training loss {train_loss_f} at step {step} (NaN or > 100)")
 
         dt = time.time() - t0
         if step >= WARMUP_STEPS_UNCOUNTED:
@@ -527,11 +521,9 @@ def main():
         debiased = smooth_train_loss / (1 - ema_beta ** (step + 1))
         tok_per_sec = TOTAL_BATCH_SIZE / dt
         mfu = backends.mfu_percent(num_flops_per_token, tok_per_sec, HOST)
-        mfu_str = f"{mfu:.1f}%" if mfu is not None else "n/a"
         remaining = max(0.0, budget - total_training_time)
-        print(f"\rstep {step:05d} ({100 * progress:.1f}%) | loss: {debiased:.6f} | lrm: {lrm:.2f} | "
-              f"dt: {dt * 1000:.0f}ms | tok/sec: {int(tok_per_sec):,} | mfu: {mfu_str} | epoch: {epoch} | "
-              f"remaining: {remaining:.0f}s    ", end=line_end, flush=True)
+        prepare.log_step(step, progress, debiased, lrm=lrm, dt=dt, tok_per_sec=tok_per_sec, mfu=mfu, epoch=epoch,
+                         remaining=remaining)
 
         # Python's garbage collector stalls for ~500 ms; everything long-lived exists by now.
         if step == 0:

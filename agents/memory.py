@@ -21,7 +21,7 @@ from pathlib import Path
 
 from agents.space import same_value
 from agents.untrusted import untrusted
-from research.results import MEASURED, Row, sanitize
+from research.results import MEASURED, Kind, Row, sanitize
 from sandbox.secrets import redact
 
 __all__ = ["journal_path", "read_journal", "write_journal", "look_back", "compact_history", "duplicate_of",
@@ -172,7 +172,7 @@ def _moves(rows: list[Row]) -> dict[int, dict]:
     current: dict = {}
     for i, r in enumerate(rows):
         hp = r.hyperparams or {}
-        if r.note.startswith("baseline") or not current:
+        if r.kind == Kind.BASELINE or not current:
             if r.status == "keep" and hp:
                 current = dict(hp)
             continue
@@ -222,7 +222,7 @@ def _render(rows: list[Row], desc_len: int, n_recent: int, terse: bool) -> str:
     reruns: list[int] = []
     for i in older:
         r = rows[i]
-        if r.status == "rerun" or (r.note.startswith("baseline") and r.status != "keep"):
+        if r.status == "rerun" or (r.kind == Kind.BASELINE and r.status != "keep"):
             reruns.append(i)
             continue
         moved = moves.get(i) or {}

@@ -105,7 +105,7 @@ def orchestration(workers: int, seconds: float, rounds: int, cache: str) -> dict
                 from research.run import Measurement
 
                 m = Measurement(val_bpb=2.0 + 0.001 * k, training_seconds=seconds, num_steps=10)
-                s.record(make_row(s, commit=s.kept_commit, status="keep", description=BASELINE, note=f"{BASELINE} {k}/2",
+                s.record(make_row(s, kind="baseline", commit=s.kept_commit, status="keep", description=BASELINE, note=f"{BASELINE} {k}/2",
                               run_no=k, trainer_text=s.trainer_text(), m=m, wall=seconds + 5, usage=None))
             s.refresh()
             SleepWorker.seconds = seconds

@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from data.steplog import REMAINING, STEP_LINE, STEP_PREFIX, TOK_S
 from reporting.summary import ReportError, Source, load_source, measured, summarize
 from research.results import Row
 from sandbox.secrets import redact
@@ -42,6 +43,7 @@ from sandbox.secrets import redact
 __all__ = ["Refused", "LiveData", "POLL_SECONDS"]
 
 POLL_SECONDS = 2.0  # how often the page asks for news
+STALE_RUN_S = 60.0  # a run without a row whose log has been still this long, with no loop running: interrupted
 
 RUN_FILES = {"diff": "diff.patch", "log": "log.txt", "confirm_log": "confirm_log.txt"}  # what a row opens
 _READABLE = frozenset({*RUN_FILES.values(), "loss.json", "confirm_loss.json", "result.json", "meta.json"})
@@ -51,10 +53,11 @@ LOG_TAIL_BYTES = 64_000
 MAX_JSON_BYTES = 8_000_000
 MAX_READ_PER_POLL = 16_000_000  # a huge log is caught up with over several polls
 _RUN_NO = re.compile(r"[0-9]{1,9}")
-_STEP_LINE = re.compile(rb"step\s+\d{1,9}\s+\(\s*\d{1,3}(?:\.\d+)?%\)\s*\|\s*loss:[^\r\n]*")
-_PENDING = re.compile(rb"^step\s+(\d{1,9})\s+\(\s*(\d{1,3}(?:\.\d+)?)%\)\s*\|\s*loss:\s*([0-9]+(?:\.[0-9]+)?)\s*\|")
-_TOK_S = re.compile(rb"tok/sec:\s*([0-9][0-9,]{0,15})")
-_REMAINING = re.compile(rb"remaining:\s*([0-9]{1,9}(?:\.[0-9]+)?)\s*s")
+# the step line's format is data/steplog.py's (what prepare.log_step prints)
+_STEP_LINE = re.compile(STEP_PREFIX.pattern + rb"[^\r\n]*")
+_PENDING = re.compile(rb"^" + STEP_LINE.pattern + rb"\s*\|")  # a line still being drawn, its loss complete
+_TOK_S = TOK_S
+_REMAINING = REMAINING
 _HARNESS = b"--- evaluation (judge/harness.py) ---"
 _STOPPED = b"[loop] stopped early (abort)"
 
@@ -311,7 +314,12 @@ class LiveData:
         out = dict(files["public"])
         out["generated_at"] = time.time()
         out["loop"] = _loop_alive(self.root)
-        out["current"] = self._current(files.get("source"), files.get("replay"))
+        cur = out["current"] = self._current(files.get("source"), files.get("replay"))
+        quiet = cur.get("last_output_s") if cur else None
+        if cur and not out["loop"]["running"] and quiet is not None and quiet > STALE_RUN_S:
+            # no loop holds the repository and the run's log has been still: it was interrupted (Ctrl-C, a kill)
+            # and will get no row; the next `loop.py run` or `try` starts from the last kept commit
+            cur["phase"] = "interrupted"
         return out
 
     def _from_files(self) -> dict:

@@ -22,7 +22,7 @@ from reporting import compare, transfer
 from reporting.summary import (DEFAULT_OUT_DIR, UNKNOWN, ReportError, Source, Summary, bpb_text, cell, common,
                                gain_text, load_source, mean, measured, new_figure, path_label, plural, shorten,
                                summarize, value_text)
-from research.results import Row
+from research.results import Kind, Row
 
 __all__ = [
     "progress_markdown",
@@ -304,7 +304,8 @@ def progress_figure(source: Source, summary: Summary):
             off_scale.append(x)
         else:
             kind = ("baseline" if i in base_ids else "keep" if i in kept_ids else
-                    "transfer" if r.status == "transfer" else "rerun" if r.status == "rerun" else "discard")
+                    "transfer" if r.kind == Kind.TRANSFER else
+                    "rerun" if r.status == "rerun" or r.kind in (Kind.RERUN, Kind.CONFIRM, Kind.BEST_NEXT) else "discard")
             groups.setdefault(kind, []).append((x, r.val_bpb))
     x_label = "experiment # (runs/<n>)" if any(r.run is not None for r in rows) else "experiment #"
     if band_of:

@@ -30,7 +30,7 @@ from collections import Counter
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from research.results import MEASURED, Row, read_results
+from research.results import MEASURED, TRANSFER, Kind, Row, read_results
 
 __all__ = [
     "DEFAULT_OUT_DIR",
@@ -48,7 +48,6 @@ __all__ = [
 
 DEFAULT_OUT_DIR = "reports"  # where the report and compare commands write, unless told otherwise
 UNKNOWN = "unknown"
-TRANSFER = "transfer from "  # how a transfer run's description starts (a crashed one is logged as crash)
 
 
 class ReportError(Exception):
@@ -322,7 +321,7 @@ def measured(row: Row) -> bool:
 
 def _is_baseline(row: Row) -> bool:
     # the loop notes its baseline runs; the reference's files (no note) call the first one "baseline"
-    return row.note.startswith("baseline") if row.note else row.description.lower().startswith("baseline")
+    return row.kind == Kind.BASELINE
 
 
 def summarize(source: Source) -> Summary:
@@ -370,7 +369,7 @@ def summarize(source: Source) -> Summary:
         best=top,
         best_bpb=best_bpb,
         best_basis=basis,
-        transfers=[(i, r) for i, r in indexed if r.status == "transfer" or r.description.startswith(TRANSFER)],
+        transfers=[(i, r) for i, r in indexed if r.kind == Kind.TRANSFER],
         running_best=running if running is not None else _running_best(len(rows), baselines, base_bpb, kept),
         wall_seconds=_total(r.wall_seconds for r in rows),
         cost_usd=_total(r.agent_cost_usd for r in rows),

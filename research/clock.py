@@ -35,13 +35,13 @@ trainer's `step N (P%) | loss: L` lines as they arrive on the output pipe.
 from __future__ import annotations
 
 import json
-import re
 import statistics
 import threading
 import time
 from dataclasses import dataclass
 
 from data.clock import DEADLINE_ENV  # prepare.TrainingClock reads it
+from data.steplog import STEP_PREFIX
 
 __all__ = ["DEADLINE_ENV", "MIN_MARGIN_S", "MAX_MARGIN_FRACTION", "SPREAD_FACTOR", "RESERVE_FACTOR",
            "RESERVE_EXTRA_S", "WallRule", "StepWatch", "spread_of", "margin_for", "rule_from_baselines", "fixed_rule",
@@ -138,7 +138,7 @@ def deadline_env(rule: WallRule | None, started: float) -> dict[str, str]:
     return {DEADLINE_ENV: json.dumps(clock, separators=(",", ":"))}
 
 
-_STEP_LINE = re.compile(rb"step \d+ \([\d.]+%\) \| loss:")
+_STEP_LINE = STEP_PREFIX  # any step line prepare.log_step prints (data/steplog.py)
 
 
 class StepWatch:

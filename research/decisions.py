@@ -48,6 +48,8 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data.steplog import STEP_LINE
+
 __all__ = [
     "NoiseModel",
     "Verdict",
@@ -251,7 +253,7 @@ def decide_runs(cand: list[float], best: list[float], noise: NoiseModel, alpha: 
 NBINS = 40  # progress bins of 2.5%
 MAX_LINE = 1024  # longer "lines" are not step lines; they are skipped, never buffered whole
 MAX_POINTS = 4000  # a curve keeps at most this many points (every other one dropped when full)
-_STEP = re.compile(rb"step\s+(\d{1,9})\s+\(\s*(\d{1,3}(?:\.\d+)?)%\)\s*\|\s*loss:\s*([0-9]+(?:\.[0-9]+)?(?:[eE][-+]?\d+)?)")
+_STEP = STEP_LINE  # the format prepare.log_step prints (data/steplog.py)
 
 
 class LossCurve:

@@ -22,7 +22,7 @@ from research.guards import guard_run, scope_problem, text_hash
 from research.ledger import ABORT_AUDIT, ABORT_OFF, BASELINE, BEST_NEXT, RERUN, replay
 from research.proposals import Usage
 from research.run import Measurement, log_tail, run_once
-from research.results import MEASURED, NO_COMMIT, Row, sanitize
+from research.results import CONFIRM_RUN, MEASURED, NO_COMMIT, Kind, Row, sanitize
 from research.session import Session, TamperError
 from sandbox.secrets import redact
 
@@ -94,7 +94,8 @@ def confirm_decision(s: Session, first: float, second: float, best_rows: list[Ro
     return v.status, f"{verdict} by a rerun, mean of {first:.6f} and {second:.6f}: {v.note}"
 
 
-def make_row(s: Session, *, commit: str, status: str, description: str, note: str, run_no: int, trainer_text: str,
+def make_row(s: Session, *, kind: str, commit: str, status: str, description: str, note: str, run_no: int,
+             trainer_text: str,
          m: Measurement | None, wall: float | None, usage: Usage | None, progress: float | None = None,
          worker: str = "", run=None) -> Row:
     """One results row. `run` (a TrainerRun or RunResult) gives the loop's own timing of the trainer, its
@@ -106,6 +107,7 @@ def make_row(s: Session, *, commit: str, status: str, description: str, note: st
         hp = s.source.values(trainer_text)
     measured = m is not None and status in MEASURED
     return Row(
+        kind=kind,
         commit=commit[:7] if commit else NO_COMMIT,
         val_bpb=m.val_bpb if measured else 0.0,
         memory_gb=m.memory_gb if measured else 0.0,
@@ -186,6 +188,8 @@ def run_experiment(s: Session, description: str, usage: Usage | None = None, *,
     run_no, run_dir = s.new_run_dir()
     label = label or (f"baseline {baseline[0]}/{baseline[1]}" if baseline else f"run {run_no}")
     same = bool(baseline or rerun)  # the last kept commit as it is, no decision
+    kind = (Kind.BASELINE if baseline else Kind.RERUN if rerun else Kind.TRANSFER if record_as == "transfer"
+            else Kind.EXPERIMENT)
     extra: list[Row] = []  # rows recorded after the experiment's (its confirm run)
     description = sanitize(description) or "(no description)"
     text = s.trainer_text() if (s.repo / s.trainer).exists() else ""
@@ -217,8 +221,8 @@ def run_experiment(s: Session, description: str, usage: Usage | None = None, *,
         note = f"rejected: {problem}"
         if baseline:
             note = f"{BASELINE} {baseline[0]}/{baseline[1]}; {note}"
-        row = make_row(s, commit="", status="rejected", description=description, note=note,
-                   run_no=run_no, trainer_text=text, m=None, wall=None, usage=usage)
+        row = make_row(s, kind=kind, commit="", status="rejected", description=description, note=note,
+                       run_no=run_no, trainer_text=text, m=None, wall=None, usage=usage)
         out = finish(row, diff, restore=True)
         report_outcome(s, label, out)
         return out
@@ -249,8 +253,9 @@ def run_experiment(s: Session, description: str, usage: Usage | None = None, *,
         try:
             return guard_run(s, before, save_removed=run_dir / "removed")
         except TamperError as e:
-            row = make_row(s, commit=commit, status="rejected", description=description, note=f"rejected: {e}",
-                       run_no=run_no, trainer_text=text, m=None, wall=wall, usage=usage, run=run)
+            row = make_row(s, kind=kind, commit=commit, status="rejected", description=description,
+                           note=f"rejected: {e}", run_no=run_no, trainer_text=text, m=None, wall=wall, usage=usage,
+                           run=run)
             finish(row, diff, tail)
             raise
 
@@ -294,8 +299,8 @@ def run_experiment(s: Session, description: str, usage: Usage | None = None, *,
         note = f"{BASELINE} {baseline[0]}/{baseline[1]}" + (f"; {note}" if note else "")
     timings["parse"] = time.perf_counter() - t
 
-    row = make_row(s, commit=commit, status=status, description=description, note=note, run_no=run_no,
-               trainer_text=text, m=m, wall=wall, usage=usage, progress=progress, run=run)
+    row = make_row(s, kind=kind, commit=commit, status=status, description=description, note=note, run_no=run_no,
+                   trainer_text=text, m=m, wall=wall, usage=usage, progress=progress, run=run)
     out = finish(row, diff, tail, restore=status != "keep")
     if status == "keep":
         s.kept_commit = gitrepo.head(s.repo)
@@ -324,16 +329,18 @@ def _confirm(s: Session, run_dir: Path, label: str, description: str, m: Measure
     meddled = guard(before)
     if meddled:
         if best is not None:
-            rows.append(make_row(s, commit=s.kept_commit, status="rejected", description=f"{RERUN} ({s.kept_commit[:7]})",
-                             note=f"{BEST_NEXT} {run_no}; rejected: {meddled}", run_no=run_no, trainer_text=best[2],
-                             m=None, wall=best[0].wall_seconds, usage=None, run=best[0]))
+            rows.append(make_row(s, kind=Kind.BEST_NEXT, commit=s.kept_commit, status="rejected",
+                                 description=f"{RERUN} ({s.kept_commit[:7]})",
+                                 note=f"{BEST_NEXT} {run_no}; rejected: {meddled}", run_no=run_no, trainer_text=best[2],
+                                 m=None, wall=best[0].wall_seconds, usage=None, run=best[0]))
         return "discard", f"not confirmed: the best's run next to it was rejected ({meddled})", rows
     if best is not None:
         run_b, m_b, best_text, why = best
-        rows.append(make_row(s, commit=s.kept_commit, status="rerun" if why is None else "invalid",
-                         description=f"{RERUN} ({s.kept_commit[:7]})",
-                         note=f"{BEST_NEXT} {run_no}" if why is None else f"{BEST_NEXT} {run_no}; {tamper.note(why)}",
-                         run_no=run_no, trainer_text=best_text, m=m_b, wall=run_b.wall_seconds, usage=None, run=run_b))
+        rows.append(make_row(s, kind=Kind.BEST_NEXT, commit=s.kept_commit,
+                             status="rerun" if why is None else "invalid", description=f"{RERUN} ({s.kept_commit[:7]})",
+                             note=f"{BEST_NEXT} {run_no}" if why is None else f"{BEST_NEXT} {run_no}; {tamper.note(why)}",
+                             run_no=run_no, trainer_text=best_text, m=m_b, wall=run_b.wall_seconds, usage=None,
+                             run=run_b))
         if why is not None:
             return "discard", "not confirmed: the best's run next to it handed over a non-causal model", rows
     before = s.outside_state()
@@ -345,8 +352,9 @@ def _confirm(s: Session, run_dir: Path, label: str, description: str, m: Measure
         return "invalid", tamper.note(f"its confirm run: {reason}"), rows
     if status2 != "ok":
         return "discard", f"confirm run failed ({reason}); first run {m.val_bpb:.6f}: {first.note}", rows
-    rows.insert(0, make_row(s, commit=commit, status="rerun", description=description, note=f"confirm run of run {run_no}",
-                        run_no=run_no, trainer_text=text, m=m2, wall=run2.wall_seconds, usage=None, run=run2))
+    rows.insert(0, make_row(s, kind=Kind.CONFIRM, commit=commit, status="rerun", description=description,
+                            note=f"{CONFIRM_RUN} {run_no}", run_no=run_no, trainer_text=text, m=m2,
+                            wall=run2.wall_seconds, usage=None, run=run2))
     status, note = confirm_decision(s, m.val_bpb, m2.val_bpb, rows[1:])
     return status, note, rows
 
@@ -398,4 +406,5 @@ def report_outcome(s: Session, label: str, out: Outcome) -> None:
     val = f"val_bpb {r.val_bpb:.6f}" if r.ok else r.note
     extra = f" | {r.note}" if r.ok else ""
     best = f" | best {s.best:.6f}" if s.best is not None else ""
-    s.console.event(f"[{label}] {r.status.upper()} {val}{extra} | {clock(out.timings.get('total', 0))}{best}")
+    what = "MEASURED" if r.kind == Kind.BASELINE and r.status == "keep" else r.status.upper()  # a baseline decides nothing
+    s.console.event(f"[{label}] {what} {val}{extra} | {clock(out.timings.get('total', 0))}{best}")

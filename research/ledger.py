@@ -15,14 +15,11 @@ from pathlib import Path
 
 from research.decisions import NoiseModel, Reference, load_curve, pooled_noise, reference_from_curves
 from research.gauge import speed_of
-from research.results import Row
+from research.results import BASELINE, BEST_NEXT, RERUN, Kind, Row
 
 __all__ = ["BASELINE", "RERUN", "BEST_NEXT", "ABORT_OFF", "ABORT_AUDIT", "Replay", "measurement", "speed",
            "speed_stretches", "replay", "running_best", "curves_of", "abort_reference"]
 
-BASELINE = "baseline"  # description and note prefix of baseline rows
-RERUN = "rerun of the best"  # description prefix of re-measurements of the best
-BEST_NEXT = "the best, run next to run"  # note prefix of the best's run between a promising change's two
 
 
 @dataclass
@@ -104,10 +101,10 @@ def replay(rows: list[Row], min_noise: float, drift: float = 0.15) -> Replay:
     (the load changed; they measured another machine). The noise model pools the spread of every
     trainer that ran twice or more, all its runs included (see research/decisions.py).
     """
-    baselines = [r for r in rows if r.note.startswith(BASELINE)]
+    baselines = [r for r in rows if r.kind == Kind.BASELINE]
     kept_row, kept = None, None
     for r in rows:
-        if r.status == "keep" and not r.note.startswith(BASELINE):
+        if r.status == "keep" and r.kind != Kind.BASELINE:
             kept_row, kept = r, r.commit
     groups: dict[str, list[tuple[float, int | None]]] = {}
     for r in rows:
@@ -125,7 +122,7 @@ def replay(rows: list[Row], min_noise: float, drift: float = 0.15) -> Replay:
     best_runs = stretches[-1] if stretches else []
     best = statistics.fmean(r.val_bpb for r in best_runs) if best_runs else None
     mine = [i for i, r in enumerate(rows) if any(r is b for b in all_best)]
-    tried = [i for i, r in enumerate(rows) if r.description.startswith(RERUN)]  # a rerun that crashed counts too
+    tried = [i for i, r in enumerate(rows) if r.kind in (Kind.RERUN, Kind.BEST_NEXT)]  # a crashed rerun counts too
     last = max(mine[-1:] + tried[-1:], default=None)
     since = sum(1 for r in rows[last + 1:] if r.status != "rerun") if last is not None else 0
     moved, reason = None, None
@@ -160,9 +157,7 @@ def running_best(rows: list[Row], min_noise: float, drift: float = 0.15) -> list
 def curve_file(r: Row) -> str:
     """The name of a row's stored loss curve in its runs/<n>/ folder: confirm_loss.json for a confirm run,
     best_loss.json for the best's run next to a promising change, loss.json otherwise."""
-    if r.note.startswith("confirm run of run"):
-        return "confirm_loss.json"
-    return "best_loss.json" if r.note.startswith(BEST_NEXT) else "loss.json"
+    return {Kind.CONFIRM: "confirm_loss.json", Kind.BEST_NEXT: "best_loss.json"}.get(r.kind, "loss.json")
 
 
 def curves_of(rows: list[Row], runs_dir: Path) -> list[list]:

@@ -31,12 +31,12 @@ from research.console import clock
 from research.driver import MAX_IDLE_PROPOSALS, agent_context, baseline_plan, say_baseline
 from research.experiment import (Outcome, abort_monitor, audit_note, confirm_decision, make_row, report_outcome, screen,
                                  syntax_problem, write_meta)
-from research.run import log_tail
+from research.run import NO_CURVE, log_tail
 from research.guards import guard_run, scope_problem
 from research.ledger import BASELINE, BEST_NEXT, RERUN
 from research.pool import HELLO_TIMEOUT_S, Pool, Slot, check_hellos, short_error
 from research.proposals import Agent, CrashInfo, Usage
-from research.results import NO_COMMIT, Row, sanitize
+from research.results import CONFIRM_RUN, NO_COMMIT, Kind, Row, sanitize
 from research.session import Session, SessionError, TamperError
 from research.trial_worker import Job, JobResult, RunResult, RunSpec
 from sandbox.secrets import redact
@@ -275,12 +275,14 @@ class Driver:
     # -- recording
 
     def _row(self, t: Ticket, *, status: str, note: str, r: RunResult | None, commit: str | None = None,
-             text: str | None = None, description: str | None = None, usage: Usage | None = None,
-             progress: float | None = None) -> Row:
-        return make_row(self.s, commit=commit if commit is not None else t.commit, status=status,
-                    description=description or t.description, note=note, run_no=t.run_no,
-                    trainer_text=t.text if text is None else text, m=r.measurement if r else None,
-                    wall=r.wall_seconds if r else None, usage=usage, progress=progress, worker=t.worker, run=r)
+             kind: str | None = None, text: str | None = None, description: str | None = None,
+             usage: Usage | None = None, progress: float | None = None) -> Row:
+        """The row of ticket `t`'s run `r`; its kind follows the ticket's (a confirm ticket's own rows say theirs)."""
+        kind = kind or {"baseline": Kind.BASELINE, "rerun": Kind.RERUN}.get(t.kind, Kind.EXPERIMENT)
+        return make_row(self.s, kind=kind, commit=commit if commit is not None else t.commit, status=status,
+                        description=description or t.description, note=note, run_no=t.run_no,
+                        trainer_text=t.text if text is None else text, m=r.measurement if r else None,
+                        wall=r.wall_seconds if r else None, usage=usage, progress=progress, worker=t.worker, run=r)
 
     def _record(self, t: Ticket, row: Row, extra: list[Row] = ()) -> None:
         s = self.s
@@ -462,6 +464,8 @@ class Driver:
             self._record(t, self._row(t, status=r.status, note=note, r=r, usage=t.usage))
             return
         m = r.measurement
+        if r.first_step_s is None:
+            s.console.event(f"[{t.label}] {NO_CURVE}")
         st = s.state
         verdict = screen(s, m.val_bpb)
         note = verdict.note
@@ -494,10 +498,11 @@ class Driver:
         b = runs.get("best_")
         kept_then = t.base
         if b is not None and b.status == "ok":
-            rows.append(self._row(t, status="rerun", note=f"{BEST_NEXT} {t.run_no}", r=b, commit=kept_then,
+            rows.append(self._row(t, status="rerun", note=f"{BEST_NEXT} {t.run_no}", r=b, commit=kept_then, kind=Kind.BEST_NEXT,
                                   text=best_text, description=f"{RERUN} ({kept_then[:7]})"))
         elif b is not None and b.status == "invalid":
             rows.append(self._row(t, status="invalid", note=f"{BEST_NEXT} {t.run_no}; {tamper.note(b.reason)}", r=b,
+                                  kind=Kind.BEST_NEXT,
                                   commit=kept_then, text=best_text, description=f"{RERUN} ({kept_then[:7]})"))
         else:
             s.console.event(f"[{t.label}] the best's run next to it did not measure "
@@ -510,7 +515,7 @@ class Driver:
             note = f"confirm run failed ({c.reason if c else 'not run'}); first run {first.measurement.val_bpb:.6f}: " \
                    f"{verdict.note}"
         else:
-            rows.insert(0, self._row(t, status="rerun", note=f"confirm run of run {t.run_no}", r=c))
+            rows.insert(0, self._row(t, status="rerun", note=f"{CONFIRM_RUN} {t.run_no}", r=c, kind=Kind.CONFIRM))
             status, note = confirm_decision(s, first.measurement.val_bpb, c.measurement.val_bpb, rows[1:])
         if b is not None and b.status == "invalid" and status != "invalid":  # the best itself tampers: no keep
             status, note = "discard", "not confirmed: the best's run next to it handed over a non-causal model"

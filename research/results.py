@@ -29,6 +29,13 @@ __all__ = [
     "MEASURED",
     "CLAIMED",
     "Row",
+    "Kind",
+    "infer_kind",
+    "BASELINE",
+    "RERUN",
+    "BEST_NEXT",
+    "CONFIRM_RUN",
+    "TRANSFER",
     "ResultsError",
     "append_row",
     "ensure_results_file",
@@ -66,6 +73,7 @@ COLUMNS = UPSTREAM_COLUMNS + [
     "tail_s",
     "gauge_before_s",
     "gauge_after_s",
+    "kind",
 ]
 # keep/discard/crash are the reference's; rejected = the change broke a rule (touched more than the
 # trainer, trained past the budget), invalid = the evaluator found the model non-causal, transfer = a
@@ -77,6 +85,44 @@ STATUSES = ("keep", "discard", "crash", "rejected", "invalid", "transfer", "abor
 MEASURED = ("keep", "discard", "transfer", "rerun")  # statuses whose val_bpb is a real measurement
 # columns copied from the trainer's own account of its run (facts.json): shown, never used for a decision
 CLAIMED = ("memory_gb", "training_seconds", "num_steps", "mfu_percent", "num_params_M")
+# What a row's run was for (the `kind` column). Files written before it had one are read with the kind
+# inferred from the note and description prefixes the loop wrote then (`infer_kind`, the one place that
+# reads them); new rows carry it as data.
+BASELINE = "baseline"  # description and note prefix of baseline rows
+RERUN = "rerun of the best"  # description prefix of re-measurements of the best
+BEST_NEXT = "the best, run next to run"  # note prefix of the best's run between a promising change's two
+CONFIRM_RUN = "confirm run of run"  # note prefix of a change's confirm run
+TRANSFER = "transfer from "  # description prefix of a transfer run (a crashed one is recorded as crash)
+
+
+class Kind:
+    """The values of the `kind` column."""
+
+    BASELINE = "baseline"  # the branch's starting trainer, run unchanged (its first runs)
+    EXPERIMENT = "experiment"  # a change, decided keep / discard / ...
+    RERUN = "rerun"  # the best run again to re-measure it (every few experiments, or when the machine changed)
+    CONFIRM = "confirm"  # a promising change run a second time
+    BEST_NEXT = "best_next"  # the best run between a promising change's two runs
+    TRANSFER = "transfer"  # another machine's best config run here once
+    ALL = (BASELINE, EXPERIMENT, RERUN, CONFIRM, BEST_NEXT, TRANSFER)
+
+
+def infer_kind(note: str, description: str, status: str) -> str:
+    """The kind of a row written before the `kind` column, from the prefixes the loop wrote then (and, for
+    the reference's files, a kept row described as the baseline)."""
+    if note.startswith(BASELINE) or (not note and status == "keep" and description.lower().startswith(BASELINE)):
+        return Kind.BASELINE
+    if note.startswith(CONFIRM_RUN):
+        return Kind.CONFIRM
+    if note.startswith(BEST_NEXT):
+        return Kind.BEST_NEXT
+    if description.startswith(RERUN):
+        return Kind.RERUN
+    if status == "transfer" or description.startswith(TRANSFER):
+        return Kind.TRANSFER
+    return Kind.EXPERIMENT
+
+
 NO_COMMIT = "-------"  # commit column of a change that was never committed (rejected before commit)
 MAX_DESCRIPTION = 300
 _FREE_TEXT = ("description", "note", "device", "branch", "worker")  # the fields whose text comes from the run or the agent
@@ -141,12 +187,15 @@ class Row:
     # and just after the run, on the machine that ran it. The speed the drift rule reads; not the trainer's.
     gauge_before_s: float | None = None
     gauge_after_s: float | None = None
+    kind: str = ""  # what the run was for (Kind); inferred for rows written before the column
 
     def __post_init__(self) -> None:
         for name in _FREE_TEXT:  # no secret in a row, whoever built it (the loop, a report reading a file)
             value = getattr(self, name)
             if isinstance(value, str) and value:
                 setattr(self, name, redact(value))
+        if self.kind not in Kind.ALL:
+            self.kind = infer_kind(self.note, self.description, self.status)
 
     @property
     def ok(self) -> bool:

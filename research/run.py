@@ -31,7 +31,7 @@ from sandbox.workspace import Workspace
 if TYPE_CHECKING:  # the session is passed in; importing it here would tie the run stage to the orchestration
     from research.session import Session
 
-__all__ = ["Measurement", "run_once", "read_result", "trainer_facts", "claims_block", "log_tail", "failure_line",
+__all__ = ["Measurement", "run_once", "read_result", "trainer_facts", "claims_block", "log_tail", "failure_line", "NO_CURVE",
            "exit_reason", "CLAIMS_HEADER"]
 
 
@@ -186,9 +186,9 @@ def run_once(s: Session, run_dir: Path, label: str, description: str, prefix: st
 
     def tick(elapsed: float) -> None:
         over = f"hand-over by {clock(limit)}" if limit is not None else "baseline: no overtime check"
-        at = f" | at {100 * curve.progress:.0f}%" if curve.progress else ""
-        s.console.status(f"[{label}] {short} | {clock(elapsed)} since start; budget {clock(budget)} + {over}, "
-                         f"killed at {clock(s.timeout_s)}{at} | best {best}")
+        at = f"{100 * curve.progress:3.0f}% | " if curve.progress else ""  # first: a narrow terminal cuts the end
+        s.console.status(f"[{label}] {at}{short} | {clock(elapsed)} since start; budget {clock(budget)} + {over}, "
+                         f"killed at {clock(s.timeout_s)} | best {best}")
 
     try:
         text = (Path(s.confine.repo) / s.trainer).read_text(encoding="utf-8")
@@ -265,6 +265,9 @@ def run_once(s: Session, run_dir: Path, label: str, description: str, prefix: st
                                                                 "tail_s": run.tail_s}}
         (run_dir / f"{prefix}result.json").write_text(redact(json.dumps(record, indent=2, default=str)),
                                                         encoding="utf-8")
+        if status == "ok" and run.first_step_s is None:
+            s.console.event(f"[{label}] {NO_CURVE}")
+            _append(log_path, f"\n[loop] {NO_CURVE}\n")
         if status == "ok":
             import prepare
 
@@ -279,6 +282,8 @@ def run_once(s: Session, run_dir: Path, label: str, description: str, prefix: st
         _redact_file(log_path)
 
 
+NO_CURVE = ("no loss curve: the trainer printed no step lines (prepare.log_step), so early abort could not watch "
+            "it and the live page shows no curve for it")
 CLAIMS_HEADER = "--- claimed by the trainer (its facts.json: not checked, decides nothing) ---"
 _CLAIM_KEYS = ("training_seconds", "total_seconds", "startup_seconds", "export_seconds", "peak_vram_mb", "mfu_percent",
                "total_tokens", "num_steps", "warmup_steps", "num_params", "depth", "backend", "device", "hyperparams")

@@ -20,8 +20,8 @@ from research.clock import WallRule, fixed_rule, rule_from_baselines
 from research.console import Console
 from research.guards import LOCK_FILE, LOCKED_PATHS, RepoLock, hash_locked, locked_changes, scope_problem
 from research.hparams import SourceValues
-from research.ledger import BASELINE, Replay, abort_reference, replay
-from research.results import Row, append_row, ensure_results_file, read_results
+from research.ledger import Replay, abort_reference, replay
+from research.results import Kind, Row, append_row, ensure_results_file, read_results
 
 __all__ = ["Settings", "Session", "SessionError", "TamperError", "allowance_from_baselines", "default_tag"]
 
@@ -282,7 +282,7 @@ class Session:
         return {r.trainer_hash for r in self.rows if r.trainer_hash}
 
     def baselines_done(self) -> list[Row]:
-        return [r for r in self.branch_rows() if r.note.startswith(BASELINE)]
+        return [r for r in self.branch_rows() if r.kind == Kind.BASELINE]
 
     # ------------------------------------------------------------------ decisions
 

@@ -1035,3 +1035,23 @@ def test_repo_lock_has_one_holder_under_a_race(tmp_path):
         for p in procs:
             p.join()
         assert sum(held) == 1, f"trial {trial}: {sum(held)} holders"
+
+
+def test_ctrl_c_in_try_while_its_baseline_runs_puts_the_edit_back(tiny_cache, tmp_path):
+    """`try` on a branch without a baseline runs the baseline first with the edit set aside; Ctrl-C then
+    puts the edit back, uncommitted, and the message says so (it does not read as if it were thrown away)."""
+    repo = make_repo(tmp_path)
+    git(repo, "checkout", "-q", "-b", "autoresearch/tryint")
+    trainer = repo / "train_cuda.py"
+    trainer.write_text(trainer.read_text().replace('MODE = "ok"', 'MODE = "hang"'))
+    git(repo, "commit", "-qam", "a trainer whose runs hang")
+    edited = trainer.read_text().replace("VAL_BPB = 2.0", "VAL_BPB = 1.5")
+    trainer.write_text(edited)
+    loop = start_loop(repo, ["try", "lower it"], loop_env(tiny_cache), tmp_path / "try.log")
+    workspace, running, _ = _hung_run(repo, loop)
+    loop.send_signal(signal.SIGINT)
+    assert loop.wait(timeout=60) == 130
+    out = (tmp_path / "try.log").read_text()
+    assert "your uncommitted edit is back in train_cuda.py" in out and "Traceback" not in out, out
+    assert trainer.read_text() == edited and git(repo, "status", "--porcelain") == "M train_cuda.py"
+    assert_gone(running, workspace)

@@ -67,3 +67,30 @@ def test_a_reference_file_keeps_its_own_rules(tmp_path):
     (tmp_path / "results.tsv").write_text(text)
     s = summarize(load_source(tmp_path / "results.tsv"))
     assert s.best_bpb == pytest.approx(1.9) and s.best_basis == "" and s.running_best == [2.0, 1.9, 1.9]
+
+
+def test_kind_is_data_and_older_files_get_it_inferred(tmp_path):
+    """The `kind` column says what each run was for; a file written before it is read with the kind
+    inferred from the loop's old note and description prefixes, and upgraded in place."""
+    from research.results import COLUMNS, Kind, append_row, ensure_results_file, read_results
+
+    old_columns = COLUMNS[: COLUMNS.index("kind")]
+    notes = [("baseline", "baseline 1/2", "keep"), ("rerun of the best (c000001)", "rerun of the best: 10 experiments",
+                                                      "rerun"),
+             ("a change", "gain 0.01", "keep"), ("a change", "confirm run of run 3", "rerun"),
+             ("rerun of the best (c000001)", "the best, run next to run 3", "rerun"),
+             ("transfer from mac c1234567: DEPTH 4", "", "transfer"), ("baseline (repeat 2/2)", "baseline 2/2; crash: x",
+                                                                       "crash")]
+    rows = [Row(commit="c", val_bpb=2.0, memory_gb=0.1, status=st, description=d, note=n) for d, n, st in notes]
+    lines = ["\t".join(old_columns)] + ["\t".join(r.to_line().rstrip("\n").split("\t")[: len(old_columns)])
+                                        for r in rows]
+    path = tmp_path / "results.tsv"
+    path.write_text("\n".join(lines) + "\n")
+    want = [Kind.BASELINE, Kind.RERUN, Kind.EXPERIMENT, Kind.CONFIRM, Kind.BEST_NEXT, Kind.TRANSFER, Kind.BASELINE]
+    assert [r.kind for r in read_results(path)] == want
+    ensure_results_file(path)  # the header gains the column; the old rows still read the same
+    assert path.read_text().split("\n", 1)[0].split("\t") == COLUMNS
+    append_row(path, Row(commit="d", val_bpb=1.9, memory_gb=0.1, status="keep", description="baseline-like words",
+                         note="baseline words in a note", kind=Kind.EXPERIMENT))
+    back = read_results(path)
+    assert [r.kind for r in back] == want + [Kind.EXPERIMENT]  # written as data, never re-read from prose

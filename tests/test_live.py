@@ -545,3 +545,19 @@ def test_browser_run_in_progress_and_screenshot(browser_page, tmp_path_factory):
     origin = browser_page["url"].rstrip("/")
     assert all(u.startswith(origin) for u in browser_page["requests"]), browser_page["requests"]
     assert not [e for e in browser_page["errors"] if "404" not in e], browser_page["errors"]
+
+
+def test_a_run_left_by_a_stopped_loop_reads_as_interrupted(tmp_path):
+    """After Ctrl-C the newest run has no row; with no loop holding the repository and its log still for a
+    while, the page says it was interrupted instead of training forever. While a loop holds it, it trains."""
+    lab = make_lab(tmp_path / "lab")
+    run6 = lab / "runs" / "6"
+    run6.mkdir()
+    (run6 / "diff.patch").write_text("-LR = 1\n+LR = 6\n")
+    log = run6 / "log.txt"
+    log.write_text("trainer starting\n" + step_lines(6, upto=4))
+    old = time.time() - 2 * live.STALE_RUN_S
+    os.utime(log, (old, old))
+    assert state(client(live.LiveData(lab / "results.tsv")))["current"]["phase"] == "interrupted"
+    (lab / ".autoresearch.lock").write_text(f"{os.getpid()}\n")  # a live loop holds the repository
+    assert state(client(live.LiveData(lab / "results.tsv")))["current"]["phase"] == "training"

@@ -682,6 +682,8 @@ def test_try_command(tiny_cache, tmp_path):
     proc = run_loop(repo, "try", "lower it", "--baseline-runs", "1", "--no-confirm", env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"KEEP val_bpb {fake_bpb(1.5):.6f}" in proc.stdout
+    assert f"[baseline 1/1] MEASURED val_bpb {fake_bpb(2.0):.6f}" in proc.stdout  # a baseline is not a keep decision
+    assert "no loss curve: the trainer printed no step lines" in proc.stdout  # the stand-in prints none: said
     rows = read_rows(repo)
     assert [(r.status, r.note.split(":")[0]) for r in rows] == [("keep", "baseline 1/1"), ("keep", "win")]  # baseline first
     assert [r.val_bpb for r in rows] == pytest.approx([fake_bpb(2.0), fake_bpb(1.5)], abs=1.5e-6)
