@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from data import PrepareError
+from data.block import hyperparameters
 from data.clock import DEADLINE_ENV, TrainingClock
 from data.steplog import fail, log_step
 from data.download import DEFAULT_DOWNLOAD_WORKERS
@@ -58,7 +59,7 @@ __all__ = [
     # tokenizer and dataloader
     "Tokenizer", "load_token_bytes", "make_dataloader",
     # the training clock, the lines the loop reads, the hand-over and the summary block
-    "DEADLINE_ENV", "TrainingClock", "log_step", "fail",
+    "DEADLINE_ENV", "TrainingClock", "log_step", "fail", "hyperparameters",
     "HANDOVER_ENV", "hand_over", "harness_command", "harness_env", "evaluator_hash", "SUMMARY_KEYS", "format_summary",
     "print_summary", "parse_summary",
 ]

@@ -18,16 +18,13 @@ import backends  # first: one clear sentence if this Python lacks the project's 
 
 backends.require_environment("train_cuda.py", ("numpy", "torch"))
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import prepare
 from backends import torch_rt
-from model import (POLAR_EXPRESS_COEFFS, RMS_EPS, ROPE_BASE, SOFTCAP, VE_GATE_CHANNELS, build_config,
-                   flops_per_token, has_value_embedding, lr_multiplier, muon_momentum, param_counts,
-                   weight_decay_at, window_sizes)
+from model import VE_GATE_CHANNELS, build_config, flops_per_token, has_value_embedding, param_counts, window_sizes
 
 HOST = backends.detect()  # cuda | rocm | mps | cpu, from AUTORESEARCH_BACKEND or the hardware
 BACKEND = HOST.backend
@@ -37,6 +34,10 @@ COMPUTE_DTYPE = torch_rt.compute_dtype(HOST)  # bf16 where supported and fast, N
 # ---------------------------------------------------------------------------
 # GPT model
 # ---------------------------------------------------------------------------
+
+SOFTCAP = 15.0  # logits = SOFTCAP * tanh(logits / SOFTCAP)
+ROPE_BASE = 10000.0  # rotary embedding base
+RMS_EPS = 1e-6  # epsilon of every RMSNorm
 
 
 def norm(x):
@@ -180,32 +181,18 @@ def build_model(cfg, device=None):
     return model
 
 
-def _unwrap(model):
-    return getattr(model, "_orig_mod", model)  # torch.compile wraps the module
-
-
-def export_params(model):
-    """Parameters as {canonical name: float32 NumPy array}."""
-    return {name.removesuffix(".weight"): p.detach().float().cpu().numpy()
-            for name, p in _unwrap(model).named_parameters()}
-
-
-@torch.no_grad()
-def load_params(model, params):
-    """Load {canonical name: array} into the model, keeping each parameter's dtype and device."""
-    own = {name.removesuffix(".weight"): p for name, p in _unwrap(model).named_parameters()}
-    if set(own) != set(params):
-        raise KeyError(f"parameter names differ: {sorted(set(own) ^ set(params))}")
-    for name, p in own.items():
-        value = torch.as_tensor(np.asarray(params[name]))
-        if tuple(value.shape) != tuple(p.shape):
-            raise ValueError(f"{name}: shape {tuple(value.shape)} != {tuple(p.shape)}")
-        p.copy_(value.to(device=p.device, dtype=p.dtype))
-
-
 # ---------------------------------------------------------------------------
 # Optimizer: Muon for the matrices inside the blocks, AdamW for everything else
 # ---------------------------------------------------------------------------
+
+# Polar Express coefficients (a, b, c) for Muon's 5 orthogonalization steps.
+POLAR_EXPRESS_COEFFS = [
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+]
 
 
 def adamw_step(p, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, wd):
@@ -329,7 +316,7 @@ def build_optimizer(model, *, unembedding_lr=None, embedding_lr=None, matrix_lr=
     adam_betas = ADAM_BETAS if adam_betas is None else adam_betas
     weight_decay = WEIGHT_DECAY if weight_decay is None else weight_decay
     ortho_dtype = ortho_dtype or COMPUTE_DTYPE or torch.float32  # the compute dtype: bf16 on GPUs and native-bf16 CPUs
-    model = _unwrap(model)
+    model = getattr(model, "_orig_mod", model)  # torch.compile wraps the module
     scale = (model.config.n_embd / 768) ** -0.5  # AdamW lrs were tuned at width 768
     print(f"Scaling AdamW LRs by 1/sqrt({model.config.n_embd}/768) = {scale:.6f}")
     adamw = dict(kind="adamw", eps=1e-10, weight_decay=0.0)
@@ -396,18 +383,9 @@ if HARDWARE == "cpu":  # ~1M parameters, well under a second per step: learns vi
     TOTAL_BATCH_SIZE = 2**11
 # --- end hyperparameters ---
 
-HYPERPARAMETER_NAMES = ["DEPTH", "ASPECT_RATIO", "HEAD_DIM", "N_KV_HEAD", "WINDOW_PATTERN", "TOTAL_BATCH_SIZE",
-                        "DEVICE_BATCH_SIZE", "EMBEDDING_LR", "UNEMBEDDING_LR", "MATRIX_LR", "SCALAR_LR",
-                        "WEIGHT_DECAY", "ADAM_BETAS", "WARMUP_RATIO", "WARMDOWN_RATIO", "FINAL_LR_FRAC"]
 WARMUP_STEPS_UNCOUNTED = 10  # the first steps compile kernels: not counted toward the budget
 if not HOST.compile:  # eager (CPU, MPS, MLX on CPU): only the first step is slower, by ~10%; more would be
     WARMUP_STEPS_UNCOUNTED = 1  # wall time outside the budget (~0.8 s per CPU step)
-
-
-def hyperparameters():
-    """The values in effect, for the summary (a JSON line)."""
-    return {name: (list(v) if isinstance(v, tuple) else v)
-            for name, v in ((n, globals()[n]) for n in HYPERPARAMETER_NAMES)}
 
 
 # ---------------------------------------------------------------------------
@@ -416,15 +394,22 @@ def hyperparameters():
 
 
 def get_lr_multiplier(progress):
-    return lr_multiplier(progress, WARMUP_RATIO, WARMDOWN_RATIO, FINAL_LR_FRAC)
+    """Learning-rate multiplier: linear warmup, constant, then a linear warmdown to FINAL_LR_FRAC."""
+    if progress < WARMUP_RATIO:
+        return progress / WARMUP_RATIO if WARMUP_RATIO > 0 else 1.0
+    if progress < 1.0 - WARMDOWN_RATIO:
+        return 1.0
+    cooldown = max(0.0, (1.0 - progress) / WARMDOWN_RATIO) if WARMDOWN_RATIO > 0 else 0.0
+    return cooldown + (1.0 - cooldown) * FINAL_LR_FRAC
 
 
 def get_muon_momentum(step):
-    return muon_momentum(step)  # 0.85 -> 0.95 over the first 300 steps
+    frac = min(step / 300, 1.0)  # 0.85 -> 0.95 over the first 300 steps
+    return (1 - frac) * 0.85 + frac * 0.95
 
 
 def get_weight_decay(progress):
-    return weight_decay_at(progress, WEIGHT_DECAY)
+    return WEIGHT_DECAY * (1.0 - progress)  # decays linearly to zero
 
 
 # ---------------------------------------------------------------------------
@@ -551,7 +536,7 @@ def main():
         depth=DEPTH,
         backend=BACKEND,
         device=HOST.device_name,
-        hyperparams=hyperparameters(),
+        hyperparams=prepare.hyperparameters(globals()),
     )
     facts["total_seconds"] = time.time() - t_start
     prepare.hand_over(lambda d: torch_rt.export_for_eval(model, d, DEVICE_BATCH_SIZE, seq_len, HOST), facts)

@@ -21,9 +21,7 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 import prepare
 from backends import mlx_rt
-from model import (POLAR_EXPRESS_COEFFS, RMS_EPS, ROPE_BASE, SOFTCAP, VE_GATE_CHANNELS, build_config,
-                   flops_per_token, has_value_embedding, lr_multiplier, muon_momentum, param_counts,
-                   weight_decay_at, window_sizes)
+from model import VE_GATE_CHANNELS, build_config, flops_per_token, has_value_embedding, param_counts, window_sizes
 
 HOST = backends.detect()
 if HOST.framework != "mlx":  # this file is the MLX trainer, whatever the host's default backend is
@@ -34,6 +32,10 @@ COMPUTE_DTYPE = mlx_rt.compute_dtype(HOST)  # bf16 on Metal, fp32 on CPU
 # ---------------------------------------------------------------------------
 # GPT model
 # ---------------------------------------------------------------------------
+
+SOFTCAP = 15.0  # logits = SOFTCAP * tanh(logits / SOFTCAP)
+ROPE_BASE = 10000.0  # rotary embedding base
+RMS_EPS = 1e-6  # epsilon of every RMSNorm
 
 
 def norm(x):
@@ -189,37 +191,23 @@ def build_model(cfg, dtype=None):
     return model
 
 
-def canonical_name(path):
-    return path.removesuffix(".weight")  # MLX path "blocks.0.attn.c_q.weight" -> "blocks.0.attn.c_q"
-
-
 def set_params(model, new):
     """Replace the parameters named in `new` ({MLX path: array}), keeping the tree's structure."""
     model.update(tree_map_with_path(lambda path, v: new.get(path, v), model.parameters()))
 
 
-def export_params(model):
-    """Parameters as {canonical name: float32 NumPy array}."""
-    return {canonical_name(k): np.array(v.astype(mx.float32)) for k, v in tree_flatten(model.parameters())}
-
-
-def load_params(model, params):
-    """Load {canonical name: array} into the model, keeping each parameter's dtype."""
-    current = dict(tree_flatten(model.parameters()))
-    names = {canonical_name(k): k for k in current}
-    if set(names) != set(params):
-        raise KeyError(f"parameter names differ: {sorted(set(names) ^ set(params))}")
-    for name, value in params.items():
-        if tuple(np.shape(value)) != tuple(current[names[name]].shape):
-            raise ValueError(f"{name}: shape {np.shape(value)} != {tuple(current[names[name]].shape)}")
-    new = {names[n]: mx.array(np.asarray(v)).astype(current[names[n]].dtype) for n, v in params.items()}
-    set_params(model, new)
-    mx.eval(model.parameters())
-
-
 # ---------------------------------------------------------------------------
 # Optimizer: Muon for the matrices inside the blocks, AdamW for everything else
 # ---------------------------------------------------------------------------
+
+# Polar Express coefficients (a, b, c) for Muon's 5 orthogonalization steps.
+POLAR_EXPRESS_COEFFS = [
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+]
 
 
 def polar_express(g, steps=5):
@@ -386,19 +374,10 @@ if HARDWARE == "cpu":  # MLX's CPU build (reference BLAS, a few GFLOP/s): narrow
     TOTAL_BATCH_SIZE = 2**10
 # --- end hyperparameters ---
 
-HYPERPARAMETER_NAMES = ["DEPTH", "ASPECT_RATIO", "HEAD_DIM", "N_KV_HEAD", "WINDOW_PATTERN", "TOTAL_BATCH_SIZE",
-                        "DEVICE_BATCH_SIZE", "EMBEDDING_LR", "UNEMBEDDING_LR", "MATRIX_LR", "SCALAR_LR",
-                        "WEIGHT_DECAY", "ADAM_BETAS", "WARMUP_RATIO", "WARMDOWN_RATIO", "FINAL_LR_FRAC"]
 WARMUP_STEPS_UNCOUNTED = 10  # the first steps compile the graph: not counted toward the budget
 if not HOST.compile:  # eager (CPU, MPS, MLX on CPU): only the first step is slower, by ~10%; more would be
     WARMUP_STEPS_UNCOUNTED = 1  # wall time outside the budget (~0.8 s per CPU step)
 COMPILE = HOST.compile  # mx.compile the training step over explicit state
-
-
-def hyperparameters():
-    """The values in effect, for the summary (a JSON line)."""
-    return {name: (list(v) if isinstance(v, tuple) else v)
-            for name, v in ((n, globals()[n]) for n in HYPERPARAMETER_NAMES)}
 
 
 # ---------------------------------------------------------------------------
@@ -407,15 +386,22 @@ def hyperparameters():
 
 
 def get_lr_multiplier(progress):
-    return lr_multiplier(progress, WARMUP_RATIO, WARMDOWN_RATIO, FINAL_LR_FRAC)
+    """Learning-rate multiplier: linear warmup, constant, then a linear warmdown to FINAL_LR_FRAC."""
+    if progress < WARMUP_RATIO:
+        return progress / WARMUP_RATIO if WARMUP_RATIO > 0 else 1.0
+    if progress < 1.0 - WARMDOWN_RATIO:
+        return 1.0
+    cooldown = max(0.0, (1.0 - progress) / WARMDOWN_RATIO) if WARMDOWN_RATIO > 0 else 0.0
+    return cooldown + (1.0 - cooldown) * FINAL_LR_FRAC
 
 
 def get_muon_momentum(step):
-    return muon_momentum(step)  # 0.85 -> 0.95 over the first 300 steps
+    frac = min(step / 300, 1.0)  # 0.85 -> 0.95 over the first 300 steps
+    return (1 - frac) * 0.85 + frac * 0.95
 
 
 def get_weight_decay(progress):
-    return weight_decay_at(progress, WEIGHT_DECAY)
+    return WEIGHT_DECAY * (1.0 - progress)  # decays linearly to zero
 
 
 # ---------------------------------------------------------------------------
@@ -554,7 +540,7 @@ def main():
         depth=DEPTH,
         backend=BACKEND,
         device=HOST.device_name,
-        hyperparams=hyperparameters(),
+        hyperparams=prepare.hyperparameters(globals()),
     )
     facts["total_seconds"] = time.time() - t_start
     prepare.hand_over(lambda d: mlx_rt.export_for_eval(model, d, DEVICE_BATCH_SIZE, seq_len), facts)

@@ -21,12 +21,13 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from data.block import END, START
+
 __all__ = ["HyperparamError", "Setting", "Spot", "SourceValues", "parse_block", "conditions", "in_effect",
            "effective_values", "layout_key", "set_values", "format_value", "probe_conditions", "static_truth",
            "static_values"]
 
-_START = re.compile(r"^#\s*-+\s*hyperparameters\s*-+\s*$", re.IGNORECASE)
-_END = re.compile(r"^#\s*-+\s*end hyperparameters\s*-+\s*$", re.IGNORECASE)
+_START, _END = START, END  # the block's markers (data/block.py)
 _NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
 
 

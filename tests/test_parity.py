@@ -16,6 +16,7 @@ torch = pytest.importorskip("torch")
 mx = pytest.importorskip("mlx.core")
 
 from mlx.utils import tree_flatten, tree_map_with_path  # noqa: E402
+from params_io import export_params, load_params  # noqa: E402
 from trainer_contract import torch_trainer_on_cpu  # noqa: E402
 
 from model import build_config, param_shapes  # noqa: E402
@@ -54,8 +55,8 @@ def both_models(trainers, params):
     tc, tm = trainers
     tmodel = tc.build_model(CFG, device="cpu")
     mmodel = tm.build_model(CFG, dtype=mx.float32)
-    tc.load_params(tmodel, params)
-    tm.load_params(mmodel, params)
+    load_params(tmodel, params)
+    load_params(mmodel, params)
     return tmodel, mmodel
 
 
@@ -68,7 +69,7 @@ def test_parity_exported_names_and_shapes(trainers, params):
     tc, tm = trainers
     tmodel, mmodel = both_models(trainers, params)
     shapes = param_shapes(CFG)
-    t_out, m_out = tc.export_params(tmodel), tm.export_params(mmodel)
+    t_out, m_out = export_params(tmodel), export_params(mmodel)
     assert {k: v.shape for k, v in t_out.items()} == shapes == {k: v.shape for k, v in m_out.items()}
     assert all(np.array_equal(t_out[k], m_out[k]) and np.array_equal(m_out[k], params[k]) for k in shapes)
 
@@ -109,7 +110,7 @@ def test_parity_gradients(trainers, params, batch):
     tmodel(torch.from_numpy(idx).long(), torch.from_numpy(targets).long()).backward()
     t_grads = {n.removesuffix(".weight"): p.grad.numpy() for n, p in tmodel.named_parameters()}
     _, grads = tm.nn.value_and_grad(mmodel, tm.loss_fn)(mmodel, mx.array(idx), mx.array(targets))
-    m_grads = {tm.canonical_name(k): np.array(v) for k, v in tree_flatten(grads)}
+    m_grads = {k.removesuffix(".weight"): np.array(v) for k, v in tree_flatten(grads)}
     assert set(t_grads) == set(m_grads)
     for name, g in t_grads.items():
         assert np.abs(g).max() > 0, f"{name} gets no gradient: a path is not exercised"
@@ -162,7 +163,7 @@ def test_parity_optimizer_updates(trainers, params):
     for step, progress in [(0, 0.0), (1, 0.7)]:  # flat lr, then inside the warm-down with less decay
         grads = {k: rng.normal(0, 1, v.shape).astype(np.float32) for k, v in params.items()}
         optimizer_step_both(trainers, torch_side, mlx_side, grads, step, progress)
-        t_out, m_out = tc.export_params(tmodel), tm.export_params(mmodel)
+        t_out, m_out = export_params(tmodel), export_params(mmodel)
         for name in params:
             moved = np.abs(t_out[name] - params[name]).max()
             assert moved > 0, f"{name} did not move"
@@ -193,7 +194,24 @@ def test_parity_training_steps(trainers, params):
         t_losses.append(t_loss.item())
         m_losses.append(m_loss.item())
         # Each side steps with its own gradients, so any drift between the trainers would compound.
-        m_named = {tm.canonical_name(k): np.array(v) for k, v in tree_flatten(m_grads)}
+        m_named = {k.removesuffix(".weight"): np.array(v) for k, v in tree_flatten(m_grads)}
         optimizer_step_both(trainers, torch_side, mlx_side, grads, step, 0.0, mlx_grads=m_named)
     np.testing.assert_allclose(m_losses, t_losses, rtol=LOSS_RTOL)
     assert t_losses[-1] < t_losses[0] - 0.1
+
+
+def test_the_core_constants_and_schedules_in_both_trainers_agree_with_the_reference(trainers):
+    """The trainers hold these inline (the agent's research surface); the project's own two agree with
+    each other and with the NumPy reference's values and schedules in model/."""
+    import model
+
+    tc, tm = trainers
+    for name in ("SOFTCAP", "ROPE_BASE", "RMS_EPS", "POLAR_EXPRESS_COEFFS"):
+        assert getattr(tc, name) == getattr(tm, name) == getattr(model, name), name
+    for t in (tc, tm):
+        for p in (0.0, 0.05, 0.3, 0.5, 0.75, 0.99, 1.0):
+            want = model.lr_multiplier(p, t.WARMUP_RATIO, t.WARMDOWN_RATIO, t.FINAL_LR_FRAC)
+            assert t.get_lr_multiplier(p) == pytest.approx(want, abs=1e-12)
+            assert t.get_weight_decay(p) == pytest.approx(model.weight_decay_at(p, t.WEIGHT_DECAY), abs=1e-12)
+        for step in (0, 1, 150, 299, 300, 5000):
+            assert t.get_muon_momentum(step) == pytest.approx(model.muon_momentum(step), abs=1e-12)

@@ -17,6 +17,10 @@ from trainer_contract import (BAD_BATCH_PATTERN, BAD_BATCH_SCRIPT, NAN_SCRIPT, c
                               run_trainer, torch_trainer_on_cpu)
 
 from model import build_config, flops_per_token, param_counts, param_shapes, window_sizes
+from params_io import export_params, load_params
+
+import prepare
+from data.block import block_names
 from model.reference import adamw_reference_update, init_params, muon_reference_update, reference_forward
 
 TRAINER = pristine.trainer("train_cuda.py")  # the project's trainer, not a research branch's kept edit
@@ -40,7 +44,7 @@ def test_forward_matches_numpy_reference(tc):
     cfg = small_config()
     model = tc.build_model(cfg, device="cpu")
     params = init_params(cfg, seed=1, perturb_zeros=True)  # non-zero projections and gates: every path counts
-    tc.load_params(model, params)
+    load_params(model, params)
     idx = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, cfg.sequence_len))
     with torch.no_grad():
         logits = model(torch.from_numpy(idx)).double().numpy()
@@ -98,7 +102,7 @@ def test_window_changes_only_what_it_should(tc):
     """A future token never moves earlier logits; a token outside a 1-layer model's window never moves later ones."""
     cfg = build_config(1, 64, 32, 2, 97, 16, "S")  # one layer: always the full window (last layer is L)
     model = tc.build_model(cfg, device="cpu")
-    tc.load_params(model, init_params(cfg, seed=2, perturb_zeros=True))
+    load_params(model, init_params(cfg, seed=2, perturb_zeros=True))
     idx = torch.randint(0, 97, (1, 16), generator=torch.Generator().manual_seed(0))
     changed = idx.clone()
     changed[0, 9] = (changed[0, 9] + 1) % 97
@@ -111,7 +115,7 @@ def test_window_changes_only_what_it_should(tc):
 def test_params_and_flops_match_model_package(tc):
     cfg = build_config(4, 64, 64, 2, 101, 32, "SSSL")
     model = tc.build_model(cfg, device="cpu")
-    exported = tc.export_params(model)
+    exported = export_params(model)
     assert {k: v.shape for k, v in exported.items()} == param_shapes(cfg)
     assert sum(p.numel() for p in model.parameters()) == param_counts(cfg)["total"]
     # the reference's estimate_flops, recomputed from the torch module itself
@@ -140,11 +144,11 @@ def test_export_load_round_trip(tc):
     cfg = small_config()
     model = tc.build_model(cfg, device="cpu")
     params = init_params(cfg, seed=3, perturb_zeros=True)
-    tc.load_params(model, params)
-    out = tc.export_params(model)
+    load_params(model, params)
+    out = export_params(model)
     assert all(np.array_equal(out[k], params[k]) for k in params)
     with pytest.raises(KeyError):
-        tc.load_params(model, {k: v for k, v in params.items() if k != "lm_head"})
+        load_params(model, {k: v for k, v in params.items() if k != "lm_head"})
 
 
 def test_a_bf16_model_hands_over_a_graph_the_harness_runs(tc, tiny_cache, tmp_path):
@@ -237,11 +241,13 @@ def test_optimizer_groups_follow_the_reference(tc):
 def test_hyperparameter_block_is_one_line_per_constant(tc):
     text = TRAINER.read_text()
     block = text.split("# --- hyperparameters ---\n")[1].split("# --- end hyperparameters ---")[0]
-    for name in tc.HYPERPARAMETER_NAMES:
+    names = block_names(text)
+    assert names[:3] == ["DEPTH", "ASPECT_RATIO", "HEAD_DIM"] and "FINAL_LR_FRAC" in names
+    for name in names:
         assert len(re.findall(rf"^{name} = .+$", block, flags=re.M)) == 1, name  # the reference value
     overrides = re.findall(r"^    ([A-Z_0-9]+) = ", block, flags=re.M)
-    assert set(overrides) <= set(tc.HYPERPARAMETER_NAMES)
-    assert tc.HARDWARE == "cpu" and tc.hyperparameters()["DEPTH"] == tc.DEPTH
+    assert set(overrides) <= set(names)
+    assert tc.HARDWARE == "cpu" and prepare.hyperparameters(vars(tc))["DEPTH"] == tc.DEPTH
 
 
 # --- whole runs -------------------------------------------------------------------
@@ -279,6 +285,7 @@ def test_indivisible_batch_is_a_clear_error(tiny_cache):
 BASELINE_SCRIPT = """
 import json, sys
 import backends
+import prepare
 from backends import Probe
 
 probes = {
@@ -298,7 +305,7 @@ for name, (backend, probe) in probes.items():
     backends.detect = lambda *a, info=info, **k: info  # what the trainer sees on that host
     sys.modules.pop("train_cuda", None)
     import train_cuda
-    out[name] = [train_cuda.BACKEND, train_cuda.HARDWARE, train_cuda.hyperparameters()]
+    out[name] = [train_cuda.BACKEND, train_cuda.HARDWARE, prepare.hyperparameters(vars(train_cuda))]
 print("RESULT " + json.dumps(out))
 """
 

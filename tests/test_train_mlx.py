@@ -28,6 +28,10 @@ from trainer_contract import (  # noqa: E402
 )
 
 from model import build_config, flops_per_token, param_counts, param_shapes, window_sizes  # noqa: E402
+from params_io import export_params, load_params  # noqa: E402
+
+import prepare  # noqa: E402
+from data.block import block_names  # noqa: E402
 from model.reference import adamw_reference_update, init_params, muon_reference_update, reference_forward  # noqa: E402
 
 TRAINER = pristine.trainer("train_mlx.py")  # the project's trainer, not a research branch's kept edit
@@ -55,7 +59,7 @@ def test_forward_matches_numpy_reference(tm):
     cfg = small_config()
     model = tm.build_model(cfg, dtype=mx.float32)
     params = init_params(cfg, seed=1, perturb_zeros=True)  # non-zero projections and gates: every path counts
-    tm.load_params(model, params)
+    load_params(model, params)
     idx = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, cfg.sequence_len))
     logits = np.array(model(mx.array(idx)), dtype=np.float64)
     np.testing.assert_allclose(logits, reference_forward(params, cfg, idx), atol=2e-5, rtol=1e-4)
@@ -112,7 +116,7 @@ def test_window_changes_only_what_it_should(tm):
     """A future token never moves earlier logits."""
     cfg = build_config(2, 64, 32, 2, 97, 16, "S")  # layer 0 has a window of 8
     model = tm.build_model(cfg, dtype=mx.float32)
-    tm.load_params(model, init_params(cfg, seed=2, perturb_zeros=True))
+    load_params(model, init_params(cfg, seed=2, perturb_zeros=True))
     idx = np.random.default_rng(0).integers(0, 97, (1, 16))
     changed = idx.copy()
     changed[0, 9] = (changed[0, 9] + 1) % 97
@@ -131,7 +135,7 @@ def test_masks_are_built_once(tm):
 def test_params_and_flops_match_model_package(tm):
     cfg = build_config(4, 64, 64, 2, 101, 32, "SSSL")
     model = tm.build_model(cfg, dtype=mx.float32)
-    exported = tm.export_params(model)
+    exported = export_params(model)
     assert {k: v.shape for k, v in exported.items()} == param_shapes(cfg)
     assert sum(v.size for _, v in tree_flatten(model.parameters())) == param_counts(cfg)["total"]
     assert model.window_sizes == window_sizes(cfg) == [16, 16, 16, 32]
@@ -146,7 +150,7 @@ def test_params_and_flops_match_model_package(tm):
 def test_init_follows_the_reference(tm):
     cfg = small_config()
     model = tm.build_model(cfg, dtype=mx.float32)
-    p = tm.export_params(model)
+    p = export_params(model)
     s = 3**0.5 / cfg.n_embd**0.5
     assert abs(p["wte"].std() - 1.0) < 0.05 and abs(p["lm_head"].std() - 0.001) < 1e-4
     for i in range(cfg.n_layer):
@@ -172,11 +176,11 @@ def test_export_load_round_trip(tm):
     cfg = small_config()
     model = tm.build_model(cfg, dtype=mx.float32)
     params = init_params(cfg, seed=3, perturb_zeros=True)
-    tm.load_params(model, params)
-    out = tm.export_params(model)
+    load_params(model, params)
+    out = export_params(model)
     assert all(np.array_equal(out[k], params[k]) for k in params)
     with pytest.raises(KeyError):
-        tm.load_params(model, {k: v for k, v in params.items() if k != "lm_head"})
+        load_params(model, {k: v for k, v in params.items() if k != "lm_head"})
 
 
 # --- optimizer ----------------------------------------------------------------
@@ -282,7 +286,7 @@ def test_compiled_step_matches_eager_step(tm):
     losses, finals = [], []
     for compiled in (False, True):
         model = tm.build_model(cfg, dtype=mx.float32)
-        tm.load_params(model, init_params(cfg, seed=4))
+        load_params(model, init_params(cfg, seed=4))
         optimizer = tm.build_optimizer(model)
         fwd_bwd, update = tm.make_step_functions(model, optimizer, compiled)
         run = []
@@ -292,7 +296,7 @@ def test_compiled_step_matches_eager_step(tm):
             mx.eval(model.state, optimizer.state)
             run.append(loss.item())
         losses.append(run)
-        finals.append(tm.export_params(model))
+        finals.append(export_params(model))
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
     assert losses[0][-1] < losses[0][0]
     for name in finals[0]:
@@ -305,13 +309,15 @@ def test_compiled_step_matches_eager_step(tm):
 def test_hyperparameter_block_is_one_line_per_constant(tm):
     text = TRAINER.read_text()
     block = text.split("# --- hyperparameters ---\n")[1].split("# --- end hyperparameters ---")[0]
-    for name in tm.HYPERPARAMETER_NAMES:
+    names = block_names(text)
+    assert names[:3] == ["DEPTH", "ASPECT_RATIO", "HEAD_DIM"] and "FINAL_LR_FRAC" in names
+    for name in names:
         assert len(re.findall(rf"^{name} = .+$", block, flags=re.M)) == 1, name  # the reference value
     overrides = re.findall(r"^    ([A-Z_0-9]+) = ", block, flags=re.M)
-    assert set(overrides) <= set(tm.HYPERPARAMETER_NAMES)
+    assert set(overrides) <= set(names)
     assert tm.HARDWARE == ("metal" if mx.metal.is_available() else "cpu")
-    hp = tm.hyperparameters()
-    assert list(hp) == tm.HYPERPARAMETER_NAMES and hp["DEPTH"] == tm.DEPTH
+    hp = prepare.hyperparameters(vars(tm))
+    assert list(hp) == names and hp["DEPTH"] == tm.DEPTH
     json.dumps(hp)  # recorded as one JSON line
 
 
@@ -333,7 +339,7 @@ def test_tiny_run_learns_and_prints_summary(tm, tiny_cache):
     proc = run_trainer("train_mlx.py", "mlx", tiny_cache, budget)
     summary = check_learning_run(proc, budget, "mlx", "mlx_sdpa")
     assert summary["depth"] == tm.DEPTH  # this host's baseline
-    assert summary["hyperparams"] == tm.hyperparameters()
+    assert summary["hyperparams"] == prepare.hyperparameters(vars(tm))
 
 
 def test_nan_loss_fails_fast(tiny_cache):
