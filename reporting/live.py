@@ -165,7 +165,8 @@ class LiveData:
 
     def __init__(self, results: str | Path, others: list[str | Path] = (), *, min_noise: float | None = None,
                  abort_z: float | None = None, abort_min_progress: float | None = None,
-                 early_abort: bool | None = None, poll_seconds: float = POLL_SECONDS):
+                 early_abort: bool | None = None, alpha: float | None = None, confirm: bool | None = None,
+                 poll_seconds: float = POLL_SECONDS):
         from research.session import Settings
 
         path = Path(results).absolute()
@@ -179,6 +180,8 @@ class LiveData:
         self.abort_min_progress = default("abort_min_progress", 0.3) if abort_min_progress is None \
             else abort_min_progress
         self.early_abort = default("early_abort", True) if early_abort is None else early_abort
+        self.alpha = default("alpha", 0.05) if alpha is None else alpha
+        self.confirm = default("confirm", True) if confirm is None else confirm
         self.poll_seconds = poll_seconds
         self._lock = threading.Lock()
         self._tails: dict[Path, _Tail] = {}
@@ -642,6 +645,9 @@ def _noise_json(st, s, data: LiveData) -> dict:
     except AttributeError:  # no noise model yet (or an older one): the rest of the page stands
         pass
     if st is not None:
+        from research.ledger import reach_sentence
+
+        out["out_of_reach"] = reach_sentence(st, data.alpha, data.confirm)  # as the terminal says it
         out.update(best_mean=getattr(st, "best", None), best_runs=len(_best_runs(st)),
                    abort_off=getattr(st, "abort_off", False),
                    would_abort=getattr(st, "would_abort", 0))

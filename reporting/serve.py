@@ -250,7 +250,7 @@ def start_for_run(args, results: Path, settings, console) -> LiveServer | None:
     try:
         server = start_in_thread(results, args.serve_host, args.serve_port, min_noise=settings.min_noise,
                                  abort_z=settings.abort_z, abort_min_progress=settings.abort_min_progress,
-                                 early_abort=settings.early_abort)
+                                 early_abort=settings.early_abort, alpha=settings.alpha, confirm=settings.confirm)
     except OSError as e:
         console.event(f"warning: no live page: cannot listen on {args.serve_host}:{args.serve_port} "
                       f"({e.strerror or e}); the loop goes on. Run `loop.py serve --port <another>` beside it.")

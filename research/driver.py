@@ -9,6 +9,7 @@ from pathlib import Path
 
 from research.experiment import Outcome, run_baseline, run_experiment, run_rerun
 from research.proposals import Agent, AgentContext, CrashInfo
+from research.ledger import needed_gain, reach_sentence
 from research.session import Session, SessionError
 
 __all__ = ["agent_context", "ensure_baseline", "research", "try_change"]
@@ -51,7 +52,7 @@ def ensure_baseline(s: Session) -> None:
     say_baseline(s)
 
 
-def say_baseline(s: Session) -> None:
+def say_baseline(s: Session, workers: int = 1) -> None:
     """Once the baselines have run: the best they give (and which runs it is the mean of), the noise, the
     keep rule with its numbers, and the wall-time rule now measured on them."""
     if s.best is None:
@@ -61,6 +62,16 @@ def say_baseline(s: Session) -> None:
     counted = f"; the best is the {st.basis()}" if len(st.best_runs) < len(st.all_best_runs) else ""
     s.console.event(f"baseline {s.best:.6f} (runs {vals}{counted}); {st.noise.describe()}; {rule_line(s)}")
     s.console.event(s.allowance_line())
+    say_reach(s, workers)
+
+
+def say_reach(s: Session, workers: int = 1) -> None:
+    """Say so when the noise puts keeps out of reach (research/ledger.py reach_sentence): when it first
+    happens, and again only after keeps were within reach in between."""
+    text = reach_sentence(s.state, s.settings.alpha, s.settings.confirm, workers)
+    if text and not getattr(s, "said_reach", False):
+        s.console.event(text)
+    s.said_reach = bool(text)
 
 
 def baseline_plan(s: Session, total: int, done: int) -> str:
@@ -89,14 +100,10 @@ def _needed_sigmas(s: Session, m: int) -> float:
 def rule_line(s: Session) -> str:
     """The keep rule with this branch's numbers, in one clause."""
     st = s.state
-    if st.noise is None or not st.best_runs:
+    need = needed_gain(st, s.settings.alpha, s.settings.confirm)
+    if need is None:
         return "no best yet"
-    from research.decisions import t_ppf
-
-    n = 2 if s.settings.confirm else 1
     m = len(st.best_runs)
-    crit = t_ppf(1 - s.settings.alpha, st.noise.rule_df)
-    need = crit * st.noise.sigma * (1 / m + 1 / n) ** 0.5
     how = "the mean of a run and its confirm run" if s.settings.confirm else "a single run"
     return (f"keep when {how} beats the best's mean of {m} run{'s' if m != 1 else ''} at one-sided "
             f"p < {s.settings.alpha:g}, i.e. by more than {need:.6f} now")
@@ -116,9 +123,10 @@ def research(s: Session, agent: Agent, max_experiments: int | None = None) -> in
                                    f"{out.run_dir / 'log.txt'}.")
             st = s.state
             if out.status == "rerun" and st.drift is not None and len(st.best_runs) == 1:
-                s.console.event(f"the best ran at {100 * st.drift:+.0f}% steps/s against its earlier runs: the "
-                                "machine's speed moved, so the best is now this run's value alone until it is "
-                                "measured again at this speed")
+                s.console.event(f"the machine ran {100 * st.drift:+.0f}% faster by the loop's gauge during this run "
+                                "of the best than during its earlier runs, so the best is now this run's value "
+                                "alone until it is measured again at this speed")
+        say_reach(s)
         proposal = agent.propose(agent_context(s))
         if proposal is None:
             s.restore()

@@ -18,7 +18,8 @@ from research.gauge import speed_of
 from research.results import BASELINE, BEST_NEXT, RERUN, Kind, Row
 
 __all__ = ["BASELINE", "RERUN", "BEST_NEXT", "ABORT_OFF", "ABORT_AUDIT", "Replay", "measurement", "speed",
-           "speed_stretches", "replay", "running_best", "curves_of", "abort_reference"]
+           "speed_stretches", "replay", "running_best", "curves_of", "abort_reference", "needed_gain",
+           "reach_sentence", "OUT_OF_REACH"]
 
 
 
@@ -195,3 +196,30 @@ def abort_reference(st: Replay, rows: list[Row], runs_dir: Path, enabled: bool =
     if not ref.usable():
         return None, "no trainer has two stored loss curves yet (the curve noise is unknown)"
     return ref, None
+
+
+OUT_OF_REACH = 0.02  # a gain the rule needs above this fraction of val_bpb is one few real changes reach
+
+
+def needed_gain(st: Replay, alpha: float, confirm: bool) -> float | None:
+    """The smallest gain below the best's mean that the keep rule keeps now: the one-sided t-test's critical
+    value times the noise of the difference between the mean of the change's runs (two with a confirm run)
+    and the mean of the best's runs. None without a best."""
+    if st.noise is None or not st.best_runs:
+        return None
+    from research.decisions import t_ppf
+
+    n, m = (2 if confirm else 1), len(st.best_runs)
+    return t_ppf(1 - alpha, st.noise.rule_df) * st.noise.sigma * (1 / m + 1 / n) ** 0.5
+
+
+def reach_sentence(st: Replay, alpha: float, confirm: bool, workers: int = 1) -> str | None:
+    """One sentence when the noise puts keeps out of reach (the needed gain over OUT_OF_REACH of val_bpb),
+    with the numbers and what would help; None otherwise. Shown on the terminal and the live page."""
+    need = needed_gain(st, alpha, confirm)
+    if need is None or st.best is None or need <= OUT_OF_REACH * st.best:
+        return None
+    fewer = f", fewer workers than {workers} (runs beside each other slow each other unevenly)" if workers > 1 else ""
+    return (f"keeps are out of reach: with run-to-run noise σ {st.noise.sigma:.4f} a change must beat the best "
+            f"({st.best:.4f}) by {need:.4f} ({100 * need / st.best:.1f}% of val_bpb), more than most real changes "
+            f"gain; a quieter machine, a longer time budget{fewer} or more baseline runs would lower it")

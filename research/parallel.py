@@ -353,7 +353,7 @@ class Driver:
         self._record(t, self._row(t, status="keep", note=f"{BASELINE} {k}/{total}", r=r))
         self.baselines_left -= 1
         if not self.baselines_left:
-            say_baseline(s)
+            say_baseline(s, len(self.pool.slots))
 
     def _rerun(self, t: Ticket, res: JobResult) -> None:
         r = res.runs[0] if res.runs else None

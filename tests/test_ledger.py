@@ -94,3 +94,22 @@ def test_kind_is_data_and_older_files_get_it_inferred(tmp_path):
                          note="baseline words in a note", kind=Kind.EXPERIMENT))
     back = read_results(path)
     assert [r.kind for r in back] == want + [Kind.EXPERIMENT]  # written as data, never re-read from prose
+
+
+def test_keeps_out_of_reach_are_said_with_the_numbers(tmp_path):
+    """Noise that makes the needed gain exceed 2% of val_bpb gets one sentence, on the terminal's rule and
+    on the page; a quiet branch gets none."""
+    from research.ledger import OUT_OF_REACH, needed_gain, reach_sentence
+
+    noisy = [row(k, v, "keep", "baseline", f"baseline {k}/3", "h0", 0.1) for k, v in enumerate([2.0, 2.3, 1.8], 1)]
+    quiet = [row(k, v, "keep", "baseline", f"baseline {k}/3", "h0", 0.1) for k, v in enumerate([2.0, 2.001, 1.999], 1)]
+    knobs = Settings()
+    loud, calm = replay(noisy, knobs.min_noise), replay(quiet, knobs.min_noise)
+    need = needed_gain(loud, knobs.alpha, knobs.confirm)
+    assert need > OUT_OF_REACH * loud.best and needed_gain(calm, knobs.alpha, knobs.confirm) < OUT_OF_REACH * calm.best
+    text = reach_sentence(loud, knobs.alpha, knobs.confirm, workers=4)
+    assert f"by {need:.4f}" in text and "quieter machine" in text and "fewer workers than 4" in text
+    assert reach_sentence(calm, knobs.alpha, knobs.confirm) is None
+    (tmp_path / "results.tsv").write_text("\t".join(COLUMNS) + "\n" + "".join(r.to_line() for r in noisy))
+    page = live.LiveData(tmp_path / "results.tsv")._state()
+    assert page["noise"]["out_of_reach"] == reach_sentence(loud, knobs.alpha, knobs.confirm)

@@ -318,6 +318,7 @@
       ["step count explains", n.step_share !== null && n.step_share !== undefined ? `${Math.round(100 * n.step_share)}% of it` : null],
       ["best (mean of its runs)", n.best_mean !== undefined && n.best_mean !== null ? `${bpb(n.best_mean)} over ${n.best_runs} run${n.best_runs === 1 ? "" : "s"}` : null],
       ["early abort", n.abort_off ? "off until the best changes (an audit failed)" : n.would_abort ? `${n.would_abort} run(s) stopped or audited since the best last changed` : null],
+      ["keeps", n.out_of_reach || null],
     ]);
     const h = s.host || {};
     facts("hostfacts", [
