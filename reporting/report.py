@@ -22,6 +22,7 @@ from reporting import compare, transfer
 from reporting.summary import (DEFAULT_OUT_DIR, UNKNOWN, ReportError, Source, Summary, bpb_text, cell, common,
                                gain_text, load_source, mean, measured, new_figure, path_label, plural, shorten,
                                summarize, value_text)
+from research.ledger import ABORT_AUDIT, ABORT_OFF
 from research.results import Kind, Row
 
 __all__ = [
@@ -128,8 +129,13 @@ def progress_markdown(source: Source, summary: Summary, png_name: str | None = N
     if aborts:
         reached = [r.progress for r in aborts if r.progress]
         at = f", at {100 * sum(reached) / len(reached):.0f}% of the budget on average" if reached else ""
+        audited = [r for r in source.rows if ABORT_AUDIT in r.note]
+        wrong = [r for r in audited if ABORT_OFF in r.note or r.status == "keep"]
+        audits = (f"; {plural(len(audited), 'audit')} (runs it would have stopped, let through to the end): "
+                  f"{len(wrong)} measured below the best, a stop that would have lost it") if audited else \
+            "; no audit yet"
         lines.append(f"| stopped early | {plural(len(aborts), 'run')} (status abort: training loss far behind the "
-                     f"best's){at} |")
+                     f"best's){at}{audits} |")
     lines.append(f"| experiments | {len(source.rows)} ({s.tally()}) |")
     lines.append(f"| wall time (sum of experiments) | {_duration(s.wall_seconds)} |")
     stamps = sorted(r.timestamp for r in source.rows if r.timestamp)

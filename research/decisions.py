@@ -395,6 +395,18 @@ def reference_from_curves(best: list[list], groups: list[list[list]], nbins: int
     return Reference(mean=mean, sigma=sigma, curves=len(best), df=min((d for d in df if d), default=0))
 
 
+# Hyperparameters that change the shape of the training curve itself (the schedule, the model's size, the
+# batch): a run changing one is not behind the best mid-run in any sense its end would confirm (a later
+# warmdown trails until it pays off, a bigger model learns slower per step), so early abort leaves it alone.
+CURVE_SHAPING = ("WARMUP_RATIO", "WARMDOWN_RATIO", "FINAL_LR_FRAC", "DEPTH", "ASPECT_RATIO", "HEAD_DIM", "N_KV_HEAD",
+                 "WINDOW_PATTERN", "TOTAL_BATCH_SIZE", "DEVICE_BATCH_SIZE")
+
+
+def curve_shaping_changes(best: dict, candidate: dict) -> list[str]:
+    """The CURVE_SHAPING hyperparameters whose values differ between the best's and a candidate's source."""
+    return [n for n in CURVE_SHAPING if n in best and n in candidate and best[n] != candidate[n]]
+
+
 class AbortMonitor:
     """Watches a live `LossCurve` against a `Reference`; `check()` says whether to stop the run now.
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from research import gitrepo, tamper
 from research.console import clock
-from research.decisions import AbortMonitor, LossCurve, NoiseModel, Verdict, decide_runs
+from research.decisions import AbortMonitor, LossCurve, NoiseModel, Verdict, curve_shaping_changes, decide_runs
 from research.guards import guard_run, scope_problem, text_hash
 from research.ledger import ABORT_AUDIT, ABORT_OFF, BASELINE, BEST_NEXT, RERUN, replay
 from research.proposals import Usage
@@ -239,7 +239,7 @@ def run_experiment(s: Session, description: str, usage: Usage | None = None, *,
         run, status, m, reason = None, "crash", None, bad
     else:
         s.console.event(f"[{label}] {description}")
-        monitor = None if same or record_as else abort_monitor(s, label)
+        monitor = None if same or record_as else abort_monitor(s, label, text)
         run, status, m, reason = run_once(s, run_dir, label, description, monitor=monitor,
                                            overtime=not baseline)
     timings["trainer"] = time.perf_counter() - t
@@ -381,9 +381,18 @@ def _run_best_next_to(s: Session, run_dir: Path, label: str, run_no: int):
     return run, m, text, None
 
 
-def abort_monitor(s: Session, label: str) -> AbortMonitor | None:
-    """The early-abort watcher for one experiment, or None (off, or nothing to compare with yet)."""
+def abort_monitor(s: Session, label: str, text: str) -> AbortMonitor | None:
+    """The early-abort watcher for one experiment whose trainer source is `text`, or None: off, nothing to
+    compare with yet, or a change to the schedule, size or batch (research/decisions.py CURVE_SHAPING), whose
+    curve says nothing mid-run about its end."""
     ref, why = s.abort_reference()
+    if ref is not None:
+        best_text = gitrepo.git_bytes(s.repo, "show", f"{s.kept_commit}:{s.trainer}").decode("utf-8", "replace")
+        shaping = curve_shaping_changes(s.source.values(best_text, s.confine), s.source.values(text, s.confine))
+        if shaping:
+            s.console.event(f"[{label}] not watched for early abort: it changes {', '.join(shaping)}, which shapes "
+                            "the training curve itself, so trailing the best's curve mid-run says nothing about its end")
+            return None
     if ref is None:
         if s.settings.early_abort and why != getattr(s, "_abort_why", None):  # say it once per reason
             s.console.event(f"[{label}] not watched for early abort: {why}")

@@ -429,7 +429,7 @@ class Driver:
         if bad:
             self._crashed(t, bad, None)
             return None
-        t.runs = [RunSpec("", text, label, description, overtime=True, abort=self._abort_spec(label))]
+        t.runs = [RunSpec("", text, label, description, overtime=True, abort=self._abort_spec(label, text))]
         t.fix_attempt = crash.attempt if crash else 0
         return t
 
@@ -441,8 +441,8 @@ class Driver:
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src, dst)
 
-    def _abort_spec(self, label: str):
-        monitor = abort_monitor(self.s, label)
+    def _abort_spec(self, label: str, text: str):
+        monitor = abort_monitor(self.s, label, text)
         if monitor is None:
             return None
         return (monitor.ref, monitor.z, monitor.min_progress, monitor.audit)
@@ -554,7 +554,7 @@ class Driver:
         new = Ticket("experiment", run_no, run_dir, desc, merged, "", kept, f"run {run_no}", diff=diff,
                      rebased=t.rebased + 1)
         (run_dir / "diff.patch").write_text(redact(diff), encoding="utf-8")
-        new.runs = [RunSpec("", merged, new.label, desc, overtime=True, abort=self._abort_spec(new.label))]
+        new.runs = [RunSpec("", merged, new.label, desc, overtime=True, abort=self._abort_spec(new.label, merged))]
         self.queue.insert(0, new)
         return f"{head}; merged onto it and re-run as run {run_no}"
 

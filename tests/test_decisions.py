@@ -338,13 +338,19 @@ def test_report_shows_the_budget_override_aborts_reruns_and_the_noise(tmp_path):
             R.Row(commit="c", val_bpb=2.40, status="keep", description="better", note="confirmed", run=4,
                   trainer_hash="c", **common),
             R.Row(commit="c", val_bpb=2.41, status="rerun", description="better", note="confirm run of run 4", run=4,
-                  trainer_hash="c", **common)]
+                  trainer_hash="c", **common),
+            R.Row(commit="e", val_bpb=2.42, status="discard", description="audited", run=5, trainer_hash="e",
+                  note="no gain; abort audit: it would have been stopped at 40%", **common),
+            R.Row(commit="f", val_bpb=2.30, status="discard", description="audited, better", run=6, trainer_hash="f",
+                  note="not confirmed; abort audit: it would have been stopped at 50%, yet it measured below the "
+                       "best's mean 2.400000: early abort is off until the best changes", **common)]
     for r in rows:
         R.append_row(path, r)
     md_path, png = report.write_report(path, tmp_path / "out")
     md = md_path.read_text()
     assert "budget 20 s (override; tiny: 60 s)" in md
     assert "| stopped early | 1 run (status abort" in md and "at 35% of the budget" in md
+    assert "2 audits (runs it would have stopped, let through to the end): 1 measured below the best" in md
     assert "| run-to-run noise | σ" in md and "pooled from 4 runs of 2 trainers, 2 df" in md
     assert "1 row of other branches or protocols" in md  # the 60 s row is another comparison
     assert png.stat().st_size > 0
@@ -392,14 +398,18 @@ def test_early_abort_stops_a_trainer_made_worse_and_a_faked_stream_wins_nothing(
             {"old": "VAL_BPB = 1.5", "new": "VAL_BPB = 1.8"}, {"old": "LOSS = 4.0", "new": "LOSS = 2.0"}]},
         {"description": "a better model printing a worse loss", "edits": [
             {"old": "VAL_BPB = 1.5", "new": "VAL_BPB = 1.2"}, {"old": "LOSS = 4.0", "new": "LOSS = 6.0"}]},
+        {"description": "a deeper model, slower to start", "edits": [
+            {"old": "    DEPTH = 2", "new": "    DEPTH = 3"}, {"old": "LOSS = 4.0", "new": "LOSS = 6.0"}]},
     ])
     proc = t.run_loop(repo, "run", "--agent", "scripted", "--script", script, "--tag", "ab", "--baseline-runs", "2",
-                      "--max-experiments", "4", env=t.loop_env(tiny_cache))
+                      "--max-experiments", "5", env=t.loop_env(tiny_cache))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = t.read_rows(repo)
-    assert [r.status for r in rows] == ["keep", "keep", "keep", "rerun", "rerun", "abort", "discard", "abort"], \
-        [(r.status, r.note) for r in rows]
-    base, kept, confirm, beside, worse, faked_good, faked_bad = rows[0], *rows[2:]
+    assert [r.status for r in rows] == ["keep", "keep", "keep", "rerun", "rerun", "abort", "discard", "abort",
+                                        "discard"], [(r.status, r.note) for r in rows]
+    base, kept, confirm, beside, worse, faked_good, faked_bad, deeper = rows[0], *rows[2:]
+    # a change to the model's size trails the best's curve by design: never stopped for it, run to the end
+    assert deeper.val_bpb > 0 and "not watched for early abort: it changes DEPTH" in proc.stdout
     assert "running 2 baseline runs" in proc.stdout and "degrees of freedom" in proc.stdout
     assert kept.note.startswith("confirmed by a rerun") and confirm.note == f"confirm run of run {kept.run}"
     assert confirm.trainer_hash == kept.trainer_hash and confirm.run == kept.run
