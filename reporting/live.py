@@ -323,7 +323,25 @@ class LiveData:
             # no loop holds the repository and the run's log has been still: it was interrupted (Ctrl-C, a kill)
             # and will get no row; the next `loop.py run` or `try` starts from the last kept commit
             cur["phase"] = "interrupted"
+        out["in_flight"] = self._in_flight(files.get("source"), cur) if out["loop"]["running"] else []
         return out
+
+    def _in_flight(self, source: Source | None, cur: dict | None) -> list[int]:
+        """With N workers, the other runs without a row made since the loop started (their logs come back
+        from the workers when they end, so only the newest one's progress can be shown)."""
+        rows = (source.rows + source.left_out) if source is not None else []
+        recorded = {r.run for r in rows if r.run is not None}
+        since = self._lock_mtime()
+        return [n for n in self._run_numbers() if n not in recorded and (cur is None or n != cur["run"])
+                and since is not None and (self._mtime_dir(n) or 0) >= since]
+
+    def _lock_mtime(self) -> float | None:
+        from research.guards import LOCK_FILE
+
+        try:
+            return (self.root / LOCK_FILE).stat().st_mtime - 1.0
+        except OSError:
+            return None
 
     def _from_files(self) -> dict:
         out: dict = {

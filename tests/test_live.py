@@ -561,3 +561,23 @@ def test_a_run_left_by_a_stopped_loop_reads_as_interrupted(tmp_path):
     assert state(client(live.LiveData(lab / "results.tsv")))["current"]["phase"] == "interrupted"
     (lab / ".autoresearch.lock").write_text(f"{os.getpid()}\n")  # a live loop holds the repository
     assert state(client(live.LiveData(lab / "results.tsv")))["current"]["phase"] == "training"
+
+
+def test_with_several_workers_the_other_runs_in_flight_are_listed(tmp_path):
+    """In parallel mode several runs have no row yet; the page follows the newest and names the others
+    (their logs come back from the workers when they end). Runs left by an earlier loop are not listed."""
+    lab = make_lab(tmp_path / "lab")
+    orphan = lab / "runs" / "6"  # left by an earlier, interrupted loop
+    orphan.mkdir()
+    old = time.time() - 3600
+    os.utime(orphan, (old, old))
+    lock = lab / ".autoresearch.lock"
+    lock.write_text(f"{os.getpid()}\n")  # this loop started a minute ago
+    os.utime(lock, (time.time() - 60, time.time() - 60))
+    for n in (7, 8, 9):
+        (lab / "runs" / str(n)).mkdir()
+        (lab / "runs" / str(n) / "diff.patch").write_text(f"-LR = 1\n+LR = {n}\n")
+    s = state(client(live.LiveData(lab / "results.tsv")))
+    assert s["current"]["run"] == 9 and s["in_flight"] == [7, 8]
+    lock.unlink()  # no loop: nothing is in flight
+    assert state(client(live.LiveData(lab / "results.tsv")))["in_flight"] == []

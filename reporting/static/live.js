@@ -137,7 +137,8 @@
       if (charts.loss) { charts.loss.destroy(); charts.loss = null; }
       return;
     }
-    setText("cur-run", `runs/${c.run}${c.confirm ? " · confirm run" : ""} · ${c.phase}`);
+    const more = (s.in_flight || []).length ? ` · also running on other workers: ${s.in_flight.map((n) => `runs/${n}`).join(", ")} (their logs arrive when they end)` : "";
+    setText("cur-run", `runs/${c.run}${c.confirm ? " · confirm run" : ""} · ${c.phase}${more}`);
     setText("cur-desc", c.description);
     $("cur-bar").style.width = `${Math.min(100, 100 * (c.progress || 0)).toFixed(1)}%`;
     const ab = c.abort || {};
