@@ -36,7 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data.steplog import REMAINING, STEP_LINE, STEP_PREFIX, TOK_S
-from reporting.summary import ReportError, Source, load_source, measured, summarize
+from reporting import page
+from reporting.summary import ReportError, Source, load_source, summarize
 from research.results import Row
 from sandbox.secrets import redact
 
@@ -316,7 +317,7 @@ class LiveData:
         files = self._files.value
         out = dict(files["public"])
         out["generated_at"] = time.time()
-        out["loop"] = _loop_alive(self.root)
+        out["loop"] = page.loop_alive(self.root)
         cur = out["current"] = self._current(files.get("source"), files.get("replay"))
         quiet = cur.get("last_output_s") if cur else None
         if cur and not out["loop"]["running"] and quiet is not None and quiet > STALE_RUN_S:
@@ -357,11 +358,11 @@ class LiveData:
         rows = source.rows if source is not None else []
         summary = summarize(source) if rows else None
         st = self._replay(rows)
-        out["host"] = _host(source)
-        out["summary"] = _summary_json(source, summary, st) if summary else None
-        out["rows"] = _rows_json(rows, summary, self._run_numbers()) if summary else []
-        out["plot"] = _plot_json(source, summary) if summary else None
-        out["noise"] = _noise_json(st, summary, self)
+        out["host"] = page.host(source)
+        out["summary"] = page.summary_json(source, summary, st) if summary else None
+        out["rows"] = page.rows_json(rows, summary, self._run_numbers()) if summary else []
+        out["plot"] = page.plot_json(source, summary) if summary else None
+        out["noise"] = page.noise_json(st, summary, self)
         out["compare"] = self._compare(source) if self.others else None
         return {"public": out, "source": source, "replay": st}
 
@@ -411,7 +412,7 @@ class LiveData:
         m = _TOK_S.search(last)
         cur["tok_per_s"] = int(m[1].replace(b",", b"")) if m else None
         m = _REMAINING.search(last)
-        budget = _budget(rows)
+        budget = page.budget(rows)
         if m:
             cur["time_left_s"], cur["time_left_from"] = float(m[1]), "the trainer's own count"
         elif budget and points:
@@ -476,7 +477,7 @@ class LiveData:
         return subject, False
 
     def _best_curve(self, st) -> dict | None:
-        runs = [r.run for r in _best_runs(st) if r.run is not None]
+        runs = [r.run for r in page.best_runs(st) if r.run is not None]
         for n in reversed(runs):
             curve = self._curve(n)
             if curve:
@@ -561,112 +562,3 @@ class LiveData:
             values = [value_text(b.hyperparams[name]) if b and name in b.hyperparams else "—" for b in bests]
             out["hyperparams"].append({"name": name, "values": values, "differs": len(set(values)) > 1})
         return out
-
-
-# ---------------------------------------------------------------------------
-# JSON pieces
-# ---------------------------------------------------------------------------
-
-
-def _best_runs(st) -> list[Row]:
-    """The best trainer's measured rows in the decision state (none without one)."""
-    return list(getattr(st, "best_runs", None) or [])
-
-
-def _loop_alive(root: Path) -> dict:
-    """Whether a loop holds the repository's lock (its pid alive), read from .autoresearch.lock."""
-    from research.guards import LOCK_FILE
-
-    try:
-        first = (root / LOCK_FILE).read_text(encoding="utf-8", errors="replace")[:200].split("\n")[0]
-        pid = int(first)
-    except (OSError, ValueError):
-        return {"running": False, "pid": None}
-    try:
-        os.kill(pid, 0)
-        alive = True
-    except PermissionError:
-        alive = True
-    except OSError:
-        alive = False
-    return {"running": alive, "pid": pid}
-
-
-def _budget(rows: list[Row]) -> float | None:
-    for r in reversed(rows):
-        if r.budget_s:
-            return r.budget_s
-    return None
-
-
-def _host(source: Source | None) -> dict:
-    if source is None:
-        return {}
-    branch = max({r.branch for r in source.rows if r.branch} or {""}, key=lambda b: sum(r.branch == b
-                                                                                        for r in source.rows))
-    return {"backend": source.backend, "device": source.device, "protocol": source.protocol,
-            "evaluator": source.evaluator_hash, "branch": branch, "label": source.label,
-            "left_out": len(source.left_out)}
-
-
-def _summary_json(source: Source, s, st) -> dict:
-    best_n = s.number(s.best[0]) if s.best else None
-    return {
-        "experiments": len(source.rows), "tally": s.tally(), "counts": dict(s.counts),
-        "baseline_bpb": s.baseline_bpb, "baseline_runs": len(s.baselines), "best_bpb": s.best_bpb,
-        "best_basis": s.best_basis, "best_n": best_n, "improved": s.improved, "kept": len(s.kept),
-        "gain_pct": 100 * (s.best_bpb - s.baseline_bpb) / s.baseline_bpb if s.best_bpb and s.baseline_bpb else None,
-        "wall_seconds": s.wall_seconds, "cost_usd": s.cost_usd, "tokens_in": s.tokens_in, "tokens_out": s.tokens_out,
-        "best_mean": getattr(st, "best", None),
-        "best_mean_runs": len(_best_runs(st)) or None,
-    }
-
-
-def _rows_json(rows: list[Row], s, on_disk: list[int]) -> list[dict]:
-    base = {i for i, _ in s.baselines}
-    kept = {i for i, _ in s.kept}
-    disk = set(on_disk)
-    out = []
-    for i, r in enumerate(rows, start=1):
-        ok = measured(r)
-        before = s.best_before(i)
-        out.append({
-            "n": s.number(i), "run": r.run, "has_run": r.run in disk,
-            "status": r.status, "kind": "baseline" if i in base else "keep" if i in kept else r.status,
-            "description": r.description, "note": r.note, "commit": r.commit, "timestamp": r.timestamp,
-            "val_bpb": r.val_bpb if ok else None, "holdout_bpb": r.holdout_bpb,
-            "delta": r.val_bpb - before if ok and before else None,
-            "memory_gb": r.memory_gb or None, "steps": r.num_steps, "cost_usd": r.agent_cost_usd,
-            "tokens_in": r.agent_tokens_in, "tokens_out": r.agent_tokens_out,
-            "training_seconds": r.training_seconds, "wall_seconds": r.wall_seconds, "mfu": r.mfu_percent,
-            "progress": r.progress,
-        })
-    return out
-
-
-def _plot_json(source: Source, s) -> dict:
-    from reporting.report import y_limits
-
-    lo = hi = None
-    if any(measured(r) for r in source.rows):
-        lo, hi = y_limits(source, s)
-    return {"running_best": s.running_best, "y_min": lo, "y_max": hi,
-            "x_label": "experiment # (runs/<n>)" if any(r.run is not None for r in source.rows) else "experiment #"}
-
-
-def _noise_json(st, s, data: LiveData) -> dict:
-    out: dict = {"min_noise": data.min_noise, "baseline_spread": s.noise if s else None}
-    nm = getattr(st, "noise", None) if st is not None else None
-    try:
-        out.update(sigma=nm.sigma, measured=nm.measured, df=nm.df, groups=nm.groups, runs=nm.runs,
-                   step_share=getattr(nm, "step_share", None), describe=nm.describe())
-    except AttributeError:  # no noise model yet (or an older one): the rest of the page stands
-        pass
-    if st is not None:
-        from research.ledger import reach_sentence
-
-        out["out_of_reach"] = reach_sentence(st, data.alpha, data.confirm)  # as the terminal says it
-        out.update(best_mean=getattr(st, "best", None), best_runs=len(_best_runs(st)),
-                   abort_off=getattr(st, "abort_off", False),
-                   would_abort=getattr(st, "would_abort", 0))
-    return out
