@@ -468,7 +468,8 @@ def test_transfer_runs_the_other_machines_config_here(tiny_cache, tmp_path):
     assert "skipped, not hyperparameters of this trainer: NOT_A_KNOB_HERE" in dry.stdout
     assert "dry run" in dry.stdout and read_rows(repo) == [] and git(repo, "status", "--porcelain") == ""
 
-    out = run_loop(repo, "transfer", "--from", str(other), "--baseline-runs", "1", env=env)
+    # a wide wall margin: this test is about the transfer, not the wall-time rule, and must hold on a busy host
+    out = run_loop(repo, "transfer", "--from", str(other), "--baseline-runs", "1", "--wall-margin", "3", env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     rows = read_rows(repo)
     assert [r.status for r in rows] == ["keep", "transfer"]  # the stand-in's score follows its VAL_BPB alone
