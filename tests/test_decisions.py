@@ -1,5 +1,5 @@
 """Tests of the keep/discard rule, the noise model, one budget per comparison and early abort
-(research/decisions.py, research/session.py's replay, research/experiment.py).
+(research/decisions.py, research/ledger.py's replay, research/experiment.py).
 
 Most tests are in-process on simulated rows and loss streams: the rule's false-keep rate for identical
 trainers and its power for a real gain are measured over many simulated branches, through the same
