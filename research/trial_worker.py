@@ -194,7 +194,7 @@ class _RunContext:
 
 
 class TrialWorker:
-    """One experiment slot (a Ray actor in research/parallel.py): runs jobs, one at a time."""
+    """One experiment slot (a Ray actor started by research/pool.py): runs jobs, one at a time."""
 
     def __init__(self, name: str, backend: str | None, protocol: str, sandbox: str | None) -> None:
         import backends
