@@ -1,9 +1,9 @@
 """autoresearch loop: an agent edits the trainer, the loop runs, measures, keeps or reverts, logs.
 
 Usage:
-  python loop.py                      # = loop.py run: baseline, then experiments until stopped (Ctrl-C)
-  python loop.py run --agent optuna --max-experiments 3 --tag demo
-  python loop.py try "raise MATRIX_LR to 0.05"   # one experiment on the trainer as you edited it
+  uv run loop.py                      # = loop.py run: baseline, then experiments until stopped (Ctrl-C)
+  uv run loop.py run --agent optuna --max-experiments 3 --tag demo
+  uv run loop.py try "raise MATRIX_LR to 0.05"   # one experiment on the trainer as you edited it
 
 The agent is `claude` when ANTHROPIC_API_KEY is set, else the offline `optuna` optimizer.
 Results go to results.tsv (one row per experiment) and runs/<n>/ (log, diff, result JSON).

@@ -465,7 +465,7 @@ def write_report(path: str | Path, out_dir: str | Path, name: str = "report",
     """
     source = load_source(path, branch)
     if not source.rows:
-        raise ReportError(f"No experiments in {path} yet; run `python loop.py` (or `loop.py try`) first.")
+        raise ReportError(f"No experiments in {path} yet; run `uv run loop.py` (or `uv run loop.py try`) first.")
     summary = summarize(source)
     out_dir = Path(out_dir)
     png = plot_progress(source, summary, out_dir / f"{name}.png")

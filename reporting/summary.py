@@ -142,7 +142,7 @@ def load_source(path: str | Path, branch: str | None = None) -> Source:
         rows = [r for r in (row_from_run(d) for d in run_dirs) if r is not None]
         source = Source(path, rows, run_dirs[0].parent)
     else:
-        raise ReportError(f"{path} does not exist; run the loop first (python loop.py) or pass the results "
+        raise ReportError(f"{path} does not exist; run the loop first (uv run loop.py) or pass the results "
                           "file to read.")
     _keep_one_run(source, branch)
     return source

@@ -14,7 +14,7 @@ Where groups are made, the first that works:
 2. the root of the cgroup v2 hierarchy, where this process may write it (root, or a container's own
    cgroup namespace).
 3. the loop's own cgroup, when the loop is alone in it (e.g. started by
-   `systemd-run --user --scope -p Delegate=yes python loop.py ...`): the loop moves itself into a
+   `systemd-run --user --scope -p Delegate=yes uv run loop.py ...`): the loop moves itself into a
    leaf group beside the runs' groups, which cgroup v2 requires.
 Elsewhere (cgroup v1 hosts, containers without a writable cgroup, macOS) there is no group: the run's
 memory is then bounded by RLIMIT_AS on CPU runs, and its tmpfs by their sizes (see sandbox/confine.py).
