@@ -57,8 +57,6 @@ _RUN_NO = re.compile(r"[0-9]{1,9}")
 # the step line's format is data/steplog.py's (what prepare.log_step prints)
 _STEP_LINE = re.compile(STEP_PREFIX.pattern + rb"[^\r\n]*")
 _PENDING = re.compile(rb"^" + STEP_LINE.pattern + rb"\s*\|")  # a line still being drawn, its loss complete
-_TOK_S = TOK_S
-_REMAINING = REMAINING
 _HARNESS = b"--- evaluation (judge/harness.py) ---"
 _STOPPED = b"[loop] stopped early (abort)"
 
@@ -356,8 +354,8 @@ class LiveData:
         if source is not None and not source.rows:
             out["message"] = f"{self.results} has no experiment yet; the first row appears when the first run ends."
         rows = source.rows if source is not None else []
-        summary = summarize(source) if rows else None
-        st = self._replay(rows)
+        st = self._replay(rows)  # the decision state: the summary's best and the noise come from this one replay
+        summary = summarize(source, min_noise=self.min_noise, state=st) if rows else None
         out["host"] = page.host(source)
         out["summary"] = page.summary_json(source, summary, st) if summary else None
         out["rows"] = page.rows_json(rows, summary, self._run_numbers()) if summary else []
@@ -409,9 +407,9 @@ class LiveData:
         cur["progress"] = points[-1][1] if points else 0.0
         cur["loss"] = points[-1][2] if points else None
         last = _STEP_LINE.findall(tail.tail)[-1] if tail is not None and _STEP_LINE.search(tail.tail) else b""
-        m = _TOK_S.search(last)
+        m = TOK_S.search(last)
         cur["tok_per_s"] = int(m[1].replace(b",", b"")) if m else None
-        m = _REMAINING.search(last)
+        m = REMAINING.search(last)
         budget = page.budget(rows)
         if m:
             cur["time_left_s"], cur["time_left_from"] = float(m[1]), "the trainer's own count"

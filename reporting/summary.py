@@ -324,11 +324,14 @@ def _is_baseline(row: Row) -> bool:
     return row.kind == Kind.BASELINE
 
 
-def summarize(source: Source) -> Summary:
+def summarize(source: Source, *, min_noise: float | None = None, drift: float | None = None,
+              state=None) -> Summary:
     """Numbers, counts, baseline, kept changes in order, best config and the running best.
 
     Where no row is marked `keep` (run folders without a status) the first measured run is the
-    baseline and every later run that beats the best so far counts as kept.
+    baseline and every later run that beats the best so far counts as kept. A file the loop wrote is
+    replayed with the loop's `min_noise` and `drift` (its defaults unless given); `state`, that replay
+    already made by the caller (research.ledger.replay of these rows with these settings), is used as is.
     """
     rows = source.rows
     indexed = list(enumerate(rows, start=1))
@@ -353,12 +356,13 @@ def summarize(source: Source) -> Summary:
         from research.ledger import replay, running_best
         from research.session import Settings
 
-        knobs = Settings()
-        st = replay(rows, knobs.min_noise, knobs.drift)
+        min_noise = Settings.min_noise if min_noise is None else min_noise
+        drift = Settings.drift if drift is None else drift
+        st = state if state is not None else replay(rows, min_noise, drift)
         if st.best is not None:
             top = kept[-1] if kept else (baselines[0] if baselines else None)
             best_bpb, basis = st.best, st.basis()
-            running = running_best(rows, knobs.min_noise, knobs.drift)
+            running = running_best(rows, min_noise, drift)
     chosen = {i for i, _ in baselines + kept}
     return Summary(
         counts=Counter("keep" if i in chosen else r.status for i, r in indexed),

@@ -138,9 +138,6 @@ def deadline_env(rule: WallRule | None, started: float) -> dict[str, str]:
     return {DEADLINE_ENV: json.dumps(clock, separators=(",", ":"))}
 
 
-_STEP_LINE = STEP_PREFIX  # any step line prepare.log_step prints (data/steplog.py)
-
-
 class StepWatch:
     """When the trainer's first and last `step N (P%) | loss:` lines arrived (time.time()), from its
     output as it comes (`feed`, on the pipe reader's thread). A line cut between two chunks is seen in
@@ -158,7 +155,7 @@ class StepWatch:
             self.inner(chunk)
         now = time.time()
         with self._lock:
-            if _STEP_LINE.search(self._tail + chunk):
+            if STEP_PREFIX.search(self._tail + chunk):  # any step line prepare.log_step prints
                 if self.first is None:
                     self.first = now
                 self.last = now

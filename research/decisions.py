@@ -253,7 +253,6 @@ def decide_runs(cand: list[float], best: list[float], noise: NoiseModel, alpha: 
 NBINS = 40  # progress bins of 2.5%
 MAX_LINE = 1024  # longer "lines" are not step lines; they are skipped, never buffered whole
 MAX_POINTS = 4000  # a curve keeps at most this many points (every other one dropped when full)
-_STEP = STEP_LINE  # the format prepare.log_step prints (data/steplog.py)
 
 
 class LossCurve:
@@ -290,7 +289,7 @@ class LossCurve:
                     self._parse(line)
 
     def _parse(self, line: bytes) -> None:
-        m = _STEP.search(line)
+        m = STEP_LINE.search(line)  # the format prepare.log_step prints (data/steplog.py)
         if not m:
             return
         step, progress, loss = int(m[1]), float(m[2]) / 100.0, float(m[3])

@@ -27,7 +27,6 @@ __all__ = ["HyperparamError", "Setting", "Spot", "SourceValues", "parse_block", 
            "effective_values", "layout_key", "set_values", "format_value", "probe_conditions", "static_truth",
            "static_values"]
 
-_START, _END = START, END  # the block's markers (data/block.py)
 _NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
 
 
@@ -80,10 +79,10 @@ def _const(node: ast.AST) -> object:
 
 def _block_lines(text: str) -> tuple[int, int]:
     lines = text.split("\n")
-    start = next((i for i, line in enumerate(lines) if _START.match(line.strip())), None)
+    start = next((i for i, line in enumerate(lines) if START.match(line.strip())), None)
     if start is None:
         raise HyperparamError("the trainer has no '# --- hyperparameters ---' block")
-    end = next((i for i in range(start + 1, len(lines)) if _END.match(lines[i].strip())), None)
+    end = next((i for i in range(start + 1, len(lines)) if END.match(lines[i].strip())), None)
     if end is None:
         raise HyperparamError("the hyperparameter block has no '# --- end hyperparameters ---' line")
     return start, end

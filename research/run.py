@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from data.steplog import FAIL_PREFIX
 from judge.graphs import plain_file, read_facts
 from judge.harness import GO
 from research.clock import StepWatch, WallRule, deadline_env
@@ -72,7 +73,7 @@ def failure_line(log: str) -> str | None:
     """The line of a crashed run's log that says what went wrong: the trainer's own `FAIL:` line,
     else the exception line that ends a Python traceback."""
     lines = [ln.rstrip() for ln in log.split("\n") if ln.strip()]
-    fail = next((ln for ln in reversed(lines) if ln.startswith("FAIL:")), None)
+    fail = next((ln for ln in reversed(lines) if ln.startswith(FAIL_PREFIX.rstrip())), None)
     if fail is not None:
         return sanitize(fail, 300)
     starts = [i for i, ln in enumerate(lines) if ln.startswith("Traceback (most recent call last):")]

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import prepare
-from data.steplog import format_step
+from data.steplog import TOK_S, format_step
 from reporting import live
 from research.clock import StepWatch
 from research.decisions import LossCurve
@@ -35,7 +35,7 @@ def test_every_reader_reads_the_line_log_step_prints():
     tail.curve.feed(("\r" + lines[0] + "    \r" + lines[1] + "    ").encode())
     tail.tail = ("\r" + lines[0] + "    \r" + lines[1] + "    ").encode()
     assert [p[0] for p in tail.points()] == [1, 2]
-    assert live._TOK_S.search(lines[1].encode())[1] == b"17,453"
+    assert TOK_S.search(lines[1].encode())[1] == b"17,453"
 
 
 def test_a_log_gets_one_line_per_step_and_fail_ends_the_run_with_its_reason():
