@@ -122,16 +122,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _settings(args) -> Settings:
-    return Settings(baseline_runs=args.baseline_runs, min_noise=args.min_noise, confirm=args.confirm,
-                    alpha=args.alpha, remeasure_every=args.remeasure_every, early_abort=args.early_abort,
-                    abort_z=args.abort_z, abort_min_progress=args.abort_min_progress,
-                    timeout_margin=args.timeout_margin, startup_allowance=args.startup_allowance,
-                    wall_margin=args.wall_margin,
-                    no_sandbox=args.no_sandbox,
-                    max_fix_attempts=getattr(args, "max_fix_attempts", Settings.max_fix_attempts))
-
-
 def _env_float(name: str) -> float | None:
     """A number from the environment (unset or empty: None); a value that is not one is an error."""
     raw = os.environ.get(name, "").strip()
@@ -218,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
 
             check_workers(args.workers)
         try:
-            session = Session.open(REPO, backend=args.backend, protocol=args.protocol, settings=_settings(args),
+            session = Session.open(REPO, backend=args.backend, protocol=args.protocol, settings=Settings.from_args(args),
                                    console=console)
         except prepare.PrepareError as e:
             raise SessionError(str(e)) from None

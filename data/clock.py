@@ -16,7 +16,8 @@ __all__ = ["DEADLINE_ENV", "TrainingClock"]
 
 DEADLINE_ENV = "AUTORESEARCH_DEADLINE"  # set by the loop (research/clock.py): JSON with the deadline and reserve
 _MAX_RESERVE_SCALE = 3.0  # a slow start grows the hand-over reserve by at most this factor ...
-_START_NOISE = 0.25  # ... and only by how much later than the baselines' its first step came beyond this fraction
+_START_NOISE = 0.25  # ... and only by how much later than the baselines' its first step came beyond this fraction,
+_RECENT_STEPS = 8  # ... or by how much longer than the baselines' steps its recent ones take (their median)
 
 
 class TrainingClock:
@@ -31,15 +32,17 @@ class TrainingClock:
     Run by hand (no deadline) the budget is the protocol's. Under the loop it is at most the training so far
     plus the wall time left before the deadline, less one more step and less the reserve the hand-over
     needs (what the branch's baselines took from their last step to their end, grown when this run reached
-    its first step more than a quarter later than they did), and never below a millisecond (the schedule
-    divides by it). A run whose set-up took longer than the baselines' therefore trains less instead of handing
+    its first step more than a quarter later than they did or its recent steps take longer than theirs: a
+    busier machine or a bigger model hands over more slowly too), and never below a millisecond (the
+    schedule divides by it). A run whose set-up took longer than the baselines' therefore trains less instead of handing
     over past its deadline."""
 
     def __init__(self, protocol) -> None:
         self.time_budget = float(protocol.time_budget)
-        self.deadline = self.started = self.reserve = self.first_step = None
+        self.deadline = self.started = self.reserve = self.first_step = self.step = None
         self.scale = 1.0  # the reserve's growth for a first step later than the baselines' (at least 1)
         self._first = True
+        self._recent: list[float] = []  # the last few steps' seconds (the first, with its compile, left out)
         try:
             spec = json.loads(os.environ.get(DEADLINE_ENV) or "null")
             if isinstance(spec, dict):
@@ -47,6 +50,7 @@ class TrainingClock:
                 self.started = float(spec.get("started", time.time()))
                 self.reserve = float(spec["reserve_s"]) if spec.get("reserve_s") is not None else None
                 self.first_step = float(spec["first_step_s"]) if spec.get("first_step_s") else None
+                self.step = float(spec["step_s"]) if spec.get("step_s") else None
         except (ValueError, TypeError, KeyError):
             self.deadline = None  # unreadable: run to the protocol's budget (the loop still times the run)
         if self.deadline is not None and self.reserve is None:  # nothing measured yet: a quarter of the slack
@@ -62,5 +66,10 @@ class TrainingClock:
             if self.first_step:  # how many times later, less the start-up's own noise
                 late = (now - self.started) / self.first_step - _START_NOISE
                 self.scale = min(_MAX_RESERVE_SCALE, max(1.0, late))
-        left = self.deadline - now - self.reserve * self.scale - step_seconds
+        elif step_seconds > 0:
+            self._recent = [*self._recent[1 - _RECENT_STEPS:], step_seconds]
+        scale = self.scale
+        if self.step and self._recent:  # how many times slower than the baselines' steps
+            scale = min(_MAX_RESERVE_SCALE, max(scale, sorted(self._recent)[len(self._recent) // 2] / self.step))
+        left = self.deadline - now - self.reserve * scale - step_seconds
         return max(1e-3, min(self.time_budget, trained + left))

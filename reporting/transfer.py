@@ -249,17 +249,15 @@ def cmd_transfer(from_path: str | Path, *, repo: str | Path | None = None, backe
 def _transfer_from_args(args: argparse.Namespace) -> int:
     from research.session import Settings
 
-    names = ("baseline_runs", "min_noise", "timeout_margin")
-    settings = Settings(**{n: getattr(args, n) for n in names if getattr(args, n, None) is not None})
-    return cmd_transfer(args.from_path, backend=args.backend, protocol=args.protocol, settings=settings,
+    return cmd_transfer(args.from_path, backend=args.backend, protocol=args.protocol, settings=Settings.from_args(args),
                         keep=args.keep, apply_all=args.apply_all, dry_run=args.dry_run)
 
 
 def add_subparser(subparsers, parents: list[argparse.ArgumentParser] = ()) -> None:
     """Register `transfer` on loop.py's subparsers (`func` returns the exit code; it opens its own session).
 
-    `parents` are loop.py's shared option parsers (it reads --backend, --protocol, --baseline-runs,
-    --min-noise and --timeout-margin from them); without any, it gets its own --backend and --protocol.
+    `parents` are loop.py's shared option parsers (it reads --backend, --protocol and the run settings from
+    them, --wall-margin among them); without any, it gets its own --backend and --protocol.
     """
     p = subparsers.add_parser("transfer", parents=list(parents),
                               help="run another machine's best config once here, logged as status transfer")

@@ -15,10 +15,11 @@ faster than the baselines' median its own start and hand-over are, plus whatever
 (start-up, warm-up, export) it manages to skip. An honest change that adds set-up time (a bigger model,
 a compile) is not rejected: the loop tells every run its deadline (DEADLINE_ENV: the absolute time of
 the limit, when the run started, how long the baselines took, in the median, from their last training
-step to their end and from their start to their first step), and the training contract the trainers use
-(`prepare.TrainingClock`, data/clock.py) ends training early enough for the hand-over to make it, with
-the reserve grown when this run reached its first step more than a quarter later than the baselines did
-(a busier machine, a slower start).
+step to their end and from their start to their first step, and their seconds per step), and the training
+contract the trainers use (`prepare.TrainingClock`, data/clock.py) ends training early enough for the
+hand-over to make it, with the reserve grown when this run reached its first step more than a quarter
+later than the baselines did or its steps take longer than theirs (a busier machine, a bigger model: both
+make the hand-over slower too).
 
 The limit does not move with the loop's gauge of the machine's speed (research/gauge.py): on a shared
 machine the gauge read the machine 2x faster than for the baselines while the trainer ran 15% faster
@@ -50,7 +51,7 @@ __all__ = ["DEADLINE_ENV", "MIN_MARGIN_S", "MAX_MARGIN_FRACTION", "SPREAD_FACTOR
 MIN_MARGIN_S = 0.25  # the margin past the baselines' median wall time, at least (timer and process-exit jitter)
 SPREAD_FACTOR = 3.0  # ... else this many (robust) standard deviations of their wall times
 MAX_MARGIN_FRACTION = 0.05  # ... and at most this fraction of the budget (or MIN_MARGIN_S), however noisy
-RESERVE_FACTOR = 1.1  # the reserve an honest trainer keeps for its hand-over: 1.1 x the baselines' median
+RESERVE_FACTOR = 1.2  # the reserve an honest trainer keeps for its hand-over: 1.2 x the baselines' median
 RESERVE_EXTRA_S = 0.1  # ... time from their last step to their end, plus 0.1 s
 
 
@@ -64,6 +65,7 @@ class WallRule:
     margin: float  # limit - the baselines' median wall time (fixed rule: limit - budget)
     reserve: float | None = None  # seconds an honest trainer keeps for its hand-over; None: none measured
     first_step: float | None = None  # the baselines' median seconds from their start to their first step line
+    step: float | None = None  # the baselines' median seconds per step, from their first to their last step line
     baselines: int = 0  # how many baselines it is measured on (0: fixed by --startup-allowance)
     spread: float | None = None  # the baselines' robust standard deviation of wall time (two or more)
 
@@ -98,11 +100,23 @@ def margin_for(walls: list[float], budget: float) -> float:
     return min(max(MIN_MARGIN_S, SPREAD_FACTOR * spread), max(MIN_MARGIN_S, MAX_MARGIN_FRACTION * budget))
 
 
-def _reserve(rows) -> tuple[float | None, float | None]:
+def _step_seconds(row) -> float | None:
+    """Seconds per step of a baseline, timed from outside: from its first step line to its last, over its
+    steps less one (the step count is the trainer's word; a wrong one only misleads the honest reserve)."""
+    first, tail, wall = (getattr(row, n, None) for n in ("first_step_s", "tail_s", "wall_seconds"))
+    steps = getattr(row, "num_steps", None)
+    if None in (first, tail, wall) or not steps or steps < 2:
+        return None
+    span = wall - first - tail
+    return span / (steps - 1) if span > 0 else None
+
+
+def _reserve(rows) -> tuple[float | None, float | None, float | None]:
     tails = [r.tail_s for r in rows if getattr(r, "tail_s", None) is not None]
     firsts = [r.first_step_s for r in rows if getattr(r, "first_step_s", None) is not None]
+    steps = [t for t in map(_step_seconds, rows) if t is not None]
     reserve = RESERVE_FACTOR * statistics.median(tails) + RESERVE_EXTRA_S if tails else None
-    return reserve, (statistics.median(firsts) if firsts else None)
+    return reserve, (statistics.median(firsts) if firsts else None), (statistics.median(steps) if steps else None)
 
 
 def rule_from_baselines(baselines, budget: float, margin: float | None = None) -> WallRule | None:
@@ -113,16 +127,17 @@ def rule_from_baselines(baselines, budget: float, margin: float | None = None) -
         return None
     walls = [r.wall_seconds for r in good]
     m = margin_for(walls, budget) if margin is None else margin
-    reserve, first = _reserve(good)
+    reserve, first, step = _reserve(good)
     return WallRule(budget=budget, limit=statistics.median(walls) + m, margin=m, reserve=reserve, first_step=first,
-                    baselines=len(good), spread=spread_of(walls))
+                    step=step, baselines=len(good), spread=spread_of(walls))
 
 
 def fixed_rule(budget: float, allowance: float, baselines=()) -> WallRule:
     """--startup-allowance S: the limit is budget + S whatever the baselines took (their hand-over time
     still gives the reserve)."""
-    reserve, first = _reserve([r for r in baselines if r.ok])
-    return WallRule(budget=budget, limit=budget + allowance, margin=allowance, reserve=reserve, first_step=first)
+    reserve, first, step = _reserve([r for r in baselines if r.ok])
+    return WallRule(budget=budget, limit=budget + allowance, margin=allowance, reserve=reserve, first_step=first,
+                    step=step)
 
 
 def deadline_env(rule: WallRule | None, started: float) -> dict[str, str]:
@@ -135,6 +150,8 @@ def deadline_env(rule: WallRule | None, started: float) -> dict[str, str]:
         clock["reserve_s"] = round(rule.reserve, 3)
     if rule.first_step is not None:
         clock["first_step_s"] = round(rule.first_step, 3)
+    if rule.step is not None:
+        clock["step_s"] = round(rule.step, 4)
     return {DEADLINE_ENV: json.dumps(clock, separators=(",", ":"))}
 
 

@@ -12,6 +12,7 @@ import datetime as _dt
 import os
 import shutil
 import statistics
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +67,14 @@ class Settings:
     no_sandbox: bool = False  # run trainers without an OS sandbox (they can then read val data, git, secrets)
     max_fix_attempts: int = 2  # fix attempts an agent gets after its change crashed
     tick_s: float = 0.5  # status-line refresh
+
+    @classmethod
+    def from_args(cls, args) -> Settings:
+        """The settings named by loop.py's parsed options (`--baseline-runs` is `baseline_runs`); an option a
+        command does not have, or left unset (None), keeps its default. One reading for every command."""
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+                  if getattr(args, f.name, None) is not None}
+        return cls(**values)
 
 
 def default_tag(today: _dt.date | None = None) -> str:

@@ -57,6 +57,11 @@ def test_the_limit_is_the_baselines_median_plus_a_margin_from_their_spread():
     assert clock.rule_from_baselines([_baseline(14.0)], 8.0, margin=2.0).limit == 16.0  # --wall-margin
     tails = clock.rule_from_baselines([_baseline(14.0, tail=t) for t in (1.0, 1.2, 5.0)], 8.0)
     assert tails.reserve == pytest.approx(clock.RESERVE_FACTOR * 1.2 + clock.RESERVE_EXTRA_S)  # the median tail
+    timed = [_baseline(14.0, tail=1.0, first=4.0) for _ in range(2)]
+    for r, n in zip(timed, (91, 46), strict=True):
+        r.num_steps = n  # 9 s from the first step line to the last: 0.1 s and 0.2 s per step
+    assert clock.rule_from_baselines(timed, 8.0).step == pytest.approx(0.15)
+    assert tails.step is None  # no step count: nothing to compare a run's steps with
     fixed = clock.fixed_rule(8.0, 5.0, [_baseline(14.0)])
     assert fixed.limit == 13.0 and fixed.reserve == rule.reserve and "--startup-allowance" in fixed.describe()
 
@@ -83,6 +88,14 @@ def test_the_training_clock_ends_training_before_the_deadline(monkeypatch):
     assert slow.scale == pytest.approx(1.75, abs=0.01)  # 2 less the 0.25 of start-up noise
     assert told(6.0, started_ago=4.8, reserve=1.0, first_step=4.0).budget(0.5, 0.2) == \
         pytest.approx(0.5 + 6.0 - 1.0 - 0.2, abs=0.05)  # 20% late: noise, the reserve as measured
+    steps = told(6.0, started_ago=4.0, reserve=1.0, first_step=4.0, step=0.1)  # on time, then slower steps
+    assert steps.budget(0.0, 0.3) == pytest.approx(6.0 - 1.0 - 0.3, abs=0.05)  # the first step (compile) is not read
+    for _ in range(3):
+        steps.budget(0.5, 0.15)
+    assert steps.budget(0.5, 0.15) == pytest.approx(0.5 + 6.0 - 1.5 - 0.15, abs=0.05)  # 1.5 x slower: 1.5 x reserve
+    fast = told(6.0, started_ago=4.0, reserve=1.0, first_step=4.0, step=0.1)
+    fast.budget(0.0, 0.3)
+    assert fast.budget(0.5, 0.05) == pytest.approx(0.5 + 6.0 - 1.0 - 0.05, abs=0.05)  # faster steps: never less
     unmeasured = told(20.0)  # no baseline printed a step line: a quarter of the room past the budget
     assert unmeasured.reserve == pytest.approx(0.25 * (25.0 - 8.0), abs=0.01)
     monkeypatch.setenv(prepare.DEADLINE_ENV, "not json")

@@ -391,6 +391,19 @@ def test_subcommands_register_and_run(tmp_path):
     assert args.from_path == str(results) and args.keep == ["DEPTH"] and args.dry_run
 
 
+def test_transfer_reads_every_run_setting_loop_py_has():
+    """`loop.py transfer` takes the shared run options the way `run` and `try` do (Settings.from_args): a
+    --wall-margin given to it is the margin its run is held to."""
+    import loop
+    from research.session import Settings
+
+    args = loop.build_parser().parse_args(["transfer", "--from", "x.tsv", "--wall-margin", "3", "--baseline-runs",
+                                           "1", "--no-confirm", "--startup-allowance", "9"])
+    s = Settings.from_args(args)
+    assert (s.wall_margin, s.baseline_runs, s.confirm, s.startup_allowance) == (3.0, 1, False, 9.0)
+    assert s.min_noise == Settings.min_noise and s.tick_s == Settings.tick_s  # unset: the defaults
+
+
 # ---------------------------------------------------------------------------
 # transfer
 # ---------------------------------------------------------------------------
