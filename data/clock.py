@@ -15,9 +15,8 @@ import time
 __all__ = ["DEADLINE_ENV", "TrainingClock"]
 
 DEADLINE_ENV = "AUTORESEARCH_DEADLINE"  # set by the loop (research/clock.py): JSON with the deadline and reserve
-_MAX_RESERVE_SCALE = 3.0  # a slow start grows the hand-over reserve by at most this factor ...
-_START_NOISE = 0.25  # ... and only by how much later than the baselines' its first step came beyond this fraction,
-_RECENT_STEPS = 8  # ... or by how much longer than the baselines' steps its recent ones take (their median)
+_MAX_RESERVE_SCALE = 3.0  # a slow start or slow steps grow the hand-over reserve by at most this factor: by how
+_RECENT_STEPS = 8  # many times later than the baselines' its first step came, or longer its recent steps take
 
 
 class TrainingClock:
@@ -30,12 +29,12 @@ class TrainingClock:
         ... stop once a counted step brings total_training_time to budget
 
     Run by hand (no deadline) the budget is the protocol's. Under the loop it is at most the training so far
-    plus the wall time left before the deadline, less one more step and less the reserve the hand-over
-    needs (what the branch's baselines took from their last step to their end, grown when this run reached
-    its first step more than a quarter later than they did or its recent steps take longer than theirs: a
-    busier machine or a bigger model hands over more slowly too), and never below a millisecond (the
-    schedule divides by it). A run whose set-up took longer than the baselines' therefore trains less instead of handing
-    over past its deadline."""
+    plus the wall time left before the deadline, less one more step (as long as the longest of the last
+    few: on a busy machine steps vary) and less the reserve the hand-over needs (what the branch's baselines
+    took from their last step to their end, grown when this run reached its first step later than they did
+    or its recent steps take longer than theirs: a busier machine or a bigger model hands over more slowly
+    too), and never below a millisecond (the schedule divides by it). A run whose
+    set-up took longer than the baselines' therefore trains less instead of handing over past its deadline."""
 
     def __init__(self, protocol) -> None:
         self.time_budget = float(protocol.time_budget)
@@ -63,13 +62,13 @@ class TrainingClock:
         now = time.time()
         if step_seconds > 0 and self._first:  # the first step is done: compare with the baselines' first step
             self._first = False
-            if self.first_step:  # how many times later, less the start-up's own noise
-                late = (now - self.started) / self.first_step - _START_NOISE
-                self.scale = min(_MAX_RESERVE_SCALE, max(1.0, late))
+            if self.first_step:  # how many times later
+                self.scale = min(_MAX_RESERVE_SCALE, max(1.0, (now - self.started) / self.first_step))
         elif step_seconds > 0:
             self._recent = [*self._recent[1 - _RECENT_STEPS:], step_seconds]
         scale = self.scale
         if self.step and self._recent:  # how many times slower than the baselines' steps
             scale = min(_MAX_RESERVE_SCALE, max(scale, sorted(self._recent)[len(self._recent) // 2] / self.step))
-        left = self.deadline - now - self.reserve * scale - step_seconds
+        next_step = max([step_seconds, *self._recent])  # the longest of late: on a busy machine steps vary
+        left = self.deadline - now - self.reserve * scale - next_step
         return max(1e-3, min(self.time_budget, trained + left))

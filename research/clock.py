@@ -17,8 +17,8 @@ a compile) is not rejected: the loop tells every run its deadline (DEADLINE_ENV:
 the limit, when the run started, how long the baselines took, in the median, from their last training
 step to their end and from their start to their first step, and their seconds per step), and the training
 contract the trainers use (`prepare.TrainingClock`, data/clock.py) ends training early enough for the
-hand-over to make it, with the reserve grown when this run reached its first step more than a quarter
-later than the baselines did or its steps take longer than theirs (a busier machine, a bigger model: both
+hand-over to make it, with the reserve grown when this run reached its first step later than the
+baselines did or its steps take longer than theirs (a busier machine, a bigger model: both
 make the hand-over slower too).
 
 The limit does not move with the loop's gauge of the machine's speed (research/gauge.py): on a shared
@@ -79,9 +79,14 @@ class WallRule:
             return f"a hand-over later than {self.limit:.1f} s after start (budget + {self.allowance:.1f} s, set " \
                    f"by --startup-allowance) is rejected (overtime)"
         spread = f", spread {self.spread:.2f} s" if self.spread is not None else ""
-        return (f"a hand-over later than {self.limit:.1f} s after start (the median of {self.baselines} baseline"
+        text = (f"a hand-over later than {self.limit:.1f} s after start (the median of {self.baselines} baseline"
                 f"{'s' if self.baselines != 1 else ''} + {self.margin:.2f} s margin{spread}) is rejected "
                 f"(overtime); each run is told its deadline and trains less rather than run past it")
+        if self.spread is not None and SPREAD_FACTOR * self.spread > self.margin + 1e-9:
+            text += (f". The baselines' wall times spread more than the margin allows (it is capped at "
+                     f"{100 * MAX_MARGIN_FRACTION:.0f}% of the budget): on a machine this noisy an honest run can "
+                     "be rejected as overtime; a quieter machine, a longer budget or --wall-margin S avoids it")
+        return text
 
 
 def spread_of(walls: list[float]) -> float | None:

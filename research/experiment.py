@@ -26,7 +26,8 @@ from research.results import CONFIRM_RUN, MEASURED, NO_COMMIT, Kind, Row, saniti
 from research.session import Session, TamperError
 from sandbox.secrets import redact
 
-__all__ = ["Outcome", "run_experiment", "run_baseline", "run_rerun", "decide", "make_row", "write_meta",
+__all__ = ["Outcome", "Trial", "run_experiment", "begin", "check", "commit_change", "run_change", "guard",
+           "decide_trial", "record", "run_baseline", "run_rerun", "decide", "make_row", "write_meta",
            "abort_monitor", "report_outcome"]
 
 
@@ -164,10 +165,58 @@ def run_rerun(s: Session, why: str) -> Outcome:
     return run_experiment(s, f"{RERUN} ({s.kept_commit[:7]})", rerun=why, label=RERUN)
 
 
+@dataclass
+class Trial:
+    """One experiment on its way through the stages of `run_experiment`: what it is (set at the start), and
+    what each stage found (the commit, the run, its measurement, the decision)."""
+
+    s: Session
+    description: str
+    usage: Usage | None
+    kind: str
+    run_no: int
+    run_dir: Path
+    label: str
+    text: str  # the trainer as it is in the work tree (the one that runs)
+    baseline: tuple[int, int] | None = None
+    rerun: str | None = None
+    record_as: str | None = None
+    keep_edit: bool = False
+    commit: str = ""
+    diff: str = ""
+    run: object | None = None  # research.run.TrainerRun
+    status: str = ""  # ok | crash | invalid | rejected | abort, then the decision's
+    m: Measurement | None = None
+    reason: str = ""
+    monitor: AbortMonitor | None = None
+    note: str = ""
+    progress: float | None = None
+    tail: str = ""
+    extra: list[Row] = field(default_factory=list)  # rows recorded after the experiment's (its confirm run)
+    timings: dict[str, float] = field(default_factory=dict)
+    t0: float = field(default_factory=time.perf_counter)
+    started_at: float = field(default_factory=time.time)
+
+    @property
+    def same(self) -> bool:
+        """The last kept commit as it is (a baseline or a rerun): nothing to commit, nothing to decide."""
+        return bool(self.baseline or self.rerun)
+
+    @property
+    def wall(self) -> float:
+        return self.run.wall_seconds if self.run else 0.0
+
+    def row(self, status: str | None = None, note: str | None = None, *, measured: bool = True) -> Row:
+        return make_row(self.s, kind=self.kind, commit=self.commit, status=status or self.status,
+                        description=self.description, note=self.note if note is None else note, run_no=self.run_no,
+                        trainer_text=self.text, m=self.m if measured else None, wall=self.wall,
+                        usage=self.usage, progress=self.progress, run=self.run)
+
+
 def run_experiment(s: Session, description: str, usage: Usage | None = None, *,
                    baseline: tuple[int, int] | None = None, keep_edit: bool = False,
                    record_as: str | None = None, label: str | None = None, rerun: str | None = None) -> Outcome:
-    """Check, commit, run and record the trainer as it is in the work tree.
+    """Check, commit, run, guard, decide and record the trainer as it is in the work tree.
 
     - baseline=(k, n): run the last kept commit as it is (no change expected), status keep.
     - rerun=why: the same, recorded as status rerun (a re-measurement of the best).
@@ -182,133 +231,148 @@ def run_experiment(s: Session, description: str, usage: Usage | None = None, *,
     Raises TamperError (after restoring and recording) when a locked file was changed, and
     SessionError (after recording the crash) when a run crashed and the prepared data is damaged.
     """
-    t0 = time.perf_counter()
-    started_at = time.time()
-    timings: dict[str, float] = {}
-    run_no, run_dir = s.new_run_dir()
-    label = label or (f"baseline {baseline[0]}/{baseline[1]}" if baseline else f"run {run_no}")
-    same = bool(baseline or rerun)  # the last kept commit as it is, no decision
-    kind = (Kind.BASELINE if baseline else Kind.RERUN if rerun else Kind.TRANSFER if record_as == "transfer"
-            else Kind.EXPERIMENT)
-    extra: list[Row] = []  # rows recorded after the experiment's (its confirm run)
-    description = sanitize(description) or "(no description)"
-    text = s.trainer_text() if (s.repo / s.trainer).exists() else ""
-    s.source.values(text, s.confine)  # its hyperparameters, read from the source in the tree (the row's)
-
-    def finish(row: Row, diff: str, tail: str = "", restore: bool = True) -> Outcome:
-        t_rec = time.perf_counter()
-        if restore:
-            kept_edit = keep_edit and row.status in ("crash", "invalid", "rejected") and bool(text)
-            s.restore(text if kept_edit else None, save_removed=run_dir / "removed")
-        s.record(row)
-        for r in extra:
-            s.record(r)
-        s.refresh()  # best, noise model and re-measurement state from the rows
-        timings["bookkeeping"] = time.perf_counter() - t_rec
-        timings["total"] = time.perf_counter() - t0
-        write_meta(run_dir, row, timings, started_at=started_at, finished_at=time.time())
-        return Outcome(row=row, run_dir=run_dir, log_tail=tail, diff=diff, trainer_text=text, timings=timings)
-
-    # 1. the change keeps to the one-file rule
-    if same:
-        commit, diff = s.kept_commit, ""
-        problem = s.scope_problem(allow_trainer=False)
-    else:
-        problem = scope_problem(s.changes(), s.trainer, require_change=True)
-        diff = gitrepo.diff(s.repo, "HEAD") + _untracked_listing(s)
-    (run_dir / "diff.patch").write_text(redact(diff), encoding="utf-8")
+    t = begin(s, description, usage, baseline=baseline, keep_edit=keep_edit, record_as=record_as, label=label,
+              rerun=rerun)
+    problem = check(t)
     if problem:
         note = f"rejected: {problem}"
         if baseline:
             note = f"{BASELINE} {baseline[0]}/{baseline[1]}; {note}"
-        row = make_row(s, kind=kind, commit="", status="rejected", description=description, note=note,
-                       run_no=run_no, trainer_text=text, m=None, wall=None, usage=usage)
-        out = finish(row, diff, restore=True)
-        report_outcome(s, label, out)
+        out = record(t, make_row(s, kind=t.kind, commit="", status="rejected", description=t.description,
+                                 note=note, run_no=t.run_no, trainer_text=t.text, m=None, wall=None, usage=usage))
+        report_outcome(s, t.label, out)
         return out
-    t = time.perf_counter()
-    if not same:
-        commit = gitrepo.commit_paths(s.repo, [s.trainer], description)
-    timings["commit"] = time.perf_counter() - t
-
-    # 2. run (compile check first: a syntax error needs no process)
-    t = time.perf_counter()
-    outside = s.outside_state()
-    bad = syntax_problem(text, s.trainer, run_dir / "log.txt")
-    if bad:
-        run, status, m, reason = None, "crash", None, bad
-    else:
-        s.console.event(f"[{label}] {description}")
-        monitor = None if same or record_as else abort_monitor(s, label, text)
-        run, status, m, reason = run_once(s, run_dir, label, description, monitor=monitor,
-                                           overtime=not baseline)
-    timings["trainer"] = time.perf_counter() - t
-    wall = run.wall_seconds if run else 0.0
-    tail = log_tail(run_dir / "log.txt")
-
-    def guard(before) -> str | None:
-        """research.guards.guard_run after a run of this experiment: what it changed (put back), or None; a
-        locked file changed: the row is recorded as rejected, then TamperError stops the loop (record()
-        verifies again, so a change the reset cannot undo stops without a row)."""
-        try:
-            return guard_run(s, before, save_removed=run_dir / "removed")
-        except TamperError as e:
-            row = make_row(s, kind=kind, commit=commit, status="rejected", description=description,
-                           note=f"rejected: {e}", run_no=run_no, trainer_text=text, m=None, wall=wall, usage=usage,
-                           run=run)
-            finish(row, diff, tail)
-            raise
-
-    # 3. guards, after every run and before anything is decided on it: branch, refs, git settings, hooks and
-    #    results.tsv untouched, locked files intact, nothing in the tree but the trainer's commit
-    t = time.perf_counter()
-    note, progress, confirm = "", None, None
-    meddled = guard(outside)
-    if meddled:
-        status, note, m = "rejected", f"rejected: {meddled}", None
-
-    # 4. decide (a promising run gets a confirming rerun first, each of its runs guarded in turn)
-    if status == "rejected" and meddled:
-        pass
-    elif status == "ok" and baseline:
-        status = "keep"
-    elif status == "ok" and rerun:
-        status, note = "rerun", f"rerun of the best: {rerun}"
-    elif status == "ok":
-        st = s.state
-        verdict = screen(s, m.val_bpb, confirm=not record_as)
-        status, note = verdict.status, verdict.note
-        if record_as:
-            status = record_as
-        elif s.settings.confirm and st.best_values and (verdict.status == "keep" or verdict.promising):
-            status, note, confirm = _confirm(s, run_dir, label, description, m, verdict, commit=commit,
-                                             run_no=run_no, text=text, guard=guard)
-        if monitor is not None and monitor.audit:
-            note += audit_note(s, m.val_bpb, monitor.fired)
-    elif status == "abort":
-        progress = monitor.fired_at if monitor is not None else None
-        note = f"abort: {reason}"
-    elif status == "invalid":
-        note = tamper.note(reason)  # a non-causal model: recorded, then the branch stops (below)
-    else:
-        note = f"{status}: {reason}"
-
-    if confirm and status != "rejected":
-        extra.extend(confirm)  # the confirm run, and the best's run next to it
-    if baseline:  # baseline rows are recognised by this note prefix, whatever their status
-        note = f"{BASELINE} {baseline[0]}/{baseline[1]}" + (f"; {note}" if note else "")
-    timings["parse"] = time.perf_counter() - t
-
-    row = make_row(s, kind=kind, commit=commit, status=status, description=description, note=note, run_no=run_no,
-                   trainer_text=text, m=m, wall=wall, usage=usage, progress=progress, run=run)
-    out = finish(row, diff, tail, restore=status != "keep")
-    if status == "keep":
+    commit_change(t)
+    before = s.outside_state()
+    run_change(t)
+    decide_trial(t, meddled=guard(t, before))
+    out = record(t, t.row(), restore=t.status != "keep")
+    if t.status == "keep":
         s.kept_commit = gitrepo.head(s.repo)
-    report_outcome(s, label, out)
-    tamper.stop_if_tampered(s, [row, *extra])  # BranchStopped when a run of it handed over a non-causal model
-    if status == "crash":
+    report_outcome(s, t.label, out)
+    tamper.stop_if_tampered(s, [out.row, *t.extra])  # BranchStopped when a run of it handed over a non-causal model
+    if t.status == "crash":
         s.check_data()  # damaged data is not the change's fault: stop and say so (SessionError)
     return out
+
+
+def begin(s: Session, description: str, usage: Usage | None, *, baseline, keep_edit, record_as, label,
+          rerun) -> Trial:
+    """The trial for the trainer in the work tree: its run folder, label, kind and source (its
+    hyperparameters read from it now, for the row)."""
+    run_no, run_dir = s.new_run_dir()
+    kind = (Kind.BASELINE if baseline else Kind.RERUN if rerun else Kind.TRANSFER if record_as == "transfer"
+            else Kind.EXPERIMENT)
+    text = s.trainer_text() if (s.repo / s.trainer).exists() else ""
+    s.source.values(text, s.confine)
+    return Trial(s, sanitize(description) or "(no description)", usage, kind, run_no, run_dir,
+                 label or (f"baseline {baseline[0]}/{baseline[1]}" if baseline else f"run {run_no}"), text,
+                 baseline=baseline, rerun=rerun, record_as=record_as, keep_edit=keep_edit)
+
+
+def check(t: Trial) -> str | None:
+    """Stage 1: the change keeps to the one-file rule (a baseline or rerun: nothing changed at all). Writes
+    the diff to the run folder; returns what is wrong, or None."""
+    s = t.s
+    if t.same:
+        t.commit, t.diff = s.kept_commit, ""
+        problem = s.scope_problem(allow_trainer=False)
+    else:
+        problem = scope_problem(s.changes(), s.trainer, require_change=True)
+        t.diff = gitrepo.diff(s.repo, "HEAD") + _untracked_listing(s)
+    (t.run_dir / "diff.patch").write_text(redact(t.diff), encoding="utf-8")
+    return problem
+
+
+def commit_change(t: Trial) -> None:
+    """Stage 2: commit the trainer (a baseline or rerun runs the kept commit as it is)."""
+    started = time.perf_counter()
+    if not t.same:
+        t.commit = gitrepo.commit_paths(t.s.repo, [t.s.trainer], t.description)
+    t.timings["commit"] = time.perf_counter() - started
+
+
+def run_change(t: Trial) -> None:
+    """Stage 3: run it (sandboxed trainer, then the harness), a syntax error without a process; early
+    abort watches an experiment's curve."""
+    s, started = t.s, time.perf_counter()
+    bad = syntax_problem(t.text, s.trainer, t.run_dir / "log.txt")
+    if bad:
+        t.status, t.reason = "crash", bad
+    else:
+        s.console.event(f"[{t.label}] {t.description}")
+        t.monitor = None if t.same or t.record_as else abort_monitor(s, t.label, t.text)
+        t.run, t.status, t.m, t.reason = run_once(s, t.run_dir, t.label, t.description, monitor=t.monitor,
+                                                   overtime=not t.baseline)
+    t.timings["trainer"] = time.perf_counter() - started
+    t.tail = log_tail(t.run_dir / "log.txt")
+
+
+def guard(t: Trial, before) -> str | None:
+    """Stage 4, after every run of the trial and before anything is decided on it (research.guards.guard_run):
+    branch, refs, git settings, hooks and results.tsv untouched, locked files intact, nothing in the tree but
+    the trainer's commit. What the run changed is put back and returned (the trial is then rejected), or
+    None. A locked file changed: the row is recorded as rejected, then
+    TamperError stops the loop (record() verifies again, so a change the reset cannot undo stops without a row)."""
+    try:
+        meddled = guard_run(t.s, before, save_removed=t.run_dir / "removed")
+    except TamperError as e:
+        record(t, t.row("rejected", f"rejected: {e}", measured=False))
+        raise
+    return meddled
+
+
+def decide_trial(t: Trial, meddled: str | None) -> None:
+    """Stage 5: the trial's status and note from its run and its guard (`meddled`: what the run changed that
+    it must leave alone; it is then rejected, unmeasured); a promising change gets its confirm run first,
+    each of its runs guarded in turn."""
+    s, started = t.s, time.perf_counter()
+    if meddled:
+        t.status, t.note, t.m = "rejected", f"rejected: {meddled}", None
+    elif t.status == "ok" and t.baseline:
+        t.status = "keep"
+    elif t.status == "ok" and t.rerun:
+        t.status, t.note = "rerun", f"rerun of the best: {t.rerun}"
+    elif t.status == "ok":
+        verdict = screen(s, t.m.val_bpb, confirm=not t.record_as)
+        t.status, t.note = verdict.status, verdict.note
+        confirm = None
+        if t.record_as:
+            t.status = t.record_as
+        elif s.settings.confirm and s.state.best_values and (verdict.status == "keep" or verdict.promising):
+            t.status, t.note, confirm = _confirm(s, t.run_dir, t.label, t.description, t.m, verdict, commit=t.commit,
+                                                 run_no=t.run_no, text=t.text, guard=lambda before: guard(t, before))
+        if t.monitor is not None and t.monitor.audit:
+            t.note += audit_note(s, t.m.val_bpb, t.monitor.fired)
+        if confirm and t.status != "rejected":
+            t.extra.extend(confirm)  # the confirm run, and the best's run next to it
+    elif t.status == "abort":
+        t.progress = t.monitor.fired_at if t.monitor is not None else None
+        t.note = f"abort: {t.reason}"
+    elif t.status == "invalid":
+        t.note = tamper.note(t.reason)  # a non-causal model: recorded, then the branch stops
+    else:
+        t.note = f"{t.status}: {t.reason}"
+    if t.baseline:  # baseline rows are recognised by this note prefix, whatever their status
+        t.note = f"{BASELINE} {t.baseline[0]}/{t.baseline[1]}" + (f"; {t.note}" if t.note else "")
+    t.timings["parse"] = time.perf_counter() - started
+
+
+def record(t: Trial, row: Row, restore: bool = True) -> Outcome:
+    """Stage 6: the tree back at the kept commit (unless kept; `loop.py try` gets a failed edit back,
+    uncommitted), the row and its confirm rows in results.tsv, the session's state refreshed, meta.json."""
+    s, started = t.s, time.perf_counter()
+    if restore:
+        kept_edit = t.keep_edit and row.status in ("crash", "invalid", "rejected") and bool(t.text)
+        s.restore(t.text if kept_edit else None, save_removed=t.run_dir / "removed")
+    s.record(row)
+    for r in t.extra:
+        s.record(r)
+    s.refresh()  # best, noise model and re-measurement state from the rows
+    t.timings["bookkeeping"] = time.perf_counter() - started
+    t.timings["total"] = time.perf_counter() - t.t0
+    write_meta(t.run_dir, row, t.timings, started_at=t.started_at, finished_at=time.time())
+    return Outcome(row=row, run_dir=t.run_dir, log_tail=t.tail, diff=t.diff, trainer_text=t.text, timings=t.timings)
 
 
 def _confirm(s: Session, run_dir: Path, label: str, description: str, m: Measurement, first: Verdict, *,

@@ -136,7 +136,7 @@ def test_guard_run_is_the_one_guard_of_both_paths():
 
     from research import experiment, guards, parallel
 
-    assert "guard_run(" in inspect.getsource(experiment.run_experiment)
+    assert "guard_run(" in inspect.getsource(experiment.guard) and "guard(" in inspect.getsource(experiment.run_experiment)
     assert "guard_run(" in inspect.getsource(parallel.Driver._guarded)
     assert not hasattr(parallel.Driver, "_guard")
     assert guards.guard_run.__module__ == "research.guards"
