@@ -106,7 +106,7 @@ def guard_run(s, before, *, tree: Path | None = None, tree_at: str | None = None
 
     Returns what the run changed, in words, for the row's note (`rejected: <it>`), or None."""
     from research import gitrepo
-    from research.session import TamperError
+    from research.errors import TamperError
 
     changed: list[str] = []
     meddled = s.put_back_outside(before)

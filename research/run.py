@@ -179,18 +179,8 @@ def run_once(s: Session, run_dir: Path, label: str, description: str, prefix: st
     curve = monitor.curve if monitor is not None else LossCurve()
     log_path = run_dir / f"{prefix}log.txt"
     log_path.write_bytes(b"")
-    best = f"{s.best:.6f}" if s.best is not None else "-"
     short = sanitize(description, 48)
-    budget = s.budget
     rule = s.wall_rule() if overtime else None  # baselines are what the wall-time rule is measured on
-    limit = rule.limit if rule is not None else None
-
-    def tick(elapsed: float) -> None:
-        over = f"hand-over by {clock(limit)}" if limit is not None else "baseline: no overtime check"
-        at = f"{100 * curve.progress:3.0f}% | " if curve.progress else ""  # first: a narrow terminal cuts the end
-        s.console.status(f"[{label}] {at}{short} | {clock(elapsed)} since start; budget {clock(budget)} + {over}, "
-                         f"killed at {clock(s.timeout_s)} | best {best}")
-
     try:
         text = (Path(s.confine.repo) / s.trainer).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
@@ -204,36 +194,13 @@ def run_once(s: Session, run_dir: Path, label: str, description: str, prefix: st
         # priority while the trainer trains; it reads nothing of the hand-over before the go-ahead.
         h_argv, h_preexec, h_env = s.confine.harness_run(ws, wait=True)
         judge = spawn(h_argv, cwd=ws.judge, env=h_env, log_path=log_path, preexec_fn=h_preexec, stdin_pipe=True)
-        argv, preexec, env = s.confine.trainer_run(ws)
-        steps = StepWatch(curve.feed)  # when its first and last step lines came: the reserve for later runs
-        started = time.time()  # before the spawn: the deadline it is told is never later than its limit
-        env = {**env, **deadline_env(rule, started)}
-        run = run_trainer(argv, cwd=ws.root, env=env, log_path=log_path, timeout_s=s.timeout_s, on_tick=tick,
-                          tick_s=s.settings.tick_s, preexec_fn=preexec, reap=lambda: s.reap(keep={judge.proc.pid}),
-                          on_spawn=lambda pgid: s.lock.note_trainer(pgid, s.trainer), on_output=steps.feed,
-                          should_stop=monitor.check if monitor is not None else None)
+        run = _train(s, ws, log_path, rule, curve, monitor, _ticker(s, label, short, curve, rule), judge)
         run.gauge_before_s, run.gauge_after_s, run.hyperparams = gauge_before, gauge(), hyperparams
-        run.wall_limit_s = limit
-        run.first_step_s, run.tail_s = steps.times(run.started, run.started + run.wall_seconds)
         write_curve(run_dir / f"{prefix}loss.json", curve.snapshot(), wall_seconds=run.wall_seconds,
                     stopped_at=monitor.fired_at if run.stopped else None)
-        if run.stopped:
-            _append(log_path, f"\n[loop] stopped early (abort): {monitor.fired}\n")
-            return run, "abort", None, monitor.fired
-        if run.timed_out:
-            return run, "crash", None, f"killed after {run.wall_seconds:.0f} s (limit {s.timeout_s:.0f} s)"
-        if run.limit:  # past its workspace or memory cap (sandbox/runner.py says which)
-            return run, "crash", None, run.limit
-        if run.returncode != 0:
-            fail = failure_line(log_tail(log_path, 200, 20000))
-            code = run.returncode
-            if s.sandbox == "bwrap" and code is not None and 128 < code < 160:
-                code = 128 - code  # bwrap exits 128 + N when the trainer inside died of signal N
-            reason = exit_reason(code)
-            return run, "crash", None, f"{reason}; {fail}" if fail else reason
-        if limit is not None and run.wall_seconds > limit:
-            return run, "rejected", None, (f"overtime: handed over {run.wall_seconds:.2f} s after start, past the "
-                                           f"{budget:g} s budget + {limit - budget:.2f} s allowed ({_limit_why(rule)})")
+        ended = _trainer_outcome(s, run, rule, log_path, monitor)
+        if ended is not None:
+            return run, ended[0], None, ended[1]
         facts = trainer_facts(read_facts(ws.handover))
         _append(log_path, "\n--- evaluation (judge/harness.py) ---\n")
         s.console.status(f"[{label}] {short} | scoring the hand-over")
@@ -245,31 +212,13 @@ def run_once(s: Session, run_dir: Path, label: str, description: str, prefix: st
         judge.release(GO + b"\n")  # the trainer and everything it started are gone: score the hand-over
         harness = wait_child(judge, timeout_s=s.harness_timeout_s, tick_s=s.settings.tick_s, reap=s.reap, since=go)
         judge = None
-        out = ws.judge / "result.json"
-        try:
-            result = json.loads(out.read_text(encoding="utf-8")) if plain_file(out) else None
-        except (OSError, ValueError):
-            result = None
-        if harness.timed_out:
-            result = {"valid": False, "kind": "timeout", "reason": f"the harness ran past {s.harness_timeout_s:.0f} s"}
-        elif harness.returncode != 0 and isinstance(result, dict) and result.get("valid"):
-            result = {**result, "valid": False, "kind": "harness",  # a score comes with a clean exit only
-                      "reason": f"the harness reported a score but ended with {exit_reason(harness.returncode)}"}
+        result = _harness_result(s, ws, harness)
         status, m, reason = read_result(result, facts=facts, evaluator_hash=s.evaluator_hash, protocol=s.protocol.name)
-        own = {"backend": s.host.backend, "device": s.host.device_name, "hyperparams": hyperparams,
-               "wall_seconds": run.wall_seconds, "gauge_before_s": run.gauge_before_s,
-               "gauge_after_s": run.gauge_after_s}
-        record = {"eval": result, "loop": own, "claims": facts, "trainer": {"wall_seconds": run.wall_seconds,
-                                                                "log_bytes": run.log_bytes,
-                                                                "wall_limit_s": run.wall_limit_s,
-                                                                "first_step_s": run.first_step_s,
-                                                                "tail_s": run.tail_s}}
-        (run_dir / f"{prefix}result.json").write_text(redact(json.dumps(record, indent=2, default=str)),
-                                                        encoding="utf-8")
-        if status == "ok" and run.first_step_s is None:
-            s.console.event(f"[{label}] {NO_CURVE}")
-            _append(log_path, f"\n[loop] {NO_CURVE}\n")
+        _write_record(s, run_dir / f"{prefix}result.json", result, facts, run)
         if status == "ok":
+            if run.first_step_s is None:
+                s.console.event(f"[{label}] {NO_CURVE}")
+                _append(log_path, f"\n[loop] {NO_CURVE}\n")
             import prepare
 
             loop_facts = {"total_seconds": run.wall_seconds, "depth": hyperparams.get("DEPTH"),
@@ -281,6 +230,84 @@ def run_once(s: Session, run_dir: Path, label: str, description: str, prefix: st
             end(judge, reap=s.reap)
         ws.remove()
         _redact_file(log_path)
+
+
+def _ticker(s: Session, label: str, short: str, curve: LossCurve, rule):
+    """The status line's refresh while the trainer runs: progress first (a narrow terminal cuts the end)."""
+    best = f"{s.best:.6f}" if s.best is not None else "-"
+    limit = rule.limit if rule is not None else None
+
+    def tick(elapsed: float) -> None:
+        over = f"hand-over by {clock(limit)}" if limit is not None else "baseline: no overtime check"
+        at = f"{100 * curve.progress:3.0f}% | " if curve.progress else ""
+        s.console.status(f"[{label}] {at}{short} | {clock(elapsed)} since start; budget {clock(s.budget)} + {over}, "
+                         f"killed at {clock(s.timeout_s)} | best {best}")
+    return tick
+
+
+def _train(s: Session, ws, log_path: Path, rule, curve: LossCurve, monitor: AbortMonitor | None, tick, judge):
+    """The trainer's run in its sandbox, told its deadline, timed from outside (wall time, and when its
+    first and last step lines came: the reserve for later runs), watched by early abort."""
+    argv, preexec, env = s.confine.trainer_run(ws)
+    steps = StepWatch(curve.feed)
+    started = time.time()  # before the spawn: the deadline it is told is never later than its limit
+    env = {**env, **deadline_env(rule, started)}
+    run = run_trainer(argv, cwd=ws.root, env=env, log_path=log_path, timeout_s=s.timeout_s, on_tick=tick,
+                      tick_s=s.settings.tick_s, preexec_fn=preexec, reap=lambda: s.reap(keep={judge.proc.pid}),
+                      on_spawn=lambda pgid: s.lock.note_trainer(pgid, s.trainer), on_output=steps.feed,
+                      should_stop=monitor.check if monitor is not None else None)
+    run.wall_limit_s = rule.limit if rule is not None else None
+    run.first_step_s, run.tail_s = steps.times(run.started, run.started + run.wall_seconds)
+    return run
+
+
+def _trainer_outcome(s: Session, run, rule, log_path: Path, monitor: AbortMonitor | None) -> tuple[str, str] | None:
+    """(status, reason) when the trainer's run ends the experiment before scoring: stopped early (abort),
+    killed, past a cap or failed (crash), or handed over past its wall limit (rejected); None: score it."""
+    if run.stopped:
+        _append(log_path, f"\n[loop] stopped early (abort): {monitor.fired}\n")
+        return "abort", monitor.fired
+    if run.timed_out:
+        return "crash", f"killed after {run.wall_seconds:.0f} s (limit {s.timeout_s:.0f} s)"
+    if run.limit:  # past its workspace or memory cap (sandbox/runner.py says which)
+        return "crash", run.limit
+    if run.returncode != 0:
+        fail = failure_line(log_tail(log_path, 200, 20000))
+        code = run.returncode
+        if s.sandbox == "bwrap" and code is not None and 128 < code < 160:
+            code = 128 - code  # bwrap exits 128 + N when the trainer inside died of signal N
+        reason = exit_reason(code)
+        return "crash", f"{reason}; {fail}" if fail else reason
+    if rule is not None and run.wall_seconds > rule.limit:
+        return "rejected", (f"overtime: handed over {run.wall_seconds:.2f} s after start, past the {s.budget:g} s "
+                            f"budget + {rule.limit - s.budget:.2f} s allowed ({_limit_why(rule)})")
+    return None
+
+
+def _harness_result(s: Session, ws, harness) -> dict | None:
+    """The harness's result.json (None: none readable); a timeout or an unclean exit voids a score."""
+    out = ws.judge / "result.json"
+    try:
+        result = json.loads(out.read_text(encoding="utf-8")) if plain_file(out) else None
+    except (OSError, ValueError):
+        result = None
+    if harness.timed_out:
+        return {"valid": False, "kind": "timeout", "reason": f"the harness ran past {s.harness_timeout_s:.0f} s"}
+    if harness.returncode != 0 and isinstance(result, dict) and result.get("valid"):
+        return {**result, "valid": False, "kind": "harness",  # a score comes with a clean exit only
+                "reason": f"the harness reported a score but ended with {exit_reason(harness.returncode)}"}
+    return result
+
+
+def _write_record(s: Session, path: Path, result, facts: dict, run) -> None:
+    """runs/<n>/result.json: the harness's result, the loop's own facts, the trainer's claims apart."""
+    own = {"backend": s.host.backend, "device": s.host.device_name, "hyperparams": run.hyperparams,
+           "wall_seconds": run.wall_seconds, "gauge_before_s": run.gauge_before_s,
+           "gauge_after_s": run.gauge_after_s}
+    record = {"eval": result, "loop": own, "claims": facts,
+              "trainer": {"wall_seconds": run.wall_seconds, "log_bytes": run.log_bytes,
+                          "wall_limit_s": run.wall_limit_s, "first_step_s": run.first_step_s, "tail_s": run.tail_s}}
+    path.write_text(redact(json.dumps(record, indent=2, default=str)), encoding="utf-8")
 
 
 NO_CURVE = ("no loss curve: the trainer printed no step lines (prepare.log_step), so early abort could not watch "

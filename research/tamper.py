@@ -22,7 +22,7 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 
-from research.session import SessionError
+from research.errors import SessionError
 
 __all__ = ["TAMPERING", "KINDS", "CLEARED_FILE", "BranchStopped", "note", "is_tampering", "stopped_by",
            "check_not_stopped", "stop_if_tampered", "clear"]
