@@ -176,6 +176,37 @@ def _abort_quietly(session: Session | None) -> None:
         pass
 
 
+def _research(args, session: Session, console: Console, pages: list) -> int:
+    """`loop.py run` once the session is open: the agent, the branch, the live page (added to `pages`),
+    then the loop itself, on one worker or on N."""
+    from agents import make_agent
+    from research.driver import research
+    from research.pool import default_workers
+
+    workers = args.workers or default_workers(session.host)
+    kind = args.agent or ("claude" if secrets.anthropic_credentials() else "optuna")
+    agent = make_agent(kind, repo=session.repo, trainer=session.trainer, seed=args.seed, model=args.model,
+                       script=args.script, console=console, sampler=args.sampler, tune=args.tune)
+    tag = args.tag or default_tag()
+    resumed = session.start_branch(tag)
+    model = f", model {agent.model}" if hasattr(agent, "model") else ""
+    console.event(f"{'resuming' if resumed else 'created'} branch {session.branch} at "
+                  f"{session.kept_commit[:7]}; agent {agent.name}{model}")
+    console.event(session.allowance_line())
+    page = serve.start_for_run(args, session.results_path, session.settings, console)
+    if page is not None:
+        pages.append(page)
+    if workers > 1 or args.ray_address:
+        from research.parallel import research_parallel
+
+        n = research_parallel(session, agent, workers, args.ray_address, args.max_experiments)
+    else:
+        n = research(session, agent, args.max_experiments)
+    console.event(f"done: {n} experiment(s); best val_bpb {session.best:.6f}" if session.best is not None
+                  else f"done: {n} experiment(s)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     import backends
 
@@ -194,12 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, _raise_interrupt)
 
-    from agents import AgentError, make_agent
-    from research.driver import research, try_change
+    from agents import AgentError
+    from research.driver import try_change
     from research.session import TamperError
 
     session: Session | None = None
-    page = None  # the live page of `run --serve`
+    pages: list = []  # the live page of `run --serve`, once started
     try:
         import prepare
 
@@ -219,28 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             console.event(session.allowance_line())
             out = try_change(session, args.description)
             return 0 if out.status in ("keep", "discard") else 1
-        from research.pool import default_workers
-
-        workers = args.workers or default_workers(session.host)
-        kind = args.agent or ("claude" if secrets.anthropic_credentials() else "optuna")
-        agent = make_agent(kind, repo=session.repo, trainer=session.trainer, seed=args.seed, model=args.model,
-                           script=args.script, console=console, sampler=args.sampler, tune=args.tune)
-        tag = args.tag or default_tag()
-        resumed = session.start_branch(tag)
-        model = f", model {agent.model}" if hasattr(agent, "model") else ""
-        console.event(f"{'resuming' if resumed else 'created'} branch {session.branch} at "
-                      f"{session.kept_commit[:7]}; agent {agent.name}{model}")
-        console.event(session.allowance_line())
-        page = serve.start_for_run(args, session.results_path, session.settings, console)
-        if workers > 1 or args.ray_address:
-            from research.parallel import research_parallel
-
-            n = research_parallel(session, agent, workers, args.ray_address, args.max_experiments)
-        else:
-            n = research(session, agent, args.max_experiments)
-        console.event(f"done: {n} experiment(s); best val_bpb {session.best:.6f}" if session.best is not None
-                      else f"done: {n} experiment(s)")
-        return 0
+        return _research(args, session, console, pages)
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
         edit = session is not None and session.pending_edit is not None
@@ -269,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         _abort_quietly(session)  # whatever went wrong, no half-made experiment is left behind
         raise
     finally:
-        if page is not None:
+        for page in pages:
             page.stop()
         if session is not None:
             session.close()

@@ -300,19 +300,7 @@ def progress_figure(source: Source, summary: Summary):
     has_values = any(measured(r) for r in rows)
     lo, hi = y_limits(source, summary) if has_values else (0.0, 1.0)
     band, band_of = _band_styles(rows)
-    groups: dict[str, list[tuple[int, float]]] = {}
-    off_scale = []
-    for i, r in enumerate(rows, start=1):
-        x = summary.number(i)
-        if i in band_of:
-            groups.setdefault(band_of[i], []).append((x, 0.5))
-        elif r.val_bpb > hi:
-            off_scale.append(x)
-        else:
-            kind = ("baseline" if i in base_ids else "keep" if i in kept_ids else
-                    "transfer" if r.kind == Kind.TRANSFER else
-                    "rerun" if r.status == "rerun" or r.kind in (Kind.RERUN, Kind.CONFIRM, Kind.BEST_NEXT) else "discard")
-            groups.setdefault(kind, []).append((x, r.val_bpb))
+    groups, off_scale = _point_groups(rows, summary, hi, band_of, kept_ids, base_ids)
     x_label = "experiment # (runs/<n>)" if any(r.run is not None for r in rows) else "experiment #"
     if band_of:
         fig = new_figure(13, 6.8)
@@ -344,18 +332,8 @@ def progress_figure(source: Source, summary: Summary):
                 label="running best", zorder=3)
     handles, labels = ax.get_legend_handles_labels()
     if strip is not None:
-        strip.set_facecolor("#fdecea")
-        strip.set_ylim(0, 1)
-        strip.set_yticks([])
-        strip.set_ylabel("no\nval_bpb", rotation=0, ha="right", va="center", fontsize=8)
-        for kind, style in band.items():
-            if kind in groups:
-                xs_, ys_ = zip(*groups[kind])
-                strip.scatter(xs_, ys_, zorder=3, clip_on=False, **style)
-        more_h, more_l = strip.get_legend_handles_labels()
+        more_h, more_l = _draw_strip(strip, band, groups, x_label)
         handles, labels = handles + more_h, labels + more_l
-        strip.set_xlabel(x_label)
-        strip.grid(True, axis="x", alpha=0.25)
     else:
         ax.set_xlabel(x_label)
     title = f"autoresearch progress: {_heading_context(source)}"
@@ -372,6 +350,40 @@ def progress_figure(source: Source, summary: Summary):
     fig.subplots_adjust(left=0.07, right=0.98, top=0.9, bottom=0.09)
     _label_points(fig, ax, summary, [legend], hi)
     return fig
+
+
+def _point_groups(rows, summary: Summary, hi: float, band_of: dict, kept_ids: set, base_ids: set):
+    """Each row's point by how it is drawn: ({style: [(x, y)]}, the x of values off the top of the scale);
+    runs without a val_bpb sit at y 0.5 of the strip under their band style."""
+    groups: dict[str, list[tuple[int, float]]] = {}
+    off_scale = []
+    for i, r in enumerate(rows, start=1):
+        x = summary.number(i)
+        if i in band_of:
+            groups.setdefault(band_of[i], []).append((x, 0.5))
+        elif r.val_bpb > hi:
+            off_scale.append(x)
+        else:
+            kind = ("baseline" if i in base_ids else "keep" if i in kept_ids else
+                    "transfer" if r.kind == Kind.TRANSFER else
+                    "rerun" if r.status == "rerun" or r.kind in (Kind.RERUN, Kind.CONFIRM, Kind.BEST_NEXT) else "discard")
+            groups.setdefault(kind, []).append((x, r.val_bpb))
+    return groups, off_scale
+
+
+def _draw_strip(strip, band: dict, groups: dict, x_label: str):
+    """The strip under the axes for runs without a val_bpb; returns its legend handles and labels."""
+    strip.set_facecolor("#fdecea")
+    strip.set_ylim(0, 1)
+    strip.set_yticks([])
+    strip.set_ylabel("no\nval_bpb", rotation=0, ha="right", va="center", fontsize=8)
+    for kind, style in band.items():
+        if kind in groups:
+            xs, ys = zip(*groups[kind])
+            strip.scatter(xs, ys, zorder=3, clip_on=False, **style)
+    strip.set_xlabel(x_label)
+    strip.grid(True, axis="x", alpha=0.25)
+    return strip.get_legend_handles_labels()
 
 
 def plot_progress(source: Source, summary: Summary, out_png: Path) -> Path:
