@@ -10,6 +10,7 @@ Either way the run's `limit` says so in one sentence, and its log too."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["Child", "TrainerRun", "end", "run_trainer", "spawn", "wait_child", "kill_group", "LOG_HEAD_BYTES",
+__all__ = ["Child", "LeakFilter", "TrainerRun", "end", "run_trainer", "spawn", "wait_child", "kill_group", "LOG_HEAD_BYTES",
            "LOG_TAIL_BYTES"]
 
 TERM_GRACE_S = 5.0  # after SIGTERM, how long the group gets before SIGKILL
@@ -59,6 +60,50 @@ def kill_group(proc: subprocess.Popen, grace: float = TERM_GRACE_S) -> None:
     proc.wait()
 
 
+# The reference-leak report that extensions built with nanobind print when the interpreter exits (triton since
+# its switch to nanobind, whenever torch loaded it; MLX): dozens of lines after the run's own last line, harmless
+# and misleading at the end of a crash log. Dropped from run logs, counted in one line instead.
+_LEAK_LINE = re.compile(rb"(nanobind: leaked \d+ [\w ]+!|\s*- leaked (instance|type|function|keep_alive)\b.*"
+                        rb"|nanobind: this is likely caused by a reference counting issue.*"
+                        rb"|See https://nanobind\.readthedocs\.io/\S*refleaks\S*|\s*- \.\.\. skipped remainder)\s*")
+_MAX_PARTIAL = 65536  # a line longer than this without its end is written as it is
+
+
+class LeakFilter:
+    """Line by line, drops the exit-time leak report (`_LEAK_LINE`) from a stream of output chunks; what is
+    kept comes out unchanged, a line held back until its end arrives (or it grows past _MAX_PARTIAL)."""
+
+    def __init__(self) -> None:
+        self.partial = b""
+        self.dropped = 0
+
+    def feed(self, chunk: bytes) -> bytes:
+        lines = (self.partial + chunk).split(b"\n")
+        self.partial = lines.pop()
+        if len(self.partial) > _MAX_PARTIAL:
+            lines.append(self.partial)
+            self.partial = b""
+            last_whole = False
+        else:
+            last_whole = True
+        kept = []
+        for i, line in enumerate(lines):
+            if _LEAK_LINE.fullmatch(line.rstrip(b"\r")):
+                self.dropped += 1
+            else:
+                kept.append(line if (not last_whole and i == len(lines) - 1) else line + b"\n")
+        return b"".join(kept)
+
+    def close(self) -> bytes:
+        """The last unfinished line, then one line saying how many were dropped (if any)."""
+        rest, self.partial = self.partial, b""
+        if rest and _LEAK_LINE.fullmatch(rest.rstrip(b"\r")):
+            self.dropped, rest = self.dropped + 1, b""
+        note = (f"\n[loop] {self.dropped} lines of nanobind reference-leak warnings printed at exit left out "
+                "(harmless)\n") if self.dropped else ""
+        return rest + note.encode()
+
+
 class _CappedLog(threading.Thread):
     """Copy a pipe to a file: the first `head` bytes as they come, then only the last `tail` bytes,
     written with a marker of what was cut once the pipe closes. Never holds more than `tail` in memory.
@@ -74,29 +119,33 @@ class _CappedLog(threading.Thread):
 
     def run(self) -> None:
         ring = bytearray()
+        leaks = LeakFilter()
+        logged = 0  # bytes that went to the log (the leak report left out)
         with open(self.path, "ab") as out:
             while True:
-                chunk = self.pipe.read1(65536) if hasattr(self.pipe, "read1") else self.pipe.read(65536)
-                if not chunk:
+                raw = self.pipe.read1(65536) if hasattr(self.pipe, "read1") else self.pipe.read(65536)
+                if not raw:
                     break
                 if self.on_chunk is not None:
                     try:
-                        self.on_chunk(chunk)
+                        self.on_chunk(raw)
                     except Exception:  # noqa: BLE001 - a failing watcher stops watching; the run goes on
                         self.on_chunk = None
-                room = max(0, self.head - self.total)
+                self.total += len(raw)
+                chunk = leaks.feed(raw)
+                room = max(0, self.head - logged)
                 if room:
                     out.write(chunk[:room])
                     out.flush()
                 ring += chunk[room:]
                 if len(ring) > self.tail:
                     del ring[: len(ring) - self.tail]
-                self.total += len(chunk)
-            cut = self.total - self.head - len(ring)
+                logged += len(chunk)
+            cut = logged - self.head - len(ring)
             if cut > 0:
                 out.write(f"\n[loop] ... {cut:,} bytes of output cut here (log kept to its first and last "
                           f"{self.head >> 20} MiB) ...\n".encode())
-            out.write(bytes(ring))
+            out.write(bytes(ring) + leaks.close())
 
 
 @dataclass
