@@ -13,6 +13,7 @@ import gc
 import math
 import sys
 import time
+from dataclasses import dataclass
 
 import backends  # first: one clear sentence if this Python lacks the project's packages
 
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 
 import prepare
 from backends import torch_rt
-from model import VE_GATE_CHANNELS, build_config, flops_per_token, has_value_embedding, param_counts, window_sizes
+from model import count_params, training_flops
 
 HOST = backends.detect()  # cuda | rocm | mps | cpu, from AUTORESEARCH_BACKEND or the hardware
 BACKEND = HOST.backend
@@ -38,6 +39,58 @@ COMPUTE_DTYPE = torch_rt.compute_dtype(HOST)  # bf16 where supported and fast, N
 SOFTCAP = 15.0  # logits = SOFTCAP * tanh(logits / SOFTCAP)
 ROPE_BASE = 10000.0  # rotary embedding base
 RMS_EPS = 1e-6  # epsilon of every RMSNorm
+VE_GATE_CHANNELS = 32  # the value-embedding gate reads the first 32 channels of x
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    sequence_len: int
+    vocab_size: int
+    n_layer: int
+    n_head: int
+    n_kv_head: int
+    n_embd: int
+    window_pattern: str = "SSSL"
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_dim(self):
+        return self.n_kv_head * self.head_dim
+
+
+def build_config(depth, aspect_ratio, head_dim, n_kv_head, vocab_size, sequence_len, window_pattern="SSSL"):
+    """The model's shape from the hyperparameters: width = depth * aspect_ratio rounded up to a multiple of
+    head_dim, heads = width / head_dim, one kv head per query head when n_kv_head is None."""
+    if depth < 1 or aspect_ratio < 1 or head_dim < 1:
+        raise ValueError(f"DEPTH ({depth}), ASPECT_RATIO ({aspect_ratio}) and HEAD_DIM ({head_dim}) must be positive")
+    width = -(-depth * aspect_ratio // head_dim) * head_dim
+    n_head = width // head_dim
+    n_kv_head = n_head if n_kv_head is None else int(n_kv_head)
+    if n_kv_head < 1 or n_head % n_kv_head:
+        raise ValueError(f"N_KV_HEAD={n_kv_head} must divide the number of heads ({n_head}); "
+                         f"pick one of {[d for d in range(1, n_head + 1) if n_head % d == 0]}")
+    if not window_pattern or set(window_pattern.upper()) - {"L", "S"}:
+        raise ValueError(f"WINDOW_PATTERN={window_pattern!r} must be a non-empty string of 'L' and 'S'")
+    if head_dim % 2:
+        raise ValueError(f"HEAD_DIM {head_dim} must be even for rotary embeddings")
+    return GPTConfig(sequence_len, vocab_size, depth, n_head, n_kv_head, width, window_pattern.upper())
+
+
+def window_sizes(config):
+    """Attention window per layer: 'L' = the full sequence, 'S' = half of it; the last layer is always 'L'.
+    A window W: position i attends to j exactly when 0 <= i - j <= W."""
+    pattern, long_window = config.window_pattern.upper(), config.sequence_len
+    sizes = [long_window if pattern[i % len(pattern)] == "L" else long_window // 2 for i in range(config.n_layer)]
+    sizes[-1] = long_window
+    return sizes
+
+
+def has_value_embedding(layer_idx, n_layer):
+    """Value embeddings sit on alternating layers, always including the last one."""
+    return layer_idx % 2 == (n_layer - 1) % 2
 
 
 def norm(x):
@@ -444,9 +497,9 @@ def main():
     model = build_model(config)
     print(f"Model config: {config}")
     print(f"Attention: {model.attention_name}")
-    counts = param_counts(config)
+    counts = count_params({name: tuple(p.shape) for name, p in model.named_parameters()})
     print("Parameter counts: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
-    num_flops_per_token = flops_per_token(config)
+    num_flops_per_token = training_flops(counts, config.n_head, config.head_dim, model.window_sizes, seq_len)
     print(f"Estimated FLOPs per token: {num_flops_per_token:e}")
     optimizer = build_optimizer(model)
     train_model = torch.compile(model, dynamic=False) if HOST.compile else model

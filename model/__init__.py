@@ -1,11 +1,11 @@
-"""Framework-neutral specification of the GPT core both trainers implement.
+"""Framework-neutral reference of the GPT core both trainers implement, and its accounting.
 
-Everything here is plain Python/NumPy so the PyTorch trainer, the MLX trainer, the
-loop and the tests agree on one definition of: the config derived from the
-hyperparameters, per-layer attention windows, which layers carry value embeddings,
-parameter shapes and counts, FLOPs per token, the Muon coefficients and the
-learning-rate / momentum / weight-decay schedules. The NumPy reference forward
-used by the parity tests lives in `model.reference`.
+The trainers hold their research knobs themselves (the config they derive from their
+hyperparameters, attention windows, which layers carry value embeddings, constants and
+schedules); this package is the reference the parity tests hold them to: the same
+definitions in plain Python/NumPy, with the NumPy reference forward in `model.reference`.
+What the trainers import from here is the accounting, which is not research surface:
+`count_params` and `training_flops`, from the parameters and windows of their own model.
 
 This package is locked: the research agent never edits it.
 """
@@ -27,6 +27,8 @@ __all__ = [
     "param_shapes",
     "param_counts",
     "flops_per_token",
+    "count_params",
+    "training_flops",
     "POLAR_EXPRESS_COEFFS",
     "lr_multiplier",
     "muon_momentum",
@@ -163,35 +165,36 @@ def _numel(shape: tuple[int, ...]) -> int:
     return math.prod(shape)
 
 
-def param_counts(cfg: GPTConfig) -> dict[str, int]:
-    """Parameter counts by group, as the reference reports them."""
-    shapes = param_shapes(cfg)
+def count_params(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
+    """Parameter counts by group, as the reference reports them, from a model's parameter names and shapes
+    (`wte`, `value_embeds.<i>`, `lm_head`, the `resid_lambdas`/`x0_lambdas` scalars, every other one a
+    transformer matrix; a `.weight` suffix is allowed). The trainers pass their own model's parameters."""
     counts = {"wte": 0, "value_embeds": 0, "lm_head": 0, "transformer_matrices": 0, "scalars": 0}
     for name, shape in shapes.items():
-        if name == "wte":
-            counts["wte"] += _numel(shape)
-        elif name.startswith("value_embeds."):
-            counts["value_embeds"] += _numel(shape)
-        elif name == "lm_head":
-            counts["lm_head"] += _numel(shape)
-        elif name in ("resid_lambdas", "x0_lambdas"):
-            counts["scalars"] += _numel(shape)
-        else:
-            counts["transformer_matrices"] += _numel(shape)
+        top = name.split(".")[0]
+        group = top if top in ("wte", "value_embeds", "lm_head") else \
+            "scalars" if top in ("resid_lambdas", "x0_lambdas") else "transformer_matrices"
+        counts[group] += _numel(tuple(shape))
     counts["total"] = sum(counts.values())
     return counts
 
 
-def flops_per_token(cfg: GPTConfig) -> int:
-    """Training FLOPs per token (forward + backward), the reference's estimate.
-
-    6 * (parameters excluding embedding tables and scalars) plus 12 * heads * head_dim
-    * effective attended length per layer.
-    """
-    counts = param_counts(cfg)
+def training_flops(counts: dict[str, int], n_head: int, head_dim: int, windows: list[int], sequence_len: int) -> int:
+    """Training FLOPs per token (forward + backward), the reference's estimate: 6 x the parameters less the
+    embedding tables and scalars, plus 12 x heads x head_dim x the attended length of each layer's window."""
     dense = counts["total"] - counts["wte"] - counts["value_embeds"] - counts["scalars"]
-    attn = sum(12 * cfg.n_head * cfg.head_dim * min(w, cfg.sequence_len) for w in window_sizes(cfg))
+    attn = sum(12 * n_head * head_dim * min(w, sequence_len) for w in windows)
     return 6 * dense + attn
+
+
+def param_counts(cfg: GPTConfig) -> dict[str, int]:
+    """Parameter counts by group of the reference model of `cfg`."""
+    return count_params(param_shapes(cfg))
+
+
+def flops_per_token(cfg: GPTConfig) -> int:
+    """Training FLOPs per token of the reference model of `cfg` (see `training_flops`)."""
+    return training_flops(param_counts(cfg), cfg.n_head, cfg.head_dim, window_sizes(cfg), cfg.sequence_len)
 
 
 def lr_multiplier(progress: float, warmup_ratio: float, warmdown_ratio: float, final_lr_frac: float) -> float:

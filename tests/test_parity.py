@@ -206,8 +206,25 @@ def test_the_core_constants_and_schedules_in_both_trainers_agree_with_the_refere
     import model
 
     tc, tm = trainers
-    for name in ("SOFTCAP", "ROPE_BASE", "RMS_EPS", "POLAR_EXPRESS_COEFFS"):
+    for name in ("SOFTCAP", "ROPE_BASE", "RMS_EPS", "VE_GATE_CHANNELS", "POLAR_EXPRESS_COEFFS"):
         assert getattr(tc, name) == getattr(tm, name) == getattr(model, name), name
+    shapes = [(8, 64, 128, None, 8192, 2048, "SSSL"), (3, 50, 64, 1, 100, 32, "SL"), (5, 16, 16, None, 50, 64, "s"),
+              (1, 64, 32, 2, 97, 16, "L"), (4, 64, 64, 2, 101, 32, "SSSL")]
+    for args in shapes:  # the model's shape, windows and value-embedding layers
+        want = model.build_config(*args)
+        for t in (tc, tm):
+            got = t.build_config(*args)
+            assert (got.sequence_len, got.vocab_size, got.n_layer, got.n_head, got.n_kv_head, got.n_embd,
+                    got.window_pattern, got.head_dim, got.kv_dim) == \
+                (want.sequence_len, want.vocab_size, want.n_layer, want.n_head, want.n_kv_head, want.n_embd,
+                 want.window_pattern, want.head_dim, want.kv_dim), args
+            assert t.window_sizes(got) == model.window_sizes(want), args
+            assert [t.has_value_embedding(i, got.n_layer) for i in range(got.n_layer)] == \
+                [model.has_value_embedding(i, want.n_layer) for i in range(want.n_layer)]
+    for bad in ((4, 64, 64, 3, 100, 32, "SSSL"), (2, 64, 64, None, 100, 32, "SX"), (0, 64, 64, None, 100, 32, "L")):
+        for build in (model.build_config, tc.build_config, tm.build_config):
+            with pytest.raises(ValueError):
+                build(*bad)
     for t in (tc, tm):
         for p in (0.0, 0.05, 0.3, 0.5, 0.75, 0.99, 1.0):
             want = model.lr_multiplier(p, t.WARMUP_RATIO, t.WARMDOWN_RATIO, t.FINAL_LR_FRAC)
