@@ -227,6 +227,7 @@ def tokenizer_files(cache: Path) -> list[Path]:
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # an end-to-end run through loop.py (CI runs the slow set)
 def test_crashes_then_the_fix_is_kept(tiny_cache, tmp_path):
     """A syntax error (caught before any process starts), then a fix that still crashes when run, then one
     that works: each crash is recorded with the line that says why, the agent is asked to fix it twice,
@@ -369,6 +370,7 @@ def test_real_trainer_that_sees_the_future_is_invalid(real_cheats):
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # an end-to-end run through loop.py (CI runs the slow set)
 def test_hang_past_the_kill_limit_ends_the_whole_run(tiny_cache, tmp_path):
     """A trainer (and its worker) that ignore SIGTERM and never end: killed at budget + 2 x allowance +
     margin, and nothing the run started survives."""

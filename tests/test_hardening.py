@@ -32,6 +32,8 @@ import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_faults import seed
 from test_loop import FAKE_TRAINER, FakeMessagesAPI, git, loop_env, make_repo, message, read_rows, run_loop, tool
@@ -249,6 +251,7 @@ def decided(repo: Path, prior) -> list[R.Row]:
     return [r for r in read_rows(repo)[prior.rows:] if r.status != "rerun"]
 
 
+@pytest.mark.slow  # an end-to-end run through loop.py (CI runs the slow set)
 def test_try_drops_a_commit_a_killed_experiment_left(tiny_cache, tmp_path):
     repo = make_repo(tmp_path)
     prior = seed(repo, "tk")  # the stand-in at VAL_BPB 2.0, as the best runs again next to a promising change

@@ -358,6 +358,7 @@ class OtherPacker:
         return 0
 
 
+@pytest.mark.slow  # an end-to-end run through loop.py (CI runs the slow set)
 def test_mlx_hand_over_scores_like_torch(tiny_cache, tmp_path):
     mx = pytest.importorskip("mlx.core", reason="MLX not installed")
     from backends import mlx_rt

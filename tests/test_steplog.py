@@ -9,7 +9,7 @@ from pathlib import Path
 
 import prepare
 from data.steplog import TOK_S, format_step
-from reporting import live
+from reporting import runfiles
 from research.clock import StepWatch
 from research.decisions import LossCurve
 from research.run import failure_line
@@ -31,7 +31,7 @@ def test_every_reader_reads_the_line_log_step_prints():
     assert [(s, round(p, 3), round(v, 3)) for s, p, v in curve.snapshot()] == \
         [(k, k / 10, round(5.0 - 0.1 * k, 3)) for k in range(1, 6)]
     assert watch.first is not None and watch.last is not None and b"".join(seen).count(b"step ") == 5
-    tail = live._Tail()  # the page, on a line still being drawn in a terminal (no newline yet)
+    tail = runfiles.LogTail()  # the page, on a line still being drawn in a terminal (no newline yet)
     tail.curve.feed(("\r" + lines[0] + "    \r" + lines[1] + "    ").encode())
     tail.tail = ("\r" + lines[0] + "    \r" + lines[1] + "    ").encode()
     assert [p[0] for p in tail.points()] == [1, 2]

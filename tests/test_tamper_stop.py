@@ -72,6 +72,7 @@ def test_both_verdicts_of_the_harness_are_tampering_and_a_cleared_run_stays_clea
     assert tamper.stopped_by(rows, "autoresearch/a", runs) is rows[4]
 
 
+@pytest.mark.slow  # an end-to-end run through loop.py (CI runs the slow set)
 def test_a_non_causal_hand_over_through_try_stops_the_branch_until_cleared(tmp_path, tiny_cache):
     repo = make_repo(tmp_path)
     seed(repo, "tamper")
