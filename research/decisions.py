@@ -363,7 +363,12 @@ class Reference:
     df: int  # degrees of freedom of the curve noise
 
     def usable(self) -> bool:
-        return self.curves > 0 and self.df > 0 and any(s for s in self.sigma)
+        return self.curves > 0 and self.df >= MIN_CURVE_DF and any(s for s in self.sigma)
+
+
+# Early abort needs the curve noise from at least this many degrees of freedom (three stored curves of one
+# trainer, or two each of two): from two curves alone one unlucky pair sets the limit for every run after it.
+MIN_CURVE_DF = 2
 
 
 def reference_from_curves(best: list[list], groups: list[list[list]], nbins: int = NBINS,

@@ -13,7 +13,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from research.decisions import NoiseModel, Reference, load_curve, pooled_noise, reference_from_curves
+from research.decisions import MIN_CURVE_DF, NoiseModel, Reference, load_curve, pooled_noise, reference_from_curves
 from research.gauge import speed_of
 from research.results import BASELINE, BEST_NEXT, RERUN, Kind, Row
 
@@ -194,7 +194,8 @@ def abort_reference(st: Replay, rows: list[Row], runs_dir: Path, enabled: bool =
     groups = [c for c in (curves_of(rs, runs_dir) for rs in by_hash.values() if len(rs) >= 2) if len(c) >= 2]
     ref = reference_from_curves(best, groups)
     if not ref.usable():
-        return None, "no trainer has two stored loss curves yet (the curve noise is unknown)"
+        return None, (f"the curve noise has {ref.df} degree{'s' if ref.df != 1 else ''} of freedom and early abort "
+                      f"needs {MIN_CURVE_DF} (three stored loss curves of one trainer, or two each of two)")
     return ref, None
 
 

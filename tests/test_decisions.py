@@ -282,6 +282,23 @@ def test_noise_level_differences_and_better_curves_are_never_stopped():
     assert _watch(_lines(3.0)).fired is None  # better (or faked better): runs on, judged by the harness
 
 
+def test_the_curve_noise_needs_two_degrees_of_freedom():
+    """Two curves of one trainer (1 degree of freedom) are not enough for early abort; three are, and so are
+    two each of two trainers."""
+    from research.decisions import MIN_CURVE_DF
+
+    rng = random.Random(1)
+
+    def curves(n: int) -> list:
+        return [[(i, i / 40, 4.0 * (1.5 - 0.5 * i / 40) + rng.gauss(0, 0.01)) for i in range(40)] for _ in range(n)]
+
+    two, three, other = curves(2), curves(3), curves(2)
+    assert MIN_CURVE_DF == 2
+    assert not reference_from_curves(two, [two]).usable() and reference_from_curves(two, [two]).df == 1
+    assert reference_from_curves(three, [three]).usable()
+    assert reference_from_curves(two, [two, other]).usable()
+
+
 def test_an_audit_only_records_what_it_would_have_done():
     mon = _watch(_lines(6.0), audit=True)
     assert mon.fired and mon.check() is False
