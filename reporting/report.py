@@ -29,7 +29,6 @@ __all__ = [
     "progress_markdown",
     "progress_figure",
     "plot_progress",
-    "rejection_reason",
     "write_report",
     "cmd_report",
     "add_subparsers",
@@ -236,25 +235,10 @@ _BAND = {  # statuses without a measurement, drawn in a band at the bottom of th
 _REJECTED_COLORS = ("#e67e22", "#8d5524", "#c9a227", "#b03a2e", "#6d6875")  # one per reason, the last for the rest
 
 
-def rejection_reason(note: str) -> str:
-    """The short reason in a rejected row's note: 'rejected: changed files other than train_cuda.py: x.txt'
-    -> 'changed files other than train_cuda.py'; 'rejected (overtime): ...' -> 'overtime', as is a run
-    that 'trained 312.4 s, past the 300 s budget'."""
-    m = re.search(r"rejected(?: \(([^)]*)\))?:\s*(.*)", note)
-    if not m:
-        return "reason not recorded"
-    tag, detail = m.groups()
-    if tag:
-        return shorten(tag)
-    if re.search(r"past the [\d.]+ s budget", detail):
-        return "overtime"
-    return shorten(re.split(r"[:;(]", detail, maxsplit=1)[0].strip()) or "reason not recorded"
-
-
 def _band_styles(rows: list[Row]) -> tuple[dict[str, dict], dict[int, str]]:
     """Styles of the strip's groups (crash, invalid, one per rejection reason), and each unmeasured
     row's group by 1-based position."""
-    reasons = [rejection_reason(r.note) for r in rows if r.status == "rejected"]
+    reasons = [r.reason for r in rows if r.status == "rejected"]  # the `reason` column (research/results.py)
     ranked = sorted(dict.fromkeys(reasons), key=lambda x: -reasons.count(x))  # most frequent first, then in order
     shown = ranked if len(ranked) <= MAX_REJECTION_REASONS else ranked[:MAX_REJECTION_REASONS - 1]
     styles = dict(_BAND)
@@ -266,8 +250,7 @@ def _band_styles(rows: list[Row]) -> tuple[dict[str, dict], dict[int, str]]:
         if measured(r):
             continue
         if r.status == "rejected":
-            reason = rejection_reason(r.note)
-            group[i] = f"rejected: {reason if reason in shown else 'other reasons'}"
+            group[i] = f"rejected: {r.reason if r.reason in shown else 'other reasons'}"
         else:
             group[i] = r.status if r.status in _BAND else "crash"
     return styles, group

@@ -23,6 +23,7 @@ from pathlib import Path
 from sandbox.secrets import redact
 
 __all__ = [
+    "infer_reason",
     "COLUMNS",
     "UPSTREAM_COLUMNS",
     "STATUSES",
@@ -74,6 +75,7 @@ COLUMNS = UPSTREAM_COLUMNS + [
     "gauge_before_s",
     "gauge_after_s",
     "kind",
+    "reason",
 ]
 # keep/discard/crash are the reference's; rejected = the change broke a rule (touched more than the
 # trainer, trained past the budget), invalid = the evaluator found the model non-causal, transfer = a
@@ -123,9 +125,41 @@ def infer_kind(note: str, description: str, status: str) -> str:
     return Kind.EXPERIMENT
 
 
+# Why a run did not measure or was not counted, in a few words (the `reason` column): the loop's notes have
+# fixed forms, so one reading of them serves the rows it writes and the files written before the column.
+_REASONS = (  # (status, pattern in the note, reason), the first match wins
+    ("rejected", r"overtime|past the [\d.]+ s budget", "overtime"),
+    ("rejected", r"Locked files|locked file", "locked files changed"),
+    ("rejected", r"changed files other than|deleted the trainer|no change to", "more than the trainer"),
+    ("rejected", r"the run changed|put back|refs \(|git settings|results\.tsv", "changed what it must not"),
+    ("rejected", r"harness's directory", "wrote to the harness"),
+    ("crash", r"syntax error on line", "syntax error"),
+    ("crash", r"killed after [\d.]+ s", "timeout"),
+    ("crash", r"memory cap|run out of memory", "memory"),
+    ("crash", r"into its workspace, past the cap", "disk"),
+    ("crash", r"the loop was interrupted", "interrupted"),
+    ("crash", r"the worker failed|worker .*lost", "worker failed"),
+    ("crash", r"killed by ", "killed by a signal"),
+    ("crash", r"exit code", "exit code"),
+    ("invalid", r"", "not causal"),
+    ("abort", r"", "trailed the best"),
+)
+
+
+def infer_reason(status: str, note: str) -> str:
+    """The `reason` of a row from its status and note ("" for a row that measured and counted, or a note
+    of a form the loop does not write: then "other")."""
+    if status not in ("rejected", "crash", "invalid", "abort"):
+        return ""
+    for st, pattern, reason in _REASONS:
+        if st == status and re.search(pattern, note):
+            return reason
+    return "other"
+
+
 NO_COMMIT = "-------"  # commit column of a change that was never committed (rejected before commit)
 MAX_DESCRIPTION = 300
-_FREE_TEXT = ("description", "note", "device", "branch", "worker")  # the fields whose text comes from the run or the agent
+_FREE_TEXT = ("description", "note", "device", "branch", "worker", "reason")  # the fields whose text comes from the run or the agent
 
 
 class ResultsError(Exception):
@@ -188,6 +222,7 @@ class Row:
     gauge_before_s: float | None = None
     gauge_after_s: float | None = None
     kind: str = ""  # what the run was for (Kind); inferred for rows written before the column
+    reason: str = ""  # why it did not measure or count (infer_reason), "" when it did
 
     def __post_init__(self) -> None:
         for name in _FREE_TEXT:  # no secret in a row, whoever built it (the loop, a report reading a file)
@@ -196,6 +231,8 @@ class Row:
                 setattr(self, name, redact(value))
         if self.kind not in Kind.ALL:
             self.kind = infer_kind(self.note, self.description, self.status)
+        if not self.reason:
+            self.reason = infer_reason(self.status, self.note)
 
     @property
     def ok(self) -> bool:

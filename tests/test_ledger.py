@@ -96,6 +96,50 @@ def test_kind_is_data_and_older_files_get_it_inferred(tmp_path):
     assert [r.kind for r in back] == want + [Kind.EXPERIMENT]  # written as data, never re-read from prose
 
 
+def test_reason_is_data_and_older_files_get_it_inferred(tmp_path):
+    """The `reason` column says in a few words why a run did not measure or count, from the notes the loop
+    writes; a file written before the column reads the same reasons, and a reason written stays as written."""
+    from research.results import COLUMNS, append_row, ensure_results_file, read_results
+
+    cases = [
+        ("keep", "gain 0.01", ""), ("discard", "no gain: ...", ""), ("rerun", "confirm run of run 3", ""),
+        ("rejected", "rejected: overtime: handed over 6.07 s after start, past the 2 s budget + 3.77 s allowed",
+         "overtime"),
+        ("rejected", "rejected: trained 331.2 s, past the 300 s budget", "overtime"),
+        ("rejected", "rejected: changed files other than train_cuda.py: notes.txt", "more than the trainer"),
+        ("rejected", "baseline 2/2; rejected: deleted the trainer train_cuda.py", "more than the trainer"),
+        ("rejected", "rejected: the run changed refs (refs/heads/x) (put back)", "changed what it must not"),
+        ("rejected", "rejected: Locked files were changed during the run (prepare.py); the loop stopped",
+         "locked files changed"),
+        ("rejected", "rejected: the harness's directory was written to during the run (x)", "wrote to the harness"),
+        ("crash", "crash: syntax error on line 3: invalid syntax", "syntax error"),
+        ("crash", "crash: killed after 130 s (limit 130 s)", "timeout"),
+        ("crash", "crash: ended by the kernel for going past its memory cap of 1.2 GB", "memory"),
+        ("crash", "crash: wrote more than 2 GB into its workspace, past the cap (AUTORESEARCH_WORKSPACE_CAP)",
+         "disk"),
+        ("crash", "crash: stopped: the loop was interrupted", "interrupted"),
+        ("crash", "crash: the worker failed: RayTaskError", "worker failed"),
+        ("crash", "crash: killed by SIGSEGV", "killed by a signal"),
+        ("crash", "crash: exit code 1; FAIL: training loss nan at step 3 (NaN or > 100)", "exit code"),
+        ("crash", "crash: something new", "other"),
+        ("invalid", "invalid: the logits before a changed token moved", "not causal"),
+        ("abort", "abort: at 35% of the budget its training loss trailed the best's", "trailed the best"),
+    ]
+    rows = [Row(commit="c", val_bpb=0.0, memory_gb=0.0, status=st, description="d", note=n) for st, n, _ in cases]
+    assert [r.reason for r in rows] == [want for _, _, want in cases]
+    old_columns = COLUMNS[: COLUMNS.index("reason")]
+    path = tmp_path / "results.tsv"
+    path.write_text("\n".join(["\t".join(old_columns)] + ["\t".join(r.to_line().rstrip("\n").split("\t")[
+        : len(old_columns)]) for r in rows]) + "\n")
+    assert [r.reason for r in read_results(path)] == [want for _, _, want in cases]
+    ensure_results_file(path)  # as a loop opening it does: the header gains the column, the rows read the same
+    append_row(path, Row(commit="e", val_bpb=0.0, memory_gb=0.0, status="crash", description="d",
+                         note="crash: exit code 2", reason="worker failed"))
+    assert path.read_text().split("\n", 1)[0].split("\t") == COLUMNS
+    assert [r.reason for r in read_results(path)][:-1] == [want for _, _, want in cases]
+    assert read_results(path)[-1].reason == "worker failed"  # written as data, never re-read from the note
+
+
 def test_keeps_out_of_reach_are_said_with_the_numbers(tmp_path):
     """Noise that makes the needed gain exceed 2% of val_bpb gets one sentence, on the terminal's rule and
     on the page; a quiet branch gets none."""
