@@ -74,7 +74,8 @@ def rows_json(rows: list[Row], s, on_disk: list[int]) -> list[dict]:
         before = s.best_before(i)
         out.append({
             "n": s.number(i), "run": r.run, "has_run": r.run in disk,
-            "status": r.status, "kind": "baseline" if i in base else "keep" if i in kept else r.status,
+            "status": r.status, "reason": r.reason,
+            "kind": "baseline" if i in base else "keep" if i in kept else r.status,
             "description": r.description, "note": r.note, "commit": r.commit, "timestamp": r.timestamp,
             "val_bpb": r.val_bpb if ok else None, "holdout_bpb": r.holdout_bpb,
             "delta": r.val_bpb - before if ok and before else None,

@@ -121,6 +121,7 @@ def test_state_rows_summary_noise_and_the_run_in_progress(tmp_path):
     by = {r["n"]: r for r in s["rows"]}
     assert by[3]["delta"] == pytest.approx(1.9 - 2.0005) and by[4]["delta"] == pytest.approx(0.05)
     assert by[5]["val_bpb"] is None and by[1]["delta"] is None and by[3]["cost_usd"] == 0.01
+    assert by[5]["reason"] == "other" and by[4]["reason"] == ""  # the reason column (a note of no known form)
     assert s["summary"]["best_bpb"] == 1.9 and s["summary"]["best_n"] == 3 and s["summary"]["cost_usd"] == 0.05
     # the loop's own best after each row (research/ledger.py): the first baseline alone, then their mean
     assert s["plot"]["running_best"] == pytest.approx([2.0, 2.0005, 1.9, 1.9, 1.9])

@@ -235,7 +235,8 @@
       const delta = r.delta === null ? "—" : signed(r.delta);
       const tr = el("tr", { class: "row" + (openRun === r.run && r.run !== null ? " open" : ""), "data-run": r.run, "data-n": r.n },
         el("td", { class: "num", text: String(r.n) }),
-        el("td", {}, el("span", { class: `st ${r.kind}`, text: r.kind === "baseline" ? "baseline" : r.status })),
+        el("td", {}, el("span", { class: `st ${r.kind}`, text: r.kind === "baseline" ? "baseline" : r.status,
+                                  title: r.reason || null })),
         el("td", { text: r.description }),
         el("td", { class: "num", text: r.val_bpb === null ? "—" : bpb(r.val_bpb) }),
         el("td", { class: "num " + (r.delta === null ? "" : r.delta < 0 ? "good" : "bad"), text: delta }),
