@@ -33,8 +33,8 @@ class TrainingClock:
     few: on a busy machine steps vary) and less the reserve the hand-over needs (what the branch's baselines
     took from their last step to their end, grown when this run reached its first step later than they did
     or its recent steps take longer than theirs: a busier machine or a bigger model hands over more slowly
-    too), and never below a millisecond (the schedule divides by it). A run whose
-    set-up took longer than the baselines' therefore trains less instead of handing over past its deadline."""
+    too), and never below a millisecond (the schedule divides by it). A run whose set-up took longer than
+    the baselines' therefore trains less instead of handing over past its deadline."""
 
     def __init__(self, protocol) -> None:
         self.time_budget = float(protocol.time_budget)
@@ -69,6 +69,6 @@ class TrainingClock:
         scale = self.scale
         if self.step and self._recent:  # how many times slower than the baselines' steps
             scale = min(_MAX_RESERVE_SCALE, max(scale, sorted(self._recent)[len(self._recent) // 2] / self.step))
-        next_step = max([step_seconds, *self._recent])  # the longest of late: on a busy machine steps vary
+        next_step = max([step_seconds, *self._recent])  # the longest recent step: on a busy machine steps vary
         left = self.deadline - now - self.reserve * scale - next_step
         return max(1e-3, min(self.time_budget, trained + left))
