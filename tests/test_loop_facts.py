@@ -77,7 +77,7 @@ def test_the_row_holds_the_loops_facts_and_the_claim_apart(lied):
         # the claimed columns show the claim (and are documented as such)
         assert r.num_steps == 99999 and r.training_seconds == 1.0 and r.mfu_percent == 99.0
     header = (lied.repo / "results.tsv").read_text().split("\n")[0].split("\t")
-    assert header[:5] == R.UPSTREAM_COLUMNS and header[-3:] == ["gauge_before_s", "gauge_after_s", "kind"]
+    assert header[:5] == R.UPSTREAM_COLUMNS and header[-4:] == ["gauge_before_s", "gauge_after_s", "kind", "reason"]
     assert set(R.CLAIMED) <= set(header)
 
     run = lied.repo / "runs" / str(rows[1].run)
@@ -204,7 +204,7 @@ def test_a_results_file_from_before_still_reads(tmp_path):
     assert back.hyperparams == {"DEPTH": 2} and back.num_steps == 10 and back.gauge_before_s is None
     assert speed(back) is None
     R.ensure_results_file(path)  # widened in place, the row kept
-    assert R.read_results(path)[0].device == "fake cpu" and path.read_text().split("\n")[0].endswith("gauge_after_s\tkind")
+    assert R.read_results(path)[0].device == "fake cpu" and path.read_text().split("\n")[0].endswith("gauge_after_s\tkind\treason")
     runs = tmp_path / "runs" / "1"
     runs.mkdir(parents=True)
     claims = {"num_steps": 10, "device": "old", "hyperparams": {"A": 1}}
