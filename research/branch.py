@@ -23,7 +23,7 @@ from research.errors import SessionError, TamperError
 from research.guards import LOCK_FILE, LOCKED_PATHS, scope_problem
 from research.ledger import replay
 
-__all__ = ["BranchWork", "names"]
+__all__ = ["BranchWork"]
 
 
 class BranchWork:
@@ -42,7 +42,7 @@ class BranchWork:
             dirty = []
         if dirty:
             raise SessionError(
-                f"The work tree has uncommitted changes ({names(dirty)}); commit or revert them first, "
+                f"The work tree has uncommitted changes ({gitrepo.names(dirty)}); commit or revert them first, "
                 "or use 'loop.py try \"description\"' to test an edit of the trainer.")
         resumed = gitrepo.branch_exists(self.repo, name)
         self.check_comparable(name)
@@ -133,7 +133,7 @@ class BranchWork:
             changed = gitrepo.git(self.repo, "diff", "--name-only", base, "HEAD", "--", *LOCKED_PATHS, check=False)
             if changed:
                 raise TamperError(
-                    f"Locked files changed since this branch's baseline ({names(changed.split())}); "
+                    f"Locked files changed since this branch's baseline ({gitrepo.names(changed.split())}); "
                     f"revert them (git checkout {base} -- <file>) or start a new branch with --tag.")
         self.owns_tree = True
 
@@ -262,9 +262,3 @@ class BranchWork:
 def _loop_file(path: str) -> bool:
     """results.tsv, runs/ and the lock are the loop's own (ignored in this project's .gitignore anyway)."""
     return path in ("results.tsv", "results.tsv.tmp", LOCK_FILE) or path.startswith("runs/")
-
-
-def names(paths, limit: int = 5) -> str:
-    paths = list(paths)
-    shown = ", ".join(paths[:limit])
-    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")

@@ -26,7 +26,7 @@ from sandbox.secrets import redact, without_secrets
 
 __all__ = ["GitError", "git", "git_bytes", "head", "current_branch", "branch_exists", "is_ancestor", "changed_paths",
            "commit_paths", "reset_hard", "remove_paths", "diff", "is_repo", "RefState", "ref_state",
-           "put_back_refs", "worktree_add", "worktree_paths", "worktree_remove", "merge_text"]
+           "put_back_refs", "names", "worktree_add", "worktree_paths", "worktree_remove", "merge_text"]
 
 
 class GitError(RuntimeError):
@@ -316,7 +316,9 @@ def ref_state(repo: Path) -> RefState:
                     files=_read_files(_git_dir(repo)))
 
 
-def _names(items: list[str], limit: int = 8) -> str:
+def names(items, limit: int = 5) -> str:
+    """Paths or refs for a message: the first `limit`, then how many more."""
+    items = list(items)
     shown = ", ".join(items[:limit])
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
@@ -403,11 +405,11 @@ def put_back_refs(repo: Path, before: RefState) -> list[str]:
         for ref in others:
             kind = "added" if ref not in before.refs else "deleted" if ref not in now.refs else "moved"
             words.append(f"{ref} {kind}")
-        changed.append(f"refs ({_names(words)})")
+        changed.append(f"refs ({names(words, 8)})")
     if files:
-        changed.append(f"git settings ({_names(files)})")
+        changed.append(f"git settings ({names(files, 8)})")
     if problems:
-        changed.append(f"refs that could not be put back ({_names(problems)})")
+        changed.append(f"refs that could not be put back ({names(problems, 8)})")
     return changed
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from research import gitrepo
 from research.clock import WallRule, fixed_rule, rule_from_baselines
-from research.branch import BranchWork, names
+from research.branch import BranchWork
 from research.console import Console
 from research.errors import SessionError, TamperError
 from research.guards import RepoLock, hash_locked, locked_changes
@@ -280,7 +280,7 @@ class Session(BranchWork):
         a worker's git worktree, whose locked files are the repository's)."""
         changed = locked_changes(tree or self.repo, self.locked)
         if changed:
-            raise TamperError(f"Locked files were changed during the run ({names(changed)}); the loop stopped "
+            raise TamperError(f"Locked files were changed during the run ({gitrepo.names(changed)}); the loop stopped "
                               "and restored the tree. Only the trainer may be edited.")
 
     def record(self, row: Row) -> None:
