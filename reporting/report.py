@@ -72,7 +72,7 @@ def budget_text(source: Source) -> str:
 
 def _noise_line(source: Source) -> str | None:
     """The run-to-run spread the loop decides with, pooled over every trainer that ran more than once."""
-    from research.decisions import pooled_noise
+    from research.noise import pooled_noise
 
     groups: dict[str, list] = {}
     for r in source.rows:

@@ -1,34 +1,10 @@
-"""How the loop tells a real gain from noise, and when it stops a run that cannot win.
-
-**Noise model.** The spread that matters is run-to-run: the same trainer, run twice under the same
-budget, lands on different val_bpb, mostly because it completes a different number of steps in
-the budget (on a shared machine the step count moves with the load; SPEC §10). Every trainer
-version that ran more than once on a branch (its baseline runs, confirm reruns, periodic re-runs
-of the best) is one group; `pooled_noise` pools the within-group variance of all groups:
-
-    s^2 = sum_g sum_i (x_gi - mean_g)^2 / sum_g (n_g - 1),   df = sum_g (n_g - 1)
-
-and the rule uses sigma = max(s, min_noise). It also fits val_bpb on the step count within the
-groups and reports which share of the spread the step count explains (shown, not subtracted: a
-candidate's own step count moves with its change as well as with the load, so it cannot be used
-to correct a single run).
-
-**Decision rule.** The best is the mean of every run of the best trainer (the last kept one, or the
-baseline). A candidate with runs x_1..x_n is kept when it is lower by a significant margin, one-sided:
-
-    t = (mean(best) - mean(x)) / (sigma * sqrt(1/m + 1/n))   >   t_{1-alpha, df}
-
-with m the best's runs and df the pooled degrees of freedom (no repeated runs yet: sigma is
-min_noise, taken as known, and the normal quantile is used). With confirmation on (the default) a
-single run is first screened at the looser `confirm_alpha`; one that passes is run again and only
-the mean of both runs is tested at `alpha`. The final test is the only way to a keep, so identical
-trainers are kept at most `alpha` of the time, whatever the screen lets through.
+"""When the loop stops a run that cannot win (the keep rule itself is research/noise.py's).
 
 **Early abort.** The loop reads the trainer's per-step `loss:` lines as they come (`LossCurve`),
 bins them by the trainer's printed progress, and compares each finished bin with the best trainer's
 stored curve (`runs/<n>/loss.json`, averaged over its runs). Past `min_progress`, a run whose loss
 trails the reference by more than `abort_z` times the curve noise (the spread of identical trainers'
-curves in that bin, from the same groups as above) in two bins in a row is stopped and recorded as
+curves in that bin, from the groups of research/noise.py) in two bins in a row is stopped and recorded as
 `abort` with the progress it reached. The stream is the trainer's word, not a measurement: printing
 better numbers only keeps a run alive (it is still judged by the harness at the end), printing worse
 ones only stops it. A reference curve that is too good to be true (a kept trainer that printed low
@@ -39,7 +15,6 @@ branch until the best changes.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import re
@@ -51,13 +26,6 @@ from pathlib import Path
 from data.steplog import STEP_LINE
 
 __all__ = [
-    "NoiseModel",
-    "Verdict",
-    "pooled_noise",
-    "test_gain",
-    "decide_runs",
-    "t_sf",
-    "t_ppf",
     "LossCurve",
     "Reference",
     "AbortMonitor",
@@ -67,183 +35,6 @@ __all__ = [
     "write_curve",
     "reference_from_curves",
 ]
-
-
-# ---------------------------------------------------------------------------
-# Student's t (no SciPy dependency: the regularized incomplete beta function)
-# ---------------------------------------------------------------------------
-
-
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the incomplete beta function (modified Lentz)."""
-    tiny = 1e-300
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 400):
-        m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c if abs(1.0 + aa / c) > tiny else tiny
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c if abs(1.0 + aa / c) > tiny else tiny
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < 1e-14:
-            break
-    return h
-
-
-def _betainc(a: float, b: float, x: float) -> float:
-    """Regularized incomplete beta I_x(a, b)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    lbeta = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    front = math.exp(lbeta)
-    if x < (a + 1.0) / (a + b + 2.0):
-        return front * _betacf(a, b, x) / a
-    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
-
-
-def t_sf(t: float, df: float) -> float:
-    """P(T > t) for Student's t with `df` degrees of freedom (df = inf: the normal distribution)."""
-    if math.isinf(df):
-        return 0.5 * math.erfc(t / math.sqrt(2.0))
-    tail = 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))
-    return tail if t >= 0 else 1.0 - tail
-
-
-@functools.lru_cache(maxsize=512)
-def t_ppf(q: float, df: float) -> float:
-    """The t value with P(T <= t) = q (bisection on t_sf; |t| < 1e4 covers every q used here)."""
-    lo, hi = -1e4, 1e4
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if 1.0 - t_sf(mid, df) < q:
-            lo = mid
-        else:
-            hi = mid
-    return 0.5 * (lo + hi)
-
-
-# ---------------------------------------------------------------------------
-# The noise model
-# ---------------------------------------------------------------------------
-
-
-@dataclass
-class NoiseModel:
-    """Run-to-run spread of val_bpb for identical trainers on one branch, under one budget."""
-
-    sigma: float  # what the rule uses: max(measured, min_noise), or min_noise while nothing is measured
-    measured: float | None  # pooled standard deviation of repeated runs (None: no trainer ran twice)
-    df: int  # its degrees of freedom, sum over groups of (runs - 1)
-    groups: int  # trainer versions with two or more runs
-    runs: int  # runs in those groups
-    min_noise: float = 0.0
-    step_slope: float | None = None  # val_bpb per step, within groups (None: too few runs or no step spread)
-    step_share: float | None = None  # share of the within-group variance the step count explains
-
-    @property
-    def rule_df(self) -> float:
-        """Degrees of freedom for the t quantile: inf while sigma is the floor taken as known."""
-        return float(self.df) if self.df > 0 and self.measured is not None and self.measured >= self.min_noise \
-            else math.inf
-
-    def describe(self) -> str:
-        """One line: sigma, where it comes from, and the step count's share of it."""
-        if self.measured is None:
-            return f"σ {self.sigma:.6f} (the --min-noise floor: no trainer has run twice yet)"
-        src = f"{self.runs} runs of {self.groups} trainer{'s' if self.groups != 1 else ''}, {self.df} df"
-        floor = f"; floor {self.min_noise:g} applies" if self.measured < self.min_noise else ""
-        steps = ""
-        if self.step_share is not None and self.step_slope is not None:
-            steps = f"; step count explains {100 * self.step_share:.0f}% ({self.step_slope * 100:+.4f} per 100 steps)"
-        return f"σ {self.sigma:.6f} pooled from {src}{floor}{steps}"
-
-
-def pooled_noise(groups: dict[str, list[tuple[float, int | None]]], min_noise: float) -> NoiseModel:
-    """The noise model from repeated runs: `groups` maps a trainer hash to its runs (val_bpb, steps).
-
-    Groups with one run carry no information about the spread and are left out.
-    """
-    ss, df, n_groups, runs = 0.0, 0, 0, 0
-    sxy, sxx = 0.0, 0.0  # within-group regression of val_bpb on steps
-    for vals in groups.values():
-        xs = [v for v, _ in vals if v and v > 0 and math.isfinite(v)]
-        if len(xs) < 2:
-            continue
-        mean = statistics.fmean(xs)
-        ss += sum((x - mean) ** 2 for x in xs)
-        df += len(xs) - 1
-        n_groups += 1
-        runs += len(xs)
-        stepped = [(v, s) for v, s in vals if v and v > 0 and s]
-        if len(stepped) >= 2:
-            mv = statistics.fmean(v for v, _ in stepped)
-            ms = statistics.fmean(s for _, s in stepped)
-            sxy += sum((v - mv) * (s - ms) for v, s in stepped)
-            sxx += sum((s - ms) ** 2 for _, s in stepped)
-    if df == 0:
-        return NoiseModel(sigma=min_noise, measured=None, df=0, groups=0, runs=0, min_noise=min_noise)
-    measured = math.sqrt(ss / df)
-    slope = share = None
-    if sxx > 0 and df >= 2 and ss > 0:
-        slope = sxy / sxx
-        share = min(1.0, (sxy * sxy / sxx) / ss)
-    return NoiseModel(sigma=max(measured, min_noise), measured=measured, df=df, groups=n_groups, runs=runs,
-                      min_noise=min_noise, step_slope=slope, step_share=share)
-
-
-@dataclass
-class Verdict:
-    """A candidate's runs against the best's runs under the noise model."""
-
-    status: str  # keep | discard
-    note: str  # the rule and its numbers, for the row and the console
-    promising: bool  # passed the screen at confirm_alpha (worth a confirming rerun)
-    delta: float  # mean(candidate) - mean(best); negative is better
-    t: float
-    p: float  # one-sided p-value of "no gain"
-    needed: float  # the smallest gain that would have been kept with these run counts
-
-
-def test_gain(cand: list[float], best: list[float], noise: NoiseModel) -> tuple[float, float, float, float]:
-    """(delta, standard error, t, one-sided p) of mean(cand) < mean(best)."""
-    delta = statistics.fmean(cand) - statistics.fmean(best)
-    se = noise.sigma * math.sqrt(1.0 / len(best) + 1.0 / len(cand))
-    t = -delta / se if se > 0 else (math.inf if delta < 0 else 0.0)
-    return delta, se, t, t_sf(t, noise.rule_df) if math.isfinite(t) else 0.0
-
-
-def decide_runs(cand: list[float], best: list[float], noise: NoiseModel, alpha: float,
-                confirm_alpha: float | None = None) -> Verdict:
-    """Keep or discard `cand` (one or more runs of one trainer) against `best` (the best trainer's runs).
-
-    keep: p < alpha. `promising` (with `confirm_alpha` given): p < confirm_alpha and the mean is lower;
-    the caller then reruns and decides again on both runs.
-    """
-    delta, se, t, p = test_gain(cand, best, noise)
-    crit = t_ppf(1.0 - alpha, noise.rule_df)
-    needed = crit * se
-    m, n = len(best), len(cand)
-    what = f"{delta:+.6f}" + (f" (mean of {n} runs)" if n > 1 else "")
-    base = f"vs best {statistics.fmean(best):.6f} (mean of {m} run{'s' if m != 1 else ''})"
-    df = "∞" if math.isinf(noise.rule_df) else f"{noise.rule_df:.0f}"
-    stats = f"t {t:.2f}, p {p:.3f}, keep if p < {alpha:g} (gain > {needed:.6f}; σ {noise.sigma:.6f}, df {df})"
-    if p < alpha:
-        return Verdict("keep", f"win: {what} {base}; {stats}", True, delta, t, p, needed)
-    promising = confirm_alpha is not None and delta < 0 and p < confirm_alpha
-    if delta < 0:
-        return Verdict("discard", f"within noise: {what} {base}; {stats}", promising, delta, t, p, needed)
-    return Verdict("discard", f"no gain: {what} {base}; {stats}", False, delta, t, p, needed)
 
 
 # ---------------------------------------------------------------------------

@@ -90,7 +90,7 @@ def baseline_plan(s: Session, total: int, done: int) -> str:
 
 
 def _needed_sigmas(s: Session, m: int) -> float:
-    from research.decisions import t_ppf
+    from research.noise import t_ppf
 
     n = 2 if s.settings.confirm else 1
     df = max(1, m - 1)

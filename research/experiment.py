@@ -17,7 +17,9 @@ from pathlib import Path
 
 from research import gitrepo, tamper
 from research.console import clock
-from research.decisions import AbortMonitor, LossCurve, NoiseModel, Verdict, curve_shaping_changes, decide_runs
+from research.decisions import AbortMonitor, LossCurve, curve_shaping_changes
+from research.noise import NoiseModel, Verdict, decide_runs
+from research.gauge import slowness
 from research.guards import guard_run, scope_problem, text_hash
 from research.ledger import ABORT_AUDIT, ABORT_OFF, BASELINE, BEST_NEXT, RERUN, replay
 from research.proposals import Usage
@@ -46,13 +48,21 @@ class Outcome:
 
 
 def decide(cand: list[float], best: list[float], noise: NoiseModel | None, alpha: float,
-           confirm_alpha: float | None = None) -> Verdict:
-    """Keep or discard a candidate's runs against the best trainer's runs (research/decisions.py has the
-    rule): kept when the one-sided t-test against the pooled run-to-run noise gives p < alpha;
-    `promising` when p < confirm_alpha (worth a confirming rerun). With no best yet, keep."""
+           confirm_alpha: float | None = None, cand_speed: list | None = None, best_speed: list | None = None
+           ) -> Verdict:
+    """Keep or discard a candidate's runs against the best trainer's runs (research/noise.py has the
+    rule): kept when the one-sided t-test against the pooled run-to-run noise gives p < alpha, the runs
+    adjusted for the machine's speed when the noise model says it matters (`cand_speed`, `best_speed`:
+    each run's slowness by the loop's gauge); `promising` when p < confirm_alpha (worth a confirming
+    rerun). With no best yet, keep."""
     if not best or noise is None:
         return Verdict("keep", "first measurement on this branch", False, 0.0, 0.0, 0.0, 0.0)
-    return decide_runs(cand, best, noise, alpha, confirm_alpha)
+    return decide_runs(cand, best, noise, alpha, confirm_alpha, cand_speed, best_speed)
+
+
+def run_slowness(run) -> float | None:
+    """The keep rule's covariate for a run that has not been recorded yet (research.run.TrainerRun)."""
+    return slowness(getattr(run, "gauge_before_s", None), getattr(run, "gauge_after_s", None))
 
 
 def syntax_problem(text: str, trainer: str, log_path: Path) -> str | None:
@@ -66,11 +76,12 @@ def syntax_problem(text: str, trainer: str, log_path: Path) -> str | None:
     return None
 
 
-def screen(s: Session, value: float, *, confirm: bool = True) -> Verdict:
-    """A change's first run against the best's runs (`confirm`: and whether it earns a confirm run)."""
+def screen(s: Session, value: float, speed: float | None = None, *, confirm: bool = True) -> Verdict:
+    """A change's first run (`speed`: the machine's slowness around it) against the best's runs (`confirm`:
+    and whether it earns a confirm run)."""
     st = s.state
     return decide([value], st.best_values, st.noise, s.settings.alpha,
-                  s.settings.confirm_alpha if s.settings.confirm and confirm else None)
+                  s.settings.confirm_alpha if s.settings.confirm and confirm else None, [speed], st.best_speeds)
 
 
 def audit_note(s: Session, value: float, fired: str | None) -> str:
@@ -85,12 +96,13 @@ def audit_note(s: Session, value: float, fired: str | None) -> str:
     return note
 
 
-def confirm_decision(s: Session, first: float, second: float, best_rows: list[Row]) -> tuple[str, str]:
-    """A promising change after its confirm run: the mean of its two runs against the best's runs at the
-    machine's current speed, `best_rows` (the best's run next to it, when it measured) counted in.
-    Returns (status, note)."""
+def confirm_decision(s: Session, first: float, second: float, best_rows: list[Row],
+                     speeds: tuple[float | None, float | None] = (None, None)) -> tuple[str, str]:
+    """A promising change after its confirm run: the mean of its two runs (`speeds`: the machine's slowness
+    around each) against the best's runs at the machine's current speed, `best_rows` (the best's run next
+    to it, when it measured) counted in. Returns (status, note)."""
     st = replay(s.branch_rows() + best_rows, s.settings.min_noise, s.settings.drift)
-    v = decide([first, second], st.best_values, st.noise, s.settings.alpha)
+    v = decide([first, second], st.best_values, st.noise, s.settings.alpha, None, list(speeds), st.best_speeds)
     verdict = "confirmed" if v.status == "keep" else "not confirmed"
     return v.status, f"{verdict} by a rerun, mean of {first:.6f} and {second:.6f}: {v.note}"
 
@@ -220,7 +232,7 @@ def run_experiment(s: Session, description: str, usage: Usage | None = None, *,
 
     - baseline=(k, n): run the last kept commit as it is (no change expected), status keep.
     - rerun=why: the same, recorded as status rerun (a re-measurement of the best).
-    - otherwise the change is decided by the rule in research/decisions.py: a promising single run
+    - otherwise the change is decided by the rule in research/noise.py: a promising single run
       is run again (a `rerun` row after the experiment's row) and the mean of both is tested; while it
       trains, early abort may stop it (status abort) when its loss trails the best's.
     - keep_edit: on a crash, an invalid model or a rejection the edit is written back to the work
@@ -334,14 +346,15 @@ def decide_trial(t: Trial, meddled: str | None) -> None:
     elif t.status == "ok" and t.rerun:
         t.status, t.note = "rerun", f"rerun of the best: {t.rerun}"
     elif t.status == "ok":
-        verdict = screen(s, t.m.val_bpb, confirm=not t.record_as)
+        verdict = screen(s, t.m.val_bpb, run_slowness(t.run), confirm=not t.record_as)
         t.status, t.note = verdict.status, verdict.note
         confirm = None
         if t.record_as:
             t.status = t.record_as
         elif s.settings.confirm and s.state.best_values and (verdict.status == "keep" or verdict.promising):
             t.status, t.note, confirm = _confirm(s, t.run_dir, t.label, t.description, t.m, verdict, commit=t.commit,
-                                                 run_no=t.run_no, text=t.text, guard=lambda before: guard(t, before))
+                                                 run_no=t.run_no, text=t.text, guard=lambda before: guard(t, before),
+                                                 first_speed=run_slowness(t.run))
         if t.monitor is not None and t.monitor.audit:
             t.note += audit_note(s, t.m.val_bpb, t.monitor.fired)
         if confirm and t.status != "rejected":
@@ -376,7 +389,7 @@ def record(t: Trial, row: Row, restore: bool = True) -> Outcome:
 
 
 def _confirm(s: Session, run_dir: Path, label: str, description: str, m: Measurement, first: Verdict, *,
-             commit: str, run_no: int, text: str, guard):
+             commit: str, run_no: int, text: str, guard, first_speed: float | None = None):
     """A promising change: the best (the last kept commit's trainer) runs once now, then the change again,
     both never stopped early; the change is decided on the mean of its two runs against the best's runs
     at the machine's current speed, the fresh one included. The best's run sits between the change's
@@ -419,7 +432,7 @@ def _confirm(s: Session, run_dir: Path, label: str, description: str, m: Measure
     rows.insert(0, make_row(s, kind=Kind.CONFIRM, commit=commit, status="rerun", description=description,
                             note=f"{CONFIRM_RUN} {run_no}", run_no=run_no, trainer_text=text, m=m2,
                             wall=run2.wall_seconds, usage=None, run=run2))
-    status, note = confirm_decision(s, m.val_bpb, m2.val_bpb, rows[1:])
+    status, note = confirm_decision(s, m.val_bpb, m2.val_bpb, rows[1:], (first_speed, run_slowness(run2)))
     return status, note, rows
 
 

@@ -26,7 +26,7 @@ import os
 import threading
 import time
 
-__all__ = ["REPS", "REPS_ENV", "gauge", "gauge_reps", "gauge_threads", "speed_of"]
+__all__ = ["REPS", "REPS_ENV", "gauge", "gauge_reps", "gauge_threads", "slowness", "speed_of"]
 
 SIZE = 1 << 16  # float32 elements per thread: 256 KiB, inside any core's L2 cache
 REPS = 600  # rounds of (sin, multiply, add) per thread: ~0.1 s on the 2-core Xeon the project is tested on
@@ -95,3 +95,10 @@ def speed_of(*readings: float | None) -> float | None:
     there is no usable reading."""
     xs = [x for x in readings if x is not None and math.isfinite(x) and x > 0]
     return len(xs) / math.fsum(xs) if xs else None
+
+
+def slowness(*readings: float | None) -> float | None:
+    """The machine's slowness around a run, the covariate of the keep rule (research/noise.py): the log of
+    the mean seconds of the gauge's readings; None when there is no usable reading."""
+    v = speed_of(*readings)
+    return -math.log(v) if v else None

@@ -13,12 +13,13 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from research.decisions import MIN_CURVE_DF, NoiseModel, Reference, load_curve, pooled_noise, reference_from_curves
-from research.gauge import speed_of
+from research.decisions import MIN_CURVE_DF, Reference, load_curve, reference_from_curves
+from research.noise import NoiseModel, pooled_noise
+from research.gauge import slowness, speed_of
 from research.results import BASELINE, BEST_NEXT, RERUN, Kind, Row
 
 __all__ = ["BASELINE", "RERUN", "BEST_NEXT", "ABORT_OFF", "ABORT_AUDIT", "Replay", "measurement", "speed",
-           "speed_stretches", "replay", "running_best", "curves_of", "abort_reference", "needed_gain",
+           "slowness_of", "speed_stretches", "replay", "running_best", "curves_of", "abort_reference", "needed_gain",
            "reach_sentence", "OUT_OF_REACH"]
 
 
@@ -38,10 +39,16 @@ class Replay:
     all_best_runs: list[Row] = field(default_factory=list)  # every measured run of the best trainer
     abort_off: bool = False  # an abort audit failed since the best last changed: early abort is off
     would_abort: int = 0  # runs stopped early or audited since the best last changed
+    speed_adjusted: bool = False  # the best is its runs' mean adjusted to the machine's speed during the last one
 
     @property
     def best_values(self) -> list[float]:
         return [r.val_bpb for r in self.best_runs]
+
+    @property
+    def best_speeds(self) -> list[float | None]:
+        """The machine's slowness around each of the best's runs (the keep rule's covariate)."""
+        return [slowness_of(r) for r in self.best_runs]
 
     def basis(self) -> str:
         """Which runs the best is the mean of, and why the best trainer's other runs do not count."""
@@ -50,6 +57,9 @@ class Replay:
         n = len(self.best_runs)
         runs = [str(r.run) for r in self.best_runs if r.run is not None]
         text = f"mean of {n} run{'s' if n != 1 else ''}" + (f" (runs {', '.join(runs)})" if runs else "")
+        if self.speed_adjusted and n > 1:
+            text += (f", adjusted to the machine's speed during {'run ' + runs[-1] if runs else 'the last'} by the "
+                     "loop's gauge")
         left = len(self.all_best_runs) - n
         if left > 0:
             text += (f"; {left} earlier run{'s' if left != 1 else ''} of the same trainer ran while the machine "
@@ -73,6 +83,12 @@ def speed(r: Row) -> float | None:
     before the gauge). It notices the machine's speed changing, which schedules re-runs and picks which
     of the best's runs are current. Never the trainer's own steps or seconds: those are its claim."""
     return speed_of(r.gauge_before_s, r.gauge_after_s)
+
+
+def slowness_of(r: Row) -> float | None:
+    """The covariate of the keep rule for a run: the log of the gauge's mean seconds around it (None without
+    readings)."""
+    return slowness(r.gauge_before_s, r.gauge_after_s)
 
 
 def speed_stretches(runs: list[Row], drift: float) -> list[list[Row]]:
@@ -99,18 +115,19 @@ def replay(rows: list[Row], min_noise: float, drift: float = 0.15) -> Replay:
     mean of its measured runs (baseline runs, the keep, its confirm and periodic reruns) made at the
     machine's current speed: when the loop's gauge says the machine was more than `drift` faster or
     slower during a run of it than during its runs before, the earlier ones stop counting for the mean
-    (the load changed; they measured another machine). The noise model pools the spread of every
-    trainer that ran twice or more, all its runs included (see research/decisions.py).
+    (the load changed; they measured another machine) — unless the noise model adjusts for the machine's
+    speed (research/noise.py), which puts runs made at any speed on one footing: then all of them count. The noise model pools the spread of every
+    trainer that ran twice or more, all its runs included (see research/noise.py).
     """
     baselines = [r for r in rows if r.kind == Kind.BASELINE]
     kept_row, kept = None, None
     for r in rows:
         if r.status == "keep" and r.kind != Kind.BASELINE:
             kept_row, kept = r, r.commit
-    groups: dict[str, list[tuple[float, int | None]]] = {}
+    groups: dict[str, list[tuple]] = {}
     for r in rows:
         if measurement(r) and r.trainer_hash:
-            groups.setdefault(r.trainer_hash, []).append((r.val_bpb, r.num_steps))
+            groups.setdefault(r.trainer_hash, []).append((r.val_bpb, r.num_steps, slowness_of(r)))
     noise = pooled_noise(groups, min_noise)
     if kept_row is not None:
         best_hash = kept_row.trainer_hash
@@ -119,9 +136,16 @@ def replay(rows: list[Row], min_noise: float, drift: float = 0.15) -> Replay:
         ok = [r for r in baselines if measurement(r)]
         best_hash = ok[0].trainer_hash if ok else ""
         all_best = [r for r in rows if measurement(r) and best_hash and r.trainer_hash == best_hash] or ok
-    stretches = speed_stretches(all_best, drift) if all_best else []
+    adjusted = bool(all_best) and noise.speed is not None and all(slowness_of(r) is not None for r in all_best)
+    if adjusted:
+        stretches = [all_best]  # the rule adjusts each run for the machine's speed: every run of the best counts
+    else:
+        stretches = speed_stretches(all_best, drift) if all_best else []
     best_runs = stretches[-1] if stretches else []
     best = statistics.fmean(r.val_bpb for r in best_runs) if best_runs else None
+    if adjusted:  # their mean at the machine's speed of the last of them
+        cs = [slowness_of(r) for r in best_runs]
+        best -= noise.speed.slope * (statistics.fmean(cs) - cs[-1])
     mine = [i for i, r in enumerate(rows) if any(r is b for b in all_best)]
     tried = [i for i, r in enumerate(rows) if r.kind in (Kind.RERUN, Kind.BEST_NEXT)]  # a crashed rerun counts too
     last = max(mine[-1:] + tried[-1:], default=None)
@@ -146,7 +170,7 @@ def replay(rows: list[Row], min_noise: float, drift: float = 0.15) -> Replay:
     return Replay(best=best, noise_floor=noise.sigma if best is not None else None, baselines=baselines,
                   kept_commit=kept, noise=noise, best_hash=best_hash, best_runs=best_runs, since_best_run=since,
                   drift=moved, drift_reason=reason, all_best_runs=all_best, abort_off=abort_off,
-                  would_abort=would)
+                  would_abort=would, speed_adjusted=adjusted)
 
 
 def running_best(rows: list[Row], min_noise: float, drift: float = 0.15) -> list[float | None]:
@@ -208,7 +232,7 @@ def needed_gain(st: Replay, alpha: float, confirm: bool) -> float | None:
     and the mean of the best's runs. None without a best."""
     if st.noise is None or not st.best_runs:
         return None
-    from research.decisions import t_ppf
+    from research.noise import t_ppf
 
     n, m = (2 if confirm else 1), len(st.best_runs)
     return t_ppf(1 - alpha, st.noise.rule_df) * st.noise.sigma * (1 / m + 1 / n) ** 0.5

@@ -41,7 +41,7 @@ def allowance_from_baselines(baselines: list[Row], budget: float, margin: float 
 class Settings:
     """Knobs of the loop (CLI flags map onto these)."""
 
-    # decisions (research/decisions.py; the README's "How a change is kept" gives the reasons)
+    # decisions (research/noise.py and research/decisions.py; the README's "How a change is kept" gives the reasons)
     baseline_runs: int = 5  # baseline repeats at the start of a branch: 4 degrees of freedom for the noise
     min_noise: float = 0.0005  # smallest run-to-run sigma the rule uses, whatever the repeats say
     alpha: float = 0.05  # a trainer identical to the best is kept at most this often

@@ -1,5 +1,5 @@
 """Tests of the keep/discard rule, the noise model, one budget per comparison and early abort
-(research/decisions.py, research/ledger.py's replay, research/experiment.py).
+(research/noise.py, research/decisions.py, research/ledger.py's replay, research/experiment.py).
 
 Most tests are in-process on simulated rows and loss streams: the rule's false-keep rate for identical
 trainers and its power for a real gain are measured over many simulated branches, through the same
@@ -21,8 +21,8 @@ import statistics
 import pytest
 
 from research import results as R
-from research.decisions import (AbortMonitor, LossCurve, curve_bins, load_curve, pooled_noise, reference_from_curves,
-                                t_ppf, t_sf, write_curve)
+from research.decisions import AbortMonitor, LossCurve, curve_bins, load_curve, reference_from_curves, write_curve
+from research.noise import pooled_noise, t_ppf, t_sf
 from research.experiment import decide
 from research.ledger import ABORT_AUDIT, ABORT_OFF, BASELINE, replay
 from research.session import Session, Settings
@@ -171,6 +171,7 @@ def test_replay_best_is_the_mean_of_the_best_trainers_runs():
             _row(2.40, 382, "keep", "good", "confirmed by a rerun"), _row(2.44, 384, "rerun", "good", "confirm run"),
             _row(2.55, 380, "discard", "meh", "no gain"), _row(0.0, None, "abort", "bad", "abort: ..."),
             _row(0.0, None, "crash", "broken", "crash: ...")]
+    rows[0].gauge_before_s = rows[0].gauge_after_s = None  # a run without readings: no speed adjustment (below)
     st = replay(rows, 0.0005)
     assert st.best_hash == "good" and st.best == pytest.approx(2.42) and len(st.best_runs) == 2
     assert st.noise.df == 3 and st.noise.groups == 2  # baselines (2 df) + the keep and its confirm run (1 df)
@@ -189,19 +190,27 @@ def test_replay_best_is_the_mean_of_the_best_trainers_runs():
     assert st.best == pytest.approx(2.47) and len(st.best_runs) == 1 and len(st.all_best_runs) == 4
     assert st.drift == pytest.approx(305 / statistics.median([382, 384, 380]) - 1)
     assert st.drift_reason == "the machine's speed moved (-20% by the loop's gauge on the best's last run)"
-    assert st.noise.df == 5
+    assert st.noise.df == 5 and st.noise.speed is None
+    # with a reading for every run the rule adjusts for the machine's speed: every run of the best counts
+    rows[0].gauge_before_s = rows[0].gauge_after_s = 38.0 / 380
+    adjusted = replay(rows, 0.0005)
+    assert adjusted.noise.speed is not None and adjusted.noise.unadjusted().df == 5 and adjusted.noise.df == 4
+    assert len(adjusted.best_runs) == 4 and "earlier run" not in adjusted.basis()
     # an audited abort that beat the best turns early abort off until the best changes
     rows.append(_row(2.30, 380, "discard", "late", f"within noise: ...; {ABORT_AUDIT} ...: {ABORT_OFF}"))
     assert replay(rows, 0.0005).abort_off
     rows += [_row(2.2, 380, "keep", "newbest", "win"), _row(2.21, 381, "rerun", "newbest", "confirm run")]
     st = replay(rows, 0.0005)
-    assert not st.abort_off and st.would_abort == 0 and st.best == pytest.approx(2.205)
+    assert not st.abort_off and st.would_abort == 0
+    assert st.best == pytest.approx(2.205, abs=1e-3)  # their mean at the speed of the last (381 steps, not 380)
 
 
 def test_rerun_is_due_every_n_experiments_and_sooner_while_the_speed_drifts():
     s = Session.__new__(Session)
     s.settings = Settings(remeasure_every=6, drift=0.15)
     rows = [_row(2.5, 380, "keep", "base", f"{BASELINE} {k}/2") for k in (1, 2)]
+    rows[0].gauge_before_s = None  # one run without readings: no speed adjustment, so the best's runs at
+    rows[0].gauge_after_s = None  # another speed stop counting (test_replay_best... has the adjusted case)
     rows += [_row(2.6, 380, "discard", f"x{k}", "no gain") for k in range(5)]
     s.state = replay(rows, 0.0005)
     assert s.rerun_due() is None

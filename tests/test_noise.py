@@ -1,0 +1,135 @@
+"""The keep rule's speed covariate (research/noise.py): the machine's slowness by the loop's gauge, taken out
+of val_bpb by a within-group regression, with the slope's uncertainty carried into the test.
+
+In-process, on simulated branches whose runs' val_bpb moves with the machine's load, read by a gauge that
+itself has some measurement noise: the false-keep rate of identical trainers stays at alpha, a real gain is
+kept far more often than without the adjustment, and the adjustment is made only when the data support it.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+
+import pytest
+
+from research import results as R
+from research.experiment import decide
+from research.ledger import BASELINE, replay
+from research.noise import pooled_noise, t_ppf
+from research.session import Settings
+
+ALPHA = Settings.alpha
+SLOPE = 0.2  # val_bpb per unit of log slowness: a machine 10% slower scores ~0.019 worse
+
+
+def test_the_fit_takes_out_what_the_gauge_explains():
+    rng = random.Random(1)
+    groups = {}
+    for g, base in (("a", 2.5), ("b", 2.4)):
+        runs = []
+        for _ in range(4):
+            c = math.log(0.1) + rng.uniform(0.0, 0.5)
+            runs.append((base + SLOPE * c + rng.gauss(0, 0.002), 300, c))
+        groups[g] = runs
+    n = pooled_noise(groups, min_noise=0.0005)
+    raw = n.unadjusted()
+    assert n.speed is not None and n.speed.slope == pytest.approx(SLOPE, rel=0.1)
+    assert n.df == raw.df - 1 == 5 and n.sigma < raw.sigma / 5 and n.speed.share > 0.9
+    assert "adjusted for the machine's speed" in n.describe() and f"σ {raw.sigma:.6f} unadjusted" in n.describe()
+
+
+def test_no_adjustment_without_support():
+    # the gauge explains nothing (the slope is not significant) ...
+    flat = {"a": [(2.50, 300, 0.0), (2.52, 300, 0.1), (2.49, 300, 0.2), (2.51, 300, 0.3)]}
+    assert pooled_noise(flat, 0.0005).speed is None
+    # ... a faster machine scoring worse is not the load (a negative slope is never used) ...
+    backwards = {"a": [(2.50, 300, 0.0), (2.52, 300, -0.1), (2.54, 300, -0.2), (2.56, 300, -0.3)]}
+    assert pooled_noise(backwards, 0.0005).speed is None
+    # ... a run without readings in the groups, or too few degrees of freedom left
+    mixed = {"a": [(2.50, 300, 0.0), (2.52, 300, 0.1), (2.54, 300, None), (2.56, 300, 0.3)]}
+    assert pooled_noise(mixed, 0.0005).speed is None
+    three = {"a": [(2.50, 300, 0.0), (2.52, 300, 0.1), (2.54, 300, 0.2)]}
+    assert pooled_noise(three, 0.0005).speed is None
+
+
+def test_a_run_on_a_slower_machine_is_judged_at_its_speed():
+    groups = {"base": [(2.50 + SLOPE * c, 300, c) for c in (0.0, 0.1, 0.2, 0.3, 0.05, 0.25)]}
+    groups["base"] = [(v + e, s, c) for (v, s, c), e in zip(groups["base"], (0.001, -0.001, 0.0, 0.001, -0.001, 0.0))]
+    noise = pooled_noise(groups, 0.0005)
+    best = [v for v, _, _ in groups["base"]]
+    speeds = [c for _, _, c in groups["base"]]
+    # 0.5 slower (by the gauge's log) than the best's mean: raw, it looks 0.08 worse; at its speed it gains 0.02
+    cand = 2.50 + SLOPE * 0.65 - 0.02
+    v = decide([cand], best, noise, ALPHA, None, [0.65], speeds)
+    assert v.status == "keep" and v.delta == pytest.approx(-0.02, abs=0.003)
+    assert "adjusted for the machine's speed (raw +0.0" in v.note and "at this speed" in v.note
+    # the same run without a gauge reading: compared raw, against the unadjusted noise
+    raw = decide([cand], best, noise, ALPHA, None, [None], speeds)
+    assert raw.status == "discard" and "adjusted" not in raw.note and raw.delta > 0
+    # far from every speed the best ran at, the slope's uncertainty widens the test
+    near = decide([2.50 + SLOPE * 0.15 - 0.004], best, noise, ALPHA, None, [0.15], speeds)
+    far = decide([2.50 + SLOPE * 3.0 - 0.004], best, noise, ALPHA, None, [3.0], speeds)
+    assert far.needed > 2 * near.needed
+
+
+# ------------------------------------------------------------------------------------------------
+# simulated branches: a machine whose load comes and goes, as the loop's replay and decide see it
+# ------------------------------------------------------------------------------------------------
+
+
+def _run(rng: random.Random, mean: float, eval_sigma: float = 0.003) -> tuple[float, float]:
+    """One run: the machine is loaded a third of the time (a third slower, with spread), and val_bpb moves
+    with the log of its slowness; the gauge reads that slowness with its own small error."""
+    slow = rng.gauss(0.0, 0.03) + (math.log(1.35) if rng.random() < 1 / 3 else 0.0)
+    val = mean + SLOPE * slow + rng.gauss(0.0, eval_sigma)
+    return val, slow + rng.gauss(0.0, 0.01)
+
+
+def _row(val: float, c: float, status: str, trainer: str, note: str = "") -> R.Row:
+    gauge = math.exp(c)  # seconds of the gauge: its slowness (the log) is c
+    return R.Row(commit=trainer[:7], val_bpb=val, memory_gb=0.1, status=status, description=note or trainer,
+                 trainer_hash=trainer, num_steps=300, training_seconds=60.0, note=note, branch="b", run=0,
+                 budget_s=60.0, gauge_before_s=gauge, gauge_after_s=gauge)
+
+
+def _decide(rng, mean: float, adjust: bool, baselines: int = 5) -> str:
+    """A branch's baselines, then one change through the screen and its confirm run (the best run between
+    its two runs), decided as research/experiment.py decides it; `adjust`: with the runs' gauge readings."""
+    rows = [_row(*_run(rng, 2.5), "keep", "base", f"{BASELINE} {k}/{baselines}") for k in range(1, baselines + 1)]
+    st = replay(rows, Settings.min_noise)
+    v1, c1 = _run(rng, mean)
+    speeds = (lambda cs: cs) if adjust else (lambda cs: [None] * len(cs))
+    verdict = decide([v1], st.best_values, st.noise, ALPHA, Settings.confirm_alpha, speeds([c1]),
+                     speeds(st.best_speeds))
+    if verdict.status == "keep" or verdict.promising:
+        beside = _row(*_run(rng, 2.5), "rerun", "base", "the best, run next to run")
+        v2, c2 = _run(rng, mean)
+        st = replay(rows + [beside], Settings.min_noise)
+        verdict = decide([v1, v2], st.best_values, st.noise, ALPHA, None, speeds([c1, c2]), speeds(st.best_speeds))
+    return verdict.status
+
+
+def test_identical_trainers_are_still_kept_at_most_alpha_of_the_time():
+    rng, n = random.Random(7), 1500
+    keeps = sum(_decide(rng, 2.5, adjust=True) == "keep" for _ in range(n))
+    assert keeps / n <= ALPHA + 3 * math.sqrt(ALPHA * (1 - ALPHA) / n)
+
+
+def test_a_real_gain_is_kept_far_more_often_with_the_adjustment():
+    gain, n = 0.012, 400  # about a fifth of the load's effect, four times the evaluation noise
+    with_it = sum(_decide(random.Random(k), 2.5 - gain, adjust=True) == "keep" for k in range(n)) / n
+    without = sum(_decide(random.Random(k), 2.5 - gain, adjust=False) == "keep" for k in range(n)) / n
+    assert with_it >= 0.6 and with_it >= 2 * without, (with_it, without)
+
+
+def test_the_smallest_gain_kept_shrinks_with_the_noise_it_takes_out():
+    rng = random.Random(3)
+    rows = [_row(*_run(rng, 2.5), "keep", "base", f"{BASELINE} {k}/8") for k in range(1, 9)]
+    st = replay(rows, Settings.min_noise)
+    raw = st.noise.unadjusted()
+    assert st.noise.speed is not None  # eight runs, some of them on the loaded machine
+    need = t_ppf(1 - ALPHA, st.noise.rule_df) * st.noise.sigma * math.sqrt(1 / 8 + 1 / 2)
+    need_raw = t_ppf(1 - ALPHA, raw.rule_df) * raw.sigma * math.sqrt(1 / 8 + 1 / 2)
+    assert need < need_raw / 2 and statistics.fmean(st.best_values) > 0
