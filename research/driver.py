@@ -135,6 +135,14 @@ def research(s: Session, agent: Agent, max_experiments: int | None = None) -> in
                 s.console.event(f"the {agent.name} agent has nothing more to propose; stopping")
                 break
             continue
+        path = s.repo / s.trainer
+        if path.is_file() and not s.claim(path.read_text(encoding="utf-8")):  # another machine runs it: not here
+            s.restore()
+            idle += 1
+            if idle >= MAX_IDLE_PROPOSALS:
+                s.console.event(f"the {agent.name} agent proposed only trainers other machines run; stopping")
+                break
+            continue
         idle = 0
         out = run_experiment(s, proposal.description, proposal.usage)
         n += 1
