@@ -259,3 +259,66 @@ def test_loop_py_share_publishes_and_lists_the_hosts(tmp_path):
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "| host-a |" in proc.stdout and "| host-b |" in proc.stdout and "claim of host-b" in proc.stdout
+
+
+class _Console:
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def event(self, text: str) -> None:
+        self.lines.append(text)
+
+
+def test_a_session_skips_a_trainer_another_machine_claimed(tmp_path):
+    """Session.claim (what both loop paths call before running a change): lost means one line, False, and
+    the trainer joins the hashes agents must not propose again; without a remote it always runs."""
+    from types import SimpleNamespace
+
+    from research.guards import text_hash
+    from research.session import Session
+
+    remote = str(bare(tmp_path))
+    a, b = machine(tmp_path, "a"), machine(tmp_path, "b")
+    host = SimpleNamespace(backend="cpu", device_name="Some CPU")
+    protocol = SimpleNamespace(name="tiny")
+
+    def session(repo: Path, name: str | None):
+        s = SimpleNamespace(share=share.Sharing(repo, remote, name) if name else None, host=host,
+                            protocol=protocol, console=_Console(), claimed_elsewhere=set(), rows=[])
+        return s
+
+    text = "LR = 0.09\n"
+    sa, sb, solo = session(a, "host-a"), session(b, "host-b"), session(b, None)
+    assert Session.claim(sa, text) is True
+    assert Session.claim(sb, text) is False
+    assert len(sb.console.lines) == 1 and "host-a already runs this trainer" in sb.console.lines[0]
+    assert Session.seen_trainer_hashes(sb) == {text_hash(text)}
+    assert Session.claim(solo, text) is True and solo.console.lines == []
+    assert Session.claim(sb, "LR = 0.1\n") is True  # another trainer: free
+
+
+@pytest.mark.slow
+def test_run_with_a_remote_publishes_and_skips_a_claimed_change(tmp_path, tiny_cache):
+    """`loop.py run --remote`: the change another machine claimed is skipped (no row), the others run and
+    are published under this host's ref; the user's branches stay off the remote."""
+    import backends
+    from test_loop import FAKE_TRAINER, edit, loop_env, make_repo, run_loop, write_script
+
+    remote = str(bare(tmp_path))
+    repo = make_repo(tmp_path)
+    taken = FAKE_TRAINER.replace("VAL_BPB = 2.0", "VAL_BPB = 1.7")
+    key = share.claim_key(taken, f"cpu: {backends.detect('cpu').device_name}", "tiny")
+    assert share.claim(machine(tmp_path, "other"), remote, key, "other").won
+    script = write_script(tmp_path, [edit("VAL_BPB = 2.0", "VAL_BPB = 1.7", "claimed elsewhere"),
+                                     edit("VAL_BPB = 2.0", "VAL_BPB = 1.5", "lower the fake loss")])
+    proc = run_loop(repo, "run", "--agent", "scripted", "--script", script, "--tag", "s", "--max-experiments", "1",
+                    "--baseline-runs", "1", "--no-confirm", "--remote", remote, "--host-name", "me",
+                    env=loop_env(tiny_cache), timeout=480)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "skipped: other already runs this trainer" in proc.stdout + proc.stderr
+    rows = read_results(repo / "results.tsv")
+    assert [r.description for r in rows] == ["baseline", "lower the fake loss"]
+    published = share.fetch(machine(tmp_path, "reader"), remote, "reader")
+    assert [(h.host, [r.description for r in h.rows]) for h in published] == [
+        ("me", ["baseline", "lower the fake loss"])]
+    assert git(tmp_path / "remote.git", "for-each-ref", "--format=%(refname)", "refs/heads") == ""
