@@ -322,3 +322,29 @@ def test_run_with_a_remote_publishes_and_skips_a_claimed_change(tmp_path, tiny_c
     assert [(h.host, [r.description for r in h.rows]) for h in published] == [
         ("me", ["baseline", "lower the fake loss"])]
     assert git(tmp_path / "remote.git", "for-each-ref", "--format=%(refname)", "refs/heads") == ""
+
+
+def test_transfer_reads_a_remote_machines_published_results(tmp_path, capsys):
+    """`loop.py transfer --remote URL --host H` reads what H published, as `--from` reads a file."""
+    import argparse
+
+    from reporting import report, sharing
+    from reporting.summary import ReportError, load_source, summarize
+
+    remote = str(bare(tmp_path))
+    b = machine(tmp_path, "b")
+    write(b, history(b, 1.0))
+    share.publish(b, remote, "host-b")
+    here = machine(tmp_path, "here")
+    path = sharing.remote_results(remote, "host-b", tmp_path, repo=here)
+    best = summarize(load_source(path)).best[1]
+    assert best.description == "raise LR to 0.05"
+    with pytest.raises(ReportError, match="no published results of host 'nobody'.*host-b"):
+        sharing.remote_results(remote, "nobody", tmp_path, repo=here)
+    parser = argparse.ArgumentParser()
+    report.add_subparsers(parser.add_subparsers(dest="command", required=True))
+    for argv in (["transfer", "--remote", remote], ["transfer", "--from", "x.tsv", "--remote", remote, "--host", "b"],
+                 ["transfer"]):
+        args = parser.parse_args(argv)
+        assert args.func(args) == 1
+        assert "--remote URL --host NAME" in capsys.readouterr().err
