@@ -32,6 +32,7 @@ def agent_context(s: Session, crash: CrashInfo | None = None) -> AgentContext:
         confine=s.confine,
         runs_dir=s.runs_dir,
         branch=s.branch or "",
+        shared=s.shared_rows(),
     )
 
 

@@ -310,6 +310,16 @@ class Session(BranchWork):
                                "change")
         return c.won
 
+    def shared_rows(self) -> list[tuple[str, Row]]:
+        """The other machines' measured rows of this hardware class, protocol and evaluator, as last fetched
+        from the shared remote: (host, row), their claims; [] without a remote."""
+        if self.share is None:
+            return []
+        hardware = f"{self.host.backend}: {self.host.device_name}"
+        return [(h.host, r) for h in self.share.others for r in h.rows
+                if r.ok and f"{r.backend or '?'}: {r.device or '?'}" == hardware and r.protocol == self.protocol.name
+                and r.evaluator_hash == self.evaluator_hash]
+
     def new_run_dir(self) -> tuple[int, Path]:
         """Create runs/<n>/ with the next free number, once the disks have room for a run (else SessionError)."""
         from sandbox.workspace import free_space_problem

@@ -303,7 +303,8 @@ def claim(repo: Path, remote: str, key: str, host: str, *, ttl: float = CLAIM_TT
 
 
 class Sharing:
-    """What the loop does with a remote: publish after every recorded experiment, claim before running one.
+    """What the loop does with a remote: publish after every recorded experiment (and fetch the others' rows,
+    `others`, which agents see as the other machines' claims), claim before running one.
     A failure is one warning line (once until the remote answers again) and the loop goes on alone;
     after a failure, publishing waits `retry_s` before it tries again (what it missed goes out then)."""
 
@@ -313,7 +314,7 @@ class Sharing:
         self.warn = warn or (lambda line: None)
         self.ttl, self.retry_s = ttl, retry_s
         self.failed_at: float | None = None
-        self.lost: set[str] = set()  # trainer hashes (the trainer_hash column's) other machines hold
+        self.others: list[HostRows] = []  # the other machines' rows, as the last fetch found them
 
     def _failed(self, what: str, e: Exception) -> None:
         if self.failed_at is None:
@@ -327,6 +328,7 @@ class Sharing:
             return None
         try:
             out = publish(self.repo, self.remote, self.host, results_path, runs_dir)
+            self.others = fetch(self.repo, self.remote, self.host)
         except (ShareError, GitError, OSError) as e:
             self._failed("publishing to", e)
             return None
@@ -336,7 +338,10 @@ class Sharing:
         return out
 
     def claim(self, trainer_text: str, hardware: str, protocol: str) -> Claim:
-        """Claim this trainer (on this hardware class, under this protocol) before running it."""
+        """Claim this trainer (on this hardware class, under this protocol) before running it; granted here
+        without asking while the remote is left alone after a failure."""
+        if self.failed_at is not None and time.monotonic() - self.failed_at < self.retry_s:
+            return Claim(True, "", self.host, time.time(), solo=True, note="remote unreachable a moment ago")
         c = claim(self.repo, self.remote, claim_key(trainer_text, hardware, protocol), self.host, ttl=self.ttl)
         if c.solo:
             self._failed("claiming on", Exception(c.note))
