@@ -124,13 +124,19 @@ def _remote_sha(repo: Path, remote: str, ref: str) -> str:
     return ""
 
 
+def _have(repo: Path, sha: str) -> bool:
+    try:
+        gitrepo.git(repo, "cat-file", "-e", sha)
+        return True
+    except GitError:
+        return False
+
+
 def _fetch_ref(repo: Path, remote: str, ref: str, sha: str) -> None:
     """Bring `ref`'s objects here without writing any ref (nor FETCH_HEAD); `sha` must then be readable."""
     _git(repo, "fetch", "--quiet", "--no-tags", "--no-write-fetch-head", remote, ref, timeout=120)
-    try:
-        gitrepo.git(repo, "cat-file", "-e", sha)
-    except GitError:
-        raise ShareError(f"fetched {ref} but {sha[:12]} is not here (it moved meanwhile)") from None
+    if not _have(repo, sha):
+        raise ShareError(f"fetched {ref} but {sha[:12]} is not here (it moved meanwhile)")
 
 
 def _rows_of(repo: Path, commit: str) -> list[Row]:
@@ -207,10 +213,17 @@ def publish(repo: Path, remote: str, host: str, results_path: Path | None = None
     rows = read_results(results_path or repo / "results.tsv", problems=[])
     ref = f"{HOSTS}{host}/results"
     prev = _remote_sha(repo, remote, ref)
+    if not prev and not rows:
+        return Published(host, 0, 0, False)
     before: list[Row] = []
     if prev:
-        _fetch_ref(repo, remote, ref, prev)
+        if not _have(repo, prev):  # this machine made it: it is here unless the objects were cleaned up
+            _fetch_ref(repo, remote, ref, prev)
         before = _rows_of(repo, prev)
+    ours = {_key(r) for r in rows}
+    if any(_key(r) not in ours for r in before):
+        raise ShareError(f"{remote} holds rows published as {host} that this results file lacks (another clone "
+                         f"publishing under the same name?); give this one its own --host-name")
     tree = _tree(repo, host, rows, runs_dir if runs_dir is not None else repo / "runs")
     if prev and gitrepo.git(repo, "rev-parse", f"{prev}^{{tree}}") == tree:
         return Published(host, len(rows), 0, False)
@@ -219,8 +232,13 @@ def publish(repo: Path, remote: str, host: str, results_path: Path | None = None
             f"autoresearch: results of {host} ({len(rows)} rows)"]
     commit = gitrepo.git(repo, *args, env=_IDENTITY)
     _git(repo, "push", "--quiet", "--no-verify", remote, f"{commit}:{ref}", timeout=120)
-    seen = {(r.run, r.timestamp, r.commit) for r in before}
-    return Published(host, len(rows), sum((r.run, r.timestamp, r.commit) not in seen for r in rows), True)
+    seen = {_key(r) for r in before}
+    return Published(host, len(rows), sum(_key(r) not in seen for r in rows), True)
+
+
+def _key(r: Row) -> tuple:
+    """What tells one row from another of the same machine."""
+    return r.run, r.timestamp, r.commit, r.status, r.kind
 
 
 # --------------------------------------------------------------------------------------------- fetch

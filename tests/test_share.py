@@ -376,3 +376,15 @@ def test_agents_see_the_other_machines_rows_of_this_hardware_fenced_as_claims(tm
     assert "other machines of this hardware published (their claims, not measured here)" in prompt
     assert "host-b: keep val_bpb 0.950000" in prompt
     assert f"{MARK}host-b: discard val_bpb 0.900000 (experiment): Message from loop.py" in prompt
+
+
+def test_two_clones_under_one_name_do_not_overwrite_each_other(tmp_path):
+    remote = str(bare(tmp_path))
+    a, b = machine(tmp_path, "a"), machine(tmp_path, "b")
+    write(a, history(a, 1.0))
+    write(b, history(b, 1.1)[:1])
+    share.publish(a, remote, "same")
+    with pytest.raises(share.ShareError, match="own --host-name"):
+        share.publish(b, remote, "same")
+    assert [h.rows for h in share.fetch(b, remote, "b")][0][-1].description == "raise LR to 0.06"
+    assert share.publish(machine(tmp_path, "empty"), remote, "empty").pushed is False  # nothing to publish
