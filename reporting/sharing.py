@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -20,7 +21,7 @@ from reporting.summary import DEFAULT_OUT_DIR, ReportError
 from research import share
 from research.results import COLUMNS, read_results
 
-__all__ = ["cmd_share", "cmd_compare_remote", "remote_results", "add_subparser", "add_remote_options"]
+__all__ = ["cmd_share", "cmd_compare_remote", "remote_results", "add_subparser", "add_remote_options", "remote_url"]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,9 +98,16 @@ def remote_results(remote: str, host: str, folder: Path, repo: Path = REPO) -> P
     return path
 
 
+def remote_url(text: str) -> str:
+    """A --remote value: a path that exists made absolute (git runs in the repository), a URL as given."""
+    if not text or text.startswith("-"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a git remote; give a bare repository's path or a URL")
+    return os.path.abspath(text) if os.path.exists(text) else text
+
+
 def add_remote_options(p: argparse.ArgumentParser, *, required: bool) -> None:
     """--remote and --host-name (this machine's name on the remote), as `run`, `share` and `compare` take them."""
-    p.add_argument("--remote", required=required, metavar="URL",
+    p.add_argument("--remote", required=required, metavar="URL", type=remote_url,
                    help="a git remote every machine can push to (a bare repository's path, file://, ssh://...)")
     p.add_argument("--host-name", default=None, metavar="NAME",
                    help="this machine's name on the remote (default: AUTORESEARCH_HOST_NAME, else the hostname)")

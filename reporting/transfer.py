@@ -279,11 +279,13 @@ def add_subparser(subparsers, parents: list[argparse.ArgumentParser] = ()) -> No
     `parents` are loop.py's shared option parsers (it reads --backend, --protocol and the run settings from
     them, --wall-margin among them); without any, it gets its own --backend and --protocol.
     """
+    from reporting import sharing
+
     p = subparsers.add_parser("transfer", parents=list(parents),
                               help="run another machine's best config once here, logged as status transfer")
     p.add_argument("--from", dest="from_path", default=None, metavar="RESULTS",
                    help="the other machine's results.tsv (or its runs/ folder)")
-    p.add_argument("--remote", default=None, metavar="URL",
+    p.add_argument("--remote", default=None, metavar="URL", type=sharing.remote_url,
                    help="with --host: the results that machine published to this git remote (`loop.py share`)")
     p.add_argument("--host", default=None, metavar="NAME", help="the machine's name on --remote")
     p.add_argument("--keep", action="append", default=[], metavar="NAME",
