@@ -32,7 +32,7 @@ import argparse
 import signal
 from pathlib import Path
 
-from reporting import report, serve
+from reporting import report, serve, sharing
 from research.console import Console
 from research.gitrepo import GitError
 from research.guards import LockError
@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ray-address", default=None,
                      help="join this Ray cluster (e.g. ray://head:10001 or head:6379) instead of starting one here")
     serve.add_run_options(run)  # --serve: the live page while the loop runs
+    sharing.add_remote_options(run, required=False)  # --remote: publish each experiment, claim before running it
 
     try_ = sub.add_parser("try", parents=[common],
                           help="one experiment on the trainer as currently edited (uncommitted)")
@@ -116,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     clear.set_defaults(func=_clear_tampering)
     report.add_subparsers(sub, parents=[common])  # report, compare, transfer
     serve.add_subparser(sub)  # serve: the live page
+    sharing.add_subparser(sub)  # share: publish to a git remote, fetch the other machines'
     from research import check
 
     check.add_subparser(sub)  # check: a self-test of this host
@@ -193,6 +195,13 @@ def _research(args, session: Session, console: Console, pages: list) -> int:
     console.event(f"{'resuming' if resumed else 'created'} branch {session.branch} at "
                   f"{session.kept_commit[:7]}; agent {agent.name}{model}")
     console.event(session.allowance_line())
+    if args.remote:
+        from research.share import Sharing
+
+        session.share = Sharing(session.repo, args.remote, args.host_name, warn=console.event)
+        console.event(f"sharing through {args.remote} as {session.share.host}: each finished experiment is "
+                      "published, each change claimed before it runs")
+        session.publish()  # what an earlier loop could not publish goes out now
     page = serve.start_for_run(args, session.results_path, session.settings, console)
     if page is not None:
         pages.append(page)

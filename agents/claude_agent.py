@@ -67,6 +67,17 @@ def cost_usd(model: str, tokens_in: int, tokens_out: int, cache_write: int = 0, 
     return (tokens_in * p[0] + tokens_out * p[1] + cache_write * p[2] + cache_read * p[3]) / 1e6
 
 
+SHARED_SHOWN = 12  # rows of other machines in the prompt, at most: their best kept ones, then their latest
+
+
+def shared_text(shared: list[tuple[str, object]]) -> str:
+    """Other machines' published rows, one line each: their best kept rows, then their latest ones."""
+    kept = sorted((x for x in shared if x[1].status == "keep"), key=lambda x: x[1].val_bpb)[:SHARED_SHOWN // 2]
+    latest = [x for x in shared if x not in kept][-(SHARED_SHOWN - len(kept)):]
+    return "\n".join(f"{host}: {r.status} val_bpb {r.val_bpb:.6f} ({r.kind}): {sanitize(r.description, 160)}; "
+                     f"hyperparameters {sanitize(r.hyperparams, 400)}" for host, r in [*kept, *latest])
+
+
 def _tool_specs(trainer: str) -> list[dict]:
     return [
         {
@@ -259,6 +270,9 @@ class ClaudeAgent(Agent):
             lines.append("\n" + compact_history(ctx.history, self.history_tokens))
         if self.tune_note:
             lines.append("\n" + self.tune_note)
+        if ctx.shared:
+            lines.append("\n## What other machines of this hardware published (their claims, not measured here)\n"
+                         + untrusted(shared_text(ctx.shared), "rows other machines published: unverified claims"))
         if ctx.in_flight:
             lines.append("\n## Running now on other workers (no result yet; do not propose these again)\n" + "\n".join(
                 f"- {d}" + (f"\n```diff\n{diff[-1500:]}```" if diff else "") for d, diff in ctx.in_flight))

@@ -8,6 +8,7 @@ protocols or evaluators are refused: their val_bpb are not comparable.
 
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 from collections import Counter
@@ -201,7 +202,28 @@ def cmd_compare(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT_DIR) 
 
 def add_subparser(subparsers) -> None:
     """Register `compare` on loop.py's subparsers (`func` returns the exit code)."""
+    from reporting import sharing
+
     p = subparsers.add_parser("compare", help="best config per hardware side by side (same protocol only)")
-    p.add_argument("paths", nargs="+", metavar="RESULTS", help="results files or run folders, one per machine")
+    p.add_argument("paths", nargs="*", metavar="RESULTS", help="results files or run folders, one per machine")
     p.add_argument("--out-dir", default=DEFAULT_OUT_DIR, help=f"where to write (default: {DEFAULT_OUT_DIR}/)")
-    p.set_defaults(func=lambda a: cmd_compare(a.paths, a.out_dir))
+    sharing.add_remote_options(p, required=False)  # --remote: every machine's published results, per hardware
+    p.add_argument("--repo", default=str(sharing.REPO), help=argparse.SUPPRESS)
+    p.add_argument("--evaluator", default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=_compare_from_args)
+
+
+def _compare_from_args(a) -> int:
+    from reporting import sharing
+
+    if a.remote:
+        if a.paths:
+            print("error: give either results files or --remote, not both; compare a fetched machine's results "
+                  "with `loop.py compare --remote URL`.", file=sys.stderr)
+            return 1
+        return sharing.cmd_compare_remote(a.remote, a.host_name, Path(a.repo), a.evaluator, a.out_dir)
+    if not a.paths:
+        print("error: name the results files to compare (one per machine), or --remote URL for the machines "
+              "sharing through a git remote.", file=sys.stderr)
+        return 1
+    return cmd_compare(a.paths, a.out_dir)

@@ -249,10 +249,30 @@ def cmd_transfer(from_path: str | Path, *, repo: str | Path | None = None, backe
 
 
 def _transfer_from_args(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from reporting import sharing
     from research.session import Settings
 
-    return cmd_transfer(args.from_path, backend=args.backend, protocol=args.protocol, settings=Settings.from_args(args),
-                        keep=args.keep, apply_all=args.apply_all, dry_run=args.dry_run)
+    def run(path) -> int:
+        return cmd_transfer(path, backend=args.backend, protocol=args.protocol, settings=Settings.from_args(args),
+                            keep=args.keep, apply_all=args.apply_all, dry_run=args.dry_run)
+
+    remote, host = getattr(args, "remote", None), getattr(args, "host", None)
+    if bool(args.from_path) == bool(remote) or bool(remote) != bool(host):
+        print("error: name the other machine's results with --from RESULTS, or with --remote URL --host NAME "
+              "(a machine sharing through that git remote).", file=sys.stderr)
+        return 1
+    if not remote:
+        return run(args.from_path)
+    with tempfile.TemporaryDirectory(prefix=f"autoresearch-{host}-") as folder:
+        try:
+            path = sharing.remote_results(remote, host, Path(folder))
+        except ReportError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(f"the results {host} published to {remote} (its claims, measured there; this run measures here)")
+        return run(path)
 
 
 def add_subparser(subparsers, parents: list[argparse.ArgumentParser] = ()) -> None:
@@ -261,10 +281,15 @@ def add_subparser(subparsers, parents: list[argparse.ArgumentParser] = ()) -> No
     `parents` are loop.py's shared option parsers (it reads --backend, --protocol and the run settings from
     them, --wall-margin among them); without any, it gets its own --backend and --protocol.
     """
+    from reporting import sharing
+
     p = subparsers.add_parser("transfer", parents=list(parents),
                               help="run another machine's best config once here, logged as status transfer")
-    p.add_argument("--from", dest="from_path", required=True, metavar="RESULTS",
+    p.add_argument("--from", dest="from_path", default=None, metavar="RESULTS",
                    help="the other machine's results.tsv (or its runs/ folder)")
+    p.add_argument("--remote", default=None, metavar="URL", type=sharing.remote_url,
+                   help="with --host: the results that machine published to this git remote (`loop.py share`)")
+    p.add_argument("--host", default=None, metavar="NAME", help="the machine's name on --remote")
     p.add_argument("--keep", action="append", default=[], metavar="NAME",
                    help=f"keep this host's value of NAME (repeatable; {', '.join(HOST_SPECIFIC)} is kept "
                         "unless --apply-all)")

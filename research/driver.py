@@ -32,6 +32,7 @@ def agent_context(s: Session, crash: CrashInfo | None = None) -> AgentContext:
         confine=s.confine,
         runs_dir=s.runs_dir,
         branch=s.branch or "",
+        shared=s.shared_rows(),
     )
 
 
@@ -133,6 +134,14 @@ def research(s: Session, agent: Agent, max_experiments: int | None = None) -> in
             idle += 1
             if idle >= MAX_IDLE_PROPOSALS:
                 s.console.event(f"the {agent.name} agent has nothing more to propose; stopping")
+                break
+            continue
+        path = s.repo / s.trainer
+        if path.is_file() and not s.claim(path.read_text(encoding="utf-8")):  # another machine runs it: not here
+            s.restore()
+            idle += 1
+            if idle >= MAX_IDLE_PROPOSALS:
+                s.console.event(f"the {agent.name} agent proposed only trainers other machines run; stopping")
                 break
             continue
         idle = 0

@@ -382,6 +382,7 @@ def record(t: Trial, row: Row, restore: bool = True) -> Outcome:
     for r in t.extra:
         s.record(r)
     s.refresh()  # best, noise model and re-measurement state from the rows
+    s.publish()  # to the git remote the loop shares through, if any
     t.timings["bookkeeping"] = time.perf_counter() - started
     t.timings["total"] = time.perf_counter() - t.t0
     write_meta(t.run_dir, row, t.timings, started_at=t.started_at, finished_at=time.time())

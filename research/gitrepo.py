@@ -26,7 +26,8 @@ from sandbox.secrets import redact, without_secrets
 
 __all__ = ["GitError", "git", "git_bytes", "head", "current_branch", "branch_exists", "is_ancestor", "changed_paths",
            "commit_paths", "reset_hard", "remove_paths", "diff", "is_repo", "RefState", "ref_state",
-           "put_back_refs", "names", "worktree_add", "worktree_paths", "worktree_remove", "merge_text"]
+           "put_back_refs", "names", "worktree_add", "worktree_paths", "worktree_remove", "merge_text", "SHARED_REFS",
+           "remote_git"]
 
 
 class GitError(RuntimeError):
@@ -255,6 +256,11 @@ _GIT_FILES = ("config", "config.worktree", "commondir", "shallow", "objects/info
 _GIT_DIRS = ("hooks", "info", "sequencer", "rebase-merge", "rebase-apply")
 
 
+# Refs the loop itself writes while runs are in flight, outside what a run must leave alone: what was fetched
+# from other machines (research/share.py). They hold data only, never read as this machine's results.
+SHARED_REFS = "refs/autoresearch/"
+
+
 @dataclass
 class RefState:
     """Every ref with its object (and target, for symbolic ones), what HEAD points at, and the bytes of
@@ -309,7 +315,7 @@ def ref_state(repo: Path) -> RefState:
     refs = {}
     for line in listing.decode("utf-8", errors="surrogateescape").split("\n"):
         parts = line.split("\0")
-        if len(parts) == 3 and parts[0]:
+        if len(parts) == 3 and parts[0] and not parts[0].startswith(SHARED_REFS):
             refs[parts[0]] = ("", parts[2]) if parts[2] else (parts[1], "")  # a symbolic ref: its target only
     target = git(repo, "symbolic-ref", "-q", "HEAD", check=False) or None
     return RefState(refs=refs, head_target=target, head_commit=head(repo, check=False),
@@ -453,3 +459,27 @@ def merge_text(repo: Path, ours: str, base: str, theirs: str) -> str | None:
     if proc.returncode != 0:
         return None
     return proc.stdout.decode("utf-8", errors="surrogateescape")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a remote (research/share.py): the transports a user names (a path, file://, ssh, http(s), git), never `ext::`
+
+
+_REMOTE_PROTOCOLS = ("file", "ssh", "https", "http", "git")
+
+
+def remote_git(repo: Path, *args: str, timeout: float = 30.0) -> str:
+    """`git push/fetch/ls-remote ...` against a remote, through the same safe runner, with a time limit and
+    no prompt (ssh in batch mode). Raises GitError with git's last line, or when it ran past `timeout`."""
+    cmd = _base(Path(repo), True)
+    for name in _REMOTE_PROTOCOLS:
+        cmd += ["-c", f"protocol.{name}.allow=always"]
+    env = _env({"GIT_SSH_COMMAND": "ssh -o BatchMode=yes -o ConnectTimeout=10"})
+    try:
+        proc = subprocess.run([*cmd, *args], capture_output=True, env=env, stdin=subprocess.DEVNULL,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise GitError(f"git {args[0]} gave no answer within {timeout:g} s") from None
+    if proc.returncode != 0:
+        raise _fail(args, proc)
+    return proc.stdout.decode("utf-8", errors="surrogateescape").rstrip("\n")

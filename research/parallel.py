@@ -280,6 +280,12 @@ class Driver(Decisions):
                 s.console.event(f"the {self.agent.name} agent has nothing more to propose; stopping")
                 self.stop_proposing = True
             return None
+        mine = slot.tree / s.trainer
+        if not crash and mine.is_file() and not s.claim(mine.read_text(encoding="utf-8")):
+            self.pool.reset_tree(slot, s.kept_commit)  # another machine of this hardware runs it: not here
+            self.idle += 1
+            self.stop_proposing = self.idle >= MAX_IDLE_PROPOSALS
+            return None
         self.idle = 0
         self.n += 1
         run_no, run_dir = s.new_run_dir()

@@ -79,6 +79,7 @@ class Decisions:
             refs, data = self.outside  # results.tsv as the guard expects it: with the driver's own rows
             self.outside = (refs, (data or b"") + r.to_line().encode("utf-8"))
         s.refresh()
+        s.publish()  # to the git remote the loop shares through, if any
         timings = {"total": time.perf_counter() - t.started} if t.started else {}
         write_meta(t.run_dir, row, timings, started_at=t.started_at, finished_at=time.time(), worker=t.worker)
         out = Outcome(row=row, run_dir=t.run_dir, timings=timings)

@@ -68,6 +68,9 @@ class AgentContext:
     branch: str = ""  # the research branch (default: that of the history's rows)
     in_flight: list[tuple[str, str]] = field(default_factory=list)  # (description, diff) running on other workers
     running: set[str] = field(default_factory=set)  # their trainer hashes (also in seen_hashes)
+    # other machines' published measurements of this hardware class, protocol and evaluator, (host, row):
+    # their claims, unverified here (research/share.py); empty unless the loop shares through a remote
+    shared: list[tuple[str, Row]] = field(default_factory=list)
 
     @property
     def trainer_path(self) -> Path:

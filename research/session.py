@@ -20,7 +20,7 @@ from research.clock import WallRule, fixed_rule, rule_from_baselines
 from research.branch import BranchWork
 from research.console import Console
 from research.errors import SessionError, TamperError
-from research.guards import RepoLock, hash_locked, locked_changes
+from research.guards import RepoLock, hash_locked, locked_changes, text_hash
 from research.hparams import SourceValues
 from research.ledger import Replay, abort_reference, replay
 from research.results import Kind, Row, append_row, ensure_results_file, read_results
@@ -105,6 +105,8 @@ class Session(BranchWork):
         self.owns_tree = False  # set once a branch is adopted: from then on an abort restores the tree
         self.pending_edit: str | None = None  # an edit to put back on abort (loop.py try)
         self.source = SourceValues()  # the hyperparameters each trainer's source sets on this host (its rows')
+        self.share = None  # research.share.Sharing when the loop shares through a git remote (`run --remote`)
+        self.claimed_elsewhere: set[str] = set()  # trainer hashes another machine claimed first
 
     # ------------------------------------------------------------------ start-up
 
@@ -165,8 +167,9 @@ class Session(BranchWork):
         return [r for r in self.rows if r.branch == self.branch]
 
     def seen_trainer_hashes(self) -> set[str]:
-        """Every trainer version ever run in this repo (any branch, any status)."""
-        return {r.trainer_hash for r in self.rows if r.trainer_hash}
+        """Every trainer version ever run in this repo (any branch, any status), and those another machine
+        sharing the remote claimed first."""
+        return {r.trainer_hash for r in self.rows if r.trainer_hash} | self.claimed_elsewhere
 
     def baselines_done(self) -> list[Row]:
         return [r for r in self.branch_rows() if r.kind == Kind.BASELINE]
@@ -288,6 +291,34 @@ class Session(BranchWork):
         self.verify_locked()
         append_row(self.results_path, row)
         self.rows.append(row)
+
+    def publish(self) -> None:
+        """Publish the rows to the git remote the loop shares through, if any (a failure is one warning
+        line: the loop goes on alone, and what is missing goes out with the next publish)."""
+        if self.share is not None:
+            self.share.publish(self.results_path, self.runs_dir)
+
+    def claim(self, text: str) -> bool:
+        """Claim this trainer on the shared remote before running it: False when another machine of this
+        hardware class runs it under this protocol (said in one line); True without a remote."""
+        if self.share is None:
+            return True
+        c = self.share.claim(text, f"{self.host.backend}: {self.host.device_name}", self.protocol.name)
+        if not c.won:
+            self.claimed_elsewhere.add(text_hash(text))
+            self.console.event(f"skipped: {c.holder} already runs this trainer ({c.note}); asking for another "
+                               "change")
+        return c.won
+
+    def shared_rows(self) -> list[tuple[str, Row]]:
+        """The other machines' measured rows of this hardware class, protocol and evaluator, as last fetched
+        from the shared remote: (host, row), their claims; [] without a remote."""
+        if self.share is None:
+            return []
+        hardware = f"{self.host.backend}: {self.host.device_name}"
+        return [(h.host, r) for h in self.share.others for r in h.rows
+                if r.ok and f"{r.backend or '?'}: {r.device or '?'}" == hardware and r.protocol == self.protocol.name
+                and r.evaluator_hash == self.evaluator_hash]
 
     def new_run_dir(self) -> tuple[int, Path]:
         """Create runs/<n>/ with the next free number, once the disks have room for a run (else SessionError)."""

@@ -1,0 +1,146 @@
+"""Per-hardware frontiers across machines: this machine's measurements beside the others' published claims.
+
+`frontiers` groups rows by (hardware class, protocol, evaluator hash) and finds each host's best trainer
+in each group: the kept trainer whose measured runs have the lowest mean, with its history (the kept rows
+of its branch up to it, in order) and what was tried on top of it (the experiments of its branch after
+it was kept). Rows of another evaluator are never compared: they are counted in a note. This machine's
+rows are labelled measured here; every other host's are its claims, which nothing here has checked.
+`frontier_markdown` writes it for `loop.py compare --remote`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from reporting.summary import shorten
+from research.results import Kind, Row
+from research.share import HostRows, hardware_of
+
+__all__ = ["Entry", "Group", "Frontier", "frontiers", "frontier_markdown"]
+
+SHOWN = 8  # rows of a history or of what was tried, at most, in the Markdown
+
+
+@dataclass
+class Entry:
+    """One host's best trainer in one group."""
+
+    host: str
+    here: bool  # measured on this machine (else: the host's claim)
+    best: Row  # the best trainer's last kept row
+    value: float  # the mean val_bpb of its measured runs
+    runs: int  # how many runs that mean is of
+    history: list[Row] = field(default_factory=list)
+    tried: list[Row] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return "measured here" if self.here else f"claim of {self.host} (not measured here)"
+
+
+@dataclass
+class Group:
+    hardware: str
+    protocol: str
+    evaluator_hash: str
+    entries: list[Entry] = field(default_factory=list)  # best first
+
+    @property
+    def best(self) -> Entry | None:
+        return self.entries[0] if self.entries else None
+
+
+@dataclass
+class Frontier:
+    me: str
+    evaluator_hash: str
+    groups: list[Group] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # rows left out and why
+
+
+def _measured(r: Row) -> bool:
+    return r.ok and r.val_bpb > 0
+
+
+def _best_entry(host: str, here: bool, rows: list[Row]) -> Entry | None:
+    """The host's best trainer among `rows` (one group's), or None when it kept nothing measured."""
+    kept = [r for r in rows if r.status == "keep" and r.val_bpb > 0]
+    if not kept:
+        return None
+
+    def runs_of(k: Row) -> list[float]:
+        same = [r.val_bpb for r in rows if _measured(r) and k.trainer_hash and r.trainer_hash == k.trainer_hash]
+        return same or [k.val_bpb]
+
+    best = min(reversed(kept), key=lambda k: sum(runs_of(k)) / len(runs_of(k)))
+    last = max(i for i, r in enumerate(rows) if r is best or (best.trainer_hash and r.status == "keep"
+                                                               and r.trainer_hash == best.trainer_hash))
+    best = rows[last]
+    values = runs_of(best)
+    branch = [r for r in rows if r.branch == best.branch]
+    at = branch.index(best)
+    history = [r for r in branch[:at + 1] if r.status == "keep"]
+    tried = [r for r in branch[at + 1:] if r.kind == Kind.EXPERIMENT and r.status != "keep"]
+    return Entry(host, here, best, sum(values) / len(values), len(values), history, tried)
+
+
+def frontiers(mine: list[Row], me: str, evaluator_hash: str, others: list[HostRows]) -> Frontier:
+    """The frontier of every (hardware class, protocol) measured with `evaluator_hash`: this machine's rows
+    (`mine`, host `me`) and the others' published rows, each host's best in each group, best first."""
+    out = Frontier(me, evaluator_hash)
+    groups: dict[tuple[str, str, str], dict[str, tuple[bool, list[Row]]]] = {}
+    for host, here, rows in [(me, True, mine), *((h.host, False, h.rows) for h in others)]:
+        other_eval = [r for r in rows if r.evaluator_hash != evaluator_hash]
+        if other_eval:
+            vals = [r.val_bpb for r in other_eval if _measured(r)]
+            best = f", best val_bpb {min(vals):.6f}" if vals else ""
+            hashes = ", ".join(sorted({r.evaluator_hash or "none" for r in other_eval}))
+            out.notes.append(f"{host}: {len(other_eval)} rows measured with evaluator {hashes}{best}, not this "
+                             f"machine's {evaluator_hash}: shown here only, never compared.")
+        for r in rows:
+            if r.evaluator_hash == evaluator_hash:
+                key = (hardware_of(r), r.protocol, r.evaluator_hash)
+                groups.setdefault(key, {}).setdefault(host, (here, []))[1].append(r)
+    for (hardware, protocol, ev), hosts in sorted(groups.items()):
+        g = Group(hardware, protocol, ev)
+        for host, (here, rows) in hosts.items():
+            entry = _best_entry(host, here, rows)
+            if entry is not None:
+                g.entries.append(entry)
+        g.entries.sort(key=lambda e: (e.value, not e.here))
+        if g.entries:
+            out.groups.append(g)
+    return out
+
+
+def _row_text(r: Row) -> str:
+    value = f"{r.val_bpb:.6f}" if r.val_bpb else r.status
+    return f"{r.commit or '?'} {shorten(r.description, 60)} ({r.status}, {value})"
+
+
+def frontier_markdown(f: Frontier, remote: str = "") -> str:
+    """The frontiers as Markdown: per group a table of each host's best, then the history of the group's
+    best and what was tried on top of it."""
+    lines = [f"# Frontier per hardware class (this machine: {f.me}, evaluator {f.evaluator_hash})", "",
+             "Rows of this machine are measured here; every other host's are its own claims, unchecked here.", ""]
+    if not f.groups:
+        lines += ["No kept experiment under this evaluator yet, here or published.", ""]
+    for g in f.groups:
+        lines += [f"## {g.hardware}, protocol {g.protocol or '?'}", "",
+                  "| host | best val_bpb | runs | commit | change | source |", "|---|---|---|---|---|---|"]
+        for e in g.entries:
+            lines.append(f"| {e.host} | {e.value:.6f} | {e.runs} | {e.best.commit} | "
+                         f"{shorten(e.best.description, 60).replace('|', '/')} | {e.label} |")
+        top = g.best
+        lines += ["", f"Best: {top.host}'s {top.value:.6f}, {top.label}."]
+        if not top.here:
+            where = f" --remote {remote}" if remote else " --remote URL"
+            lines.append(f"To measure it here: `loop.py transfer{where} --host {top.host}`.")
+        lines.append(f"History of that best ({len(top.history)} kept): "
+                     + " → ".join(_row_text(r) for r in top.history[-SHOWN:]))
+        lines.append(f"Tried on top of it ({len(top.tried)}): "
+                     + ("; ".join(_row_text(r) for r in top.tried[-SHOWN:]) or "nothing yet"))
+        lines.append("")
+    if f.notes:
+        lines += ["## Not compared", "", *[f"- {n}" for n in f.notes], ""]
+    return "\n".join(lines)
