@@ -22,6 +22,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sandbox import secrets
 from sandbox.secrets import redact, without_secrets
 
 __all__ = ["GitError", "git", "git_bytes", "head", "current_branch", "branch_exists", "is_ancestor", "changed_paths",
@@ -475,6 +476,9 @@ def remote_git(repo: Path, *args: str, timeout: float = 30.0) -> str:
     for name in _REMOTE_PROTOCOLS:
         cmd += ["-c", f"protocol.{name}.allow=always"]
     env = _env({"GIT_SSH_COMMAND": "ssh -o BatchMode=yes -o ConnectTimeout=10"})
+    agent = secrets.get("SSH_AUTH_SOCK")  # held back from everything else the loop starts: ssh's keys, for git only
+    if agent:
+        env["SSH_AUTH_SOCK"] = agent
     try:
         proc = subprocess.run([*cmd, *args], capture_output=True, env=env, stdin=subprocess.DEVNULL,
                               timeout=timeout)

@@ -388,3 +388,27 @@ def test_two_clones_under_one_name_do_not_overwrite_each_other(tmp_path):
         share.publish(b, remote, "same")
     assert [h.rows for h in share.fetch(b, remote, "b")][0][-1].description == "raise LR to 0.06"
     assert share.publish(machine(tmp_path, "empty"), remote, "empty").pushed is False  # nothing to publish
+
+
+def test_only_remote_git_gets_the_ssh_agent(tmp_path, monkeypatch):
+    """SSH_AUTH_SOCK is a credential the loop takes out of everything it starts; git's remote calls get it
+    back (ssh keys held by an agent), its other calls and the runs do not."""
+    from research import gitrepo
+    from sandbox import secrets
+
+    repo = tmp_path / "r"
+    git(tmp_path, "init", "-q", str(repo))
+    monkeypatch.setattr(secrets, "_store", {"SSH_AUTH_SOCK": "/tmp/agent.sock"})
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    seen = []
+    real = subprocess.run
+
+    def spy(cmd, **kw):
+        seen.append((kw.get("env") or {}).get("SSH_AUTH_SOCK"))
+        return real(cmd, **kw)
+
+    monkeypatch.setattr(subprocess, "run", spy)
+    gitrepo.remote_git(repo, "ls-remote", str(repo))
+    gitrepo.git(repo, "status", "--porcelain")
+    assert seen[0] == "/tmp/agent.sock" and len(seen) > 1 and not any(seen[1:])
+    assert "SSH_AUTH_SOCK" not in secrets.allowed_env({"SSH_AUTH_SOCK": "/tmp/agent.sock", "PATH": "/usr/bin"})
