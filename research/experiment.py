@@ -154,6 +154,7 @@ def make_row(s: Session, *, kind: str, commit: str, status: str, description: st
         tail_s=getattr(run, "tail_s", None),
         gauge_before_s=getattr(run, "gauge_before_s", None),
         gauge_after_s=getattr(run, "gauge_after_s", None),
+        others_cpu=getattr(run, "others_cpu", None),
     )
 
 

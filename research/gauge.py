@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import math
 import os
+import resource
 import threading
 import time
+from pathlib import Path
 
-__all__ = ["REPS", "REPS_ENV", "gauge", "gauge_reps", "gauge_threads", "slowness", "speed_of"]
+__all__ = ["REPS", "REPS_ENV", "LoadMeter", "busy_seconds", "gauge", "gauge_reps", "gauge_threads", "slowness",
+           "speed_of", "tree_seconds"]
 
 SIZE = 1 << 16  # float32 elements per thread: 256 KiB, inside any core's L2 cache
 REPS = 600  # rounds of (sin, multiply, add) per thread: ~0.1 s on the 2-core Xeon the project is tested on
@@ -102,3 +105,74 @@ def slowness(*readings: float | None) -> float | None:
     the mean seconds of the gauge's readings; None when there is no usable reading."""
     v = speed_of(*readings)
     return -math.log(v) if v else None
+
+
+# ---------------------------------------------------------------------------
+# What other programs took from the machine while a trainer ran (the kernel's accounting)
+# ---------------------------------------------------------------------------
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def busy_seconds(proc: Path = Path("/proc")) -> float | None:
+    """CPU seconds every process of the machine has used since boot, by the kernel's count (/proc/stat:
+    user, nice, system, irq, softirq and steal time of all cores); None where there is no /proc/stat."""
+    try:
+        fields = (proc / "stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu" or len(fields) < 9:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / _TICK
+
+
+def tree_seconds(pid: int, proc: Path = Path("/proc")) -> float:
+    """CPU seconds a live process and its live descendants have used (each one's own time and that of the
+    children it has waited for); 0 for a process that is gone."""
+    total, todo, seen = 0.0, [pid], set()
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        try:
+            stat = (proc / str(p) / "stat").read_text()
+            for task in (proc / str(p) / "task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+        after = stat[stat.rfind(")") + 2:].split()  # fields from the state on; the name may hold spaces
+        if len(after) > 14:
+            total += sum(int(x) for x in after[11:15]) / _TICK  # utime, stime, cutime, cstime
+    return total
+
+
+def _own_seconds() -> float:
+    """CPU seconds of this process and of the children it has waited for."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+class LoadMeter:
+    """How many cores other programs kept busy while a trainer ran: the machine's busy CPU time by the kernel
+    (/proc/stat) minus what this process, the children it waited for (the trainer's whole sandboxed tree,
+    once it has ended) and the live process trees in `live` (the harness, waiting) used, per second of
+    wall time. The trainer cannot move it: everything it starts runs in its own tree and is counted as
+    its own. None where the kernel does not say (no /proc: macOS)."""
+
+    def __init__(self, live: list[int] | tuple[int, ...] = ()) -> None:
+        self.live = list(live)
+        self.t0 = time.perf_counter()
+        self.busy0 = busy_seconds()
+        self.family0 = self._family()
+
+    def _family(self) -> float:
+        return _own_seconds() + sum(tree_seconds(p) for p in self.live)
+
+    def stop(self) -> float | None:
+        """Cores used by others on average since the start (0 on a machine the run had to itself)."""
+        busy, wall = busy_seconds(), time.perf_counter() - self.t0
+        if busy is None or self.busy0 is None or wall <= 0:
+            return None
+        return max(0.0, (busy - self.busy0) - (self._family() - self.family0)) / wall

@@ -76,6 +76,7 @@ COLUMNS = UPSTREAM_COLUMNS + [
     "gauge_after_s",
     "kind",
     "reason",
+    "others_cpu",
 ]
 # keep/discard/crash are the reference's; rejected = the change broke a rule (touched more than the
 # trainer, trained past the budget), invalid = the evaluator found the model non-causal, transfer = a
@@ -223,6 +224,9 @@ class Row:
     gauge_after_s: float | None = None
     kind: str = ""  # what the run was for (Kind); inferred for rows written before the column
     reason: str = ""  # why it did not measure or count (infer_reason), "" when it did
+    # Cores other programs kept busy while the trainer trained, by the kernel's count (research/gauge.py
+    # LoadMeter); None off Linux and for rows written before the column.
+    others_cpu: float | None = None
 
     def __post_init__(self) -> None:
         for name in _FREE_TEXT:  # no secret in a row, whoever built it (the loop, a report reading a file)
@@ -274,6 +278,7 @@ _FLOAT_FORMATS = {
     "tail_s": "{:.2f}",
     "gauge_before_s": "{:.4f}",
     "gauge_after_s": "{:.4f}",
+    "others_cpu": "{:.3f}",
 }
 _INT_FIELDS = {"num_steps", "agent_tokens_in", "agent_tokens_out", "run"}
 

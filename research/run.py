@@ -23,7 +23,7 @@ from judge.harness import GO
 from research.clock import StepWatch, WallRule, deadline_env
 from research.console import clock
 from research.decisions import AbortMonitor, LossCurve, write_curve
-from research.gauge import gauge
+from research.gauge import LoadMeter, gauge
 from research.results import sanitize
 from sandbox.runner import end, run_trainer, spawn, wait_child
 from sandbox.secrets import redact
@@ -170,7 +170,8 @@ def run_once(s: Session, run_dir: Path, label: str, description: str, prefix: st
     Returns (TrainerRun, status, measurement, reason). Before the trainer starts, the loop reads the
     hyperparameters from the trainer's source (s.source; the file holds the committed text) and its gauge
     (research/gauge.py), and reads the gauge again once the trainer has ended: the TrainerRun carries
-    them (`hyperparams`, `gauge_before_s`, `gauge_after_s`). The run's log gets the trainer's output,
+    them (`hyperparams`, `gauge_before_s`, `gauge_after_s`), with the cores other programs kept busy
+    while it trained (`others_cpu`, research/gauge.py LoadMeter). The run's log gets the trainer's output,
     the harness's, and the summary block last (the harness's and the loop's facts, then the trainer's
     claims apart); runs/<n>/result.json gets the harness's result, the loop's facts and, under "claims",
     the trainer's own account of its run; runs/<n>/loss.json the per-step loss read from its output.
@@ -194,7 +195,9 @@ def run_once(s: Session, run_dir: Path, label: str, description: str, prefix: st
         # priority while the trainer trains; it reads nothing of the hand-over before the go-ahead.
         h_argv, h_preexec, h_env = s.confine.harness_run(ws, wait=True)
         judge = spawn(h_argv, cwd=ws.judge, env=h_env, log_path=log_path, preexec_fn=h_preexec, stdin_pipe=True)
+        load = LoadMeter([judge.proc.pid])  # what other programs take from the machine while it trains
         run = _train(s, ws, log_path, rule, curve, monitor, _ticker(s, label, short, curve, rule), judge)
+        run.others_cpu = load.stop()
         run.gauge_before_s, run.gauge_after_s, run.hyperparams = gauge_before, gauge(), hyperparams
         write_curve(run_dir / f"{prefix}loss.json", curve.snapshot(), wall_seconds=run.wall_seconds,
                     stopped_at=monitor.fired_at if run.stopped else None)
@@ -303,7 +306,7 @@ def _write_record(s: Session, path: Path, result, facts: dict, run) -> None:
     """runs/<n>/result.json: the harness's result, the loop's own facts, the trainer's claims apart."""
     own = {"backend": s.host.backend, "device": s.host.device_name, "hyperparams": run.hyperparams,
            "wall_seconds": run.wall_seconds, "gauge_before_s": run.gauge_before_s,
-           "gauge_after_s": run.gauge_after_s}
+           "gauge_after_s": run.gauge_after_s, "others_cpu": getattr(run, "others_cpu", None)}
     record = {"eval": result, "loop": own, "claims": facts,
               "trainer": {"wall_seconds": run.wall_seconds, "log_bytes": run.log_bytes,
                           "wall_limit_s": run.wall_limit_s, "first_step_s": run.first_step_s, "tail_s": run.tail_s}}

@@ -79,6 +79,7 @@ class RunResult:
     tail_s: float | None = None
     gauge_before_s: float | None = None  # the loop's gauge of the machine around the run (research/gauge.py)
     gauge_after_s: float | None = None
+    others_cpu: float | None = None  # cores other programs kept busy while it trained (research/gauge.py)
     hyperparams: dict | None = None  # what the trainer's source sets on this host, read before it ran
 
 
@@ -315,6 +316,7 @@ class TrialWorker:
                                          first_step_s=run.first_step_s, tail_s=run.tail_s,
                                          gauge_before_s=getattr(run, "gauge_before_s", None),
                                          gauge_after_s=getattr(run, "gauge_after_s", None),
+                                         others_cpu=getattr(run, "others_cpu", None),
                                          hyperparams=getattr(run, "hyperparams", None)))
             files = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
             return JobResult(results, files, self.where, tampered=self._tampered(tree))

@@ -133,3 +133,47 @@ def test_the_smallest_gain_kept_shrinks_with_the_noise_it_takes_out():
     need = t_ppf(1 - ALPHA, st.noise.rule_df) * st.noise.sigma * math.sqrt(1 / 8 + 1 / 2)
     need_raw = t_ppf(1 - ALPHA, raw.rule_df) * raw.sigma * math.sqrt(1 / 8 + 1 / 2)
     assert need < need_raw / 2 and statistics.fmean(st.best_values) > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# what other programs took from the machine while a trainer ran (research/gauge.py LoadMeter)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_the_kernels_counts_are_read_right(tmp_path):
+    from research.gauge import _TICK, busy_seconds, tree_seconds
+
+    (tmp_path / "stat").write_text("cpu  100 20 30 5000 7 1 2 3 0 0\ncpu0 50 10 15 2500 3 0 1 1 0 0\n")
+    assert busy_seconds(tmp_path) == pytest.approx((100 + 20 + 30 + 1 + 2 + 3) / _TICK)  # idle, iowait left out
+    assert busy_seconds(tmp_path / "missing") is None
+
+    def proc(pid: int, name: str, times: tuple[int, int, int, int], children: list[int]) -> None:
+        d = tmp_path / str(pid)
+        (d / "task" / str(pid)).mkdir(parents=True)
+        rest = ["S", "1", "1", "1", "0", "-1", "0", "0", "0", "0", "0", *map(str, times), "20", "0"]
+        (d / "stat").write_text(f"{pid} ({name}) " + " ".join(rest) + "\n")
+        (d / "task" / str(pid) / "children").write_text(" ".join(map(str, children)))
+
+    proc(10, "bwrap", (1, 1, 50, 50), [11])  # the leader, with 100 ticks of children it waited for
+    proc(11, "py thon) (x", (200, 100, 0, 0), [12])  # a name with spaces and parentheses
+    proc(12, "worker", (30, 0, 0, 0), [])
+    assert tree_seconds(10, tmp_path) == pytest.approx((2 + 100 + 300 + 30) / _TICK)
+    assert tree_seconds(99, tmp_path) == 0.0
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/stat"), reason="the kernel's counts are Linux's")
+def test_the_load_meter_counts_others_and_not_the_runs_own_tree():
+    import subprocess
+    import sys
+
+    from research.gauge import LoadMeter
+
+    burn = "import time\nt = time.time()\nwhile time.time() - t < 1.5: pass"
+    own = LoadMeter()
+    subprocess.run([sys.executable, "-c", burn], check=True)  # a child of this process, waited for: its own
+    own_load = own.stop()
+    other = LoadMeter()  # the same work by a process that is not this one's: another program's load
+    subprocess.run(["sh", "-c", f"({sys.executable} -c '{burn}' &) ; sleep 1.6"], check=True)
+    other_load = other.stop()
+    assert own_load is not None and other_load is not None
+    assert other_load - own_load > 0.5, (own_load, other_load)
