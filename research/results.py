@@ -27,6 +27,7 @@ __all__ = [
     "COLUMNS",
     "UPSTREAM_COLUMNS",
     "STATUSES",
+    "Status",
     "MEASURED",
     "CLAIMED",
     "Row",
@@ -78,14 +79,27 @@ COLUMNS = UPSTREAM_COLUMNS + [
     "reason",
     "others_cpu",
 ]
-# keep/discard/crash are the reference's; rejected = the change broke a rule (touched more than the
-# trainer, trained past the budget), invalid = the evaluator found the model non-causal, transfer = a
-# config from another machine run once for comparison (never kept), abort = stopped early because its
-# training loss trailed the best run's (val_bpb 0.0; `progress` says how far it got), rerun = an
-# already-measured trainer run again (a confirm run, a periodic re-measurement of the best): a
-# measurement for the noise model and the best's mean, not a decision.
-STATUSES = ("keep", "discard", "crash", "rejected", "invalid", "transfer", "abort", "rerun")
-MEASURED = ("keep", "discard", "transfer", "rerun")  # statuses whose val_bpb is a real measurement
+
+
+# An aborted row has val_bpb 0.0 (`progress` says how far it got); a rerun is a measurement for the noise
+# model and the best's mean, not a decision.
+class Status:
+    """The values of the `status` column (the first three are the reference's)."""
+
+    KEEP = "keep"  # kept: the branch moves to this commit
+    DISCARD = "discard"  # measured, not better by the rule
+    CRASH = "crash"  # did not hand over a model that could be scored
+    REJECTED = "rejected"  # broke a rule: touched more than the trainer, ran past the clock, ...
+    INVALID = "invalid"  # the harness found the model non-causal
+    TRANSFER = "transfer"  # another machine's config run here once, never kept
+    ABORT = "abort"  # stopped early: its loss trailed the best's by more than the noise allows
+    RERUN = "rerun"  # a measured trainer run again (confirm run, re-measurement of the best)
+    ALL = (KEEP, DISCARD, CRASH, REJECTED, INVALID, TRANSFER, ABORT, RERUN)
+    MEASURED = (KEEP, DISCARD, TRANSFER, RERUN)  # statuses whose val_bpb is a real measurement
+
+
+STATUSES = Status.ALL
+MEASURED = Status.MEASURED
 # columns copied from the trainer's own account of its run (facts.json): shown, never used for a decision
 CLAIMED = ("memory_gb", "training_seconds", "num_steps", "mfu_percent", "num_params_M")
 # What a row's run was for (the `kind` column). Files written before it had one are read with the kind
