@@ -40,6 +40,7 @@ class Replay:
     abort_off: bool = False  # an abort audit failed since the best last changed: early abort is off
     would_abort: int = 0  # runs stopped early or audited since the best last changed
     speed_adjusted: bool = False  # the best is its runs' mean adjusted to the machine's speed during the last one
+    current_runs: list[Row] = field(default_factory=list)  # the best's runs since the machine's speed last moved
 
     @property
     def best_values(self) -> list[float]:
@@ -137,11 +138,9 @@ def replay(rows: list[Row], min_noise: float, drift: float = 0.15) -> Replay:
         best_hash = ok[0].trainer_hash if ok else ""
         all_best = [r for r in rows if measurement(r) and best_hash and r.trainer_hash == best_hash] or ok
     adjusted = bool(all_best) and noise.speed is not None and all(slowness_of(r) is not None for r in all_best)
-    if adjusted:
-        stretches = [all_best]  # the rule adjusts each run for the machine's speed: every run of the best counts
-    else:
-        stretches = speed_stretches(all_best, drift) if all_best else []
-    best_runs = stretches[-1] if stretches else []
+    stretches = speed_stretches(all_best, drift) if all_best else []  # the runs at one speed: when to re-run
+    current = stretches[-1] if stretches else []
+    best_runs = all_best if adjusted else current  # adjusted for the machine's speed, every run of the best counts
     best = statistics.fmean(r.val_bpb for r in best_runs) if best_runs else None
     if adjusted:  # their mean at the machine's speed of the last of them
         cs = [slowness_of(r) for r in best_runs]
@@ -151,11 +150,11 @@ def replay(rows: list[Row], min_noise: float, drift: float = 0.15) -> Replay:
     last = max(mine[-1:] + tried[-1:], default=None)
     since = sum(1 for r in rows[last + 1:] if r.status != "rerun") if last is not None else 0
     moved, reason = None, None
-    now = [v for v in map(speed, best_runs) if v is not None]
+    now = [v for v in map(speed, current) if v is not None]
     if len(stretches) > 1:
         before = [v for v in map(speed, stretches[-2]) if v is not None]
         moved = now[0] / statistics.median(before) - 1.0 if now and before else None
-        if len(best_runs) < 2 and moved is not None:
+        if len(current) < 2 and moved is not None:
             reason = f"the machine's speed moved ({100 * moved:+.0f}% by the loop's gauge on the best's last run)"
     recent = [v for v in (speed(r) for r in rows[last + 1:] if measurement(r)) if v is not None][-3:] \
         if last is not None else []
@@ -170,7 +169,7 @@ def replay(rows: list[Row], min_noise: float, drift: float = 0.15) -> Replay:
     return Replay(best=best, noise_floor=noise.sigma if best is not None else None, baselines=baselines,
                   kept_commit=kept, noise=noise, best_hash=best_hash, best_runs=best_runs, since_best_run=since,
                   drift=moved, drift_reason=reason, all_best_runs=all_best, abort_off=abort_off,
-                  would_abort=would, speed_adjusted=adjusted)
+                  would_abort=would, speed_adjusted=adjusted, current_runs=current)
 
 
 def running_best(rows: list[Row], min_noise: float, drift: float = 0.15) -> list[float | None]:
@@ -208,7 +207,7 @@ def abort_reference(st: Replay, rows: list[Row], runs_dir: Path, enabled: bool =
         return None, "early abort is off: an audited run beat the best it would have been stopped against"
     if not st.best_runs:
         return None, "no best yet"
-    best = curves_of(st.best_runs, runs_dir) or curves_of(st.all_best_runs, runs_dir)
+    best = curves_of(st.current_runs or st.best_runs, runs_dir) or curves_of(st.all_best_runs, runs_dir)
     if not best:
         return None, "no stored loss curve of the best yet"
     by_hash: dict[str, list[Row]] = {}

@@ -73,11 +73,13 @@ def test_the_row_holds_the_loops_facts_and_the_claim_apart(lied):
         assert r.backend == "cpu" and r.device == device != THE_LIE["device"]
         # the loop's gauge, read before and after the run: the speed the drift rule reads
         assert r.gauge_before_s > 0 and r.gauge_after_s > 0
+        assert r.others_cpu is not None and 0 <= r.others_cpu < 64  # the cores others kept busy (the kernel's count)
         assert speed(r) == pytest.approx(2 / (r.gauge_before_s + r.gauge_after_s))
         # the claimed columns show the claim (and are documented as such)
         assert r.num_steps == 99999 and r.training_seconds == 1.0 and r.mfu_percent == 99.0
     header = (lied.repo / "results.tsv").read_text().split("\n")[0].split("\t")
-    assert header[:5] == R.UPSTREAM_COLUMNS and header[-4:] == ["gauge_before_s", "gauge_after_s", "kind", "reason"]
+    assert header[:5] == R.UPSTREAM_COLUMNS and header[-5:] == ["gauge_before_s", "gauge_after_s", "kind", "reason",
+                                                                      "others_cpu"]
     assert set(R.CLAIMED) <= set(header)
 
     run = lied.repo / "runs" / str(rows[1].run)
@@ -141,7 +143,8 @@ def _run(val: float, trainer: str, note: str, gauge_s: float, steps: int, second
 def test_the_drift_rule_reads_the_gauge_not_the_claimed_steps():
     """The best's runs claim wildly different steps per second (1 step/s, then 99999) on a machine whose gauge
     did not move: one stretch, every run counts. The same claims on a machine the gauge saw slow down by 30%:
-    the earlier runs stop counting."""
+    the speed moved (a re-run is due), and the earlier runs count only adjusted to that speed (or, when the
+    rule cannot adjust, stop counting)."""
     base = [_run(2.50, "base", f"{BASELINE} 1/3", 0.10, 60, 60.0),
             _run(2.52, "base", f"{BASELINE} 2/3", 0.10, 99999, 1.0),
             _run(2.48, "base", f"{BASELINE} 3/3", 0.10, 1, 60.0)]
@@ -153,8 +156,12 @@ def test_the_drift_rule_reads_the_gauge_not_the_claimed_steps():
     slow = _run(2.55, "base", "rerun of the best: 10 experiments", 0.13, 60, 60.0)  # same claim as the first run
     slow.description = "rerun of the best (base)"
     st = replay(base + [rerun, slow], 0.0005)
-    assert [r.val_bpb for r in st.best_runs] == [2.55] and st.drift == pytest.approx(0.10 / 0.13 - 1)
-    assert "by the loop's gauge" in st.drift_reason
+    assert st.drift == pytest.approx(0.10 / 0.13 - 1) and "by the loop's gauge" in st.drift_reason
+    assert st.speed_adjusted and len(st.best_runs) == 5 and st.best == pytest.approx(2.55)  # at the slow speed
+    assert [r.val_bpb for r in st.current_runs] == [2.55]
+    unadjustable = [_run(2.50, "base", "x", None, 60, 60.0)]  # a run without readings in the group: no fit
+    st = replay(unadjustable + base + [rerun, slow], 0.0005)
+    assert [r.val_bpb for r in st.best_runs] == [2.55] and not st.speed_adjusted
     # rows written before the gauge have no speed: they stay in the current stretch whatever they claim
     old = [_run(2.5, "base", f"{BASELINE} 1/2", None, 10, 60.0), _run(2.5, "base", f"{BASELINE} 2/2", None, 99999, 1.0)]
     assert speed(old[0]) is None and len(replay(old, 0.0005).best_runs) == 2
@@ -204,7 +211,8 @@ def test_a_results_file_from_before_still_reads(tmp_path):
     assert back.hyperparams == {"DEPTH": 2} and back.num_steps == 10 and back.gauge_before_s is None
     assert speed(back) is None
     R.ensure_results_file(path)  # widened in place, the row kept
-    assert R.read_results(path)[0].device == "fake cpu" and path.read_text().split("\n")[0].endswith("gauge_after_s\tkind\treason")
+    header = path.read_text().split("\n")[0]
+    assert R.read_results(path)[0].device == "fake cpu" and header.endswith("gauge_after_s\tkind\treason\tothers_cpu")
     runs = tmp_path / "runs" / "1"
     runs.mkdir(parents=True)
     claims = {"num_steps": 10, "device": "old", "hyperparams": {"A": 1}}
