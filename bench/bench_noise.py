@@ -12,9 +12,10 @@ instead of running anything.
 Printed from the rows (research/noise.py's own fit, as the loop makes it):
   per run            val_bpb, steps (the trainer's claim), the gauge's seconds before/after, the cores
                      other programs kept busy while it trained (others_cpu)
-  sigma              the pooled run-to-run sigma unadjusted, and after each covariate, with the share of
-                     the variance that covariate explains: the loop's gauge (log seconds, what the rule
-                     uses) and others_cpu (for comparison)
+  sigma              the pooled run-to-run sigma unadjusted, and after each covariate the rule may use
+                     (research/ledger.py COVARIATES: "load", the cores others kept busy, then "gauge", the
+                     log of the gauge's seconds), with the share of the variance it explains, and which
+                     one the loop's ledger picks
   80%-power gain     the smallest gain a change's two runs (screen + confirm) must have to be kept 80% of
                      the time against the mean of the N baselines at alpha 0.05: (t_0.95 + t_0.80) * sigma *
                      sqrt(1/N + 1/2), unadjusted and adjusted
@@ -34,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from research.gauge import slowness
+from research.ledger import COVARIATES, replay
 from research.noise import pooled_noise, t_ppf
 from research.results import read_results
 
@@ -79,10 +80,9 @@ def report(path: Path) -> None:
         print(f"{r.run!s:>4}  {r.val_bpb:.4f}  {r.num_steps!s:>5}  {r.gauge_before_s!s:>8} / {r.gauge_after_s!s:<8}"
               f"  {others:>8}")
     m = len(rows)
-    for name, cov in (("gauge (log seconds; the rule's)", lambda r: slowness(r.gauge_before_s, r.gauge_after_s)),
-                      ("others_cpu (cores)", lambda r: r.others_cpu)):
+    for name, cov in COVARIATES.items():
         groups = {"base": [(r.val_bpb, r.num_steps, cov(r)) for r in rows]}
-        noise = pooled_noise(groups, 0.0005)
+        noise = pooled_noise(groups, 0.0005, name)
         raw = noise.unadjusted()
         line = f"{name}: σ {raw.sigma:.4f} unadjusted (df {raw.df}), 80%-power gain {power_gain(raw.sigma, raw.df, m):.4f}"
         if noise.speed is not None:
@@ -91,6 +91,8 @@ def report(path: Path) -> None:
         else:
             line += "; no supported fit (the rule would not adjust)"
         print(line)
+    st = replay(rows, 0.0005)
+    print(f"the loop's ledger adjusts for: {st.covariate or 'nothing'}; {st.noise.describe()}")
 
 
 def main() -> int:

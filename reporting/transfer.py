@@ -146,7 +146,7 @@ def run_transfer(session, from_path: str | Path, *, keep: list[str] | None = Non
     """
     from research import experiment
     from research.driver import ensure_baseline
-    from research.ledger import slowness_of
+    from research.ledger import covariate
 
     keep = list(dict.fromkeys([*(() if apply_all else HOST_SPECIFIC), *(keep or [])]))
     dirty = session.dirty_paths()
@@ -192,7 +192,7 @@ def run_transfer(session, from_path: str | Path, *, keep: list[str] | None = Non
     else:  # the loop's own rule (one run, no confirm): significantly below the best's mean
         st = session.state
         v = experiment.decide([row.val_bpb], st.best_values, st.noise, session.settings.alpha, None,
-                              [slowness_of(row)], st.best_speeds)
+                              [covariate(row, st.covariate)], st.best_speeds)
         verdict = f"{'it carried' if v.status == 'keep' else 'it did not carry'} ({v.note})"
     print(f"transfer val_bpb {row.val_bpb:.6f} (theirs {plan.row.val_bpb:.6f} on {plan.source.label}); {verdict}.")
     print(f"logged as run {row.run} with status transfer; the trainer is back at the last kept commit.")

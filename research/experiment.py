@@ -19,9 +19,8 @@ from research import gitrepo, tamper
 from research.console import clock
 from research.decisions import AbortMonitor, LossCurve, curve_shaping_changes
 from research.noise import NoiseModel, Verdict, decide_runs
-from research.gauge import slowness
 from research.guards import guard_run, scope_problem, text_hash
-from research.ledger import ABORT_AUDIT, ABORT_OFF, BASELINE, BEST_NEXT, RERUN, replay
+from research.ledger import ABORT_AUDIT, ABORT_OFF, BASELINE, BEST_NEXT, RERUN, covariate, replay
 from research.proposals import Usage
 from research.run import Measurement, log_tail, run_once
 from research.results import CONFIRM_RUN, MEASURED, NO_COMMIT, Kind, Row, sanitize
@@ -53,16 +52,17 @@ def decide(cand: list[float], best: list[float], noise: NoiseModel | None, alpha
     """Keep or discard a candidate's runs against the best trainer's runs (research/noise.py has the
     rule): kept when the one-sided t-test against the pooled run-to-run noise gives p < alpha, the runs
     adjusted for the machine's speed when the noise model says it matters (`cand_speed`, `best_speed`:
-    each run's slowness by the loop's gauge); `promising` when p < confirm_alpha (worth a confirming
+    each run's covariate value, research/ledger.py); `promising` when p < confirm_alpha (worth a confirming
     rerun). With no best yet, keep."""
     if not best or noise is None:
         return Verdict("keep", "first measurement on this branch", False, 0.0, 0.0, 0.0, 0.0)
     return decide_runs(cand, best, noise, alpha, confirm_alpha, cand_speed, best_speed)
 
 
-def run_slowness(run) -> float | None:
-    """The keep rule's covariate for a run that has not been recorded yet (research.run.TrainerRun)."""
-    return slowness(getattr(run, "gauge_before_s", None), getattr(run, "gauge_after_s", None))
+def run_covariate(s: Session, run) -> float | None:
+    """The keep rule's covariate, as the branch's noise model uses it, for a run not recorded yet (a
+    research.run TrainerRun or a RunResult); None when the rule does not adjust."""
+    return covariate(run, s.state.covariate)
 
 
 def syntax_problem(text: str, trainer: str, log_path: Path) -> str | None:
@@ -77,7 +77,7 @@ def syntax_problem(text: str, trainer: str, log_path: Path) -> str | None:
 
 
 def screen(s: Session, value: float, speed: float | None = None, *, confirm: bool = True) -> Verdict:
-    """A change's first run (`speed`: the machine's slowness around it) against the best's runs (`confirm`:
+    """A change's first run (`speed`: its covariate value, run_covariate) against the best's runs (`confirm`:
     and whether it earns a confirm run)."""
     st = s.state
     return decide([value], st.best_values, st.noise, s.settings.alpha,
@@ -96,13 +96,14 @@ def audit_note(s: Session, value: float, fired: str | None) -> str:
     return note
 
 
-def confirm_decision(s: Session, first: float, second: float, best_rows: list[Row],
-                     speeds: tuple[float | None, float | None] = (None, None)) -> tuple[str, str]:
-    """A promising change after its confirm run: the mean of its two runs (`speeds`: the machine's slowness
-    around each) against the best's runs at the machine's current speed, `best_rows` (the best's run next
-    to it, when it measured) counted in. Returns (status, note)."""
+def confirm_decision(s: Session, first: float, second: float, best_rows: list[Row], runs: tuple = (None, None)
+                     ) -> tuple[str, str]:
+    """A promising change after its confirm run: the mean of its two runs (`runs`: the two runs, for the
+    rule's covariate) against the best's runs at the machine's current speed, `best_rows` (the best's run
+    next to it, when it measured) counted in. Returns (status, note)."""
     st = replay(s.branch_rows() + best_rows, s.settings.min_noise, s.settings.drift)
-    v = decide([first, second], st.best_values, st.noise, s.settings.alpha, None, list(speeds), st.best_speeds)
+    speeds = [covariate(r, st.covariate) for r in runs]
+    v = decide([first, second], st.best_values, st.noise, s.settings.alpha, None, speeds, st.best_speeds)
     verdict = "confirmed" if v.status == "keep" else "not confirmed"
     return v.status, f"{verdict} by a rerun, mean of {first:.6f} and {second:.6f}: {v.note}"
 
@@ -347,7 +348,7 @@ def decide_trial(t: Trial, meddled: str | None) -> None:
     elif t.status == "ok" and t.rerun:
         t.status, t.note = "rerun", f"rerun of the best: {t.rerun}"
     elif t.status == "ok":
-        verdict = screen(s, t.m.val_bpb, run_slowness(t.run), confirm=not t.record_as)
+        verdict = screen(s, t.m.val_bpb, run_covariate(s, t.run), confirm=not t.record_as)
         t.status, t.note = verdict.status, verdict.note
         confirm = None
         if t.record_as:
@@ -355,7 +356,7 @@ def decide_trial(t: Trial, meddled: str | None) -> None:
         elif s.settings.confirm and s.state.best_values and (verdict.status == "keep" or verdict.promising):
             t.status, t.note, confirm = _confirm(s, t.run_dir, t.label, t.description, t.m, verdict, commit=t.commit,
                                                  run_no=t.run_no, text=t.text, guard=lambda before: guard(t, before),
-                                                 first_speed=run_slowness(t.run))
+                                                 first_run=t.run)
         if t.monitor is not None and t.monitor.audit:
             t.note += audit_note(s, t.m.val_bpb, t.monitor.fired)
         if confirm and t.status != "rejected":
@@ -391,7 +392,7 @@ def record(t: Trial, row: Row, restore: bool = True) -> Outcome:
 
 
 def _confirm(s: Session, run_dir: Path, label: str, description: str, m: Measurement, first: Verdict, *,
-             commit: str, run_no: int, text: str, guard, first_speed: float | None = None):
+             commit: str, run_no: int, text: str, guard, first_run=None):
     """A promising change: the best (the last kept commit's trainer) runs once now, then the change again,
     both never stopped early; the change is decided on the mean of its two runs against the best's runs
     at the machine's current speed, the fresh one included. The best's run sits between the change's
@@ -434,7 +435,7 @@ def _confirm(s: Session, run_dir: Path, label: str, description: str, m: Measure
     rows.insert(0, make_row(s, kind=Kind.CONFIRM, commit=commit, status="rerun", description=description,
                             note=f"{CONFIRM_RUN} {run_no}", run_no=run_no, trainer_text=text, m=m2,
                             wall=run2.wall_seconds, usage=None, run=run2))
-    status, note = confirm_decision(s, m.val_bpb, m2.val_bpb, rows[1:], (first_speed, run_slowness(run2)))
+    status, note = confirm_decision(s, m.val_bpb, m2.val_bpb, rows[1:], (first_run, run2))
     return status, note, rows
 
 

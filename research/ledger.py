@@ -19,7 +19,7 @@ from research.gauge import slowness, speed_of
 from research.results import BASELINE, BEST_NEXT, RERUN, Kind, Row
 
 __all__ = ["BASELINE", "RERUN", "BEST_NEXT", "ABORT_OFF", "ABORT_AUDIT", "Replay", "measurement", "speed",
-           "slowness_of", "speed_stretches", "replay", "running_best", "curves_of", "abort_reference", "needed_gain",
+           "COVARIATES", "covariate", "speed_stretches", "replay", "running_best", "curves_of", "abort_reference", "needed_gain",
            "reach_sentence", "OUT_OF_REACH"]
 
 
@@ -40,6 +40,7 @@ class Replay:
     abort_off: bool = False  # an abort audit failed since the best last changed: early abort is off
     would_abort: int = 0  # runs stopped early or audited since the best last changed
     speed_adjusted: bool = False  # the best is its runs' mean adjusted to the machine's speed during the last one
+    covariate: str | None = None  # what the rule adjusts for (COVARIATES), None when it does not
     current_runs: list[Row] = field(default_factory=list)  # the best's runs since the machine's speed last moved
 
     @property
@@ -48,8 +49,8 @@ class Replay:
 
     @property
     def best_speeds(self) -> list[float | None]:
-        """The machine's slowness around each of the best's runs (the keep rule's covariate)."""
-        return [slowness_of(r) for r in self.best_runs]
+        """The keep rule's covariate for each of the best's runs (None each when the rule does not adjust)."""
+        return [covariate(r, self.covariate) for r in self.best_runs]
 
     def basis(self) -> str:
         """Which runs the best is the mean of, and why the best trainer's other runs do not count."""
@@ -59,8 +60,9 @@ class Replay:
         runs = [str(r.run) for r in self.best_runs if r.run is not None]
         text = f"mean of {n} run{'s' if n != 1 else ''}" + (f" (runs {', '.join(runs)})" if runs else "")
         if self.speed_adjusted and n > 1:
-            text += (f", adjusted to the machine's speed during {'run ' + runs[-1] if runs else 'the last'} by the "
-                     "loop's gauge")
+            what = ("the machine's load", "the cores other programs kept busy") if self.covariate == "load" \
+                else ("the machine's speed", "by the loop's gauge")
+            text += f", adjusted to {what[0]} during {'run ' + runs[-1] if runs else 'the last'} ({what[1]})"
         left = len(self.all_best_runs) - n
         if left > 0:
             text += (f"; {left} earlier run{'s' if left != 1 else ''} of the same trainer ran while the machine "
@@ -86,10 +88,20 @@ def speed(r: Row) -> float | None:
     return speed_of(r.gauge_before_s, r.gauge_after_s)
 
 
-def slowness_of(r: Row) -> float | None:
-    """The covariate of the keep rule for a run: the log of the gauge's mean seconds around it (None without
-    readings)."""
-    return slowness(r.gauge_before_s, r.gauge_after_s)
+# The keep rule's covariates, in the order the ledger tries them (research/noise.py): the cores other programs
+# kept busy while the trainer trained (the kernel's count, Linux), then the machine's slowness by the loop's
+# gauge (the log of its seconds around the run). Each reads a Row, a research.run TrainerRun or a RunResult.
+COVARIATES = {
+    "load": lambda x: getattr(x, "others_cpu", None),
+    "gauge": lambda x: slowness(getattr(x, "gauge_before_s", None), getattr(x, "gauge_after_s", None)),
+}
+COVARIATE_WORDS = {"load": "the cores other programs kept busy while it trained",
+                   "gauge": "the machine's speed by the loop's gauge"}
+
+
+def covariate(x, kind: str | None) -> float | None:
+    """A run's value of covariate `kind` (None: no such reading, or no covariate)."""
+    return COVARIATES[kind](x) if kind in COVARIATES else None
 
 
 def speed_stretches(runs: list[Row], drift: float) -> list[list[Row]]:
@@ -125,11 +137,15 @@ def replay(rows: list[Row], min_noise: float, drift: float = 0.15) -> Replay:
     for r in rows:
         if r.status == "keep" and r.kind != Kind.BASELINE:
             kept_row, kept = r, r.commit
-    groups: dict[str, list[tuple]] = {}
-    for r in rows:
-        if measurement(r) and r.trainer_hash:
-            groups.setdefault(r.trainer_hash, []).append((r.val_bpb, r.num_steps, slowness_of(r)))
-    noise = pooled_noise(groups, min_noise)
+    for kind in COVARIATES:  # the first covariate the data support
+        groups: dict[str, list[tuple]] = {}
+        for r in rows:
+            if measurement(r) and r.trainer_hash:
+                groups.setdefault(r.trainer_hash, []).append((r.val_bpb, r.num_steps, covariate(r, kind)))
+        noise = pooled_noise(groups, min_noise, kind)
+        if noise.speed is not None:
+            break
+    kind = noise.speed.kind if noise.speed is not None else None
     if kept_row is not None:
         best_hash = kept_row.trainer_hash
         all_best = [r for r in rows if measurement(r) and best_hash and r.trainer_hash == best_hash] or [kept_row]
@@ -137,13 +153,13 @@ def replay(rows: list[Row], min_noise: float, drift: float = 0.15) -> Replay:
         ok = [r for r in baselines if measurement(r)]
         best_hash = ok[0].trainer_hash if ok else ""
         all_best = [r for r in rows if measurement(r) and best_hash and r.trainer_hash == best_hash] or ok
-    adjusted = bool(all_best) and noise.speed is not None and all(slowness_of(r) is not None for r in all_best)
+    adjusted = bool(all_best) and kind is not None and all(covariate(r, kind) is not None for r in all_best)
     stretches = speed_stretches(all_best, drift) if all_best else []  # the runs at one speed: when to re-run
     current = stretches[-1] if stretches else []
     best_runs = all_best if adjusted else current  # adjusted for the machine's speed, every run of the best counts
     best = statistics.fmean(r.val_bpb for r in best_runs) if best_runs else None
     if adjusted:  # their mean at the machine's speed of the last of them
-        cs = [slowness_of(r) for r in best_runs]
+        cs = [covariate(r, kind) for r in best_runs]
         best -= noise.speed.slope * (statistics.fmean(cs) - cs[-1])
     mine = [i for i, r in enumerate(rows) if any(r is b for b in all_best)]
     tried = [i for i, r in enumerate(rows) if r.kind in (Kind.RERUN, Kind.BEST_NEXT)]  # a crashed rerun counts too
@@ -169,7 +185,7 @@ def replay(rows: list[Row], min_noise: float, drift: float = 0.15) -> Replay:
     return Replay(best=best, noise_floor=noise.sigma if best is not None else None, baselines=baselines,
                   kept_commit=kept, noise=noise, best_hash=best_hash, best_runs=best_runs, since_best_run=since,
                   drift=moved, drift_reason=reason, all_best_runs=all_best, abort_off=abort_off,
-                  would_abort=would, speed_adjusted=adjusted, current_runs=current)
+                  would_abort=would, speed_adjusted=adjusted, current_runs=current, covariate=kind)
 
 
 def running_best(rows: list[Row], min_noise: float, drift: float = 0.15) -> list[float | None]:

@@ -13,16 +13,18 @@ groups and reports which share of the spread the step count explains (shown, not
 candidate's own step count moves with its change as well as with the load, and it is the trainer's
 own account, so it cannot be used to correct a run).
 
-**The machine's speed as a covariate.** What the loop measures itself is the machine's slowness
-around each run: c = log of the seconds its fixed gauge workload took, the mean of the readings just
-before and just after the run (research/gauge.py; the trainer cannot touch it). Within the same
-groups, val_bpb is regressed on c (one slope b for all groups, an analysis of covariance):
+**The machine's load as a covariate.** What the loop measures itself about the machine during each run
+(research/gauge.py; the trainer cannot move either): c = the cores other programs kept busy while the
+trainer trained, by the kernel's count (Linux), or else the machine's slowness, the log of the seconds
+the loop's fixed gauge workload took just before and just after the run; the ledger uses the first of
+the two that every grouped run has and the data support (research/ledger.py COVARIATES). Within the
+same groups, val_bpb is regressed on c (one slope b for all groups, an analysis of covariance):
 
     b = S_xc / S_cc,   s_c^2 = (S_xx - S_xc^2 / S_cc) / (df - 1)
 
-When the fit is supported (df - 1 >= 2, b > 0: a slower machine scores worse, and b significant at
-one-sided SPEED_ALPHA), the rule compares speed-adjusted values: a candidate's runs x with mean
-slowness c_x against the best's runs y with mean slowness c_y give
+When the fit is supported (df - 1 >= 2, b > 0: a busier or slower machine scores worse, and b significant
+at one-sided SPEED_ALPHA), the rule compares adjusted values: a candidate's runs x with mean c_x against
+the best's runs y with mean c_y give
 
     delta = (mean(x) - mean(y)) - b (c_x - c_y),   se = sigma_c sqrt(1/m + 1/n + (c_x - c_y)^2 / S_cc)
 
@@ -129,10 +131,20 @@ def t_ppf(q: float, df: float) -> float:
 class SpeedFit:
     """The within-group fit of val_bpb on the machine's slowness (log of the gauge's seconds)."""
 
-    slope: float  # val_bpb per unit of log gauge seconds (positive: a slower machine scores worse)
-    scc: float  # within-group sum of squares of the slowness: the slope's precision
+    slope: float  # val_bpb per unit of the covariate (positive: a slower or busier machine scores worse)
+    scc: float  # within-group sum of squares of the covariate: the slope's precision
     share: float  # share of the within-group variance of those runs it explains
-    runs: int  # runs with gauge readings in groups of two or more
+    runs: int  # runs with readings in groups of two or more
+    kind: str = "gauge"  # which covariate (research/ledger.py COVARIATES): "load" or "gauge"
+
+    def words(self) -> str:
+        return "the cores other programs kept busy" if self.kind == "load" else "the machine's speed by the loop's gauge"
+
+    def difference(self, dc: float) -> str:
+        """How the candidate's runs' conditions differed from the best's, in words."""
+        if self.kind == "load":
+            return f"other programs kept {dc:+.2f} cores busy beside it against the best's runs"
+        return f"the gauge read the machine {100 * (math.exp(dc) - 1):+.0f}% slower than for the best"
 
 
 @dataclass
@@ -168,7 +180,7 @@ class NoiseModel:
         floor = f"; floor {self.min_noise:g} applies" if self.measured < self.min_noise else ""
         speed = ""
         if self.speed is not None and self.raw is not None:
-            speed = (f"; adjusted for the machine's speed by the loop's gauge, which explains "
+            speed = (f"; adjusted for {self.speed.words()}, which explain{'s' if self.speed.kind != 'load' else ''} "
                      f"{100 * self.speed.share:.0f}% (σ {self.raw.sigma:.6f} unadjusted)")
         steps = ""
         if self.step_share is not None and self.step_slope is not None:
@@ -197,9 +209,9 @@ def _valid(v) -> bool:
     return bool(v) and v > 0 and math.isfinite(v)
 
 
-def pooled_noise(groups: dict[str, list[tuple]], min_noise: float) -> NoiseModel:
+def pooled_noise(groups: dict[str, list[tuple]], min_noise: float, kind: str = "gauge") -> NoiseModel:
     """The noise model from repeated runs: `groups` maps a trainer hash to its runs, each (val_bpb, steps)
-    or (val_bpb, steps, slowness) with slowness the log of the gauge's seconds (None: no reading).
+    or (val_bpb, steps, covariate) with the covariate `kind` (research/ledger.py COVARIATES; None: no reading).
 
     Groups with one run carry no information about the spread and are left out.
     """
@@ -216,10 +228,10 @@ def pooled_noise(groups: dict[str, list[tuple]], min_noise: float) -> NoiseModel
         share = min(1.0, (sxy * sxy / sxx) / ss)
     raw = NoiseModel(sigma=max(measured, min_noise), measured=measured, df=df, groups=n_groups, runs=runs,
                      min_noise=min_noise, step_slope=slope, step_share=share)
-    return _speed_adjusted(raw, runs_of) or raw
+    return _speed_adjusted(raw, runs_of, kind) or raw
 
 
-def _speed_adjusted(raw: NoiseModel, runs_of: list[list[tuple]]) -> NoiseModel | None:
+def _speed_adjusted(raw: NoiseModel, runs_of: list[list[tuple]], kind: str) -> NoiseModel | None:
     """The noise model after the machine's speed is taken out (module docstring), or None when the fit is
     not supported: fewer than 2 degrees of freedom left, a slope that is not positive, or one not
     significant at SPEED_ALPHA. Every run of the groups must have a reading (a mix would fit one part)."""
@@ -235,7 +247,7 @@ def _speed_adjusted(raw: NoiseModel, runs_of: list[list[tuple]]) -> NoiseModel |
     t = slope / (s_c / math.sqrt(scc)) if s_c > 0 else math.inf
     if t <= t_ppf(1.0 - SPEED_ALPHA, rdf):
         return None
-    fit = SpeedFit(slope=slope, scc=scc, share=min(1.0, (sxc * sxc / scc) / sxx), runs=runs)
+    fit = SpeedFit(slope=slope, scc=scc, share=min(1.0, (sxc * sxc / scc) / sxx), runs=runs, kind=kind)
     return NoiseModel(sigma=max(s_c, raw.min_noise), measured=s_c, df=rdf, groups=raw.groups, runs=raw.runs,
                       min_noise=raw.min_noise, step_slope=raw.step_slope, step_share=raw.step_share, speed=fit,
                       raw=raw)
@@ -258,7 +270,7 @@ class Gain:
 
 def test_gain(cand: list[float], best: list[float], noise: NoiseModel, cand_speed: list | None = None,
               best_speed: list | None = None) -> Gain:
-    """mean(cand) < mean(best)? `cand_speed`/`best_speed`: the runs' slowness (log gauge seconds, or None)."""
+    """mean(cand) < mean(best)? `cand_speed`/`best_speed`: the runs' covariate values (None: no reading)."""
     raw_delta = statistics.fmean(cand) - statistics.fmean(best)
     m, n = len(best), len(cand)
     readings = [*(cand_speed or []), *(best_speed or [])]
@@ -295,8 +307,8 @@ def decide_runs(cand: list[float], best: list[float], noise: NoiseModel, alpha: 
     """Keep or discard `cand` (one or more runs of one trainer) against `best` (the best trainer's runs).
 
     keep: p < alpha. `promising` (with `confirm_alpha` given): p < confirm_alpha and the mean is lower;
-    the caller then reruns and decides again on both runs. `cand_speed`/`best_speed`: each run's slowness
-    (log gauge seconds) for the speed adjustment.
+    the caller then reruns and decides again on both runs. `cand_speed`/`best_speed`: each run's covariate
+    value (the noise model's `speed.kind`) for the adjustment.
     """
     g = test_gain(cand, best, noise, cand_speed, best_speed)
     crit = t_ppf(1.0 - alpha, g.df)
@@ -304,9 +316,9 @@ def decide_runs(cand: list[float], best: list[float], noise: NoiseModel, alpha: 
     m, n = len(best), len(cand)
     what = f"{g.delta:+.6f}" + (f" (mean of {n} runs)" if n > 1 else "")
     if g.slower is not None:
-        what += (f" adjusted for the machine's speed (raw {g.raw_delta:+.6f}; the gauge read the machine "
-                 f"{100 * (math.exp(g.slower) - 1):+.0f}% slower than for the best)")
-    at = " at this speed" if g.slower is not None else ""
+        kind = "load" if noise.speed.kind == "load" else "speed"
+        what += f" adjusted for the machine's {kind} (raw {g.raw_delta:+.6f}; {noise.speed.difference(g.slower)})"
+    at = "" if g.slower is None else " at this load" if noise.speed.kind == "load" else " at this speed"
     base = f"vs best {statistics.fmean(best) + g.raw_delta - g.delta:.6f}{at} (mean of {m} run{'s' if m != 1 else ''})"
     df = "∞" if math.isinf(g.df) else f"{g.df:.0f}"
     stats = f"t {g.t:.2f}, p {g.p:.3f}, keep if p < {alpha:g} (gain > {needed:.6f}; σ {g.sigma:.6f}, df {df})"

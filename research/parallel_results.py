@@ -15,7 +15,7 @@ from pathlib import Path
 from research import gitrepo, tamper
 from research.driver import baseline_plan, say_baseline
 from research.experiment import (Outcome, abort_monitor, audit_note, confirm_decision, make_row, report_outcome,
-                                 run_slowness, screen, write_meta)
+                                 run_covariate, screen, write_meta)
 from research.ledger import BASELINE, BEST_NEXT, RERUN
 from research.pool import Slot
 from research.proposals import CrashInfo, Usage
@@ -180,7 +180,7 @@ class Decisions:
         if r.first_step_s is None:
             s.console.event(f"[{t.label}] {NO_CURVE}")
         st = s.state
-        verdict = screen(s, m.val_bpb, run_slowness(r))
+        verdict = screen(s, m.val_bpb, run_covariate(s, r))
         note = verdict.note
         if r.audit:
             note += audit_note(s, m.val_bpb, r.fired)
@@ -230,7 +230,7 @@ class Decisions:
         else:
             rows.insert(0, self._row(t, status="rerun", note=f"{CONFIRM_RUN} {t.run_no}", r=c, kind=Kind.CONFIRM))
             status, note = confirm_decision(s, first.measurement.val_bpb, c.measurement.val_bpb, rows[1:],
-                                            (run_slowness(first), run_slowness(c)))
+                                            (first, c))
         if b is not None and b.status == "invalid" and status != "invalid":  # the best itself tampers: no keep
             status, note = "discard", "not confirmed: the best's run next to it handed over a non-causal model"
         if status == "keep" and t.base != s.kept_commit:

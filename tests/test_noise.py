@@ -177,3 +177,23 @@ def test_the_load_meter_counts_others_and_not_the_runs_own_tree():
     other_load = other.stop()
     assert own_load is not None and other_load is not None
     assert other_load - own_load > 0.5, (own_load, other_load)
+
+
+def test_the_ledger_adjusts_for_the_load_others_put_on_the_machine_first():
+    """With the cores other programs kept busy recorded for every run, the ledger adjusts for them (what the
+    trainer's speed follows) rather than for the gauge, and says so; rows without it fall back to the gauge."""
+    rng = random.Random(5)
+    rows = []
+    for k in range(1, 9):
+        others = 1.0 if k % 3 == 0 else 0.0  # a busy process beside every third run
+        r = _row(2.3 + 0.8 * others + rng.gauss(0, 0.01), rng.gauss(0, 0.05), "keep", "base", f"{BASELINE} {k}/8")
+        r.others_cpu = others + abs(rng.gauss(0, 0.02))
+        rows.append(r)
+    st = replay(rows, Settings.min_noise)
+    assert st.covariate == "load" and st.noise.sigma < 0.03 < st.noise.unadjusted().sigma
+    assert "adjusted for the cores other programs kept busy" in st.noise.describe()
+    loaded = decide([3.1 - 0.1], st.best_values, st.noise, ALPHA, None, [1.0], st.best_speeds)
+    assert loaded.status == "keep" and "cores busy beside it" in loaded.note and "at this load" in loaded.note
+    for r in rows[:1]:
+        r.others_cpu = None  # a run from before the column: the load cannot be used for this group
+    assert replay(rows, Settings.min_noise).covariate in ("gauge", None)
