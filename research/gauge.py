@@ -12,8 +12,11 @@ The loop reads it just before and just after every run, in the process that star
 loop itself, or the Ray worker that runs it), so each row carries two readings taken on the machine
 the trainer ran on, under the load it ran under. Nothing the trainer writes goes into it: it
 replaces the trainer's own steps per second as the machine's speed (the drift rule of
-research/session.py) and is the covariate a noise model can build on. bench/bench_gauge.py measures
-how well it repeats and how it follows a training workload's speed.
+research/session.py) and is the keep rule's second covariate (research/noise.py). bench/bench_gauge.py
+measures how well it repeats and how it follows a training workload's speed.
+
+`LoadMeter` reads what the kernel counts instead: the cores other programs kept busy while the trainer
+trained (the keep rule's first covariate, Linux only). bench/bench_noise.py compares the two.
 
 On CUDA and ROCm hosts it measures the host's CPU, not the GPU. AUTORESEARCH_GAUGE_REPS sets the work per
 reading (REPS rounds by default; 0 turns the gauge off: no readings, so the drift rule has nothing to go on).
