@@ -30,6 +30,7 @@ __all__ = [
     "Reference",
     "AbortMonitor",
     "NBINS",
+    "LOAD_MARGIN",
     "curve_bins",
     "load_curve",
     "write_curve",
@@ -152,10 +153,15 @@ class Reference:
     sigma: list[float | None]
     curves: int  # how many of the best's runs the mean is over
     df: int  # degrees of freedom of the curve noise
+    load: float | None = None  # cores other programs kept busy during those runs (median; None: not known)
 
     def usable(self) -> bool:
         return self.curves > 0 and self.df >= MIN_CURVE_DF and any(s for s in self.sigma)
 
+
+# A run during which other programs kept more cores busy than this beyond the reference runs' median is never
+# stopped early: it trails because the machine was busier, which would stop any change at that moment.
+LOAD_MARGIN = 0.25
 
 # Early abort needs the curve noise from at least this many degrees of freedom (three stored curves of one
 # trainer, or two each of two): from two curves alone one unlucky pair sets the limit for every run after it.
@@ -218,6 +224,17 @@ class AbortMonitor:
         self.run = 0  # bins in a row over the limit
         self.fired: str | None = None  # why it stopped (or, auditing, would have stopped) the run
         self.fired_at: float | None = None
+        self.load = None  # reads the cores other programs kept busy so far (research/gauge.py LoadMeter.stop)
+        self.spared: str | None = None  # why a run that trailed was not stopped (the machine was busier)
+
+    def _busier(self) -> str | None:
+        """Why this run is not comparable with the reference now: other programs kept the machine busier
+        than during the reference runs (by more than LOAD_MARGIN cores); None when not (or not known)."""
+        ref = self.ref.load
+        now = self.load() if self.load is not None and ref is not None else None
+        if now is None or now - ref <= LOAD_MARGIN:
+            return None
+        return f"other programs kept {now:.2f} cores busy during it against {ref:.2f} during the best's runs"
 
     def check(self) -> bool:
         """True when the run should be stopped now (never while auditing)."""
@@ -241,6 +258,12 @@ class AbortMonitor:
             self.run = self.run + 1 if gap > limit else 0
             if self.run >= self.consecutive:
                 p = (b + 1) / self.nbins
+                busier = self._busier()
+                if busier:
+                    self.spared = (f"not stopped early: at {100 * p:.0f}% of the budget its training loss trailed "
+                                   f"the best's, but {busier}")
+                    self.run = 0
+                    continue
                 self.fired_at = p
                 self.fired = (f"at {100 * p:.0f}% of the budget its training loss {mine:.4f} trailed the best's "
                               f"{ref:.4f} by {gap:.4f} (limit {limit:.4f} = {self.z:g} x curve noise "

@@ -223,7 +223,11 @@ def abort_reference(st: Replay, rows: list[Row], runs_dir: Path, enabled: bool =
         return None, "early abort is off: an audited run beat the best it would have been stopped against"
     if not st.best_runs:
         return None, "no best yet"
-    best = curves_of(st.current_runs or st.best_runs, runs_dir) or curves_of(st.all_best_runs, runs_dir)
+    used = st.current_runs or st.best_runs
+    best = curves_of(used, runs_dir)
+    if not best:
+        used = st.all_best_runs
+        best = curves_of(used, runs_dir)
     if not best:
         return None, "no stored loss curve of the best yet"
     by_hash: dict[str, list[Row]] = {}
@@ -232,6 +236,9 @@ def abort_reference(st: Replay, rows: list[Row], runs_dir: Path, enabled: bool =
             by_hash.setdefault(r.trainer_hash, []).append(r)
     groups = [c for c in (curves_of(rs, runs_dir) for rs in by_hash.values() if len(rs) >= 2) if len(c) >= 2]
     ref = reference_from_curves(best, groups)
+    loads = [r.others_cpu for r in used if r.run is not None]
+    if loads and all(x is not None for x in loads):
+        ref.load = statistics.median(loads)  # a run under more load than this is not stopped for trailing
     if not ref.usable():
         return None, (f"the curve noise has {ref.df} degree{'s' if ref.df != 1 else ''} of freedom and early abort "
                       f"needs {MIN_CURVE_DF} (three stored loss curves of one trainer, or two each of two)")

@@ -196,11 +196,16 @@ def run_once(s: Session, run_dir: Path, label: str, description: str, prefix: st
         h_argv, h_preexec, h_env = s.confine.harness_run(ws, wait=True)
         judge = spawn(h_argv, cwd=ws.judge, env=h_env, log_path=log_path, preexec_fn=h_preexec, stdin_pipe=True)
         load = LoadMeter([judge.proc.pid])  # what other programs take from the machine while it trains
+        if monitor is not None:
+            monitor.load = load.stop  # early abort spares a run the machine slowed more than the best's
         run = _train(s, ws, log_path, rule, curve, monitor, _ticker(s, label, short, curve, rule), judge)
         run.others_cpu = load.stop()
         run.gauge_before_s, run.gauge_after_s, run.hyperparams = gauge_before, gauge(), hyperparams
         write_curve(run_dir / f"{prefix}loss.json", curve.snapshot(), wall_seconds=run.wall_seconds,
                     stopped_at=monitor.fired_at if run.stopped else None)
+        if getattr(monitor, "spared", None):
+            _append(log_path, f"\n[loop] {monitor.spared}\n")
+            s.console.event(f"[{label}] {monitor.spared}")
         ended = _trainer_outcome(s, run, rule, log_path, monitor)
         if ended is not None:
             return run, ended[0], None, ended[1]

@@ -349,6 +349,19 @@ class _Stopper:
     def audit(self):
         return self._inner.audit if self._inner is not None else False
 
+    @property
+    def spared(self):
+        return getattr(self._inner, "spared", None)
+
+    @property
+    def load(self):
+        return getattr(self._inner, "load", None)
+
+    @load.setter
+    def load(self, read) -> None:
+        if self._inner is not None:
+            self._inner.load = read
+
     def check(self) -> bool:
         if self._stop.is_set():
             return True

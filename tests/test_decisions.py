@@ -286,6 +286,32 @@ def test_a_run_far_behind_the_best_is_stopped_after_the_minimum_progress():
     assert mon.check() is True  # stays stopped
 
 
+def test_a_run_the_machine_slowed_more_than_the_best_is_never_stopped():
+    """Early abort compares curves made under like load: a run during which other programs kept the machine
+    busier than during the best's runs (the kernel's count, research/gauge.py) trails for that reason, as
+    any change would at that moment, and is not stopped; at the best's load it is."""
+    ref = _reference()
+    ref.load = 0.05
+    spared = []
+    for now, stopped in ((1.0, False), (0.2, True)):
+        mon = AbortMonitor(LossCurve(), ref, z=4.0, min_progress=0.3)
+        mon.load = lambda now=now: now
+        for line in _lines(6.0).splitlines(keepends=True):
+            mon.curve.feed(line)
+            if mon.check():
+                break
+        assert bool(mon.fired) is stopped and bool(mon.spared) is not stopped
+        spared.append(mon.spared)
+    assert spared[0].startswith("not stopped early: at ") and spared[0].endswith(
+        "other programs kept 1.00 cores busy during it against 0.05 during the best's runs")
+    unknown = AbortMonitor(LossCurve(), _reference(), z=4.0, min_progress=0.3)  # no load known: judged as before
+    unknown.load = lambda: 1.0
+    for line in _lines(6.0).splitlines(keepends=True):
+        unknown.curve.feed(line)
+        unknown.check()
+    assert unknown.fired and unknown.spared is None
+
+
 def test_noise_level_differences_and_better_curves_are_never_stopped():
     assert _watch(_lines(4.0, shift=0.02)).fired is None  # 2 sigma behind: inside the noise
     assert _watch(_lines(3.0)).fired is None  # better (or faked better): runs on, judged by the harness
@@ -323,6 +349,27 @@ def test_stored_curves_round_trip_and_aborted_ones_are_not_references(tmp_path):
     (tmp_path / "junk.json").write_text("{not json")
     assert load_curve(tmp_path / "junk.json") is None
     assert curve_bins(c.points)[0] == pytest.approx(6.0)
+
+
+def test_the_abort_reference_carries_the_load_of_the_runs_it_comes_from(tmp_path):
+    from research.ledger import abort_reference
+
+    rng = random.Random(2)
+    rows = []
+    for k in range(1, 4):
+        c = LossCurve()
+        c.feed(_lines(4.0 + rng.gauss(0, 0.01)))
+        (tmp_path / str(k)).mkdir()
+        write_curve(tmp_path / str(k) / "loss.json", c.snapshot())
+        r = _row(2.5 + rng.gauss(0, 0.01), 380, "keep", "base", f"{BASELINE} {k}/3", run=k)
+        r.others_cpu = [0.02, 0.04, 0.9][k - 1]
+        rows.append(r)
+    st = replay(rows, 0.0005)
+    ref, why = abort_reference(st, rows, tmp_path)
+    assert why is None and ref.load == pytest.approx(0.04)  # the median: one busy run does not move it
+    rows[0].others_cpu = None  # a run without the kernel's count: the load is not known, nothing is spared
+    ref, _ = abort_reference(replay(rows, 0.0005), rows, tmp_path)
+    assert ref.load is None
 
 
 # ------------------------------------------------------------------------------------------------
