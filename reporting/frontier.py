@@ -1,9 +1,10 @@
 """Per-hardware frontiers across machines: this machine's measurements beside the others' published claims.
 
 `frontiers` groups rows by (hardware class, protocol, evaluator hash) and finds each host's best trainer
-in each group: the kept trainer whose measured runs have the lowest mean, with its history (the kept rows
-of its branch up to it, in order) and what was tried on top of it (the experiments of its branch after
-it was kept). Rows of another evaluator are never compared: they are counted in a note. This machine's
+in each group: of each of the host's branches, the best its loop decided with (research/ledger.py's
+`replay`, the same code the loop, the live page, the report and `compare` read), and of those the lowest,
+with its history (the kept rows of its branch up to it, in order) and what was tried on top of it (the
+experiments of its branch after it was kept). Rows of another evaluator are never compared: they are counted in a note. This machine's
 rows are labelled measured here; every other host's are its claims, which nothing here has checked.
 `frontier_markdown` writes it for `loop.py compare --remote`.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from reporting.summary import shorten
+from research.ledger import replay
 from research.results import Kind, Row
 from research.share import HostRows, hardware_of
 
@@ -27,9 +29,9 @@ class Entry:
 
     host: str
     here: bool  # measured on this machine (else: the host's claim)
-    best: Row  # the best trainer's last kept row
-    value: float  # the mean val_bpb of its measured runs
-    runs: int  # how many runs that mean is of
+    best: Row  # the best trainer's last kept row (its last baseline row, when nothing was kept)
+    value: float  # the best as the host's loop decided with it (the ledger's replay of its branch)
+    runs: int  # how many runs that is the mean of
     history: list[Row] = field(default_factory=list)
     tried: list[Row] = field(default_factory=list)
 
@@ -63,25 +65,25 @@ def _measured(r: Row) -> bool:
 
 
 def _best_entry(host: str, here: bool, rows: list[Row]) -> Entry | None:
-    """The host's best trainer among `rows` (one group's), or None when it kept nothing measured."""
-    kept = [r for r in rows if r.status == "keep" and r.val_bpb > 0]
-    if not kept:
+    """The host's best trainer among `rows` (one group's): the lowest of its branches' bests, each as the
+    ledger replays it; None when no branch has a measured best."""
+    branches: dict[str, list[Row]] = {}
+    for r in rows:
+        branches.setdefault(r.branch, []).append(r)
+    found = []
+    for branch in branches.values():
+        st = replay(branch, 0.0)
+        if st.best is None or not st.best_runs:
+            continue
+        kept = [r for r in branch if r.status == "keep" and r.trainer_hash == st.best_hash] or st.best_runs
+        found.append((st.best, len(st.best_runs), kept[-1], branch))
+    if not found:
         return None
-
-    def runs_of(k: Row) -> list[float]:
-        same = [r.val_bpb for r in rows if _measured(r) and k.trainer_hash and r.trainer_hash == k.trainer_hash]
-        return same or [k.val_bpb]
-
-    best = min(reversed(kept), key=lambda k: sum(runs_of(k)) / len(runs_of(k)))
-    last = max(i for i, r in enumerate(rows) if r is best or (best.trainer_hash and r.status == "keep"
-                                                               and r.trainer_hash == best.trainer_hash))
-    best = rows[last]
-    values = runs_of(best)
-    branch = [r for r in rows if r.branch == best.branch]
-    at = branch.index(best)
+    value, runs, best, branch = min(found, key=lambda f: f[0])
+    at = next(i for i, r in enumerate(branch) if r is best)
     history = [r for r in branch[:at + 1] if r.status == "keep"]
     tried = [r for r in branch[at + 1:] if r.kind == Kind.EXPERIMENT and r.status != "keep"]
-    return Entry(host, here, best, sum(values) / len(values), len(values), history, tried)
+    return Entry(host, here, best, value, runs, history, tried)
 
 
 def frontiers(mine: list[Row], me: str, evaluator_hash: str, others: list[HostRows]) -> Frontier:

@@ -221,6 +221,7 @@ def test_the_frontier_has_the_best_its_history_and_what_was_tried_on_top(tmp_pat
     h100 = f.groups[0]
     assert [(e.host, round(e.value, 3)) for e in h100.entries] == [("host-b", 0.95), ("host-a", 0.98)]
     ours = h100.entries[1]
+    assert ours.value == pytest.approx(replay(mine, 0.0).best)  # the best this machine's loop decided with
     assert [r.run for r in ours.history] == [1, 2, 3]
     assert [r.description for r in ours.tried] == ["raise LR to 0.06"]
     md = frontier_markdown(f, "/srv/team.git")
