@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ if TYPE_CHECKING:  # the session is passed in; importing it here would tie the r
     from research.session import Session
 
 __all__ = ["Measurement", "run_once", "read_result", "trainer_facts", "claims_block", "log_tail", "failure_line", "NO_CURVE",
-           "exit_reason", "CLAIMS_HEADER", "BUSY_CORES", "thread_env"]
+           "exit_reason", "CLAIMS_HEADER"]
 
 
 @dataclass
@@ -188,9 +187,7 @@ def run_once(s: Session, run_dir: Path, label: str, description: str, prefix: st
     except (OSError, UnicodeDecodeError):
         text = ""
     hyperparams = s.source.values(text, s.confine)  # what the source sets here, read before it runs
-    pre = LoadMeter()
     gauge_before = gauge()  # the machine's speed, by the loop's own fixed workload
-    threads = thread_env(s.host.backend, pre.stop() if gauge_before is not None else None, os.environ)
     ws = Workspace.create(int(run_dir.name) if run_dir.name.isdigit() else 0)
     judge = None
     try:
@@ -201,10 +198,8 @@ def run_once(s: Session, run_dir: Path, label: str, description: str, prefix: st
         load = LoadMeter([judge.proc.pid])  # what other programs take from the machine while it trains
         if monitor is not None:
             monitor.load = load.stop  # early abort spares a run the machine slowed more than the best's
-        if threads:
-            _append(log_path, f"[loop] {threads.pop('why')}\n")
-        run = _train(s, ws, log_path, rule, curve, monitor, _ticker(s, label, short, curve, rule), judge, threads)
-        run.others_cpu, run.thread_env = load.stop(), threads
+        run = _train(s, ws, log_path, rule, curve, monitor, _ticker(s, label, short, curve, rule), judge)
+        run.others_cpu = load.stop()
         run.gauge_before_s, run.gauge_after_s, run.hyperparams = gauge_before, gauge(), hyperparams
         write_curve(run_dir / f"{prefix}loss.json", curve.snapshot(), wall_seconds=run.wall_seconds,
                     stopped_at=monitor.fired_at if run.stopped else None)
@@ -258,14 +253,13 @@ def _ticker(s: Session, label: str, short: str, curve: LossCurve, rule):
     return tick
 
 
-def _train(s: Session, ws, log_path: Path, rule, curve: LossCurve, monitor: AbortMonitor | None, tick, judge,
-           extra_env: dict | None = None):
+def _train(s: Session, ws, log_path: Path, rule, curve: LossCurve, monitor: AbortMonitor | None, tick, judge):
     """The trainer's run in its sandbox, told its deadline, timed from outside (wall time, and when its
     first and last step lines came: the reserve for later runs), watched by early abort."""
     argv, preexec, env = s.confine.trainer_run(ws)
     steps = StepWatch(curve.feed)
     started = time.time()  # before the spawn: the deadline it is told is never later than its limit
-    env = {**env, **(extra_env or {}), **deadline_env(rule, started)}
+    env = {**env, **deadline_env(rule, started)}
     run = run_trainer(argv, cwd=ws.root, env=env, log_path=log_path, timeout_s=s.timeout_s, on_tick=tick,
                       tick_s=s.settings.tick_s, preexec_fn=preexec, reap=lambda: s.reap(keep={judge.proc.pid}),
                       on_spawn=lambda pgid: s.lock.note_trainer(pgid, s.trainer), on_output=steps.feed,
@@ -273,21 +267,6 @@ def _train(s: Session, ws, log_path: Path, rule, curve: LossCurve, monitor: Abor
     run.wall_limit_s = rule.limit if rule is not None else None
     run.first_step_s, run.tail_s = steps.times(run.started, run.started + run.wall_seconds)
     return run
-
-
-BUSY_CORES = 0.5  # other programs keeping this many cores busy make a CPU trainer's spinning threads a loss
-
-
-def thread_env(backend: str, others: float | None, environ) -> dict[str, str]:
-    """What a CPU trainer's environment gets when other programs keep the machine busy as it starts: its
-    OpenMP threads sleep while they wait instead of spinning (OMP_WAIT_POLICY=PASSIVE), which on a busy
-    2-core machine made a step 6-9x faster and on a quiet one 20% slower (README, "A busy CPU machine").
-    Nothing when the machine is quiet, off CPU, or the user chose a policy; "why" is the log's line."""
-    if backend != "cpu" or others is None or others < BUSY_CORES or environ.get("OMP_WAIT_POLICY"):
-        return {}
-    return {"OMP_WAIT_POLICY": "PASSIVE",
-            "why": (f"other programs kept {others:.2f} cores busy as this run started: its OpenMP threads sleep "
-                    "while they wait (OMP_WAIT_POLICY=PASSIVE) instead of spinning against them")}
 
 
 def _trainer_outcome(s: Session, run, rule, log_path: Path, monitor: AbortMonitor | None) -> tuple[str, str] | None:
@@ -332,8 +311,7 @@ def _write_record(s: Session, path: Path, result, facts: dict, run) -> None:
     """runs/<n>/result.json: the harness's result, the loop's own facts, the trainer's claims apart."""
     own = {"backend": s.host.backend, "device": s.host.device_name, "hyperparams": run.hyperparams,
            "wall_seconds": run.wall_seconds, "gauge_before_s": run.gauge_before_s,
-           "gauge_after_s": run.gauge_after_s, "others_cpu": getattr(run, "others_cpu", None),
-           "thread_env": getattr(run, "thread_env", None) or {}}
+           "gauge_after_s": run.gauge_after_s, "others_cpu": getattr(run, "others_cpu", None)}
     record = {"eval": result, "loop": own, "claims": facts,
               "trainer": {"wall_seconds": run.wall_seconds, "log_bytes": run.log_bytes,
                           "wall_limit_s": run.wall_limit_s, "first_step_s": run.first_step_s, "tail_s": run.tail_s}}

@@ -197,14 +197,3 @@ def test_the_ledger_adjusts_for_the_load_others_put_on_the_machine_first():
     for r in rows[:1]:
         r.others_cpu = None  # a run from before the column: the load cannot be used for this group
     assert replay(rows, Settings.min_noise).covariate in ("gauge", None)
-
-
-def test_a_cpu_trainer_on_a_busy_machine_gets_sleeping_threads():
-    from research.run import BUSY_CORES, thread_env
-
-    busy = thread_env("cpu", 1.02, {})
-    assert busy["OMP_WAIT_POLICY"] == "PASSIVE" and "1.02 cores busy" in busy["why"]
-    assert thread_env("cpu", BUSY_CORES / 2, {}) == {}  # a quiet machine: OpenMP's spinning default, faster there
-    assert thread_env("cpu", None, {}) == {}  # no reading (the gauge off, no /proc)
-    assert thread_env("cuda", 1.5, {}) == {}  # the GPU does the work
-    assert thread_env("cpu", 1.5, {"OMP_WAIT_POLICY": "ACTIVE"}) == {}  # the user's choice stands
