@@ -197,3 +197,34 @@ def test_the_ledger_adjusts_for_the_load_others_put_on_the_machine_first():
     for r in rows[:1]:
         r.others_cpu = None  # a run from before the column: the load cannot be used for this group
     assert replay(rows, Settings.min_noise).covariate in ("gauge", None)
+
+
+BURNER = '''
+import os as _os, time as _time
+if _os.fork() == 0:  # a process of its own that outlives the trainer's wait: the machine looks loaded
+    if _os.fork() == 0:
+        _t = _time.time()
+        while _time.time() - _t < 3.0:
+            pass
+        _os._exit(0)
+    _os._exit(0)
+_os.wait()
+'''
+
+
+@pytest.mark.slow
+def test_a_trainer_cannot_pass_its_own_cpu_off_as_other_programs_load(tiny_cache, tmp_path):
+    """The load covariate credits a run for what other programs took; a trainer that burns a core in an
+    orphaned process of its own (so that its parent never waits for it) must not have that counted as
+    another program's: the sandbox's tree and the loop (a subreaper) reap everything it started, so its
+    CPU time comes back to the loop as the run's own."""
+    from tests.test_loop import FAKE_TRAINER, loop_env, make_repo, read_rows, run_loop
+
+    trainer = FAKE_TRAINER.replace("import json\n", BURNER + "import json\n", 1).replace("SLEEP = 0.0", "SLEEP = 3.0")
+    repo = make_repo(tmp_path, trainer)
+    out = run_loop(repo, "run", "--agent", "optuna", "--max-experiments", "0", "--baseline-runs", "2",
+                   env=loop_env(tiny_cache))
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = read_rows(repo)
+    assert len(rows) == 2 and all(r.others_cpu is not None for r in rows)
+    assert max(r.others_cpu for r in rows) < 0.3, [r.others_cpu for r in rows]  # the burner alone would be ~0.6
