@@ -129,7 +129,7 @@ def t_ppf(q: float, df: float) -> float:
 
 @dataclass
 class SpeedFit:
-    """The within-group fit of val_bpb on the machine's slowness (log of the gauge's seconds)."""
+    """The within-group fit of val_bpb on a covariate of the machine's load (research/ledger.py COVARIATES)."""
 
     slope: float  # val_bpb per unit of the covariate (positive: a slower or busier machine scores worse)
     scc: float  # within-group sum of squares of the covariate: the slope's precision
@@ -160,7 +160,7 @@ class NoiseModel:
     min_noise: float = 0.0
     step_slope: float | None = None  # val_bpb per step, within groups (None: too few runs or no step spread)
     step_share: float | None = None  # share of the within-group variance the step count explains
-    speed: SpeedFit | None = None  # the speed adjustment the rule makes (None: none)
+    speed: SpeedFit | None = None  # the load adjustment the rule makes (None: none)
     raw: NoiseModel | None = None  # without the speed adjustment (set with `speed`)
 
     @property
