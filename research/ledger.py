@@ -19,8 +19,8 @@ from research.gauge import slowness, speed_of
 from research.results import BASELINE, BEST_NEXT, RERUN, Kind, Row
 
 __all__ = ["BASELINE", "RERUN", "BEST_NEXT", "ABORT_OFF", "ABORT_AUDIT", "Replay", "measurement", "speed",
-           "COVARIATES", "covariate", "speed_stretches", "replay", "running_best", "curves_of", "abort_reference", "needed_gain",
-           "reach_sentence", "OUT_OF_REACH"]
+           "COVARIATES", "covariate", "speed_stretches", "replay", "running_best", "curves_of", "abort_reference",
+           "needed_gain", "reach_sentence", "OUT_OF_REACH"]
 
 
 
@@ -95,8 +95,6 @@ COVARIATES = {
     "load": lambda x: getattr(x, "others_cpu", None),
     "gauge": lambda x: slowness(getattr(x, "gauge_before_s", None), getattr(x, "gauge_after_s", None)),
 }
-COVARIATE_WORDS = {"load": "the cores other programs kept busy while it trained",
-                   "gauge": "the machine's speed by the loop's gauge"}
 
 
 def covariate(x, kind: str | None) -> float | None:
@@ -129,8 +127,9 @@ def replay(rows: list[Row], min_noise: float, drift: float = 0.15) -> Replay:
     machine's current speed: when the loop's gauge says the machine was more than `drift` faster or
     slower during a run of it than during its runs before, the earlier ones stop counting for the mean
     (the load changed; they measured another machine) — unless the noise model adjusts for the machine's
-    speed (research/noise.py), which puts runs made at any speed on one footing: then all of them count. The noise model pools the spread of every
-    trainer that ran twice or more, all its runs included (see research/noise.py).
+    load (research/noise.py, with the first of COVARIATES the data support), which puts runs made under
+    any load on one footing: then all of them count, their mean taken at the load of the last. The noise
+    model pools the spread of every trainer that ran twice or more, all its runs included.
     """
     baselines = [r for r in rows if r.kind == Kind.BASELINE]
     kept_row, kept = None, None
