@@ -3,13 +3,14 @@ after a crash; and `try_change`, one experiment on an edit someone else made."""
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from pathlib import Path
 
 from research.experiment import Outcome, run_baseline, run_experiment, run_rerun
 from research.proposals import Agent, AgentContext, CrashInfo
-from research.ledger import needed_gain, reach_sentence
+from research.ledger import busy_sentence, needed_gain, reach_sentence
 from research.session import Session, SessionError
 
 __all__ = ["agent_context", "ensure_baseline", "research", "try_change"]
@@ -60,9 +61,13 @@ def say_baseline(s: Session, workers: int = 1) -> None:
         return
     st = s.state
     vals = ", ".join(f"{r.val_bpb:.6f}" for r in s.baselines_done() if r.ok)
-    counted = f"; the best is the {st.basis()}" if len(st.best_runs) < len(st.all_best_runs) else ""
+    counted = f"; the best is the {st.basis()}" if len(st.best_runs) < len(st.all_best_runs) or st.speed_adjusted \
+        else ""
     s.console.event(f"baseline {s.best:.6f} (runs {vals}{counted}); {st.noise.describe()}; {rule_line(s)}")
     s.console.event(s.allowance_line())
+    busy = busy_sentence(s.baselines_done(), s.host.backend, os.environ)
+    if busy:
+        s.console.event(busy)
     say_reach(s, workers)
 
 

@@ -20,7 +20,7 @@ from research.results import BASELINE, BEST_NEXT, RERUN, Kind, Row
 
 __all__ = ["BASELINE", "RERUN", "BEST_NEXT", "ABORT_OFF", "ABORT_AUDIT", "Replay", "measurement", "speed",
            "COVARIATES", "covariate", "speed_stretches", "replay", "running_best", "curves_of", "abort_reference",
-           "needed_gain", "reach_sentence", "OUT_OF_REACH"]
+           "needed_gain", "reach_sentence", "OUT_OF_REACH", "BUSY_CORES", "busy_sentence"]
 
 
 
@@ -269,3 +269,20 @@ def reach_sentence(st: Replay, alpha: float, confirm: bool, workers: int = 1) ->
     return (f"keeps are out of reach: with run-to-run noise σ {st.noise.sigma:.4f} a change must beat the best "
             f"({st.best:.4f}) by {need:.4f} ({100 * need / st.best:.1f}% of val_bpb), more than most real changes "
             f"gain; a quieter machine, a longer time budget{fewer} or more baseline runs would lower it")
+
+
+BUSY_CORES = 0.5  # other programs keeping this many cores busy beside a CPU run cost spinning threads most steps
+
+
+def busy_sentence(runs: list[Row], backend: str, environ) -> str | None:
+    """One sentence when CPU runs shared the machine with other programs while OpenMP's threads spin (no
+    OMP_WAIT_POLICY set): what it cost and what to do (README, "A busy CPU machine"); None otherwise."""
+    if backend != "cpu" or environ.get("OMP_WAIT_POLICY"):
+        return None
+    busy = [r.others_cpu for r in runs if r.others_cpu is not None and r.others_cpu >= BUSY_CORES]
+    if not busy:
+        return None
+    return (f"{len(busy)} of {len(runs)} runs shared the machine with other programs (up to {max(busy):.1f} cores "
+            "busy beside them), and PyTorch's CPU threads spin while they wait, so such a run loses most of its "
+            "steps and the run-to-run noise grows with it; on a machine shared with other jobs, export "
+            "OMP_WAIT_POLICY=PASSIVE and start a new branch (--tag) so that its baselines run that way too")

@@ -228,3 +228,18 @@ def test_a_trainer_cannot_pass_its_own_cpu_off_as_other_programs_load(tiny_cache
     rows = read_rows(repo)
     assert len(rows) == 2 and all(r.others_cpu is not None for r in rows)
     assert max(r.others_cpu for r in rows) < 0.3, [r.others_cpu for r in rows]  # the burner alone would be ~0.6
+
+
+def test_cpu_runs_beside_other_programs_get_one_sentence_on_what_to_do():
+    from research.ledger import busy_sentence
+
+    rows = [_row(2.3, 0.0, "keep", "base", f"{BASELINE} {k}/3") for k in range(1, 4)]
+    for r, others in zip(rows, (0.01, 0.93, 0.02)):
+        r.others_cpu = others
+    text = busy_sentence(rows, "cpu", {})
+    assert text.startswith("1 of 3 runs shared the machine with other programs (up to 0.9 cores")
+    assert "export OMP_WAIT_POLICY=PASSIVE and start a new branch (--tag)" in text
+    assert busy_sentence(rows, "cpu", {"OMP_WAIT_POLICY": "PASSIVE"}) is None  # already chosen
+    assert busy_sentence(rows, "cuda", {}) is None  # the GPU trains; the CPU threads barely wait
+    rows[1].others_cpu = 0.3
+    assert busy_sentence(rows, "cpu", {}) is None  # a quiet machine
