@@ -31,7 +31,7 @@ import threading
 import time
 from pathlib import Path
 
-__all__ = ["REPS", "REPS_ENV", "LoadMeter", "busy_seconds", "gauge", "gauge_reps", "gauge_threads", "slowness",
+__all__ = ["REPS", "REPS_ENV", "LOAD_ENV", "LoadMeter", "busy_seconds", "gauge", "gauge_reps", "gauge_threads", "slowness",
            "speed_of", "tree_seconds"]
 
 SIZE = 1 << 16  # float32 elements per thread: 256 KiB, inside any core's L2 cache
@@ -115,6 +115,7 @@ def slowness(*readings: float | None) -> float | None:
 # ---------------------------------------------------------------------------
 
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+LOAD_ENV = "AUTORESEARCH_LOAD_METER"  # "0": no load readings (the tests' default: their machine's load is not theirs)
 
 
 def busy_seconds(proc: Path = Path("/proc")) -> float | None:
@@ -162,9 +163,10 @@ class LoadMeter:
     (/proc/stat) minus what this process, the children it waited for (the trainer's whole sandboxed tree,
     once it has ended) and the live process trees in `live` (the harness, waiting) used, per second of
     wall time. The trainer cannot move it: everything it starts runs in its own tree and is counted as
-    its own. None where the kernel does not say (no /proc: macOS)."""
+    its own. None where the kernel does not say (no /proc: macOS) and with AUTORESEARCH_LOAD_METER=0."""
 
     def __init__(self, live: list[int] | tuple[int, ...] = ()) -> None:
+        self.off = os.environ.get(LOAD_ENV, "").strip() == "0"
         self.live = list(live)
         self.t0 = time.perf_counter()
         self.busy0 = busy_seconds()
@@ -176,6 +178,6 @@ class LoadMeter:
     def stop(self) -> float | None:
         """Cores used by others on average since the start (0 on a machine the run had to itself)."""
         busy, wall = busy_seconds(), time.perf_counter() - self.t0
-        if busy is None or self.busy0 is None or wall <= 0:
+        if self.off or busy is None or self.busy0 is None or wall <= 0:
             return None
         return max(0.0, (busy - self.busy0) - (self._family() - self.family0)) / wall

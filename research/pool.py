@@ -151,7 +151,8 @@ class Pool:
         self.root.mkdir(parents=True)
         env = {k: v for k, v in os.environ.items()
                if k in ("AUTORESEARCH_PROTOCOL", "AUTORESEARCH_TIME_BUDGET", "AUTORESEARCH_BACKEND",
-                        "AUTORESEARCH_CACHE", "AUTORESEARCH_SANDBOX", "AUTORESEARCH_GAUGE_REPS", *RESOURCE_ENV)}
+                        "AUTORESEARCH_CACHE", "AUTORESEARCH_SANDBOX", "AUTORESEARCH_GAUGE_REPS", "AUTORESEARCH_LOAD_METER",
+                        *RESOURCE_ENV)}
         env["AUTORESEARCH_PROTOCOL"] = s.protocol.name
         runtime_env = {"working_dir": str(s.repo), "excludes": EXCLUDES, "env_vars": env}
         gpu = s.host.backend in ("cuda", "rocm")

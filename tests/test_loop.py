@@ -182,6 +182,9 @@ def loop_env(cache: Path, budget: float = 2.0, **extra: str) -> dict[str, str]:
     env.update(AUTORESEARCH_CACHE=str(cache), AUTORESEARCH_PROTOCOL="tiny", AUTORESEARCH_BACKEND="cpu",
                AUTORESEARCH_TIME_BUDGET=str(budget), PYTHONDONTWRITEBYTECODE="1", AUTORESEARCH_WALL_MARGIN=WALL_MARGIN)
     env["AUTORESEARCH_GAUGE_REPS"] = "0"  # the loop's gauge off: ~1 s a run saved (tests/test_loop_facts.py sets it)
+    # no load readings: the machine's load is not the test's, and would move keeps, aborts and what is said
+    # (tests/test_loop_facts.py and tests/test_noise.py turn them on)
+    env["AUTORESEARCH_LOAD_METER"] = "0"
     env.update(extra)
     return env
 

@@ -57,7 +57,7 @@ def lied(tiny_cache_root, tmp_path_factory):
     script = write_script(tmp, [edit("MATRIX_LR = 0.04", "MATRIX_LR = 0.05", "a higher matrix lr")])
     proc = run_loop(repo, "run", "--agent", "scripted", "--script", script, "--tag", "facts", "--baseline-runs", "1",
                     "--max-experiments", "1", "--no-confirm",
-                    env=loop_env(tiny_cache_root, AUTORESEARCH_GAUGE_REPS="60"),
+                    env=loop_env(tiny_cache_root, AUTORESEARCH_GAUGE_REPS="60", AUTORESEARCH_LOAD_METER="1"),
                     timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return SimpleNamespace(repo=repo, rows=read_rows(repo), out=proc.stdout)

@@ -162,11 +162,11 @@ def test_the_kernels_counts_are_read_right(tmp_path):
 
 
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/stat"), reason="the kernel's counts are Linux's")
-def test_the_load_meter_counts_others_and_not_the_runs_own_tree():
+def test_the_load_meter_counts_others_and_not_the_runs_own_tree(monkeypatch):
     import subprocess
     import sys
 
-    from research.gauge import LoadMeter
+    from research.gauge import LOAD_ENV, LoadMeter
 
     burn = "import time\nt = time.time()\nwhile time.time() - t < 1.5: pass"
     own = LoadMeter()
@@ -177,6 +177,8 @@ def test_the_load_meter_counts_others_and_not_the_runs_own_tree():
     other_load = other.stop()
     assert own_load is not None and other_load is not None
     assert other_load - own_load > 0.5, (own_load, other_load)
+    monkeypatch.setenv(LOAD_ENV, "0")
+    assert LoadMeter().stop() is None  # turned off
 
 
 def test_the_ledger_adjusts_for_the_load_others_put_on_the_machine_first():
@@ -223,7 +225,7 @@ def test_a_trainer_cannot_pass_its_own_cpu_off_as_other_programs_load(tiny_cache
     trainer = FAKE_TRAINER.replace("import json\n", BURNER + "import json\n", 1).replace("SLEEP = 0.0", "SLEEP = 3.0")
     repo = make_repo(tmp_path, trainer)
     out = run_loop(repo, "run", "--agent", "optuna", "--max-experiments", "0", "--baseline-runs", "2",
-                   env=loop_env(tiny_cache))
+                   env=loop_env(tiny_cache, AUTORESEARCH_LOAD_METER="1"))
     assert out.returncode == 0, out.stdout + out.stderr
     rows = read_rows(repo)
     assert len(rows) == 2 and all(r.others_cpu is not None for r in rows)
