@@ -160,20 +160,22 @@ def _own_seconds() -> float:
 
 class LoadMeter:
     """How many cores other programs kept busy while a trainer ran: the machine's busy CPU time by the kernel
-    (/proc/stat) minus what this process, the children it waited for (the trainer's whole sandboxed tree,
-    once it has ended) and the live process trees in `live` (the harness, waiting) used, per second of
-    wall time. The trainer cannot move it: everything it starts runs in its own tree and is counted as
-    its own. None where the kernel does not say (no /proc: macOS) and with AUTORESEARCH_LOAD_METER=0."""
+    (/proc/stat) minus what this process and all its descendants used, live or ended (the trainer's whole
+    sandboxed tree, the waiting harness, and any process of theirs that outlived its parent: the loop is
+    their subreaper), per second of wall time. The trainer cannot move it: everything it starts is one of
+    this process's descendants and counts as the run's own. None where the kernel does not say (no
+    /proc: macOS) and with AUTORESEARCH_LOAD_METER=0."""
 
-    def __init__(self, live: list[int] | tuple[int, ...] = ()) -> None:
+    def __init__(self) -> None:
         self.off = os.environ.get(LOAD_ENV, "").strip() == "0"
-        self.live = list(live)
         self.t0 = time.perf_counter()
         self.busy0 = busy_seconds()
         self.family0 = self._family()
 
-    def _family(self) -> float:
-        return _own_seconds() + sum(tree_seconds(p) for p in self.live)
+    @staticmethod
+    def _family() -> float:
+        mine = tree_seconds(os.getpid())  # this process, its waited children, its live descendants
+        return mine if mine > 0 else _own_seconds()  # no /proc/<pid>: at least what getrusage says
 
     def stop(self) -> float | None:
         """Cores used by others on average since the start (0 on a machine the run had to itself)."""

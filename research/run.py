@@ -195,7 +195,7 @@ def run_once(s: Session, run_dir: Path, label: str, description: str, prefix: st
         # priority while the trainer trains; it reads nothing of the hand-over before the go-ahead.
         h_argv, h_preexec, h_env = s.confine.harness_run(ws, wait=True)
         judge = spawn(h_argv, cwd=ws.judge, env=h_env, log_path=log_path, preexec_fn=h_preexec, stdin_pipe=True)
-        load = LoadMeter([judge.proc.pid])  # what other programs take from the machine while it trains
+        load = LoadMeter()  # what other programs take from the machine while it trains
         if monitor is not None:
             monitor.load = load.stop  # early abort spares a run the machine slowed more than the best's
         run = _train(s, ws, log_path, rule, curve, monitor, _ticker(s, label, short, curve, rule), judge)

@@ -756,6 +756,7 @@ class RawMessagesAPI(FakeMessagesAPI):
         self.server.RequestHandlerClass = Raw
 
 
+@pytest.mark.slow  # about 25 s: the default set stays under 8 minutes (CI runs it)
 def test_claude_malformed_responses_and_tool_input(tiny_cache, tmp_path):
     """A proxy or a broken deployment answering 200 with something that is not a message is retried; tool
     calls with malformed input, an unknown tool, a read outside the scope or a finish before any change each

@@ -489,6 +489,7 @@ def _run_thief(repo: Path, args: list[str], env: dict, tmp_path: Path, key: str)
     return subprocess.CompletedProcess(loop.args, loop.returncode, out.read(), err.read())
 
 
+@pytest.mark.slow  # about 25 s: the default set stays under 8 minutes (CI runs it)
 def test_trainer_finds_no_key_and_no_file_holds_it(tiny_cache, tmp_path):
     key = f"sk-ant-dummy-{uuid.uuid4().hex}"
     other = f"hf_{uuid.uuid4().hex}"
@@ -507,6 +508,7 @@ def test_trainer_finds_no_key_and_no_file_holds_it(tiny_cache, tmp_path):
         assert _files_with(repo, needle.encode()) == []
 
 
+@pytest.mark.slow  # about 25 s: the default set stays under 8 minutes (CI runs it)
 def test_claude_agent_gets_the_key_privately(tiny_cache, tmp_path):
     key = f"sk-ant-dummy-{uuid.uuid4().hex}"
     repo = make_repo(tmp_path, thief(tmp_path, key))

@@ -21,6 +21,7 @@ from research.noise import pooled_noise, t_ppf
 from research.session import Settings
 
 ALPHA = Settings.alpha
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 SLOPE = 0.2  # val_bpb per unit of log slowness: a machine 10% slower scores ~0.019 worse
 
 
@@ -162,21 +163,37 @@ def test_the_kernels_counts_are_read_right(tmp_path):
 
 
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/stat"), reason="the kernel's counts are Linux's")
-def test_the_load_meter_counts_others_and_not_the_runs_own_tree(monkeypatch):
+def test_the_load_meter_counts_others_and_not_the_runs_own_tree(monkeypatch, tmp_path):
+    """A meter in a process of its own (the loop's place): the same 1.5 s of one busy core counts as the
+    run's own when a process it started burns it (an orphan of that child included), and as another
+    program's when this test process, which is not its descendant, burns it."""
     import subprocess
     import sys
+    import time
 
     from research.gauge import LOAD_ENV, LoadMeter
 
-    burn = "import time\nt = time.time()\nwhile time.time() - t < 1.5: pass"
-    own = LoadMeter()
-    subprocess.run([sys.executable, "-c", burn], check=True)  # a child of this process, waited for: its own
-    own_load = own.stop()
-    other = LoadMeter()  # the same work by a process that is not this one's: another program's load
-    subprocess.run(["sh", "-c", f"({sys.executable} -c '{burn}' &) ; sleep 1.6"], check=True)
-    other_load = other.stop()
-    assert own_load is not None and other_load is not None
-    assert other_load - own_load > 0.5, (own_load, other_load)
+    burn = tmp_path / "burn.py"
+    burn.write_text("import time\nt = time.time()\nwhile time.time() - t < 1.5:\n    pass\n")
+    meter = tmp_path / "meter.py"
+    meter.write_text("import subprocess, sys, time\nfrom research.gauge import LoadMeter\n"
+                     "from sandbox.confine import become_subreaper\nbecome_subreaper()  # as the loop is\nm = LoadMeter()\n"
+                     "if sys.argv[1] == 'own':  # an orphan: its parent shell does not wait for it\n"
+                     f"    subprocess.run(['sh', '-c', '({sys.executable} {burn} &) ; true'])\n"
+                     "time.sleep(1.6)\nprint(m.stop())\n")
+
+    def reading(mode: str) -> float:
+        child = subprocess.Popen([sys.executable, str(meter), mode], stdout=subprocess.PIPE, text=True,
+                                 cwd=str(ROOT), env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+        if mode == "other":
+            t = time.time()
+            while time.time() - t < 1.5:  # this process is not the meter's: another program's load
+                pass
+        out, _ = child.communicate(timeout=30)
+        return float(out.strip())
+
+    own, other = reading("own"), reading("other")
+    assert own < 0.4 and other - own > 0.5, (own, other)
     monkeypatch.setenv(LOAD_ENV, "0")
     assert LoadMeter().stop() is None  # turned off
 
