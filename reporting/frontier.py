@@ -18,7 +18,7 @@ from research.ledger import replay
 from research.results import Kind, Row
 from research.share import HostRows, hardware_of
 
-__all__ = ["Entry", "Group", "Frontier", "frontiers", "frontier_markdown"]
+__all__ = ["Entry", "Group", "Frontier", "frontiers", "frontier_markdown", "others_line"]
 
 SHOWN = 8  # rows of a history or of what was tried, at most, in the Markdown
 
@@ -146,3 +146,25 @@ def frontier_markdown(f: Frontier, remote: str = "") -> str:
     if f.notes:
         lines += ["## Not compared", "", *[f"- {n}" for n in f.notes], ""]
     return "\n".join(lines)
+
+
+def others_line(repo, mine: list[Row], evaluator_hash: str) -> str | None:
+    """One line for the live page: the best of each hardware class across the machines whose publications
+    the loop last fetched (from this repository's refs; nothing is fetched here), theirs marked as claims;
+    None when no other machine's rows are here."""
+    from research import share
+
+    try:
+        others = share.fetched(repo)
+    except Exception:  # noqa: BLE001 - no git, not a repository: the page goes on without the line
+        return None
+    me = share.host_name()
+    others = [h for h in others if h.host != me]
+    if not others:
+        return None
+    f = frontiers(mine, me, evaluator_hash, others)
+    parts = [f"{g.hardware}, {g.protocol or '?'}: {g.best.value:.6f} by {g.best.host} "
+             f"({'measured here' if g.best.here else 'its claim, unchecked here'})" for g in f.groups]
+    hosts = ", ".join(h.host for h in others)
+    line = f"{len(others)} other machine{'s' if len(others) != 1 else ''} ({hosts})"
+    return line + (": " + "; ".join(parts) if parts else ": nothing kept under this evaluator yet")

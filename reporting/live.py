@@ -147,6 +147,10 @@ class LiveData(RunFiles):
         st = self._replay(rows)  # the decision state: the summary's best and the noise come from this one replay
         summary = summarize(source, min_noise=self.min_noise, state=st) if rows else None
         out["host"] = page.host(source)
+        if source is not None:
+            from reporting.frontier import others_line
+
+            out["host"]["others"] = others_line(self.root, rows, source.evaluator_hash)
         out["summary"] = page.summary_json(source, summary, st) if summary else None
         out["rows"] = page.rows_json(rows, summary, self._run_numbers()) if summary else []
         out["plot"] = page.plot_json(source, summary) if summary else None

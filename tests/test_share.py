@@ -413,3 +413,24 @@ def test_only_remote_git_gets_the_ssh_agent(tmp_path, monkeypatch):
     gitrepo.git(repo, "status", "--porcelain")
     assert seen[0] == "/tmp/agent.sock" and len(seen) > 1 and not any(seen[1:])
     assert "SSH_AUTH_SOCK" not in secrets.allowed_env({"SSH_AUTH_SOCK": "/tmp/agent.sock", "PATH": "/usr/bin"})
+
+
+def test_the_live_page_shows_the_other_machines_best_as_their_claim(tmp_path, monkeypatch):
+    """The live page reads what the loop last fetched (refs here, no network) and names each hardware
+    class's best across machines, another machine's marked as its claim."""
+    from reporting import live
+
+    remote = str(bare(tmp_path))
+    a, b = machine(tmp_path, "a"), machine(tmp_path, "b")
+    rows_a = history(a, 1.0)
+    write(a, rows_a)
+    page = live.LiveData(a / "results.tsv")
+    assert page._state()["host"].get("others") is None  # nothing fetched yet: no line
+    write(b, history(b, 0.5)[:3])
+    share.publish(b, remote, "host-b")
+    monkeypatch.setenv("AUTORESEARCH_HOST_NAME", "host-a")
+    share.fetch(a, remote, "host-a")
+    write(a, rows_a[:3])  # the results file changed: the page reads its files again
+    line = live.LiveData(a / "results.tsv")._state()["host"]["others"]
+    assert line.startswith("1 other machine (host-b): cuda: NVIDIA H100, standard: 0.480000 by host-b")
+    assert "its claim, unchecked here" in line

@@ -328,6 +328,7 @@
       ["branch", h.branch], ["rows of other branches", h.left_out ? `${h.left_out} (not shown)` : null],
       ["results file", s.server && s.server.results], ["served by", s.server && s.server.machine],
       ["loop", s.loop ? (s.loop.running ? `running (pid ${s.loop.pid})` : "not running") : null],
+      ["other machines", h.others || null, "the best per hardware class across the machines sharing through the git remote (loop.py run --remote); theirs are their own claims"],
     ]);
   }
 
