@@ -86,6 +86,7 @@ class OptunaAgent(Agent):
         self.space: Space | None = None
         self._branch: str | None = None
         self._consumed = 0  # rows of the branch already turned into trials
+        self._shared: set[tuple] = set()  # other machines' rows already turned into trials
         # trainer hash -> what to do when its row arrives: ("tell", trial number) or ("add", the written params)
         self._pending: dict[str, list[tuple[str, object]]] = {}
         self._truth_cache: dict[str, dict[str, bool]] = {}
@@ -117,7 +118,7 @@ class OptunaAgent(Agent):
         self.space = build_space(center, int(getattr(ctx.protocol, "max_seq_len", 1) or 1))
         self.study = self._optuna.create_study(direction="minimize", sampler=self._make_sampler(self.space),
                                                study_name=branch or "autoresearch")
-        self._branch, self._consumed, self._pending = branch, 0, {}
+        self._branch, self._consumed, self._pending, self._shared = branch, 0, {}, set()
         self.console.event(f"optuna agent ({self.sampler}): searching {len(self.space.dims)} hyperparameters: "
                            f"{self.space.describe()}")
 
@@ -182,6 +183,7 @@ class OptunaAgent(Agent):
             except (ValueError, optuna.exceptions.OptunaError):
                 continue
         self._consumed = len(rows)
+        self._add_shared(ctx, dists, create_trial)
         running = ctx.running
         for h, items in self._pending.items():  # proposed but never run (refused, or the loop stopped)
             if h in running:
@@ -190,6 +192,24 @@ class OptunaAgent(Agent):
                 if kind == "tell":
                     self.study.tell(number, state=TrialState.FAIL)
         self._pending = {h: items for h, items in self._pending.items() if h in running}
+
+    def _add_shared(self, ctx: AgentContext, dists: dict, create_trial) -> None:
+        """Other machines' measured changes of this hardware class (ctx.shared: their claims, unchecked
+        here) as extra trials, at the values they recorded: they steer where this agent looks next, and
+        nothing else (a keep here is this machine's own measurement)."""
+        for host, row in getattr(ctx, "shared", None) or []:
+            key = (host, row.run, row.timestamp, row.commit)
+            if key in self._shared or row.status not in ("keep", "discard") or not row.val_bpb > 0:
+                continue
+            self._shared.add(key)
+            params = self.space.encode(dict(row.hyperparams or {}))
+            if not params:
+                continue
+            try:
+                self.study.add_trial(create_trial(params=params, distributions={k: dists[k] for k in params},
+                                                  value=row.val_bpb, user_attrs={"host": host, "run": row.run}))
+            except (ValueError, self._optuna.exceptions.OptunaError):
+                continue
 
     # -- proposing ---------------------------------------------------------------------------
 

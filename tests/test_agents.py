@@ -8,6 +8,7 @@ Run: `uv run pytest tests/test_agents.py` (about 40 s on a 2-core CPU; one short
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -486,3 +487,25 @@ def test_loop_without_a_key_runs_the_optuna_agent(tiny_cache, tmp_path):
     assert len(exp) == 3 and all(r.description.startswith("optuna tpe trial ") for r in exp)
     assert len({r.trainer_hash for r in [rows[0], *exp]}) == 4  # each a trainer not run before
     assert all(r.status in ("keep", "discard", "rerun", "abort") for r in rows)
+
+
+def test_optuna_takes_the_other_machines_rows_as_extra_trials(tmp_path):
+    """Rows another machine of this hardware class published (ctx.shared, their claims) become extra trials
+    at the values they recorded, once each; they only steer the search: crashes and rows without a
+    measurement are left out, and this branch's own rows stay the trials they were."""
+    sim = Simulation(tmp_path, seed=3)
+    first = OptunaAgent(seed=3, console=quiet())
+    for _ in range(5):
+        sim.step(first)
+    theirs = [("host-b", dataclasses.replace(r, run=100 + i, val_bpb=r.val_bpb - 0.01 if r.ok else r.val_bpb))
+              for i, r in enumerate(sim.rows)]
+    agent = OptunaAgent(seed=3, console=quiet())
+    agent.propose(sim_ctx(sim.repo, sim.rows, shared=theirs))
+    agent.propose(sim_ctx(sim.repo, sim.rows, shared=theirs))  # the same rows again: not added twice
+    extra = [t for t in agent.study.trials if t.user_attrs.get("host") == "host-b"]
+    measured = [r for _, r in theirs if r.status in ("keep", "discard") and r.val_bpb > 0]
+    assert measured and sorted(t.user_attrs["run"] for t in extra) == sorted(r.run for r in measured)
+    assert all(t.value == pytest.approx(next(r.val_bpb for r in measured if r.run == t.user_attrs["run"]))
+               for t in extra)
+    own = [t for t in agent.study.trials if "run" in t.user_attrs and "host" not in t.user_attrs]
+    assert [t.user_attrs["run"] for t in own] == [r.run for r in sim.rows]
