@@ -45,7 +45,7 @@ from research.gitrepo import GitError
 from research.results import COLUMNS, NO_COMMIT, Row, read_results
 
 __all__ = ["HOSTS", "CLAIMS", "FETCHED", "CLAIM_TTL_S", "RUN_FILES", "ShareError", "Published", "Claim", "HostRows",
-           "host_name", "hardware_of", "claim_key", "publish", "fetch", "fetched", "claim", "Sharing"]
+           "host_name", "hardware_name", "hardware_of", "claim_key", "publish", "fetch", "fetched", "claim", "Sharing"]
 
 HOSTS = "refs/autoresearch/hosts/"  # on the remote: <host>/results
 CLAIMS = "refs/autoresearch/claims/"  # on the remote: <key>
@@ -95,9 +95,15 @@ def host_name(name: str | None = None) -> str:
     return clean or "host"
 
 
+def hardware_name(backend: str | None, device: str | None) -> str:
+    """A hardware class: the backend and the device's name (what every worker of a branch, and every row
+    compared with another, must share)."""
+    return f"{backend or '?'}: {device or '?'}"
+
+
 def hardware_of(row: Row) -> str:
-    """The hardware class of a row, as research/trial_worker.py's `hardware_class` names a host's."""
-    return f"{row.backend or '?'}: {row.device or '?'}"
+    """The hardware class of a row."""
+    return hardware_name(row.backend, row.device)
 
 
 def claim_key(trainer_text: str, hardware: str, protocol: str) -> str:

@@ -109,7 +109,9 @@ def code_hashes(root: Path) -> dict[str, str]:
 
 def hardware_class(host) -> str:
     """What must be equal on every worker of one branch: the backend and the device's name."""
-    return f"{host.backend}: {host.device_name}"
+    from research.share import hardware_name
+
+    return hardware_name(host.backend, host.device_name)
 
 
 def data_fingerprint(protocol) -> str:
