@@ -134,19 +134,14 @@ def research(s: Session, agent: Agent, max_experiments: int | None = None) -> in
                                 "alone until it is measured again at this speed")
         say_reach(s)
         proposal = agent.propose(agent_context(s))
-        if proposal is None:
-            s.restore()
-            idle += 1
-            if idle >= MAX_IDLE_PROPOSALS:
-                s.console.event(f"the {agent.name} agent has nothing more to propose; stopping")
-                break
-            continue
         path = s.repo / s.trainer
-        if path.is_file() and not s.claim(path.read_text(encoding="utf-8")):  # another machine runs it: not here
+        claimed = proposal is not None and path.is_file() and not s.claim(path.read_text(encoding="utf-8"))
+        if proposal is None or claimed:  # nothing to run, or another machine runs it: not here
             s.restore()
             idle += 1
             if idle >= MAX_IDLE_PROPOSALS:
-                s.console.event(f"the {agent.name} agent proposed only trainers other machines run; stopping")
+                what = "proposed only trainers other machines run" if claimed else "has nothing more to propose"
+                s.console.event(f"the {agent.name} agent {what}; stopping")
                 break
             continue
         idle = 0
