@@ -177,11 +177,15 @@ def _step_times(repo: Path, run: int) -> list[float]:
     return [float(m) / 1000 for m in re.findall(r"^step \d+ .*?\| dt: (\d+)ms", log, re.MULTILINE)]
 
 
-def _host_made_it_late(lab, row: Row, rule: clock.WallRule) -> str | None:
-    """Why an honest run that handed over late was late through no fault of its own, or None: a step of it
-    stalled (over 4x the baselines' median step: another program had the cores), or its hand-over took
-    longer than the reserve its deadline kept for it (grown by its late start, as prepare.TrainingClock
-    grows it). Its training loop obeyed the deadline either way; a trainer that ignored it has neither."""
+def _host_made_it_late(lab, row: Row, rule: clock.WallRule, first_step_s: float | None = None) -> str | None:
+    """Why an honest run that handed over late was late through no fault of its own, or None: its first step
+    came over half a second later than `first_step_s` (when given: what its set-up should take here now), so
+    set-up alone ate the room; a step of it stalled (over 4x the baselines' median step: another program had
+    the cores); or its hand-over took longer than the reserve its deadline kept for it (grown by its late
+    start, as prepare.TrainingClock grows it). Its training loop obeyed the deadline in each case; a trainer
+    that ignored it has none of them."""
+    if first_step_s is not None and row.first_step_s and row.first_step_s > first_step_s + 0.5:
+        return f"its first step came at {row.first_step_s:.2f} s, not at about {first_step_s:.2f} s"
     base = statistics.median(t for r in lab.baselines for t in _step_times(lab.repo, r.run)[1:])
     stalled = [t for t in _step_times(lab.repo, row.run)[1:] if t > 4 * base]
     if stalled:
@@ -205,12 +209,12 @@ def test_honest_runs_of_the_unchanged_trainer_are_never_rejected(lab):
         _honest(lab, row, rule, f"repeat {k + 1}")
 
 
-def _honest(lab, row: Row, rule: clock.WallRule, what: str) -> bool:
+def _honest(lab, row: Row, rule: clock.WallRule, what: str, first_step_s: float | None = None) -> bool:
     """An honest run's row: kept or discarded within its limit (True), or rejected as overtime when the host
     made it late (False, said why); anything else fails the test."""
     assert row.wall_limit_s == pytest.approx(rule.limit, abs=0.01)
     if row.status == "rejected":
-        excuse = _host_made_it_late(lab, row, rule)
+        excuse = _host_made_it_late(lab, row, rule, first_step_s)
         assert "overtime" in row.note and excuse, _described(row)
         print(f"{what} rejected on a busy host: {excuse}")
         return False
@@ -228,7 +232,7 @@ def test_a_change_that_adds_set_up_trains_less_instead_of_being_rejected(lab):
     extra = max(0.0, now.wall_limit_s - min(now.wall_seconds, now.wall_limit_s)) + BUDGET / 2
     slow = lab.text.replace(SETUP, f"    time.sleep({extra:.2f})  # a slower set-up\n" + SETUP, 1)
     row = lab.try_(slow, f"{extra:.1f} s more set-up")
-    if _honest(lab, row, rule, "the slower set-up"):
+    if _honest(lab, row, rule, "the slower set-up", now.first_step_s + extra if now.first_step_s else None):
         assert row.training_seconds < BUDGET - 0.5, _described(row)
 
 
