@@ -11,7 +11,8 @@ and the loop. Downloads go through huggingface_hub: HF_ENDPOINT (a mirror), HF_T
 
 What a trainer uses (the machinery behind it lives in data/; all of it is locked):
 
-    p = get_protocol()        # Protocol: vocab_size, max_seq_len, time_budget (seconds of training), ...
+    p = training_protocol()   # Protocol: vocab_size, max_seq_len, time_budget (seconds of training), ...;
+                              # none chosen or prepared yet: the run ends with the sentence saying what to run
     loader = make_dataloader(p, batch_size, seq_len=None, split="train", seed=0)
     x, y, epoch = next(loader)  # int32 NumPy arrays (B, T); every row opens with BOS; y is x shifted by one;
                                 # documents best-fit packed, the last cropped to fill the row, no padding
@@ -19,7 +20,8 @@ What a trainer uses (the machinery behind it lives in data/; all of it is locked
                               # shape facts; the locked harness scores the graph, never the trainer
     clock = TrainingClock(p)  # clock.budget(trained, dt): the counted seconds to train, the protocol's budget
                               # or less when the loop's deadline for the hand-over comes first
-    PrepareError              # missing or damaged prepared data; its message says what to run
+    log_step(...), fail(msg)  # the step line and the FAIL line the loop, early abort and the live page read
+    hyperparameters(globals())  # the block's values, recorded in the facts (the loop reads its own from the source)
 
 The trainer never reads the validation or holdout data: the harness (judge/harness.py, its own process)
 reads them, computes val_bpb and its result ends the run's log as the summary block (format_summary).
@@ -53,7 +55,8 @@ from judge.entry import evaluator_hash, harness_command, harness_env
 
 __all__ = [
     # protocols and the prepared data
-    "Protocol", "PROTOCOLS", "SPLITS", "PrepareError", "get_protocol", "remember_protocol", "cache_root",
+    "Protocol", "PROTOCOLS", "SPLITS", "PrepareError", "get_protocol", "training_protocol", "remember_protocol",
+    "cache_root",
     "protocol_dir", "shard_name", "split_shards", "prepare", "is_prepared", "verify_prepared", "verify_eval_data",
     "eval_data_paths", "train_data_paths", "tokenizer_paths",
     # tokenizer and dataloader
@@ -63,6 +66,15 @@ __all__ = [
     "HANDOVER_ENV", "hand_over", "harness_command", "harness_env", "evaluator_hash", "SUMMARY_KEYS", "format_summary",
     "print_summary", "parse_summary",
 ]
+
+
+def training_protocol() -> Protocol:
+    """A trainer's first call: get_protocol(), or, when none is chosen or its setting is bad, the end of the run
+    with PrepareError's one sentence (what to run) on stderr instead of a traceback."""
+    try:
+        return get_protocol()
+    except PrepareError as e:
+        raise SystemExit(str(e)) from None
 
 
 # ---------------------------------------------------------------------------

@@ -5,32 +5,25 @@ The same GPT core and optimizer as train_mlx.py, so a config carries between the
 Usage: python train_cuda.py   (protocol, budget and backend come from the environment)
 """
 
-import os
-
-os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")  # less fragmentation on CUDA
-
 import gc
 import math
-import sys
 import time
 from dataclasses import dataclass
 
-import backends  # first: one clear sentence if this Python lacks the project's packages
-
-backends.require_environment("train_cuda.py", ("numpy", "torch"))
+from backends import torch_rt  # first: one clear sentence if this Python lacks the project's packages
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import prepare
-from backends import torch_rt
 from model import count_params, training_flops
 
-HOST = backends.detect()  # cuda | rocm | mps | cpu, from AUTORESEARCH_BACKEND or the hardware
-BACKEND = HOST.backend
-DEVICE = torch_rt.device(HOST)
-COMPUTE_DTYPE = torch_rt.compute_dtype(HOST)  # bf16 where supported and fast, None = fp32
+RT = torch_rt.Runtime()  # this host's device: backend, dtype, attention kernels, memory, export
+HOST = RT.host  # cuda | rocm | mps | cpu, from AUTORESEARCH_BACKEND or the hardware
+BACKEND = RT.backend
+DEVICE = RT.device
+COMPUTE_DTYPE = RT.dtype  # bf16 where supported and fast, None = fp32
 
 # ---------------------------------------------------------------------------
 # GPT model
@@ -115,7 +108,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=False)
         self.ve_gate = (nn.Linear(VE_GATE_CHANNELS, self.n_kv_head, bias=False)
                         if has_value_embedding(layer_idx, config.n_layer) else None)
-        self.attention = attention  # a kernel from backends.torch_rt (no parameters)
+        self.attention = attention  # a kernel from RT.attention() (no parameters)
 
     def forward(self, x, ve, cos_sin, window):
         B, T, _ = x.shape
@@ -161,7 +154,7 @@ class GPT(nn.Module):
         self.config = config
         self.window_sizes = window_sizes(config)
         if attention is None:
-            attention = torch_rt.make_attention(HOST)
+            attention = RT.attention()
         self.attention_name = attention.name
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.blocks = nn.ModuleList([Block(config, i, attention) for i in range(config.n_layer)])
@@ -225,7 +218,7 @@ class GPT(nn.Module):
 
 def build_model(cfg, device=None):
     """A freshly initialised GPT on `device` (default: this host's device)."""
-    attention = torch_rt.make_attention(HOST)
+    attention = RT.attention()
     with torch.device("meta"):  # allocate once, on the device, in init_weights
         model = GPT(cfg, attention)
     model.to_empty(device=device or DEVICE)
@@ -292,7 +285,7 @@ def muon_step(grads, params, momentum_buffer, second_buffer, momentum, lr, wd, b
     params.sub_(lr * g + lr * wd * params * mask)
 
 
-COMPILE_OPTIMIZER = HOST.compile
+COMPILE_OPTIMIZER = RT.compile
 if COMPILE_OPTIMIZER:
     adamw_step = torch.compile(adamw_step, dynamic=False, fullgraph=True)
     muon_step = torch.compile(muon_step, dynamic=False, fullgraph=True)
@@ -437,7 +430,7 @@ if HARDWARE == "cpu":  # ~1M parameters, well under a second per step: learns vi
 # --- end hyperparameters ---
 
 WARMUP_STEPS_UNCOUNTED = 10  # the first steps compile kernels: not counted toward the budget
-if not HOST.compile:  # eager (CPU, MPS, MLX on CPU): only the first step is slower, by ~10%; more would be
+if not RT.compile:  # eager (CPU, MPS, MLX on CPU): only the first step is slower, by ~10%; more would be
     WARMUP_STEPS_UNCOUNTED = 1  # wall time outside the budget (~0.8 s per CPU step)
 
 
@@ -472,15 +465,11 @@ def get_weight_decay(progress):
 
 def main():
     t_start = time.time()
-    try:
-        protocol = prepare.get_protocol()
-    except prepare.PrepareError as e:
-        print(e, file=sys.stderr)
-        sys.exit(1)
-    torch_rt.seed_all(42)
+    protocol = prepare.training_protocol()
+    RT.seed_all(42)
     if BACKEND in ("cuda", "rocm"):
         torch.set_float32_matmul_precision("high")
-    print(backends.describe(HOST))
+    print(RT.describe())
     print(f"Hyperparameters: {HARDWARE} baseline")
     seq_len = protocol.max_seq_len
 
@@ -502,18 +491,18 @@ def main():
     num_flops_per_token = training_flops(counts, config.n_head, config.head_dim, model.window_sizes, seq_len)
     print(f"Estimated FLOPs per token: {num_flops_per_token:e}")
     optimizer = build_optimizer(model)
-    train_model = torch.compile(model, dynamic=False) if HOST.compile else model
+    train_model = torch.compile(model, dynamic=False) if RT.compile else model
 
     train_loader = prepare.make_dataloader(protocol, DEVICE_BATCH_SIZE, seq_len, "train")
 
     def next_batch():
         x, y, epoch = next(train_loader)
-        return torch_rt.to_device(x, HOST), torch_rt.to_device(y, HOST), epoch
+        return RT.to_device(x), RT.to_device(y), epoch
 
     x, y, epoch = next_batch()  # prefetch
     print(f"Time budget: {protocol.time_budget}s (protocol {protocol.name})")
     print(f"Gradient accumulation steps: {grad_accum_steps}")
-    torch_rt.reset_peak_memory(HOST)
+    RT.reset_peak_memory()
 
     clock = prepare.TrainingClock(protocol)  # the time budget, or less if the loop's deadline comes first
     budget = clock.budget()
@@ -522,10 +511,10 @@ def main():
     total_training_time = 0.0
     step = 0
     while True:
-        torch_rt.synchronize(HOST)
+        RT.synchronize()
         t0 = time.time()
         for _ in range(grad_accum_steps):
-            with torch_rt.autocast(HOST):
+            with RT.autocast():
                 loss = train_model(x, y)
             train_loss = loss.detach()
             (loss / grad_accum_steps).backward()
@@ -545,7 +534,7 @@ def main():
         if not math.isfinite(train_loss_f) or train_loss_f > 100:  # fast fail: the run is diverging
             prepare.fail(f"training loss {train_loss_f} at step {step} (NaN or > 100)")
 
-        torch_rt.synchronize(HOST)
+        RT.synchronize()
         dt = time.time() - t0
         if step >= WARMUP_STEPS_UNCOUNTED:
             total_training_time += dt
@@ -555,7 +544,7 @@ def main():
         smooth_train_loss = ema_beta * smooth_train_loss + (1 - ema_beta) * train_loss_f
         debiased = smooth_train_loss / (1 - ema_beta ** (step + 1))
         tok_per_sec = TOTAL_BATCH_SIZE / dt
-        mfu = backends.mfu_percent(num_flops_per_token, tok_per_sec, HOST)
+        mfu = RT.mfu_percent(num_flops_per_token, tok_per_sec)
         remaining = max(0.0, budget - total_training_time)
         prepare.log_step(step, progress, debiased, lrm=lrm, dt=dt, tok_per_sec=tok_per_sec, mfu=mfu, epoch=epoch,
                          remaining=remaining)
@@ -580,8 +569,8 @@ def main():
     facts = dict(
         training_seconds=total_training_time,
         startup_seconds=t_start_training - t_start,
-        peak_vram_mb=torch_rt.peak_memory_mb(HOST),
-        mfu_percent=backends.mfu_percent(num_flops_per_token, steady_tok_per_sec, HOST),
+        peak_vram_mb=RT.peak_memory_mb(),
+        mfu_percent=RT.mfu_percent(num_flops_per_token, steady_tok_per_sec),
         total_tokens=step * TOTAL_BATCH_SIZE,
         num_steps=step,
         warmup_steps=WARMUP_STEPS_UNCOUNTED,
@@ -592,7 +581,7 @@ def main():
         hyperparams=prepare.hyperparameters(globals()),
     )
     facts["total_seconds"] = time.time() - t_start
-    prepare.hand_over(lambda d: torch_rt.export_for_eval(model, d, DEVICE_BATCH_SIZE, seq_len, HOST), facts)
+    prepare.hand_over(RT.export(model, DEVICE_BATCH_SIZE, seq_len), facts)
 
 
 if __name__ == "__main__":

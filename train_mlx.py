@@ -7,13 +7,10 @@ Usage: python train_mlx.py   (protocol, budget and backend come from the environ
 
 import gc
 import math
-import sys
 import time
 from dataclasses import dataclass
 
-import backends  # first: one clear sentence if this Python lacks the project's packages
-
-backends.require_environment("train_mlx.py", ("numpy", "mlx"))
+from backends import mlx_rt  # first: one clear sentence if this Python lacks the project's packages
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -21,14 +18,12 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 import prepare
-from backends import mlx_rt
 from model import count_params, training_flops
 
-HOST = backends.detect()
-if HOST.framework != "mlx":  # this file is the MLX trainer, whatever the host's default backend is
-    HOST = backends.detect("mlx")
-BACKEND = HOST.backend
-COMPUTE_DTYPE = mlx_rt.compute_dtype(HOST)  # bf16 on Metal, fp32 on CPU
+RT = mlx_rt.Runtime()  # this host through MLX (whatever its default backend): dtype, masks, memory, export
+HOST = RT.host
+BACKEND = RT.backend
+COMPUTE_DTYPE = RT.dtype  # bf16 on Metal, fp32 on CPU
 
 # ---------------------------------------------------------------------------
 # GPT model
@@ -128,7 +123,7 @@ def apply_rotary(x, cos, sin):
 
 def attention_mask(seq_len, window, dtype):
     # A window covering the whole sequence is plain causal, which has a fused kernel path.
-    return "causal" if window >= seq_len - 1 else mlx_rt.sliding_window_mask(seq_len, window, dtype)
+    return "causal" if window >= seq_len - 1 else RT.sliding_window_mask(seq_len, window, dtype)
 
 
 class CausalSelfAttention(nn.Module):
@@ -393,7 +388,7 @@ def build_optimizer(model, *, unembedding_lr=None, embedding_lr=None, matrix_lr=
 # ---------------------------------------------------------------------------
 
 # Which baseline below applies: the Apple GPU through Metal, or MLX's CPU build.
-HARDWARE = "metal" if mlx_rt.metal_available() else "cpu"
+HARDWARE = "metal" if RT.metal else "cpu"
 
 # --- hyperparameters ---
 # Reference values (H100, standard protocol). The block for this host's HARDWARE further down
@@ -428,9 +423,9 @@ if HARDWARE == "cpu":  # MLX's CPU build (reference BLAS, a few GFLOP/s): narrow
 # --- end hyperparameters ---
 
 WARMUP_STEPS_UNCOUNTED = 10  # the first steps compile the graph: not counted toward the budget
-if not HOST.compile:  # eager (CPU, MPS, MLX on CPU): only the first step is slower, by ~10%; more would be
+if not RT.compile:  # eager (CPU, MPS, MLX on CPU): only the first step is slower, by ~10%; more would be
     WARMUP_STEPS_UNCOUNTED = 1  # wall time outside the budget (~0.8 s per CPU step)
-COMPILE = HOST.compile  # mx.compile the training step over explicit state
+COMPILE = RT.compile  # mx.compile the training step over explicit state
 
 
 # ---------------------------------------------------------------------------
@@ -482,13 +477,9 @@ def make_step_functions(model, optimizer, compile_step):
 
 def main():
     t_start = time.time()
-    try:
-        protocol = prepare.get_protocol()
-    except prepare.PrepareError as e:
-        print(e, file=sys.stderr)
-        sys.exit(1)
-    mlx_rt.seed_all(42)
-    print(backends.describe(HOST))
+    protocol = prepare.training_protocol()
+    RT.seed_all(42)
+    print(RT.describe())
     print(f"Hyperparameters: {HARDWARE} baseline; compute dtype {COMPUTE_DTYPE}; compile {COMPILE}")
     seq_len = protocol.max_seq_len
 
@@ -521,7 +512,7 @@ def main():
     x, y, epoch = next_batch()  # prefetch
     print(f"Time budget: {protocol.time_budget}s (protocol {protocol.name})")
     print(f"Gradient accumulation steps: {grad_accum_steps}")
-    mlx_rt.reset_peak_memory()
+    RT.reset_peak_memory()
 
     clock = prepare.TrainingClock(protocol)  # the time budget, or less if the loop's deadline comes first
     budget = clock.budget()
@@ -559,7 +550,7 @@ def main():
         smooth_train_loss = ema_beta * smooth_train_loss + (1 - ema_beta) * train_loss_f
         debiased = smooth_train_loss / (1 - ema_beta ** (step + 1))
         tok_per_sec = TOTAL_BATCH_SIZE / dt
-        mfu = backends.mfu_percent(num_flops_per_token, tok_per_sec, HOST)
+        mfu = RT.mfu_percent(num_flops_per_token, tok_per_sec)
         remaining = max(0.0, budget - total_training_time)
         prepare.log_step(step, progress, debiased, lrm=lrm, dt=dt, tok_per_sec=tok_per_sec, mfu=mfu, epoch=epoch,
                          remaining=remaining)
@@ -584,8 +575,8 @@ def main():
     facts = dict(
         training_seconds=total_training_time,
         startup_seconds=t_start_training - t_start,
-        peak_vram_mb=mlx_rt.peak_memory_mb(),
-        mfu_percent=backends.mfu_percent(num_flops_per_token, steady_tok_per_sec, HOST),
+        peak_vram_mb=RT.peak_memory_mb(),
+        mfu_percent=RT.mfu_percent(num_flops_per_token, steady_tok_per_sec),
         total_tokens=step * TOTAL_BATCH_SIZE,
         num_steps=step,
         warmup_steps=WARMUP_STEPS_UNCOUNTED,
@@ -596,7 +587,7 @@ def main():
         hyperparams=prepare.hyperparameters(globals()),
     )
     facts["total_seconds"] = time.time() - t_start
-    prepare.hand_over(lambda d: mlx_rt.export_for_eval(model, d, DEVICE_BATCH_SIZE, seq_len), facts)
+    prepare.hand_over(RT.export(model, DEVICE_BATCH_SIZE, seq_len), facts)
 
 
 if __name__ == "__main__":

@@ -3,20 +3,28 @@
 Compute dtype by device, peak memory, seeding, cached sliding-window masks and the
 evaluator's logits -> nats adapter. Metal-only paths are gated on
 `mx.metal.is_available()` so everything runs on MLX's Linux CPU build for tests.
-Locked: the research agent never edits it.
+The trainer reaches all of it through one `Runtime` object. Importing it first checks
+that this Python has numpy and MLX (one sentence, not a traceback, when it was started
+outside the project's environment). Locked: the research agent never edits it.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import random
+import sys
 
-import mlx.core as mx
-import numpy as np
+import backends
+from backends import HostInfo, describe, mfu_percent, require_environment
 
-from backends import HostInfo
+require_environment(os.path.basename(sys.argv[0]) or "train_mlx.py", ("numpy", "mlx"))
+
+import mlx.core as mx  # noqa: E402 - after the check above
+import numpy as np  # noqa: E402
 
 __all__ = [
+    "Runtime",
     "compute_dtype",
     "export_for_eval",
     "metal_available",
@@ -89,3 +97,43 @@ def export_for_eval(forward, directory, batch_size: int, seq_len: int) -> dict:
     example = mx.zeros((batch_size, seq_len), dtype=mx.int32)
     mx.export_function(str(Path(directory) / "model.mlxfn"), lambda idx: (forward(idx),), example)
     return {"format": "mlxfn", "batch_size": batch_size, "seq_len": seq_len}
+
+
+class Runtime:
+    """This host as train_mlx.py uses it: the MLX host (whatever the machine's default backend), the compute
+    dtype, whether to compile, whether Metal is there, seeding, masks, memory, MFU and the hand-over's export."""
+
+    def __init__(self, host: HostInfo | None = None) -> None:
+        if host is None:
+            host = backends.detect()
+            if host.framework != "mlx":  # the MLX trainer runs on MLX whatever the host's default backend is
+                host = backends.detect("mlx")
+        self.host = host
+        self.backend = host.backend
+        self.metal = metal_available()
+        self.dtype = compute_dtype(host)  # bf16 on Metal, fp32 on CPU
+        self.compile = host.compile  # mx.compile the training step
+
+    def describe(self) -> str:
+        """One line: the backend, the device and why it was chosen."""
+        return describe(self.host)
+
+    def seed_all(self, seed: int) -> None:
+        seed_all(seed)
+
+    def sliding_window_mask(self, seq_len: int, window: int, dtype: mx.Dtype = mx.float32) -> mx.array:
+        return sliding_window_mask(seq_len, window, dtype)
+
+    def reset_peak_memory(self) -> None:
+        reset_peak_memory()
+
+    def peak_memory_mb(self) -> float:
+        return peak_memory_mb()
+
+    def mfu_percent(self, flops_per_token: float, tokens_per_second: float) -> float | None:
+        """Model FLOPs utilisation in percent of the device's bf16 peak; None where the peak is unknown."""
+        return mfu_percent(flops_per_token, tokens_per_second, self.host)
+
+    def export(self, forward, batch_size: int, seq_len: int):
+        """What prepare.hand_over calls: export_for_eval of `forward` at (batch_size, seq_len) into its directory."""
+        return lambda directory: export_for_eval(forward, directory, batch_size, seq_len)

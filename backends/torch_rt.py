@@ -4,7 +4,12 @@ Per-device differences live here behind small functions, so the trainer never
 branches on the backend: device and compute dtype, autocast, synchronize, peak
 memory, seeding, host-to-device copies, the attention fallback chain
 (FlashAttention-3 -> FlexAttention -> SDPA with an explicit sliding-window mask)
-and the evaluator's logits -> nats adapter. Locked: the research agent never edits it.
+and the evaluator's logits -> nats adapter. The trainer reaches all of it through
+one `Runtime` object. Locked: the research agent never edits it.
+
+Importing it first checks that this Python has numpy and torch (one sentence, not a
+traceback, when it was started outside the project's environment) and sets the CUDA
+allocator's fragmentation setting before torch starts.
 """
 
 from __future__ import annotations
@@ -17,14 +22,19 @@ import resource
 import sys
 from typing import Callable
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+import backends
+from backends import HostInfo, describe, mfu_percent, require_environment
 
-from backends import HostInfo
+os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")  # less fragmentation on CUDA
+require_environment(os.path.basename(sys.argv[0]) or "train_cuda.py", ("numpy", "torch"))
+
+import numpy as np  # noqa: E402 - after the check above
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 __all__ = [
     "Attention",
+    "Runtime",
     "autocast",
     "compute_dtype",
     "device",
@@ -294,3 +304,55 @@ def export_for_eval(model: torch.nn.Module, directory, batch_size: int, seq_len:
     path = Path(directory) / "model.pt2"
     torch.export.save(program, str(path))
     return {"format": "pt2", "batch_size": batch_size, "seq_len": seq_len}
+
+
+# ---------------------------------------------------------------------------
+# The trainer's one handle on all of the above.
+# ---------------------------------------------------------------------------
+
+
+class Runtime:
+    """This host's device as train_cuda.py uses it: which backend and device, the compute dtype, whether to
+    compile, the attention kernel, seeding, batches onto the device, timing, memory, MFU and the hand-over's
+    export. `Runtime()` detects the host (AUTORESEARCH_BACKEND, else the hardware: backends.detect)."""
+
+    def __init__(self, host: HostInfo | None = None) -> None:
+        self.host = host if host is not None else backends.detect()
+        self.backend = self.host.backend  # cuda | rocm | mps | cpu
+        self.device = device(self.host)
+        self.dtype = compute_dtype(self.host)  # bf16 where supported and fast, None = fp32
+        self.compile = self.host.compile  # torch.compile pays off here
+
+    def describe(self) -> str:
+        """One line: the backend, the device and why it was chosen."""
+        return describe(self.host)
+
+    def seed_all(self, seed: int) -> None:
+        seed_all(seed)
+
+    def attention(self, prefer: str | None = None) -> Attention:
+        """The best attention kernel this host offers (fa3 -> flex -> sdpa); see make_attention."""
+        return make_attention(self.host, prefer)
+
+    def to_device(self, array: np.ndarray) -> torch.Tensor:
+        return to_device(array, self.host)
+
+    def autocast(self):
+        return autocast(self.host)
+
+    def synchronize(self) -> None:
+        synchronize(self.host)
+
+    def reset_peak_memory(self) -> None:
+        reset_peak_memory(self.host)
+
+    def peak_memory_mb(self) -> float:
+        return peak_memory_mb(self.host)
+
+    def mfu_percent(self, flops_per_token: float, tokens_per_second: float) -> float | None:
+        """Model FLOPs utilisation in percent of the device's bf16 peak; None where the peak is unknown."""
+        return mfu_percent(flops_per_token, tokens_per_second, self.host)
+
+    def export(self, model: torch.nn.Module, batch_size: int, seq_len: int) -> Callable:
+        """What prepare.hand_over calls: export_for_eval of `model` at (batch_size, seq_len) into its directory."""
+        return lambda directory: export_for_eval(model, directory, batch_size, seq_len, self.host)

@@ -107,3 +107,51 @@ def test_the_rules_catch_a_violation(tmp_path):
     assert sorted(layering_violations(tmp_path)) == ["judge/bad.py:2 (judge) imports research.results",
                                                      "sandbox/bad.py:1 (sandbox) imports research.session"]
     assert private_imports(tmp_path) == ["judge/bad.py:2 imports research.results._private"]
+
+
+TRAINER_NAME_LIMIT = 10  # the reference's train.py imports 5 names; ours adds the device runtime and the loop's lines
+
+
+def locked_names(path: Path, root: Path = REPO) -> set[str]:
+    """The names of locked code a trainer uses: what it imports by name from prepare/backends/model, and every
+    attribute it reads of a locked module it imports (`prepare.log_step`, `torch_rt.Runtime`)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    modules: dict[str, str] = {}  # local name -> the locked module it stands for
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.split(".")[0] in ("prepare", "backends", "model"):
+                    modules[a.asname or a.name] = a.name
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("prepare", "backends",
+                                                                                                "model"):
+            for a in node.names:
+                full = f"{node.module}.{a.name}"
+                if (root / (full.replace(".", "/") + ".py")).exists():
+                    modules[a.asname or a.name] = full
+                else:
+                    names.add(full)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules:
+            names.add(f"{modules[node.value.id]}.{node.attr}")
+    return names
+
+
+def test_each_trainer_uses_at_most_ten_names_of_locked_code():
+    """The trainer is the agent's research surface: what it must know of locked code is the device runtime, the
+    protocol and dataloader, the clock, the lines the loop reads and the hand-over."""
+    for trainer in ("train_cuda.py", "train_mlx.py"):
+        used = locked_names(REPO / trainer)
+        assert len(used) <= TRAINER_NAME_LIMIT, f"{trainer}: {sorted(used)}"
+    common = {n for n in locked_names(REPO / "train_cuda.py") if "torch_rt" not in n}
+    assert common == {n for n in locked_names(REPO / "train_mlx.py") if "mlx_rt" not in n}
+
+
+def test_the_name_count_sees_every_way_of_reaching_locked_code(tmp_path):
+    (tmp_path / "backends").mkdir()
+    (tmp_path / "backends" / "torch_rt.py").write_text("")
+    (tmp_path / "t.py").write_text("import prepare\nimport backends as b\nfrom backends import torch_rt\n"
+                                   "from model import count_params\nprepare.fail('x')\nb.detect()\n"
+                                   "torch_rt.seed_all(1)\ntorch_rt.seed_all(2)\n")
+    assert locked_names(tmp_path / "t.py", tmp_path) == {"prepare.fail", "backends.detect",
+                                                         "backends.torch_rt.seed_all", "model.count_params"}

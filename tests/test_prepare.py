@@ -29,15 +29,17 @@ def test_the_contract_is_one_short_file_that_names_what_trainers_and_the_loop_us
     names = set(prepare.__all__)
     for name in names:
         assert getattr(prepare, name) is not None, name
-    used = set()  # every prepare.<name> the trainers, the loop, the judge and the research code use
-    for path in [*map(pristine.trainer, pristine.TRAINERS), REPO / "loop.py", *REPO.glob("judge/*.py"), *REPO.glob("research/*.py")]:
-        for node in ast.walk(ast.parse(path.read_text())):
-            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "prepare"
-                    and not node.attr.startswith("__")):  # module attributes such as __file__ are no API
-                used.add(node.attr)
+    def used_by(paths) -> set[str]:  # every prepare.<name> these files use
+        return {node.attr for path in paths for node in ast.walk(ast.parse(path.read_text()))
+                if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "prepare"
+                and not node.attr.startswith("__")}  # module attributes such as __file__ are no API
+
+    trainers = used_by(map(pristine.trainer, pristine.TRAINERS))
+    used = trainers | used_by([REPO / "loop.py", *REPO.glob("judge/*.py"), *REPO.glob("research/*.py")])
     assert used and used <= names, sorted(used - names)
     doc = ast.get_docstring(ast.parse(source))
-    for name in ("get_protocol", "make_dataloader", "hand_over", "PrepareError"):  # documented where an agent reads
+    assert {"training_protocol", "make_dataloader", "hand_over"} <= trainers
+    for name in trainers:  # documented where an agent reads
         assert name in doc, name
 
 
