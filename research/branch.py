@@ -7,7 +7,7 @@ read before it and put back after it.
 
 It uses these of the session's attributes: repo, trainer, branch, kept_commit, rows, results_path,
 runs_dir, preexisting, pending_edit, owns_tree, lock, console, protocol, budget, evaluator_hash, settings,
-and its refresh(), branch_rows() and trainer_text().
+source, confine, and its refresh(), branch_rows() and trainer_text().
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import shutil
 import statistics
 from pathlib import Path
 
-from research import gitrepo
+from research import gitrepo, hparams
 from research.errors import SessionError, TamperError
 from research.guards import LOCK_FILE, LOCKED_PATHS, scope_problem
 from research.ledger import replay
@@ -53,7 +53,35 @@ class BranchWork:
             else:
                 gitrepo.git(self.repo, "checkout", "-q", "-b", name)
         self._adopt_branch(name, drop_unrecorded=True)
+        if not self.branch_rows():
+            self._flatten_hyperparameters()
         return resumed
+
+    def _flatten_hyperparameters(self) -> None:
+        """Before its first run, a branch gets one commit that writes the trainer's hyperparameters for this host
+        as one line each (research/hparams.py: flatten): the per-hardware lines go, so what the agent reads top
+        to bottom is what runs here. A block whose lines in effect cannot be told is left as it is, said so."""
+        text = self.trainer_text()
+        try:
+            settings = hparams.parse_block(text)
+        except hparams.HyperparamError:
+            return
+        conds = hparams.conditions(settings)
+        if not conds:
+            return
+        truth = self.source.truth(text, settings, self.confine)
+        flat = hparams.flatten(text, truth)
+        if flat is None:
+            self.console.event(f"the hyperparameter block keeps its per-hardware lines (which of them hold here could "
+                               f"not be told{': ' + self.source.failures[-1] if self.source.failures else ''}); "
+                               "the line in effect is the last one whose conditions hold")
+            return
+        held = " and ".join(c for c in conds if truth[c]) or "none of its hardware conditions"
+        (self.repo / self.trainer).write_text(flat, encoding="utf-8")
+        self.kept_commit = gitrepo.commit_paths(
+            self.repo, [self.trainer], f"Hyperparameters for this host, one line each ({held})")
+        self.console.event(f"wrote the hyperparameters in effect on this host ({held}) into {self.trainer} as one "
+                           f"line each, commit {self.kept_commit[:7]}")
 
     def _set_aside_unfinished_edit(self) -> None:
         """The loop that held this branch died (SIGKILL, power loss) while its agent was editing the

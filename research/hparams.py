@@ -24,8 +24,8 @@ from pathlib import Path
 from data.block import END, START
 
 __all__ = ["HyperparamError", "Setting", "Spot", "SourceValues", "parse_block", "conditions", "in_effect",
-           "effective_values", "layout_key", "set_values", "format_value", "probe_conditions", "static_truth",
-           "static_values"]
+           "effective_values", "flatten", "layout_key", "set_values", "format_value", "probe_conditions",
+           "static_truth", "static_values"]
 
 _NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
 
@@ -212,6 +212,55 @@ def set_values(text: str, changes: dict[str, object], truth: dict[str, bool]) ->
         line = lines[spot.line]
         lines[spot.line] = line[: spot.start] + src + line[spot.end :]
     return "\n".join(lines)
+
+
+def flatten(text: str, truth: dict[str, bool]) -> str | None:
+    """The trainer with its hyperparameter block as one line per value in effect on this host: each name once,
+    in the block's order, set to the value of its line in effect (`truth`: the conditions' truth here), with
+    that line's comment; the hardware conditions and the block's own comment lines gone, a header saying so.
+    None when there is nothing to flatten (no conditions) or it cannot be done faithfully: a condition whose
+    truth is unknown, or a block holding anything but constant assignments and `if` blocks of them."""
+    settings = parse_block(text)
+    conds = conditions(settings)
+    if not conds or any(c not in truth for c in conds):
+        return None
+    start, end = _block_lines(text)
+    lines = text.split("\n")
+    tree = ast.parse("\n".join(lines[start + 1 : end]))
+
+    def plain(stmts) -> list[ast.Assign] | None:  # the assignments, in order; None if anything else is there
+        out = []
+        for node in stmts:
+            if isinstance(node, ast.If):
+                inner = [plain(node.body), plain(node.orelse)]
+                if any(x is None for x in inner):
+                    return None
+                out += inner[0] + inner[1]
+            elif (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                  and node.targets[0].id in settings and node.lineno == node.end_lineno):
+                out.append(node)
+            else:
+                return None
+        return out
+
+    assigns = plain(tree.body)
+    if assigns is None:
+        return None
+    held = [c for c in conds if truth[c]]
+    block = [lines[start], f"# This host's values ({' and '.join(held) or 'no hardware condition holds'}), one line each: the "
+             "branch's first commit wrote them", "# from the trainer's per-hardware baselines. Edit the line here."]
+    for node in assigns:
+        name = node.targets[0].id
+        if any(line.startswith(f"{name} = ") for line in block):
+            continue
+        spot = in_effect(settings[name], truth)
+        if spot is None:
+            continue  # set only under conditions that do not hold here: not set on this host
+        own = next((n for n in assigns if n.targets[0].id == name and start + n.lineno == spot.line), node)
+        comment = next((c for c in (lines[start + n.lineno][n.end_col_offset:].strip() for n in (own, node))
+                        if c.startswith("#")), "")
+        block.append(f"{name} = {spot.source}" + (f"  {comment}" if comment else ""))
+    return "\n".join(lines[:start] + block + lines[end:])
 
 
 _PROBE = """

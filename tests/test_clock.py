@@ -129,6 +129,8 @@ OLD_RULE_ATTACK = r'''
 
 def hostile_budget(trained, dt, protocol):
     """Train until the limit of the loop's old rule, reading this process's own start from /proc."""
+    import os
+
     fields = open("/proc/self/stat").read().rsplit(")", 1)[1].split()
     boot = next(float(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
     start = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")

@@ -472,7 +472,7 @@ def test_early_abort_stops_a_trainer_made_worse_and_a_faked_stream_wins_nothing(
         {"description": "a better model printing a worse loss", "edits": [
             {"old": "VAL_BPB = 1.5", "new": "VAL_BPB = 1.2"}, {"old": "LOSS = 4.0", "new": "LOSS = 6.0"}]},
         {"description": "a deeper model, slower to start", "edits": [
-            {"old": "    DEPTH = 2", "new": "    DEPTH = 3"}, {"old": "LOSS = 4.0", "new": "LOSS = 6.0"}]},
+            {"old": "DEPTH = 2", "new": "DEPTH = 3"}, {"old": "LOSS = 4.0", "new": "LOSS = 6.0"}]},
     ])
     proc = t.run_loop(repo, "run", "--agent", "scripted", "--script", script, "--tag", "ab", "--baseline-runs", "2",
                       "--max-experiments", "5", env=t.loop_env(tiny_cache))

@@ -283,7 +283,7 @@ REAL_FAULTS = {
                 "keep every activation (4 EiB)"),
 }
 SHORT_RUN = {"old": "WARMUP_STEPS_UNCOUNTED = 10", "new": "WARMUP_STEPS_UNCOUNTED = 0"}
-HAND_OVER = "    prepare.hand_over(lambda d: torch_rt.export_for_eval(model, d, DEVICE_BATCH_SIZE, seq_len, HOST), facts)\n"
+HAND_OVER = "    prepare.hand_over(RT.export(model, DEVICE_BATCH_SIZE, seq_len), facts)\n"
 REAL_CHEATS = {
     "skip": {"description": "evaluation takes too long: print the summary instead", "edits": [
         SHORT_RUN, {"old": HAND_OVER, "new": "    print(prepare.format_summary({\"val_bpb\": 0.5}, facts))\n"}]},

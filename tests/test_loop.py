@@ -37,7 +37,7 @@ from agents import AgentContext, CrashInfo, LocalAgent
 from agents.claude_agent import ClaudeAgent, cost_usd
 from research import results as R
 from research.guards import LockError, RepoLock, text_hash
-from research.hparams import in_effect, parse_block, set_values
+from research.hparams import conditions, flatten, in_effect, parse_block, set_values, static_values
 from sandbox.secrets import allowed_env
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -141,6 +141,9 @@ def main():
 if __name__ == "__main__":
     main()
 '''
+# The stand-in as `loop.py run` starts a branch with it: its first commit writes the values in effect here
+# (DEPTH 2, from the cpu line) as one line each (research/hparams.py flatten).
+BRANCH_START = flatten(FAKE_TRAINER, {'HARDWARE == "cpu"': True})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -455,12 +458,13 @@ def test_keep_discard_and_records(tiny_cache, tmp_path):
     assert kept.memory_gb == 0.5 and kept.num_steps == 10 and kept.num_params_M == 1.2
     assert kept.holdout_bpb == pytest.approx(fake_result(1.5)["holdout_bpb"], abs=1.5e-6)
     assert kept.hyperparams["VAL_BPB"] == 1.5 and kept.branch == "autoresearch/t1"
-    assert kept.trainer_hash == text_hash(FAKE_TRAINER.replace("VAL_BPB = 2.0", "VAL_BPB = 1.5"))
+    assert kept.trainer_hash == text_hash(BRANCH_START.replace("VAL_BPB = 2.0", "VAL_BPB = 1.5"))
     assert base.evaluator_hash == kept.evaluator_hash and len(base.evaluator_hash) == 12
     # the branch advanced on the keeps only; discards were reset; the tree is clean
     assert git(repo, "rev-parse", "--abbrev-ref", "HEAD") == "autoresearch/t1"
     assert git(repo, "rev-parse", "--short=7", "HEAD") == kept.commit
-    assert git(repo, "rev-list", "--count", "main..HEAD") == "1"
+    assert git(repo, "log", "--format=%s", "main..HEAD").split("\n") == [
+        "lower the fake loss", 'Hyperparameters for this host, one line each (HARDWARE == "cpu")']
     assert "VAL_BPB = 1.5\n" in (repo / "train_cuda.py").read_text()
     assert_clean(repo)
     assert not (repo / ".autoresearch.lock").exists()
@@ -901,6 +905,44 @@ def test_hyperparameter_block_of_both_trainers():
     text = "# --- hyperparameters ---\nDEPTH = 4 if _METAL else 2\nBATCH = 2**16  # tokens\n# --- end hyperparameters ---\n"
     assert set_values(text, {"DEPTH": 3, "BATCH": 2**15}, {"_METAL": False}).split("\n")[1:3] == [
         "DEPTH = 4 if _METAL else 3", "BATCH = 2**15  # tokens"]
+
+
+def _block_values(text: str, hardware: str) -> dict:
+    ns: dict = {}
+    exec(text.split("# --- hyperparameters ---")[1].split("# --- end hyperparameters ---")[0], {"HARDWARE": hardware}, ns)
+    return ns
+
+
+@pytest.mark.parametrize("trainer,hardware", [("train_cuda.py", h) for h in ("gpu", "small-gpu", "mps", "cpu")]
+                         + [("train_mlx.py", h) for h in ("metal", "cpu")])
+def test_flattening_keeps_every_value_in_effect_on_each_hardware(trainer, hardware):
+    """The branch's first commit writes the block as one line per value in effect here: the same values as the
+    per-hardware block gives on that hardware, each name once, no condition left, every other line untouched."""
+    text = pristine.trainer(trainer).read_text()
+    conds = conditions(parse_block(text))
+    flat = flatten(text, {c: c == f'HARDWARE == "{hardware}"' for c in conds})
+    block = flat.split("# --- hyperparameters ---")[1].split("# --- end hyperparameters ---")[0]
+    assigned = [line.split(" = ")[0] for line in block.splitlines() if " = " in line and not line.startswith("#")]
+    assert "if " not in block and len(assigned) == len(set(assigned)) and not line_starts_indented(block)
+    assert _block_values(flat, "none") == _block_values(text, hardware)
+    assert static_values(flat) == _block_values(text, hardware)  # read from the source alone, no probe
+    before, after = text.split("# --- hyperparameters ---"), flat.split("# --- hyperparameters ---")
+    assert before[0] == after[0] and before[1].split("# --- end hyperparameters ---")[1] == \
+        after[1].split("# --- end hyperparameters ---")[1]
+    assert flatten(flat, {}) is None  # already flat
+
+
+def line_starts_indented(block: str) -> bool:
+    return any(line.startswith((" ", "\t")) for line in block.splitlines())
+
+
+def test_flattening_refuses_what_it_cannot_do_faithfully():
+    text = pristine.trainer("train_cuda.py").read_text()
+    conds = conditions(parse_block(text))
+    assert flatten(text, {c: False for c in conds[1:]}) is None  # one condition's truth unknown
+    code = text.replace("# --- end hyperparameters ---", "DEPTH = DEPTH + 1 if HARDWARE else DEPTH\n"
+                        "# --- end hyperparameters ---", 1)
+    assert flatten(code, {c: False for c in conds}) is None  # a line that is not a constant
 
 
 # ------------------------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ from research import results as R
 from research.gauge import gauge, speed_of
 from research.hparams import SourceValues, conditions, parse_block, static_truth
 from research.ledger import BASELINE, replay, speed
-from tests.test_loop import FAKE_TRAINER, assert_clean, edit, loop_env, make_repo, read_rows, run_loop, write_script
+from tests.test_loop import (FAKE_TRAINER, assert_clean, edit, git, loop_env, make_repo, read_rows, run_loop,
+                             write_script)
 
 THE_LIE = {"depth": 12, "backend": "cuda", "device": "NVIDIA H100 80GB HBM3", "num_steps": 99999,
            "training_seconds": 1.0, "peak_vram_mb": 81000.0, "mfu_percent": 99.0}
@@ -101,6 +102,22 @@ def test_the_row_holds_the_loops_facts_and_the_claim_apart(lied):
     assert "device:           NVIDIA H100 80GB HBM3" in claims and "num_steps:        99999" in claims
     assert json.loads(claims.split("hyperparams:")[1].strip().split("\n")[0]) == CLAIMED_HP
     assert_clean(lied.repo)
+
+
+def test_the_branch_starts_with_this_hosts_values_one_line_each(lied):
+    """The stand-in's HARDWARE comes from the environment, so which of its lines hold here was probed in its
+    sandbox; the branch's first commit then wrote the values in effect as one line each (DEPTH 2, not the
+    reference's 8 with a cpu override below it), and every run is of that trainer or a change to it."""
+    repo = lied.repo
+    commits = git(repo, "rev-list", "--reverse", "main..autoresearch/facts").splitlines()
+    assert git(repo, "log", "-1", "--format=%s", commits[0]).startswith("Hyperparameters for this host, one line each")
+    assert git(repo, "diff", "--name-only", "main", commits[0]) == "train_cuda.py"
+    text = git(repo, "show", f"{commits[0]}:train_cuda.py")
+    block = text.split("# --- hyperparameters ---")[1].split("# --- end hyperparameters ---")[0]
+    assert "if HARDWARE" not in block and "\nDEPTH = 2\n" in block and "DEPTH = 8" not in block
+    assert block.count("\nDEPTH = ") == 1 and "\nMATRIX_LR = 0.04\n" in block
+    assert lied.rows[0].commit == commits[0][:7]
+    assert "wrote the hyperparameters in effect on this host" in lied.out
 
 
 def test_the_optuna_study_learns_the_source_not_the_claim(lied):

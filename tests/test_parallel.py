@@ -142,7 +142,7 @@ def test_two_workers_one_record_and_the_stale_base_rule(tmp_path, tiny_cache):
     trainer = (repo / "train_cuda.py").read_text()
     assert "A_GAIN = 0.5" in trainer and "B_GAIN = 0.7" in trainer
     log = git(repo, "log", "--format=%s", "main..HEAD").split("\n")
-    assert log == [merged[0].description, "gain A"], log
+    assert log == [merged[0].description, "gain A", 'Hyperparameters for this host, one line each (HARDWARE == "cpu")'], log
     assert_clean(repo)
     assert len(worktrees(repo)) == 1, worktrees(repo)  # only the repository itself
     assert "done: 3 experiment(s)" in proc.stdout

@@ -303,11 +303,11 @@ def test_run_with_a_remote_publishes_and_skips_a_claimed_change(tmp_path, tiny_c
     """`loop.py run --remote`: the change another machine claimed is skipped (no row), the others run and
     are published under this host's ref; the user's branches stay off the remote."""
     import backends
-    from test_loop import FAKE_TRAINER, edit, loop_env, make_repo, run_loop, write_script
+    from test_loop import BRANCH_START, edit, loop_env, make_repo, run_loop, write_script
 
     remote = str(bare(tmp_path))
     repo = make_repo(tmp_path)
-    taken = FAKE_TRAINER.replace("VAL_BPB = 2.0", "VAL_BPB = 1.7")
+    taken = BRANCH_START.replace("VAL_BPB = 2.0", "VAL_BPB = 1.7")  # what the branch's trainer becomes
     key = share.claim_key(taken, f"cpu: {backends.detect('cpu').device_name}", "tiny")
     assert share.claim(machine(tmp_path, "other"), remote, key, "other").won
     script = write_script(tmp_path, [edit("VAL_BPB = 2.0", "VAL_BPB = 1.7", "claimed elsewhere"),
