@@ -249,10 +249,12 @@ def flatten(text: str, truth: dict[str, bool]) -> str | None:
     held = [c for c in conds if truth[c]]
     block = [lines[start], f"# This host's values ({' and '.join(held) or 'no hardware condition holds'}), one line each: the "
              "branch's first commit wrote them", "# from the trainer's per-hardware baselines. Edit the line here."]
+    written: set[str] = set()
     for node in assigns:
         name = node.targets[0].id
-        if any(line.startswith(f"{name} = ") for line in block):
+        if name in written:
             continue
+        written.add(name)
         spot = in_effect(settings[name], truth)
         if spot is None:
             continue  # set only under conditions that do not hold here: not set on this host

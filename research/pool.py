@@ -19,7 +19,8 @@ from pathlib import Path
 from research import gitrepo
 from research.results import sanitize
 from research.session import Session, SessionError
-from research.trial_worker import TrialWorker, hardware_class
+from research.share import hardware_class
+from research.trial_worker import TrialWorker
 from sandbox.workspace import RESOURCE_ENV
 
 __all__ = ["HELLO_TIMEOUT_S", "STOP_GRACE_S", "Pool", "Slot", "check_hellos", "check_workers", "default_workers", "import_ray",

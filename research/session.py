@@ -24,7 +24,7 @@ from research.guards import RepoLock, hash_locked, locked_changes, text_hash
 from research.hparams import SourceValues
 from research.ledger import Replay, abort_reference, replay
 from research.results import Kind, Row, append_row, ensure_results_file, read_results
-from research.share import hardware_name, hardware_of
+from research.share import hardware_class, hardware_of
 
 __all__ = ["Settings", "Session", "SessionError", "TamperError", "allowance_from_baselines", "default_tag"]
 
@@ -304,7 +304,7 @@ class Session(BranchWork):
         hardware class runs it under this protocol (said in one line); True without a remote."""
         if self.share is None:
             return True
-        c = self.share.claim(text, hardware_name(self.host.backend, self.host.device_name), self.protocol.name)
+        c = self.share.claim(text, hardware_class(self.host), self.protocol.name)
         if not c.won:
             self.claimed_elsewhere.add(text_hash(text))
             self.console.event(f"skipped: {c.holder} already runs this trainer ({c.note}); asking for another "
@@ -316,7 +316,7 @@ class Session(BranchWork):
         from the shared remote: (host, row), their claims; [] without a remote."""
         if self.share is None:
             return []
-        hardware = hardware_name(self.host.backend, self.host.device_name)
+        hardware = hardware_class(self.host)
         return [(h.host, r) for h in self.share.others for r in h.rows
                 if r.ok and hardware_of(r) == hardware and r.protocol == self.protocol.name
                 and r.evaluator_hash == self.evaluator_hash]

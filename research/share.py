@@ -45,7 +45,7 @@ from research.gitrepo import GitError
 from research.results import COLUMNS, NO_COMMIT, Row, read_results
 
 __all__ = ["HOSTS", "CLAIMS", "FETCHED", "CLAIM_TTL_S", "RUN_FILES", "ShareError", "Published", "Claim", "HostRows",
-           "host_name", "hardware_name", "hardware_of", "claim_key", "publish", "fetch", "fetched", "claim", "Sharing"]
+           "host_name", "hardware_name", "hardware_class", "hardware_of", "claim_key", "publish", "fetch", "fetched", "claim", "Sharing"]
 
 HOSTS = "refs/autoresearch/hosts/"  # on the remote: <host>/results
 CLAIMS = "refs/autoresearch/claims/"  # on the remote: <key>
@@ -99,6 +99,11 @@ def hardware_name(backend: str | None, device: str | None) -> str:
     """A hardware class: the backend and the device's name (what every worker of a branch, and every row
     compared with another, must share)."""
     return f"{backend or '?'}: {device or '?'}"
+
+
+def hardware_class(host) -> str:
+    """The hardware class of a host (backends.HostInfo): what every worker of one branch must share."""
+    return hardware_name(host.backend, host.device_name)
 
 
 def hardware_of(row: Row) -> str:

@@ -32,7 +32,6 @@ __all__ = [
     "RunSpec",
     "TrialWorker",
     "data_fingerprint",
-    "hardware_class",
 ]
 
 # What a tree a trainer runs from must hold besides the trainer (the locked code it may import, and
@@ -105,13 +104,6 @@ def code_hashes(root: Path) -> dict[str, str]:
             except OSError:
                 continue
     return out
-
-
-def hardware_class(host) -> str:
-    """What must be equal on every worker of one branch: the backend and the device's name."""
-    from research.share import hardware_name
-
-    return hardware_name(host.backend, host.device_name)
 
 
 def data_fingerprint(protocol) -> str:
@@ -226,6 +218,7 @@ class TrialWorker:
         """What the driver checks before giving this worker a job: same hardware, protocol, budget,
         evaluator and data as the branch."""
         import prepare
+        from research.share import hardware_class
 
         try:
             prepare.verify_prepared(self.protocol)

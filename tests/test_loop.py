@@ -923,17 +923,14 @@ def test_flattening_keeps_every_value_in_effect_on_each_hardware(trainer, hardwa
     flat = flatten(text, {c: c == f'HARDWARE == "{hardware}"' for c in conds})
     block = flat.split("# --- hyperparameters ---")[1].split("# --- end hyperparameters ---")[0]
     assigned = [line.split(" = ")[0] for line in block.splitlines() if " = " in line and not line.startswith("#")]
-    assert "if " not in block and len(assigned) == len(set(assigned)) and not line_starts_indented(block)
+    assert "if " not in block and len(assigned) == len(set(assigned))
+    assert not any(line.startswith((" ", "\t")) for line in block.splitlines())
     assert _block_values(flat, "none") == _block_values(text, hardware)
     assert static_values(flat) == _block_values(text, hardware)  # read from the source alone, no probe
     before, after = text.split("# --- hyperparameters ---"), flat.split("# --- hyperparameters ---")
     assert before[0] == after[0] and before[1].split("# --- end hyperparameters ---")[1] == \
         after[1].split("# --- end hyperparameters ---")[1]
     assert flatten(flat, {}) is None  # already flat
-
-
-def line_starts_indented(block: str) -> bool:
-    return any(line.startswith((" ", "\t")) for line in block.splitlines())
 
 
 def test_flattening_refuses_what_it_cannot_do_faithfully():
@@ -1007,9 +1004,7 @@ def test_local_agent_keeps_batch_sizes_divisible(tiny_cache, tmp_path):
             break
         text = (repo / "train_cuda.py").read_text()
         seen.add(text_hash(text))
-        ns: dict = {}
-        exec(text.split("# --- hyperparameters ---")[1].split("# --- end hyperparameters ---")[0],
-             {"HARDWARE": "cpu"}, ns)
+        ns = _block_values(text, "cpu")
         total, dev = ns.get("TOTAL_BATCH_SIZE", 2**11), ns.get("DEVICE_BATCH_SIZE", 8)
         assert total % (dev * 256) == 0, text
         (repo / "train_cuda.py").write_text(FAKE_TRAINER)
