@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-import shutil
 import statistics
 from pathlib import Path
 
@@ -248,12 +247,7 @@ class BranchWork:
         gitrepo.reset_hard(self.repo, self.kept_commit)
         new = [p for p, k in self.changes().items() if k == "U"]
         if save_removed is not None:
-            for rel in new:
-                src = self.repo / rel
-                if src.is_file() and not src.is_symlink():
-                    dst = save_removed / rel
-                    dst.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(src, dst)
+            gitrepo.save_files(self.repo, new, save_removed)
         gitrepo.remove_paths(self.repo, new)
         if trainer_text is not None:
             (self.repo / self.trainer).write_text(trainer_text, encoding="utf-8")

@@ -225,6 +225,17 @@ def reset_hard(repo: Path, commit: str) -> None:
     git(repo, "reset", "-q", "--hard", commit)
 
 
+def save_files(repo: Path, paths: list[str], dest: Path) -> None:
+    """Copy the regular files among `paths` (relative to `repo`) under `dest`, keeping their relative paths:
+    what the loop is about to remove from a tree, kept for the user. Symbolic links are not followed."""
+    for rel in paths:
+        src = Path(repo) / rel
+        if src.is_file() and not src.is_symlink():
+            dst = dest / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+
+
 def remove_paths(repo: Path, paths: list[str]) -> None:
     """Delete untracked files, then any directories that became empty (up to the repo root)."""
     root = Path(repo).resolve()

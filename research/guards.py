@@ -151,12 +151,7 @@ def _put_back_tree(tree: Path, commit: str, paths: list[str], save_removed: Path
 
     new = [p for p, kind in gitrepo.changed_paths(tree).items() if kind == "U"]
     if save_removed is not None:
-        for rel in new:
-            src = tree / rel
-            if src.is_file() and not src.is_symlink():
-                dst = save_removed / rel
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                dst.write_bytes(src.read_bytes())
+        gitrepo.save_files(tree, new, save_removed)
     gitrepo.git(tree, "reset", "-q", "--hard", commit)
     gitrepo.remove_paths(tree, new)
 

@@ -20,10 +20,8 @@ measured against it.
 
 from __future__ import annotations
 
-import shutil
 import socket
 import time
-from pathlib import Path
 
 from research import gitrepo
 from research.console import clock
@@ -302,7 +300,7 @@ class Driver(Decisions):
         t.worker = slot.where
         problem = scope_problem(changes, s.trainer, require_change=True)
         if problem:
-            self._save_removed(slot, run_dir, changes)
+            gitrepo.save_files(slot.tree, [p for p, kind in changes.items() if kind == "U"], run_dir / "removed")
             self.pool.reset_tree(slot, s.kept_commit)
             t.commit = NO_COMMIT
             self._record(t, self._row(t, status="rejected", note=f"rejected: {problem}", r=None, usage=t.usage))
@@ -317,13 +315,6 @@ class Driver(Decisions):
         t.fix_attempt = crash.attempt if crash else 0
         return t
 
-    def _save_removed(self, slot: Slot, run_dir: Path, changes: dict) -> None:
-        for rel, kind in changes.items():
-            src = slot.tree / rel
-            if kind == "U" and src.is_file() and not src.is_symlink():
-                dst = run_dir / "removed" / rel
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(src, dst)
 
 def _hash(text: str) -> str:
     from research.guards import text_hash
